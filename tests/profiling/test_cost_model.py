@@ -136,7 +136,7 @@ def test_pkm_bytes_from_indices_match_model():
 
 def test_moe_bytes_from_indices_match_model():
     moe = pytest.importorskip("labcore.layers.moe")
-    cfg = moe.MoEConfig(d_model=32, d_expert=16, n_experts=16, top_k=2)
+    cfg = moe.MoEConfig(d_model=32, d_expert=16, n_experts=16, top_k=2, expert_impl="loop")
     res = _measured_vs_model(lambda: moe.MoE(cfg), cfg.cost(), 32, batches=(1, 2, 4, 8, 64))
     for B, (measured, model) in res.items():
         assert measured <= model * 1.02, (B, measured, model)
@@ -146,23 +146,21 @@ def test_moe_bytes_from_indices_match_model():
 def test_ultramem_bytes_from_indices_match_model():
     um = pytest.importorskip("labcore.layers.ultramem")
     cfg = um.UltraMemConfig(d_model=32, n_keys=16, heads=2, k_dim=16, top_k=4, d_value=32, rank=2,
-                            n_cores=2, expansion=4)
-    layer_probe = um.UltraMem(cfg)
-    to_units = getattr(layer_probe, "physical_rows", None)
+                            n_cores=2, expansion=4)  # N = 256 physical rows, 1024 virtual slots
     cost = cfg.cost()
-    assert cost.sparse_part == "values"
+    assert cost.sparse_part == "values" and cost.n_units == 256
     res = {}
-    for B in (1, 4, 64, 2048):
+    for B in (1, 4, 256):
         got = []
         for seed in range(4):
             torch.manual_seed(seed)
-            layer = um.UltraMem(cfg).eval()
+            layer = um.UltraMem(cfg.replace(seed=seed)).eval()
             with torch.no_grad():
                 _, aux = layer(torch.randn(B, 32))
-            mapper = getattr(layer, "physical_rows", None) if to_units is not None else None
-            got.append(touched_bytes(cost, aux.indices, to_units=mapper))
+            # aux.indices are virtual slots; the IVE shuffle maps them to physical rows
+            got.append(touched_bytes(cost, aux.indices, to_units=lambda v, l=layer: l.perm[v] % cfg.n_slots))
         res[B] = (sum(got) / 4, layer_step_cost(cost, B).bytes_total)
     for B, (measured, model) in res.items():
         assert measured <= model * 1.02, (B, measured, model)
         assert measured == pytest.approx(model, rel=0.10), (B, measured, model)
-    assert math.isfinite(res[2048][0])
+    assert math.isfinite(res[256][0])
