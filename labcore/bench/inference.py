@@ -1,0 +1,601 @@
+"""Inference-cost lab: decode-step latency and memory access of Dense, MoE, PKM and UltraMem vs batch size.
+
+The UltraMem paper's Figure 1 (papers.md §2.2): at equal compute, an MoE with ~12x the parameters
+of a dense model decodes 2-6x slower, because a decode step of B tokens touches almost all experts
+(whole experts are the unit of sparsity), while UltraMem touches only ~B*H*K value rows of millions
+and stays close to dense. ``labcore bench inference`` measures that on this machine.
+
+The four models
+---------------
+:func:`labcore.budget.equal_budget_family` sizes them from one dense base (default the lab's small
+model, :func:`labcore.budget.small_base_config`): all four at equal forward FLOPs per token (equal
+*activated* compute) and MoE / PKM / UltraMem at equal *total* parameters, ``(1 + ratio)`` times the
+dense model's (``ratio`` = 12 as in the paper's "x12").
+
+What is timed (one decode step: one new token for each of B sequences)
+----------------------------------------------------------------------
+* ``scope="layer"``: one sparse layer alone on B token vectors: the dense model's FFN, one MoE layer,
+  the memory layer (PKM or UltraMem; the memory models' trunk FFNs are not in this number).
+* ``scope="model"``: the whole LM on ``idx`` of shape (B, 1): embedding, L blocks, memories, head.
+  **No KV cache** (stated, as allowed): attention sees only the new token, so the number is the
+  sparse layers + the dense trunk's per-token cost. The cost model can add the KV traffic
+  (``context_len``), but the default prediction matches what is measured (``context_len=0``).
+
+Columns of the result (one row per model x scope x batch size)
+--------------------------------------------------------------
+latency_s, latency_iqr_s   median and interquartile range of the step's wall time (labcore.profiling)
+predicted_s                roofline of the cost model, max(bytes / copy bandwidth, FLOPs / matmul peak),
+                           with this machine's measured ceilings (labcore.profiling.ceilings)
+bytes_accessed             bytes the step actually touched: dense parameters once + the distinct
+                           experts / value rows counted from ``aux.indices`` (papers.md §7.2's quantity,
+                           the paper's "memory access")
+bytes_predicted            the cost model's expectation of the same (eq. 7.2b)
+bytes_streamed             bytes a non-deduplicating gather reads: dense + every selected unit, repeats
+                           counted (B*K experts, B*H*K value rows)
+achieved_bytes_per_s       bytes_accessed / latency_s;  frac_copy = that / copy bandwidth
+streamed_bytes_per_s       bytes_streamed / latency_s;  frac_copy_streamed = that / copy bandwidth
+read_s, read_bytes_per_s   memory layers, layer scope: the value read alone (the layer's ``read``:
+                           ``embedding_bag`` gather-sum, plus IVE pooling and projection for UltraMem)
+                           and the value bytes it streams per second; read_frac = read_s / latency_s
+overlap_*                  GPU only, UltraMem model: the skip-layer overlap (below); NaN elsewhere
+
+Skip-layer overlap (papers.md §1.2). An UltraMem memory placed at "k:v" reads block k's FFN input
+and is added after block v, so its (memory-bound) lookup may run concurrently with the (compute-bound)
+blocks k..v. On a GPU the bench times the memory alone, blocks k..v alone, and both launched on two
+CUDA streams; ``overlap_frac = (t_mem + t_dense - t_both) / min(t_mem, t_dense)`` is 1 for perfect
+overlap and 0 for none. On CPU it is not measured (one stream of execution; PyTorch CPU ops already
+use the cores), and the bench says so.
+
+Outputs: ``inference.parquet`` (the tidy table, atomic write) and ``inference.html`` (an interactive
+plotly figure: (a) latency vs B, (b) memory access vs B, both log-log, measured and predicted; (c) the
+MoE / UltraMem latency ratio per batch size), in ``out_dir``.
+
+Bad input (non-positive batch size, unknown model name, unknown dtype, an unavailable device, or
+models that would not fit in memory: parameters + activations at the largest B, estimated before
+anything is allocated) raises :class:`~labcore.layers.base.ConfigError` before any work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from labcore.layers.base import ConfigError, LayerCost, check_choice, check_float, check_int
+from labcore.profiling.ceilings import DTYPES, Ceilings, dtype_name, get_ceilings
+from labcore.profiling.cost_model import layer_step_cost, model_step_cost, touched_bytes
+from labcore.profiling.memory import available_memory_bytes
+from labcore.profiling.timer import resolve_device, time_fn
+
+MODELS = ("dense", "moe", "pkm", "ultramem")
+DEFAULT_BATCHES = tuple(2**i for i in range(13))  # 1, 2, 4, ..., 4096
+COLUMNS = [
+    "model", "scope", "batch", "latency_s", "latency_iqr_s", "predicted_s", "bound", "flops",
+    "bytes_accessed", "bytes_predicted", "bytes_streamed", "achieved_bytes_per_s", "frac_copy",
+    "streamed_bytes_per_s", "frac_copy_streamed", "read_s", "read_frac", "read_bytes_per_s",
+    "overlap_mem_s", "overlap_dense_s", "overlap_both_s", "overlap_frac",
+    "total_params", "active_params", "copy_bytes_per_s", "matmul_flops_per_s", "device", "dtype", "threads",
+    "plan",
+]
+MEMORY_FIT_FRACTION = 0.8  # refuse configs whose estimate exceeds this share of the free memory
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation and the memory estimate (before anything is allocated).
+# ----------------------------------------------------------------------------------------------
+
+
+def _sparse_layer_cfg(cfg) -> Any:
+    """The config of the layer timed at scope "layer"."""
+    if cfg.plan.kind == "moe":
+        return cfg.plan.moe
+    if cfg.plan.kind == "memory":
+        return cfg.memory_layer_config()
+    return cfg.ffn_config()
+
+
+def _activation_values_per_token(cfg) -> float:
+    """A generous count of the floats alive per token in a decode step (logits, trunk, sparse layer)."""
+    D, V = cfg.d_model, cfg.vocab_size
+    per = 4 * V + 32 * D + 8 * cfg.d_ff
+    lc = _sparse_layer_cfg(cfg)
+    if cfg.plan.kind == "moe":
+        per += 8 * lc.top_k * (D + lc.d_expert) + 4 * lc.n_experts
+    elif cfg.plan.kind == "memory":
+        side = getattr(lc, "n_side", lc.n_keys) * getattr(lc, "key_rank", 1)
+        m = getattr(lc, "m", lc.top_k)
+        per += 4 * lc.heads * 2 * side + 4 * lc.heads * m * m + 16 * lc.heads * lc.top_k * 2
+        per += 4 * getattr(lc, "expansion", 1) * lc.d_v
+    return float(per)
+
+
+def estimate_bytes(cfg, batch: int, dtype_bytes: int) -> int:
+    """Parameters + activations of one model at batch ``batch`` (an over-estimate, not exact)."""
+    from labcore.budget import model_budget
+
+    params = model_budget(cfg, context_len=1, dtype_bytes=dtype_bytes).total_params
+    return int(params * dtype_bytes + batch * _activation_values_per_token(cfg) * max(dtype_bytes, 4))
+
+
+def validate(batch_sizes: Sequence[int], models: Sequence[str], device: torch.device, dtype: str,
+             repeats: int, warmup: int) -> None:
+    if len(batch_sizes) == 0:
+        raise ConfigError("run_inference_bench.batch_sizes=() is not allowed: must list at least one batch size")
+    for b in batch_sizes:
+        check_int("run_inference_bench", "batch_sizes", b, min_value=1)
+    if len(models) == 0:
+        raise ConfigError("run_inference_bench.models=() is not allowed: must list at least one of "
+                          + ", ".join(MODELS))
+    for m in models:
+        check_choice("run_inference_bench", "models", m, MODELS)
+    check_choice("run_inference_bench", "dtype", dtype, tuple(DTYPES))
+    check_int("run_inference_bench", "repeats", repeats, min_value=1)
+    check_int("run_inference_bench", "warmup", warmup, min_value=0)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"run_inference_bench.device={str(device)!r} is not allowed: CUDA is not available "
+                          "here; use 'cpu'")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"run_inference_bench.device={str(device)!r} is not allowed: must be 'cpu' or 'cuda'")
+
+
+def check_fits(configs: Mapping[str, Any], max_batch: int, device: torch.device, dtype_bytes: int,
+               available: int | None = None) -> dict[str, int]:
+    """Raise ConfigError if any model (built one at a time) would not fit; return the estimates."""
+    avail = available_memory_bytes(device) if available is None else available
+    est = {name: estimate_bytes(cfg, max_batch, dtype_bytes) for name, cfg in configs.items()}
+    for name, need in est.items():
+        if need > MEMORY_FIT_FRACTION * avail:
+            raise ConfigError(
+                f"run_inference_bench: model {name!r} needs about {need / 2**30:.2f} GiB at batch {max_batch} "
+                f"(parameters + activations, {dtype_bytes} bytes/param) but only {avail / 2**30:.2f} GiB is "
+                f"free on {device} (limit {MEMORY_FIT_FRACTION:.0%} of it): lower the ratio, the base "
+                "model size or the largest batch size")
+    return est
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the models and the cost-model parts.
+# ----------------------------------------------------------------------------------------------
+
+
+def default_configs(base=None, ratio: float = 12.0, models: Sequence[str] = MODELS, tol: float = 0.02,
+                    **family_kwargs: Any) -> dict[str, Any]:
+    """The equal-budget family (labcore.budget.equal_budget_family) restricted to ``models``."""
+    from labcore.budget import equal_budget_family, small_base_config
+
+    check_float("run_inference_bench", "ratio", ratio, min_value=0.0, min_inclusive=False)
+    base = small_base_config() if base is None else base
+    fam = equal_budget_family(base, ratio, tol=tol, **family_kwargs)
+    return {m: fam[m] for m in models}
+
+
+def _layer_cost(layer_cfg) -> LayerCost:
+    return layer_cfg.cost()
+
+
+def _model_parts(cfg) -> dict[str, LayerCost]:
+    """The model as cost-model parts: the dense trunk (read once per step) + each sparse layer."""
+    from labcore.budget import model_budget
+
+    budget = model_budget(cfg, context_len=1, dtype_bytes=4)
+    parts: dict[str, LayerCost] = {}
+    sparse_total = 0
+    if cfg.plan.kind == "moe":
+        c = cfg.plan.moe.cost()
+        for i in cfg.moe_block_ids():
+            parts[f"block{i}.moe"] = c
+            sparse_total += c.total_params
+    elif cfg.plan.kind == "memory":
+        c = cfg.memory_layer_config().cost()
+        for name in cfg.memory_names():
+            parts[name] = c
+            sparse_total += c.total_params
+        if cfg.plan.shared_values and len(parts) > 1:
+            raise ConfigError("run_inference_bench: shared value pools are not supported by the cost "
+                              "comparison (one pool read by several memories); use shared_values=False")
+    trunk_flops = budget.flops_per_token - sum(p.flops_per_token for p in parts.values())
+    trunk = LayerCost(params={"trunk": budget.total_params - sparse_total}, flops_per_token=int(trunk_flops))
+    return {"trunk": trunk, **parts}
+
+
+def _to_units(layer) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """UltraMem with IVE selects virtual slots; the permutation maps them to physical rows."""
+    perm = getattr(layer, "perm", None)
+    if perm is None:
+        return None
+    n = layer.cfg.n_slots
+    return lambda v: perm[v] % n
+
+
+def _model_touched_bytes(lm, parts: Mapping[str, LayerCost], aux: Mapping[str, Any], b: float) -> float:
+    layers = dict(lm.sparse_layers())
+    total = b * parts["trunk"].total_params
+    for name, cost in parts.items():
+        if name == "trunk":
+            continue
+        a = aux.get(name)
+        total += touched_bytes(cost, None if a is None else a.indices, bytes_per_param=b,
+                               to_units=_to_units(layers[name]))
+    return total
+
+
+# ----------------------------------------------------------------------------------------------
+# Skip-layer overlap (GPU only).
+# ----------------------------------------------------------------------------------------------
+
+
+def measure_overlap(lm, batch: int, *, warmup: int, repeats: int, device: torch.device,
+                    dtype: torch.dtype) -> dict[str, float]:
+    """Time memory 0 alone, blocks k..v alone and both on two CUDA streams (module docstring)."""
+    if device.type != "cuda":
+        raise ConfigError("measure_overlap: device must be a CUDA device (two streams)")
+    (k, v), mem = lm.mem_pairs[0], lm.memories[0]
+    D = lm.cfg.d_model
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    u = torch.randn(batch, 1, D, generator=gen).to(device=device, dtype=dtype)   # block k's FFN input
+    x = torch.randn(batch, 1, D, generator=gen).to(device=device, dtype=dtype)   # residual stream
+    cos, sin = lm.rotary(1)
+    blocks = list(lm.blocks[k:v + 1])
+
+    def run_mem():
+        return mem(u)
+
+    def run_dense():
+        h = x
+        for blk in blocks:
+            h = blk(h, cos, sin)[0]
+        return h
+
+    s_mem, s_dense = torch.cuda.Stream(device), torch.cuda.Stream(device)
+
+    def run_both():
+        cur = torch.cuda.current_stream(device)
+        s_mem.wait_stream(cur)
+        s_dense.wait_stream(cur)
+        with torch.cuda.stream(s_mem):
+            run_mem()
+        with torch.cuda.stream(s_dense):
+            run_dense()
+        cur.wait_stream(s_mem)
+        cur.wait_stream(s_dense)
+
+    t_mem = time_fn(run_mem, warmup=warmup, repeats=repeats, device=device).median_s
+    t_dense = time_fn(run_dense, warmup=warmup, repeats=repeats, device=device).median_s
+    t_both = time_fn(run_both, warmup=warmup, repeats=repeats, device=device).median_s
+    frac = (t_mem + t_dense - t_both) / min(t_mem, t_dense)
+    return {"overlap_mem_s": t_mem, "overlap_dense_s": t_dense, "overlap_both_s": t_both, "overlap_frac": frac}
+
+
+# ----------------------------------------------------------------------------------------------
+# The run.
+# ----------------------------------------------------------------------------------------------
+
+
+def run_inference_bench(batch_sizes: Sequence[int] = DEFAULT_BATCHES, models: Sequence[str] = MODELS, *,
+                        base=None, ratio: float = 12.0, configs: Mapping[str, Any] | None = None,
+                        family_kwargs: Mapping[str, Any] | None = None, device: str | torch.device = "cpu",
+                        dtype: str | torch.dtype = "float32", warmup: int = 2, repeats: int = 5,
+                        threads: int | None = None, scopes: Sequence[str] = ("layer", "model"),
+                        overlap: bool = True, context_len: int = 0, ceilings: Ceilings | None = None,
+                        out_dir: str | os.PathLike | None = None, seed: int = 0,
+                        log: Callable[[str], None] | None = print) -> pd.DataFrame:
+    """Measure decode-step latency and memory access vs batch size; return the tidy table.
+
+    ``configs`` (name -> ModelConfig, names from MODELS) replaces the equal-budget family built from
+    ``base`` and ``ratio`` (``family_kwargs`` go to equal_budget_family). ``context_len`` > 0 adds the
+    KV cache of that length to the *prediction* only (nothing here reads a KV cache). ``out_dir``:
+    write ``inference.parquet`` and ``inference.html`` there.
+    """
+    say = log or (lambda s: None)
+    dev = resolve_device(device)
+    dt_name = dtype_name(dtype) if isinstance(dtype, torch.dtype) else dtype
+    batch_sizes = tuple(batch_sizes)
+    models = tuple(configs) if configs is not None and models == MODELS else tuple(models)
+    validate(batch_sizes, models, dev, dt_name, repeats, warmup)
+    for s in scopes:
+        check_choice("run_inference_bench", "scopes", s, ("layer", "model"))
+    check_int("run_inference_bench", "context_len", context_len, min_value=0)
+    if threads is not None:
+        check_int("run_inference_bench", "threads", threads, min_value=1)
+    if configs is None:
+        configs = default_configs(base, ratio, models, **dict(family_kwargs or {}))
+    else:
+        missing = [m for m in models if m not in configs]
+        if missing:
+            raise ConfigError(f"run_inference_bench: configs lacks {missing}; it has {sorted(configs)}")
+        unknown = [m for m in configs if m not in MODELS]
+        if unknown:
+            raise ConfigError(f"run_inference_bench: configs has unknown model name(s) {unknown}; allowed: "
+                              + ", ".join(MODELS))
+    dt = DTYPES[dt_name]
+    b = torch.tensor([], dtype=dt).element_size()
+    check_fits({m: configs[m] for m in models}, max(batch_sizes), dev, b)
+
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        ceil = ceilings if ceilings is not None else get_ceilings(dev, dt)
+        say(f"ceilings on {dev} ({dt_name}, {torch.get_num_threads()} threads): copy "
+            f"{ceil.copy_bytes_per_s / 1e9:.2f} GB/s, matmul {ceil.matmul_flops_per_s / 1e9:.1f} GFLOP/s")
+        if overlap and "ultramem" in models and dev.type != "cuda":
+            say("skip-layer overlap: not measured on CPU (it needs two CUDA streams); overlap_* columns are NaN")
+        rows = []
+        for name in models:
+            rows += _bench_one(name, configs[name], batch_sizes, scopes=scopes, dev=dev, dt=dt, b=b,
+                               ceil=ceil, warmup=warmup, repeats=repeats, context_len=context_len,
+                               overlap=overlap and name == "ultramem" and dev.type == "cuda", seed=seed, say=say)
+    finally:
+        torch.set_num_threads(old_threads)
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    if out_dir is not None:
+        write_outputs(df, out_dir)
+    return df
+
+
+def _bench_one(name: str, cfg, batch_sizes: Sequence[int], *, scopes, dev, dt, b, ceil, warmup, repeats,
+               context_len, overlap, seed, say) -> list[dict]:
+    from labcore.budget import describe_plan, model_budget
+    from labcore.model import LM
+
+    torch.manual_seed(seed)
+    lm = LM(cfg).to(device=dev, dtype=dt).eval()
+    budget = model_budget(cfg, context_len=1, dtype_bytes=b)
+    parts = _model_parts(cfg)
+    if cfg.plan.kind == "moe":
+        layer = lm.blocks[cfg.moe_block_ids()[0]].ffn
+    elif cfg.plan.kind == "memory":
+        layer = lm.memories[0]
+    else:
+        layer = lm.blocks[0].ffn
+    layer_cost = _layer_cost(_sparse_layer_cfg(cfg))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    common = {"model": name, "total_params": budget.total_params, "active_params": budget.active_params,
+              "copy_bytes_per_s": ceil.copy_bytes_per_s, "matmul_flops_per_s": ceil.matmul_flops_per_s,
+              "device": str(dev), "dtype": dtype_name(dt), "threads": torch.get_num_threads(),
+              "plan": describe_plan(cfg)}
+    nan_cols = {c: math.nan for c in ("read_s", "read_frac", "read_bytes_per_s", "overlap_mem_s",
+                                       "overlap_dense_s", "overlap_both_s", "overlap_frac")}
+    rows = []
+    with torch.inference_mode():
+        for B in batch_sizes:
+            if "layer" in scopes:
+                x = torch.randn(B, cfg.d_model, generator=gen).to(device=dev, dtype=dt)   # (B, D)
+                t = time_fn(lambda x=x: layer(x), warmup=warmup, repeats=repeats, device=dev)
+                _, aux = layer(x)
+                indices = getattr(aux, "indices", None) if layer_cost.sparse_part else None
+                accessed = touched_bytes(layer_cost, indices, bytes_per_param=b, to_units=_to_units(layer))
+                pred = layer_step_cost(layer_cost, B, bytes_per_param=b, ceilings=ceil)
+                extra = dict(nan_cols)
+                if cfg.plan.kind == "memory":
+                    extra.update(_time_read(layer, aux, B, b, t.median_s, warmup, repeats, dev))
+                rows.append(_row(common, "layer", B, t, pred, accessed, extra))
+            if "model" in scopes:
+                idx = torch.randint(cfg.vocab_size, (B, 1), generator=gen).to(dev)          # (B, T=1)
+                t = time_fn(lambda idx=idx: lm(idx), warmup=warmup, repeats=repeats, device=dev)
+                out = lm(idx)
+                accessed = _model_touched_bytes(lm, parts, out.aux, b)
+                pred = model_step_cost(parts, B, bytes_per_param=b, ceilings=ceil,
+                                       n_attn_layers=cfg.n_layers if context_len else 0,
+                                       d_kv=cfg.d_model if context_len else 0, context_len=context_len)
+                extra = dict(nan_cols)
+                if overlap:
+                    extra.update(measure_overlap(lm, B, warmup=warmup, repeats=repeats, device=dev, dtype=dt))
+                rows.append(_row(common, "model", B, t, pred, accessed, extra))
+            for last in rows[-len(scopes):]:
+                say(f"[{name:>8}] B={B:<5} {last['scope']:>5}: {last['latency_s'] * 1e3:9.3f} ms "
+                    f"(pred {last['predicted_s'] * 1e3:8.3f} ms), accessed {last['bytes_accessed'] / 1e6:9.2f} MB "
+                    f"(pred {last['bytes_predicted'] / 1e6:9.2f} MB), {last['frac_copy']:.1%} of copy")
+    return rows
+
+
+def _time_read(layer, aux, B: int, b: float, layer_s: float, warmup: int, repeats: int, dev) -> dict:
+    """Time the memory layer's value read alone, with the indices/scores its forward produced."""
+    if hasattr(aux, "core_scores") and aux.core_scores is not None:     # UltraMem: per-core scores
+        args = (aux.indices, aux.core_scores)
+    else:                                                               # PKM: softmax weights
+        args = (aux.indices, aux.scores)
+    t = time_fn(lambda: layer.read(*args), warmup=warmup, repeats=repeats, device=dev)
+    d_v = layer.values.weight.shape[1]
+    value_bytes = aux.indices.numel() * d_v * b                         # every selected row, repeats counted
+    return {"read_s": t.median_s, "read_frac": t.median_s / layer_s, "read_bytes_per_s": value_bytes / t.median_s}
+
+
+def _row(common: dict, scope: str, B: int, t, pred, accessed: float, extra: dict) -> dict:
+    lat = t.median_s
+    copy = common["copy_bytes_per_s"]
+    return {**common, "scope": scope, "batch": B, "latency_s": lat, "latency_iqr_s": t.iqr_s,
+            "predicted_s": pred.time_s, "bound": pred.bound, "flops": pred.flops,
+            "bytes_accessed": accessed, "bytes_predicted": pred.bytes_total, "bytes_streamed": pred.bytes_streamed,
+            "achieved_bytes_per_s": accessed / lat, "frac_copy": accessed / lat / copy,
+            "streamed_bytes_per_s": pred.bytes_streamed / lat, "frac_copy_streamed": pred.bytes_streamed / lat / copy,
+            **extra}
+
+
+# ----------------------------------------------------------------------------------------------
+# Figure and outputs.
+# ----------------------------------------------------------------------------------------------
+
+COLORS = {"dense": "#636efa", "moe": "#ef553b", "pkm": "#00cc96", "ultramem": "#ab63fa"}
+LABELS = {"dense": "Dense", "moe": "MoE", "pkm": "PKM", "ultramem": "UltraMem"}
+X_TITLE = "batch size B (sequences, one new token each)"
+Y_TITLES = ("latency per decode step (ms)", "memory accessed per step (MB)", "latency MoE / UltraMem (x)")
+
+
+def moe_ultramem_ratio(df: pd.DataFrame, scope: str = "model") -> pd.DataFrame:
+    """Per batch size: MoE latency / UltraMem latency (the paper's "2-6x") and the memory-access ratio."""
+    d = df[df["scope"] == scope]
+    moe = d[d["model"] == "moe"].set_index("batch")
+    um = d[d["model"] == "ultramem"].set_index("batch")
+    common = moe.index.intersection(um.index)
+    return pd.DataFrame({
+        "batch": common,
+        "latency_ratio": (moe.loc[common, "latency_s"] / um.loc[common, "latency_s"]).to_numpy(),
+        "bytes_ratio": (moe.loc[common, "bytes_accessed"] / um.loc[common, "bytes_accessed"]).to_numpy(),
+    })
+
+
+def inference_figure(df: pd.DataFrame, scope: str = "model"):
+    """Figure 1 on this machine: (a) latency vs B, (b) memory access vs B (measured solid, cost model
+    dashed), (c) MoE / UltraMem latency ratio per batch size."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    d = df[df["scope"] == scope].sort_values(["model", "batch"])
+    fig = make_subplots(rows=1, cols=3, subplot_titles=(
+        f"(a) decode-step latency ({scope})", f"(b) memory access ({scope})", "(c) MoE / UltraMem latency"))
+    for name in [m for m in MODELS if m in set(d["model"])]:
+        g = d[d["model"] == name]
+        color, label = COLORS[name], LABELS[name]
+        fig.add_trace(go.Scatter(x=g["batch"], y=g["latency_s"] * 1e3, mode="lines+markers", name=f"{label}",
+                                 legendgroup=name, line={"color": color},
+                                 error_y={"type": "data", "array": g["latency_iqr_s"] * 1e3, "visible": True}),
+                      row=1, col=1)
+        fig.add_trace(go.Scatter(x=g["batch"], y=g["predicted_s"] * 1e3, mode="lines", name=f"{label} (roofline)",
+                                 legendgroup=name, line={"color": color, "dash": "dash"}), row=1, col=1)
+        fig.add_trace(go.Scatter(x=g["batch"], y=g["bytes_accessed"] / 1e6, mode="lines+markers",
+                                 name=f"{label} memory access", legendgroup=name, line={"color": color},
+                                 showlegend=False), row=1, col=2)
+        fig.add_trace(go.Scatter(x=g["batch"], y=g["bytes_predicted"] / 1e6, mode="lines",
+                                 name=f"{label} memory access (cost model)", legendgroup=name,
+                                 line={"color": color, "dash": "dash"}, showlegend=False), row=1, col=2)
+    ratio = moe_ultramem_ratio(df, scope)
+    if len(ratio):
+        fig.add_trace(go.Scatter(x=ratio["batch"], y=ratio["latency_ratio"], mode="lines+markers+text",
+                                 name="MoE / UltraMem latency", text=[f"{r:.1f}x" for r in ratio["latency_ratio"]],
+                                 textposition="top center", line={"color": "black"}), row=1, col=3)
+    for col in (1, 2, 3):
+        fig.update_xaxes(type="log", title_text=X_TITLE, row=1, col=col)
+        fig.update_yaxes(title_text=Y_TITLES[col - 1], row=1, col=col, type="log" if col < 3 else "linear")
+    dev = d["device"].iloc[0] if len(d) else "?"
+    fig.update_layout(title=f"Decode-step cost vs batch size on {dev} (equal activated compute; "
+                            "MoE/PKM/UltraMem at equal total parameters; no KV cache)",
+                      height=480, width=1500, legend={"orientation": "h", "y": -0.25})
+    return fig
+
+
+def _atomic(path: Path, write: Callable[[str], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_outputs(df: pd.DataFrame, out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """``inference.parquet`` and ``inference.html`` in ``out_dir`` (each written atomically)."""
+    out = Path(out_dir)
+    pq, html = out / "inference.parquet", out / "inference.html"
+    _atomic(pq, lambda p: df.to_parquet(p, index=False))
+    fig = inference_figure(df, "model" if (df["scope"] == "model").any() else "layer")
+    _atomic(html, lambda p: fig.write_html(p, include_plotlyjs=True, full_html=True))
+    return pq, html
+
+
+def format_table(df: pd.DataFrame) -> str:
+    """Plain-text summary: one line per (scope, batch) with each model's latency and access."""
+    lines = []
+    for scope in [s for s in ("layer", "model") if s in set(df["scope"])]:
+        d = df[df["scope"] == scope]
+        models = [m for m in MODELS if m in set(d["model"])]
+        head = f"{scope:<6}{'B':>6} " + " ".join(f"{LABELS[m] + ' ms':>12} {'MB':>9}" for m in models)
+        if "moe" in models and "ultramem" in models:
+            head += f" {'MoE/UM':>7}"
+        lines += [head, "-" * len(head)]
+        for B in sorted(set(d["batch"])):
+            r = d[d["batch"] == B].set_index("model")
+            line = f"{'':<6}{B:>6} " + " ".join(
+                f"{r.loc[m, 'latency_s'] * 1e3:>12.3f} {r.loc[m, 'bytes_accessed'] / 1e6:>9.2f}" for m in models)
+            if "moe" in models and "ultramem" in models:
+                line += f" {r.loc['moe', 'latency_s'] / r.loc['ultramem', 'latency_s']:>6.2f}x"
+            lines.append(line)
+        lines.append("")
+    mem = df[(df["scope"] == "layer") & df["model"].isin(["pkm", "ultramem"])]
+    if len(mem):
+        lines.append("memory layers, value read vs copy ceiling (layer scope):")
+        for r in mem.itertuples():
+            lines.append(f"  {LABELS[r.model]:<9} B={r.batch:<5} layer {r.latency_s * 1e3:9.3f} ms, read "
+                         f"{r.read_s * 1e3:9.3f} ms ({r.read_frac:.0%} of layer), read streams "
+                         f"{r.read_bytes_per_s / 1e9:6.2f} GB/s = {r.read_bytes_per_s / r.copy_bytes_per_s:.0%} of copy; "
+                         f"layer: accessed {r.frac_copy:.0%}, streamed {r.frac_copy_streamed:.0%} of copy")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI.
+# ----------------------------------------------------------------------------------------------
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="labcore bench inference",
+                                 description="Decode-step latency and memory access vs batch size (Figure 1).")
+    ap.add_argument("--batch-sizes", type=_int_list, default=list(DEFAULT_BATCHES),
+                    help="comma-separated batch sizes (default 1,2,4,...,4096)")
+    ap.add_argument("--models", default=",".join(MODELS), help=f"subset of {','.join(MODELS)}")
+    ap.add_argument("--ratio", type=float, default=12.0, help="sparse/dense parameter ratio (default 12)")
+    ap.add_argument("--d-model", type=int, default=None, help="base model D (default: small_base_config)")
+    ap.add_argument("--n-layers", type=int, default=None, help="base model L")
+    ap.add_argument("--d-ff", type=int, default=None, help="base model FFN hidden size")
+    ap.add_argument("--vocab-size", type=int, default=None, help="base model vocabulary")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: unchanged)")
+    ap.add_argument("--scopes", default="layer,model", help="layer,model (default both)")
+    ap.add_argument("--context-len", type=int, default=0, help="add a KV cache of this length to the prediction")
+    ap.add_argument("--no-overlap", action="store_true", help="skip the GPU skip-layer overlap measurement")
+    ap.add_argument("--out", default="bench_out/inference", help="output directory (parquet + html)")
+    args = ap.parse_args(argv)
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    try:
+        base = None
+        overrides = {k: v for k, v in (("d_model", args.d_model), ("n_layers", args.n_layers),
+                                       ("d_ff", args.d_ff), ("vocab_size", args.vocab_size)) if v is not None}
+        if overrides:
+            from labcore.budget import small_base_config
+
+            base = small_base_config(**overrides)
+        df = run_inference_bench(args.batch_sizes, tuple(m.strip() for m in args.models.split(",") if m.strip()),
+                                 base=base, ratio=args.ratio, device=args.device, dtype=dtype,
+                                 warmup=args.warmup, repeats=args.repeats, threads=args.threads,
+                                 scopes=tuple(s.strip() for s in args.scopes.split(",") if s.strip()),
+                                 overlap=not args.no_overlap, context_len=args.context_len, out_dir=args.out)
+    except ConfigError as e:
+        ap.error(str(e))
+    print()
+    print(format_table(df))
+    if df["overlap_frac"].notna().any():
+        ov = df[df["overlap_frac"].notna()]
+        print("\nskip-layer overlap (UltraMem memory vs the blocks it spans, two CUDA streams):")
+        for r in ov.itertuples():
+            print(f"  B={r.batch:<5} mem {r.overlap_mem_s * 1e3:.3f} ms + dense {r.overlap_dense_s * 1e3:.3f} ms "
+                  f"-> both {r.overlap_both_s * 1e3:.3f} ms: overlap {r.overlap_frac:.0%}")
+    elif not args.device.startswith("cuda"):
+        print("\nskip-layer overlap: not measured on CPU (needs two CUDA streams).")
+    print(f"\nwrote {Path(args.out) / 'inference.parquet'} and {Path(args.out) / 'inference.html'}")
+    return 0
+
+
+__all__ = ["COLUMNS", "DEFAULT_BATCHES", "MODELS", "check_fits", "default_configs", "estimate_bytes",
+           "format_table", "inference_figure", "main", "measure_overlap", "moe_ultramem_ratio",
+           "run_inference_bench", "write_outputs"]
+

@@ -1,0 +1,376 @@
+"""Layer speed benchmark (issue #2): labcore's layers against their PyPI peers, same sizes, same run.
+
+``python -m labcore.bench layers`` (or ``labcore bench layers``) times the forward pass of each pair on
+the same input, B x T = 4 x 256 tokens, D = 256, float32, eval mode, under ``torch.inference_mode``,
+with ``torch.set_num_threads(2)``. Each side is warmed up, then the two are timed in alternating
+rounds (so a noisy neighbour slows both alike); the reported time is the median over all samples,
+with its interquartile range, and the ratio is ``peer median / labcore median`` (> 1: labcore faster).
+
+=====================  ==============================================  =========================  ======
+pair                   labcore                                         peer                       target
+=====================  ==============================================  =========================  ======
+pkm                    PKM: n_keys 128 (N = 128^2), 4 heads, top-32,   ``product_key_memory.PKM``  >= 2x
+                       k_dim 128 (64 per half), query LayerNorm        0.3.0, same sizes
+ultramem               UltraMem: n_keys 128, E = 4, R = 2, h = 2       ``ultra_mem.UltraMem``      >= 2x
+                       cores, 2 heads, top-32, k_dim 128, D_v 256      0.1.2, sizes aligned below
+moe8                   MoE 8 experts, top-2, d_expert 512              HF ``MixtralSparseMoeBlock``  >= 1x
+moe64                  MoE 64 experts, top-8, d_expert 128             (eager experts), same        >= 1.5x
+                                                                       weights (labcore.interop)
+=====================  ==============================================  =========================  ======
+
+How the peers are aligned (they do more or different work than labcore; where they do *more*, that
+work is switched off so the ratio is conservative):
+
+* ``product_key_memory.PKM(dim=256, heads=4, num_keys=128, topk=32, dim_head=64)``: its ``dim_head``
+  is the size of ONE half (sub-query), labcore's ``k_dim`` is both halves: k_dim 128 = 2 x 64. Both
+  use a per-sub-query LayerNorm, a softmax over each head's K scores and a summed ``EmbeddingBag``.
+* ``ultra_mem.UltraMem``: its ``num_memories`` counts *virtual* slots; keys per side = sqrt of it, and
+  each of its ``core_heads`` owns a physical table of num_memories / E rows of width ``dim_values``.
+  labcore's n_keys = 128 with E = 4 has N = 16384 physical rows of D_v = 256 and 256 keys per side
+  (sqrt(E) x 128). So: ``num_memories = E * 128^2 = 65536`` (256 keys per side),
+  ``value_expansion=4``, ``core_heads=2``, ``dim_values=128`` (2 tables of 16384 x 128 = the same
+  value bytes as labcore's 16384 x 256, whose two core chunks are 128 wide), ``topk=32``,
+  ``dim_queries_keys=128``, ``core_rank=2``. The peer selects top-32 per core (2 x 32 = 64 slots per
+  token); labcore selects top-32 per head with 2 heads (also 64 (slot, score) pairs per token).
+  Switched off in the peer because labcore does not do them: its RMSNorm prenorm, the causal
+  depthwise query convolution and the ReLU on scores (``score_activation=Identity``).
+* Mixtral: ``MixtralConfig(hidden_size=256, intermediate_size=I, num_local_experts=E,
+  num_experts_per_tok=K, experts_implementation="eager")``; labcore's weights are copied in with
+  :func:`labcore.interop.moe_to_hf`, and the outputs are checked to agree before timing.
+
+Value-gather bandwidth: the PKM layer's own ``F.embedding_bag`` (the same indices and weights a forward
+produced) is timed alone; its bytes are the value rows it reads (N_tok * H*K * D_v * 4, repeats
+counted: a gather without deduplication streams every selected row), plus indices, weights and the
+output. Next to it, the copy bandwidth (``dst.copy_(src)``, 64 MiB, read + write) measured in the
+same run. The UltraMem ``read`` (IVE shuffle, bag sort, gather, projection) is timed the same way.
+
+Peers are benchmark-only dependencies (``pip install -e .[bench]``): they are imported lazily and a
+missing one gives a clear message and skips its row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from labcore.layers.base import ConfigError, check_choice, check_int
+from labcore.profiling.ceilings import measure_copy_bandwidth
+from labcore.profiling.timer import Timer
+
+PAIRS = ("pkm", "ultramem", "moe8", "moe64")
+ROWS = PAIRS + ("gather",)
+TARGETS = {"pkm": 2.0, "ultramem": 2.0, "moe8": 1.0, "moe64": 1.5}
+
+
+class PeerMissing(RuntimeError):
+    """A benchmark-only dependency is not installed."""
+
+
+def _need(module: str, package: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise PeerMissing(f"peer '{module}' is not installed ({e}); install the benchmark extras: "
+                          f"pip install -e .[bench]  (provides {package})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing two callables in alternating rounds.
+# ----------------------------------------------------------------------------------------------
+
+
+def time_pair(fns: dict[str, Callable[[], object]], *, warmup: int, repeats: int, rounds: int):
+    """Warm each callable up, then ``rounds`` times time each ``repeats`` times, alternating."""
+    timers = {name: Timer("cpu") for name in fns}
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(repeats):
+                with timers[name]:
+                    fn()
+    return {name: t.timing() for name, t in timers.items()}
+
+
+@dataclass(frozen=True)
+class Row:
+    pair: str
+    labcore: str
+    peer: str
+    labcore_ms: float
+    labcore_iqr_ms: float
+    peer_ms: float | None
+    peer_iqr_ms: float | None
+    speedup: float | None          # peer median / labcore median
+    target: float | None
+    meets_target: bool | None
+    max_abs_diff: float | None = None  # output agreement (same weights), when comparable
+    bytes: float | None = None         # gather rows only
+    gbytes_per_s: float | None = None
+    copy_gbytes_per_s: float | None = None
+    frac_of_copy: float | None = None
+    note: str = ""
+
+
+# ----------------------------------------------------------------------------------------------
+# The pairs.
+# ----------------------------------------------------------------------------------------------
+
+
+def _pkm_pair(D: int):
+    from labcore.layers.pkm import PKM, PKMConfig
+
+    cfg = PKMConfig(d_model=D, n_keys=128, heads=4, k_dim=128, top_k=32, query_norm="layernorm")
+    ours = PKM(cfg).eval()
+    pkm_mod = _need("product_key_memory", "product-key-memory==0.3.0")
+    peer = pkm_mod.PKM(dim=D, heads=4, num_keys=128, topk=32, dim_head=cfg.k_dim // 2,
+                       use_layernorm=True).eval()
+    return ours, peer, "PKM(n_keys=128, H=4, K=32, k_dim=128)", "product_key_memory.PKM 0.3.0 (dim_head=64)"
+
+
+def _ultramem_pair(D: int):
+    from labcore.layers.ultramem import UltraMem, UltraMemConfig
+
+    cfg = UltraMemConfig(d_model=D, n_keys=128, heads=2, k_dim=128, top_k=32, d_value=D, rank=2,
+                         n_cores=2, expansion=4)
+    ours = UltraMem(cfg).eval()
+    um = _need("ultra_mem", "ultra-mem==0.1.2")
+    peer = um.UltraMem(dim=D, num_memories=cfg.expansion * cfg.n_slots, topk=32, dim_queries_keys=cfg.k_dim,
+                       core_rank=2, core_heads=2, value_expansion=cfg.expansion, dim_values=D // 2,
+                       score_activation=nn.Identity(), pre_query_causal_conv=False, prenorm=False).eval()
+    return (ours, peer, "UltraMem(n_keys=128, E=4, R=2, h=2, H=2, K=32, D_v=256)",
+            "ultra_mem.UltraMem 0.1.2 (num_memories=65536, dim_values=128, no prenorm/conv/ReLU)")
+
+
+def _moe_pair(D: int, n_experts: int, top_k: int, d_expert: int):
+    from labcore.layers.moe import MoE, MoEConfig
+
+    ours = MoE(MoEConfig(d_model=D, d_expert=d_expert, n_experts=n_experts, top_k=top_k)).eval()
+    _need("transformers", "transformers>=5.0")
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    from labcore.interop import moe_to_hf
+
+    hf_cfg = MixtralConfig(hidden_size=D, intermediate_size=d_expert, num_local_experts=n_experts,
+                           num_experts_per_tok=top_k, experts_implementation="eager")
+    peer = moe_to_hf(ours, MixtralSparseMoeBlock(hf_cfg)).eval()
+    return (ours, peer, f"MoE(E={n_experts}, K={top_k}, I={d_expert})",
+            f"HF MixtralSparseMoeBlock eager (E={n_experts}, K={top_k}, I={d_expert})")
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+# ----------------------------------------------------------------------------------------------
+# The run.
+# ----------------------------------------------------------------------------------------------
+
+
+def run_layer_bench(pairs: Sequence[str] = ROWS, *, batch: int = 4, seq: int = 256, d_model: int = 256,
+                    threads: int | None = 2, warmup: int = 3, repeats: int = 5, rounds: int = 3,
+                    seed: int = 0, log: Callable[[str], None] | None = print) -> pd.DataFrame:
+    """Run the listed pairs (``PAIRS`` and/or ``"gather"``); one table row per pair."""
+    for p in pairs:
+        check_choice("run_layer_bench", "pairs", p, ROWS)
+    for name, v in (("batch", batch), ("seq", seq), ("d_model", d_model), ("repeats", repeats),
+                    ("rounds", rounds)):
+        check_int("run_layer_bench", name, v, min_value=1)
+    check_int("run_layer_bench", "warmup", warmup, min_value=0)
+    if threads is not None:
+        check_int("run_layer_bench", "threads", threads, min_value=1)
+    if d_model % 2:
+        raise ConfigError(f"run_layer_bench.d_model={d_model} is not allowed: must be even (UltraMem's 2 cores)")
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    say = log or (lambda s: None)
+    rows: list[Row] = []
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(batch, seq, d_model, generator=gen)               # (B, T, D)
+        kw = dict(warmup=warmup, repeats=repeats, rounds=rounds)
+        builders = {
+            "pkm": lambda: _pkm_pair(d_model),
+            "ultramem": lambda: _ultramem_pair(d_model),
+            "moe8": lambda: _moe_pair(d_model, 8, 2, 512),
+            "moe64": lambda: _moe_pair(d_model, 64, 8, 128),
+        }
+        with torch.inference_mode():
+            for name in [p for p in pairs if p in PAIRS]:
+                torch.manual_seed(seed)
+                try:
+                    ours, peer, ours_desc, peer_desc = builders[name]()
+                except PeerMissing as e:
+                    say(f"[{name}] skipped: {e}")
+                    continue
+                diff = None
+                if name.startswith("moe"):  # same weights: outputs must agree before timing
+                    diff = float((_first(ours(x)) - _first(peer(x))).abs().max())
+                t = time_pair({"ours": lambda o=ours: o(x), "peer": lambda p=peer: p(x)}, **kw)
+                sp = t["peer"].median_s / t["ours"].median_s
+                rows.append(Row(pair=name, labcore=ours_desc, peer=peer_desc,
+                                labcore_ms=t["ours"].median_s * 1e3, labcore_iqr_ms=t["ours"].iqr_s * 1e3,
+                                peer_ms=t["peer"].median_s * 1e3, peer_iqr_ms=t["peer"].iqr_s * 1e3,
+                                speedup=sp, target=TARGETS[name], meets_target=sp >= TARGETS[name],
+                                max_abs_diff=diff))
+                say(f"[{name}] labcore {t['ours']}  peer {t['peer']}  ratio {sp:.2f}x")
+                del ours, peer
+            if "gather" in pairs:
+                rows.extend(_gather_rows(x, seed=seed, say=say, **kw))
+    finally:
+        torch.set_num_threads(old_threads)
+    return pd.DataFrame([asdict(r) for r in rows])
+
+
+def _gather_rows(x: torch.Tensor, *, seed: int, say, warmup: int, repeats: int, rounds: int) -> list[Row]:
+    """Achieved bytes/s of the PKM value gather and of the UltraMem read, next to the copy ceiling."""
+    from labcore.layers.pkm import PKM, PKMConfig
+    from labcore.layers.ultramem import UltraMem, UltraMemConfig
+
+    D = x.shape[-1]
+    x2d = x.reshape(-1, D)                                                   # (N_tok, D)
+    n_tok = x2d.shape[0]
+    rows = []
+    copy_bps = measure_copy_bandwidth("cpu", torch.float32, n_bytes=64 << 20, repeats=max(repeats, 5))
+
+    torch.manual_seed(seed)
+    pkm = PKM(PKMConfig(d_model=D, n_keys=128, heads=4, k_dim=128, top_k=32)).eval()
+    _, aux = pkm(x2d)
+    slots, weights = aux.indices, aux.scores                                 # (N_tok, H*K) each
+    table = pkm.values.weight
+    S, Dv = slots.shape[1], table.shape[1]
+    n_bytes = n_tok * S * Dv * 4 + n_tok * Dv * 4 + slots.numel() * (8 + 4)  # rows + out + idx/weights
+    timer = Timer("cpu")
+    fn = lambda: F.embedding_bag(slots, table, mode="sum", per_sample_weights=weights)  # noqa: E731
+    for _ in range(warmup):
+        fn()
+    for _ in range(rounds * repeats):
+        with timer:
+            fn()
+    t = timer.timing()
+    bps = n_bytes / t.median_s
+    rows.append(Row(pair="gather", labcore="PKM value gather: F.embedding_bag(sum, weights)", peer="copy_",
+                    labcore_ms=t.median_s * 1e3, labcore_iqr_ms=t.iqr_s * 1e3, peer_ms=None, peer_iqr_ms=None,
+                    speedup=None, target=None, meets_target=None, bytes=float(n_bytes),
+                    gbytes_per_s=bps / 1e9, copy_gbytes_per_s=copy_bps / 1e9, frac_of_copy=bps / copy_bps,
+                    note=f"{n_tok} tokens x {S} rows x {Dv} floats, table {table.numel() * 4 / 2**20:.0f} MiB"))
+    say(f"[gather] PKM embedding_bag {t}  {bps / 1e9:.2f} GB/s  (copy {copy_bps / 1e9:.2f} GB/s)")
+
+    torch.manual_seed(seed)
+    cfg = UltraMemConfig(d_model=D, n_keys=128, heads=2, k_dim=128, top_k=32, d_value=D, rank=2, n_cores=2,
+                         expansion=4)
+    um = UltraMem(cfg).eval()
+    _, aux = um(x2d)
+    slots, core_scores = aux.indices, aux.core_scores                        # (N_tok, S), (N_tok, S, h)
+    S = slots.shape[1]
+    n_bytes = (n_tok * S * cfg.d_v * 4 + n_tok * cfg.expansion * cfg.d_v * 4       # rows read + pooled
+               + um.value_proj.weight.numel() * 4 + n_tok * D * 4)                 # projection + output
+    timer = Timer("cpu")
+    fn = lambda: um.read(slots, core_scores)  # noqa: E731
+    for _ in range(warmup):
+        fn()
+    for _ in range(rounds * repeats):
+        with timer:
+            fn()
+    t = timer.timing()
+    bps = n_bytes / t.median_s
+    rows.append(Row(pair="gather", labcore="UltraMem read: shuffle + bag sort + embedding_bag + projection",
+                    peer="copy_", labcore_ms=t.median_s * 1e3, labcore_iqr_ms=t.iqr_s * 1e3, peer_ms=None,
+                    peer_iqr_ms=None, speedup=None, target=None, meets_target=None, bytes=float(n_bytes),
+                    gbytes_per_s=bps / 1e9, copy_gbytes_per_s=copy_bps / 1e9, frac_of_copy=bps / copy_bps,
+                    note=f"{n_tok} tokens x {S} rows x {cfg.d_v} floats"))
+    say(f"[gather] UltraMem read {t}  {bps / 1e9:.2f} GB/s")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Output.
+# ----------------------------------------------------------------------------------------------
+
+
+def format_table(df: pd.DataFrame) -> str:
+    """A plain-text table of :func:`run_layer_bench`'s result."""
+    if df.empty:
+        return "(no rows)"
+    lines = [f"{'pair':<9} {'labcore ms':>11} {'(IQR)':>8} {'peer ms':>9} {'(IQR)':>8} {'ratio':>7} "
+             f"{'target':>7}  {'ok':<3} {'GB/s':>6} {'copy GB/s':>9} {'of copy':>7}  what"]
+    lines.append("-" * len(lines[0]))
+
+    def f(v, fmt):
+        return format(v, fmt) if v is not None and not pd.isna(v) else "-"
+
+    for r in df.itertuples():
+        ok = "-" if r.meets_target is None or pd.isna(r.meets_target) else ("yes" if r.meets_target else "NO")
+        lines.append(f"{r.pair:<9} {r.labcore_ms:>11.3f} {r.labcore_iqr_ms:>8.3f} {f(r.peer_ms, '9.3f'):>9} "
+                     f"{f(r.peer_iqr_ms, '8.3f'):>8} {f(r.speedup, '6.2f') + 'x' if r.speedup is not None and not pd.isna(r.speedup) else '-':>7} "
+                     f"{f(r.target, '6.1f') + 'x' if r.target is not None and not pd.isna(r.target) else '-':>7}  {ok:<3} "
+                     f"{f(r.gbytes_per_s, '6.2f'):>6} {f(r.copy_gbytes_per_s, '9.2f'):>9} "
+                     f"{f(r.frac_of_copy, '7.0%'):>7}  {r.labcore} vs {r.peer}")
+    return "\n".join(lines)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_outputs(df: pd.DataFrame, *, json_path: str | None = None, csv_path: str | None = None) -> None:
+    if json_path:
+        _atomic_write_text(Path(json_path), json.dumps(df.to_dict(orient="records"), indent=2, default=str))
+    if csv_path:
+        _atomic_write_text(Path(csv_path), df.to_csv(index=False))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="labcore bench layers",
+                                 description="Forward latency of labcore layers vs PyPI peers (issue #2).")
+    ap.add_argument("--only", default=",".join(ROWS),
+                    help=f"comma-separated subset of {','.join(ROWS)} (default: all)")
+    ap.add_argument("--batch", type=int, default=4, help="B (default 4)")
+    ap.add_argument("--seq", type=int, default=256, help="T (default 256)")
+    ap.add_argument("--d-model", type=int, default=256, help="D (default 256)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls per round")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (labcore, peer, ...)")
+    ap.add_argument("--json", default=None, help="write the table as JSON records here")
+    ap.add_argument("--csv", default=None, help="write the table as CSV here")
+    args = ap.parse_args(argv)
+    pairs = [p.strip() for p in args.only.split(",") if p.strip()]
+    try:
+        df = run_layer_bench(pairs, batch=args.batch, seq=args.seq, d_model=args.d_model, threads=args.threads,
+                             warmup=args.warmup, repeats=args.repeats, rounds=args.rounds)
+    except ConfigError as e:
+        ap.error(str(e))
+    print()
+    print(f"labcore bench layers: {args.batch}x{args.seq} tokens, D={args.d_model}, float32, eval, "
+          f"{args.threads} threads; median of {args.rounds}x{args.repeats} runs after {args.warmup} warm-up; "
+          "ratio = peer / labcore")
+    print(format_table(df))
+    write_outputs(df, json_path=args.json, csv_path=args.csv)
+    return 0
+
+
+__all__ = ["PAIRS", "ROWS", "TARGETS", "format_table", "main", "run_layer_bench", "time_pair"]
