@@ -1,0 +1,412 @@
+"""labcore.tour: each station of the tour against brute force and against labcore's real layers."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from labcore.layers.base import ConfigError
+from labcore.tour import (
+    IVEMapping,
+    TourParams,
+    build_tour,
+    expert_load,
+    follow_token,
+    ive_mapping,
+    ive_output,
+    ive_output_materialized,
+    pkm_as_tucker,
+    pkm_retrieve,
+    pkm_slots_batch,
+    random_baseline,
+    random_grids,
+    rank1_proxy,
+    route_token,
+    run_tour,
+    second_best_shares_line,
+    tdqkr_grid,
+    tdqkr_retrieve,
+    tdqkr_search,
+    tdqkr_slots_batch,
+    topology_bias,
+    topology_bias_table,
+)
+
+
+def _assert_same_selection(ids, weights, layer_ids, layer_weights, rtol=1e-5, atol=0.0):
+    """Same selected ids with the same weights, in any order (layers may return them unsorted)."""
+    ids, layer_ids = np.asarray(ids), np.asarray(layer_ids)
+    a, b = np.argsort(ids, kind="stable"), np.argsort(layer_ids, kind="stable")
+    assert ids[a].tolist() == layer_ids[b].tolist()
+    np.testing.assert_allclose(np.asarray(weights)[a], np.asarray(layer_weights)[b], rtol=rtol, atol=atol)
+
+
+def _brute_topk(values: np.ndarray, k: int) -> list[int]:
+    """Top-k ids by a plain python sort (descending value, then ascending id)."""
+    return [i for _, i in sorted(((-float(v), i) for i, v in enumerate(values)))][:k]
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field, value", [
+    ("n_keys", 1), ("expansion", 2), ("expansion", 8), ("top_k", 9), ("moe_top_k", 9), ("smoke", 1),
+    ("ive_shuffle", "yes"), ("out_dir", ""), ("seed", -1), ("token", 64), ("rank", 0), ("n_queries", 5),
+])
+def test_tour_params_reject_bad_values_naming_the_field(field, value):
+    with pytest.raises(ConfigError, match=rf"TourParams\.{field}={value!r}"):
+        TourParams(**{field: value})
+
+
+def test_smoke_caps_sizes_and_keeps_others():
+    p = TourParams(smoke=True, batch_size=500, n_queries=5000, token=100, n_keys=12).resolved()
+    assert (p.batch_size, p.n_queries, p.token, p.n_keys) == (32, 300, 31, 12)
+    q = TourParams(batch_size=500, n_queries=5000, token=100)
+    assert q.resolved() is q
+
+
+# ----------------------------------------------------------------------------------------------
+# (a) MoE
+# ----------------------------------------------------------------------------------------------
+
+
+def test_route_token_matches_brute_force_and_conventions():
+    rng = np.random.default_rng(1)
+    W, x = rng.standard_normal((7, 5)), rng.standard_normal(5)
+    r = route_token(x, W, 3)
+    logits = [float(np.dot(W[e], x)) for e in range(7)]
+    z = [math.exp(v) for v in logits]
+    probs = [v / sum(z) for v in z]
+    assert r.chosen.tolist() == _brute_topk(np.array(logits), 3)
+    np.testing.assert_allclose(r.probs, probs, rtol=1e-12)
+    kept = [probs[e] for e in r.chosen]
+    np.testing.assert_allclose(r.weights, [p / sum(kept) for p in kept], rtol=1e-12)
+    np.testing.assert_allclose(route_token(x, W, 3, "topk_softmax").weights, r.weights, rtol=1e-12)
+    np.testing.assert_allclose(route_token(x, W, 3, "softmax_topk").weights, kept, rtol=1e-12)
+    t = r.table()
+    assert t["chosen"].sum() == 3 and t.loc[t["chosen"], "weight"].sum() == pytest.approx(1.0)
+    assert (t.loc[~t["chosen"], "weight"] == 0).all()
+    with pytest.raises(ConfigError, match="router="):
+        route_token(x, W, 3, "sigmoid")
+    with pytest.raises(ConfigError, match="top_k=8"):
+        route_token(x, W, 8)
+
+
+def test_expert_load_counts_each_tokens_choice():
+    rng = np.random.default_rng(2)
+    W, X = rng.standard_normal((6, 4)), rng.standard_normal((40, 4))
+    counts = expert_load(X, W, 2)
+    manual = np.zeros(6, dtype=int)
+    for x in X:
+        for e in route_token(x, W, 2).chosen:
+            manual[e] += 1
+    assert counts.tolist() == manual.tolist() and counts.sum() == 80
+
+
+def test_route_token_agrees_with_labcore_moe_layer():
+    moe_mod = pytest.importorskip("labcore.layers.moe")
+    torch.manual_seed(0)
+    layer = moe_mod.MoE(moe_mod.MoEConfig(d_model=8, d_expert=4, n_experts=6, top_k=2, init_std=0.5))
+    x = torch.randn(5, 8)
+    _, aux = layer(x)
+    W = layer.router.weight.detach().double().numpy()
+    for t in range(5):
+        r = route_token(x[t].double().numpy(), W, 2)
+        _assert_same_selection(r.chosen, r.weights, aux.indices[t].numpy(), aux.scores[t].double().numpy())
+
+
+# ----------------------------------------------------------------------------------------------
+# (b) PKM
+# ----------------------------------------------------------------------------------------------
+
+
+def test_pkm_product_key_search_is_exact():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        n, Dk, K = 7, 4, 4
+        kr, kc = rng.standard_normal((n, Dk)), rng.standard_normal((n, Dk))
+        qr, qc = rng.standard_normal(Dk), rng.standard_normal(Dk)
+        r = pkm_retrieve(qr, qc, kr, kc, K)
+        full = np.array([float(kr[i] @ qr + kc[j] @ qc) for i in range(n) for j in range(n)])  # slot i*n+j
+        assert r.slots.tolist() == _brute_topk(full, K)
+        np.testing.assert_allclose(r.scores, full[r.slots], rtol=1e-12)
+        np.testing.assert_allclose(r.grid.ravel(), full, rtol=1e-12)
+        e = np.exp(r.scores - r.scores.max())
+        np.testing.assert_allclose(r.weights, e / e.sum(), rtol=1e-12)
+        assert r.cells == [(s // n, s % n) for s in r.slots.tolist()]
+
+
+def test_pkm_retrieve_agrees_with_labcore_pkm_layer():
+    pkm_mod = pytest.importorskip("labcore.layers.pkm")
+    torch.manual_seed(0)
+    cfg = pkm_mod.PKMConfig(d_model=8, n_keys=6, heads=1, k_dim=8, top_k=3, query_norm="none")
+    layer = pkm_mod.PKM(cfg).eval()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        _, aux = layer(x)
+        q = layer.make_query(x).double().numpy()                     # (N_tok, 1, 2, D_k/2)
+    keys = layer.keys.detach().double().numpy()                      # (1, 2, n, D_k/2)
+    for t in range(4):
+        r = pkm_retrieve(q[t, 0, 0], q[t, 0, 1], keys[0, 0], keys[0, 1], 3)
+        _assert_same_selection(r.slots, r.weights, aux.indices[t].numpy(), aux.scores[t].double().numpy())
+
+
+# ----------------------------------------------------------------------------------------------
+# (c) TDQKR
+# ----------------------------------------------------------------------------------------------
+
+
+def test_tdqkr_grid_is_the_bilinear_form():
+    rng = np.random.default_rng(4)
+    R, n = 3, 5
+    S_row, S_col, C = rng.standard_normal((R, n)), rng.standard_normal((R, n)), rng.standard_normal((R, R))
+    g = tdqkr_grid(S_row, C, S_col)
+    for i, j in itertools.product(range(n), range(n)):
+        expected = sum(S_row[a, i] * C[a, b] * S_col[b, j] for a in range(R) for b in range(R))
+        assert g[i, j] == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
+def test_pkm_is_tucker_rank_two_special_case():
+    rng = np.random.default_rng(5)
+    s_row, s_col = rng.standard_normal(6), rng.standard_normal(6)
+    S_row, C, S_col = pkm_as_tucker(s_row, s_col)
+    np.testing.assert_allclose(tdqkr_grid(S_row, C, S_col), s_row[:, None] + s_col[None, :], rtol=1e-12)
+    # the swap core has two equal singular values: no dominant rank-1 direction
+    np.testing.assert_allclose(rank1_proxy(C)[2], [1.0, 1.0], rtol=1e-12)
+    # with every row/column a candidate the search is exact and equals PKM's selection
+    td = tdqkr_search(S_row, S_col, C, top_k=4, m=6)
+    full = (s_row[:, None] + s_col[None, :]).ravel()
+    assert td.slots.tolist() == td.exact_slots.tolist() == _brute_topk(full, 4)
+
+
+def test_rank1_proxy_is_leading_singular_pair():
+    rng = np.random.default_rng(6)
+    C = rng.standard_normal((3, 3))
+    u, t, lam = rank1_proxy(C)
+    np.testing.assert_allclose(C @ t, lam[0] * u, atol=1e-12)
+    np.testing.assert_allclose(C.T @ u, lam[0] * t, atol=1e-12)
+    assert lam[0] >= lam[1] >= lam[2] and u[np.argmax(np.abs(u))] > 0
+    u2, t2, _ = rank1_proxy(-C)                              # sign convention: u's largest entry > 0
+    np.testing.assert_allclose(u2, u, atol=1e-12)
+    np.testing.assert_allclose(t2, -t, atol=1e-12)
+
+
+def test_tdqkr_proxy_search_properties():
+    rng = np.random.default_rng(7)
+    R, n, Dk, K = 2, 8, 6, 3
+    recalls = []
+    for _ in range(60):
+        kr, kc = rng.standard_normal((R, n, Dk)), rng.standard_normal((R, n, Dk))
+        qr, qc = rng.standard_normal(Dk), rng.standard_normal(Dk)
+        core = rng.random((R, R))
+        td = tdqkr_retrieve(qr, qc, kr, kc, core, K)
+        full = td.grid.ravel()
+        assert td.candidate_mask.sum() == K * K
+        # the proxy's choice is the exact top-K of the candidate cells
+        cand = np.flatnonzero(td.candidate_mask.ravel())
+        assert sorted(td.slots.tolist()) == sorted(cand[_brute_topk(full[cand], K)].tolist())
+        np.testing.assert_allclose(td.scores, full[td.slots], rtol=1e-10)
+        assert td.exact_slots.tolist() == _brute_topk(full, K)
+        # an exact top-K cell inside the candidates is always found (nothing outside beats it)
+        assert td.recall == pytest.approx(td.exact_in_candidates.mean())
+        recalls.append(td.recall)
+        # m = n: every cell is a candidate, the search is exact
+        full_search = tdqkr_retrieve(qr, qc, kr, kc, core, K, m=n)
+        assert full_search.slots.tolist() == full_search.exact_slots.tolist() and full_search.recall == 1.0
+    # on random untrained layers the rank-1 proxy misses part of the exact top-K
+    assert 0.0 < np.mean(recalls) < 1.0
+
+
+def test_tdqkr_multi_core_ranks_by_the_sum():
+    rng = np.random.default_rng(8)
+    S_row, S_col = rng.standard_normal((2, 6)), rng.standard_normal((2, 6))
+    cores = rng.random((3, 2, 2))
+    a = tdqkr_search(S_row, S_col, cores, 3)
+    b = tdqkr_search(S_row, S_col, cores.sum(0), 3)
+    assert a.slots.tolist() == b.slots.tolist()
+    with pytest.raises(ConfigError, match="top_k=10"):
+        tdqkr_search(S_row, S_col, cores, 10, m=3)
+
+
+def test_tdqkr_agrees_with_labcore_ultramem_layer():
+    um = pytest.importorskip("labcore.layers.ultramem")
+    cfg = um.UltraMemConfig(d_model=8, n_keys=4, heads=1, k_dim=6, top_k=3, d_value=4, rank=2, n_cores=1,
+                            expansion=4, qk_norm=False, seed=3)
+    torch.manual_seed(0)
+    layer = um.UltraMem(cfg)
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        y, aux = layer(x)
+        s_row, s_col = layer.side_scores(x)                          # (N_tok, 1, R, n_s) or (.., n_s, R)
+    if s_row.shape[-1] != cfg.n_side:                                # rank-last layout: make it (R, n_s)
+        s_row, s_col = s_row.transpose(-1, -2), s_col.transpose(-1, -2)
+    assert s_row.shape[-2:] == (2, 8)
+    core = layer.cores.detach().sum(0)[0].double().numpy()
+    proxy = (layer.u[0].double().numpy(), layer.t[0].double().numpy())
+    mapping = IVEMapping(n_keys=4, expansion=4, perm=layer.perm.numpy(), shuffled=True)
+    values = layer.values.weight.detach().double().numpy()           # (N, D_v)
+    W = layer.value_proj.weight.detach().double().numpy()            # (D, E*D_v), input laid out (p, d)
+    projectors = W.T.reshape(4, 4, 8)                                # (E, D_v, D)
+    for t in range(5):
+        td = tdqkr_search(s_row[t, 0].double().numpy(), s_col[t, 0].double().numpy(), core, 3, proxy=proxy)
+        _assert_same_selection(td.slots, td.scores, aux.indices[t].numpy(), aux.scores[t].double().numpy(),
+                               rtol=1e-4, atol=1e-6)
+        o = ive_output(mapping, values, projectors, td.slots, td.scores)
+        np.testing.assert_allclose(o, y[t].double().numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_batch_searches_equal_the_per_token_searches():
+    rng = np.random.default_rng(11)
+    B, n, Dk, R, K = 9, 7, 5, 2, 3
+    qr, qc = rng.standard_normal((B, Dk)), rng.standard_normal((B, Dk))
+    kr, kc = rng.standard_normal((n, Dk)), rng.standard_normal((n, Dk))
+    assert pkm_slots_batch(qr, qc, kr, kc, K).tolist() == [
+        pkm_retrieve(qr[b], qc[b], kr, kc, K).slots.tolist() for b in range(B)]
+    tr, tc, core = rng.standard_normal((R, n, Dk)), rng.standard_normal((R, n, Dk)), rng.random((R, R))
+    slots, exact = tdqkr_slots_batch(qr, qc, tr, tc, core, K, exact=True)
+    for b in range(B):
+        one = tdqkr_retrieve(qr[b], qc[b], tr, tc, core, K)
+        assert slots[b].tolist() == one.slots.tolist() and exact[b].tolist() == one.exact_slots.tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# (d) Topology bias
+# ----------------------------------------------------------------------------------------------
+
+
+def test_additive_runner_up_always_shares_a_line_constructive_proof():
+    """Lemma: with grid[i, j] = a[i] + b[j] the best cell is (argmax a, argmax b) and the runner-up
+    is (best row, 2nd column) or (2nd row, best column); any (i, j) off both lines is beaten by
+    (i*, j), itself not the best. Checked cell by cell on random grids, not just on a fraction."""
+    rng = np.random.default_rng(9)
+    for n in (2, 3, 5, 9):
+        for _ in range(200):
+            a, b = rng.standard_normal(n), rng.standard_normal(n)
+            g = a[:, None] + b[None, :]
+            i1, j1 = int(np.argmax(a)), int(np.argmax(b))
+            a2, b2 = np.sort(a)[-2], np.sort(b)[-2]
+            assert g.max() == g[i1, j1]
+            second = np.sort(g.ravel())[-2]
+            assert second == pytest.approx(max(a[i1] + b2, a2 + b[j1]), rel=1e-12)
+            for i, j in itertools.product(range(n), range(n)):
+                if i != i1 and j != j1:
+                    assert g[i1, j] > g[i, j] and (i1, j) != (i1, j1)   # the dominating witness
+            assert second_best_shares_line(g[None])[0]
+
+
+def test_second_best_shares_line_detects_both_cases():
+    g = np.zeros((2, 3, 3))
+    g[0, 1, 1], g[0, 2, 2] = 5, 4          # runner-up diagonal: shares nothing
+    g[1, 0, 0], g[1, 0, 2] = 5, 4          # same row
+    assert second_best_shares_line(g).tolist() == [False, True]
+
+
+def test_random_baseline_counts_cells():
+    for n in (2, 3, 4, 7):
+        best = (0, 0)
+        others = [(i, j) for i in range(n) for j in range(n) if (i, j) != best]
+        share = sum(i == best[0] or j == best[1] for i, j in others)
+        assert random_baseline(n) == pytest.approx(share / len(others))
+        assert random_baseline(n) == pytest.approx(2 / (n + 1))
+
+
+def test_topology_bias_measurements():
+    n, Q = 6, 3000
+    add = topology_bias("additive", n, Q, seed=1)
+    assert add.shares == Q and add.fraction == 1.0                      # by construction
+    rnd = topology_bias("random", n, Q, seed=2)
+    # i.i.d. cells: the runner-up is a uniformly random other cell (within 4 standard errors)
+    assert abs(rnd.fraction - random_baseline(n)) < 4 * math.sqrt(random_baseline(n) * (1 - random_baseline(n)) / Q)
+    tuck = topology_bias("tucker", n, Q, rank=2, seed=3)
+    assert tuck.fraction < 0.95                                         # the bilinear grid breaks the bias
+    assert tuck.fraction > rnd.fraction                                 # ... but not down to random order
+    table = topology_bias_table(n, 400, rank=2)
+    assert table["scoring"].tolist() == ["additive", "tucker", "random"]
+    assert table.loc[0, "fraction"] == 1.0 and (table["random_baseline"] == random_baseline(n)).all()
+
+
+def test_random_grids_shapes_and_validation():
+    assert random_grids("tucker", 5, 7, rank=3).shape == (7, 5, 5)
+    with pytest.raises(ConfigError, match="scoring='multiplicative'"):
+        random_grids("multiplicative", 5, 7)
+
+
+# ----------------------------------------------------------------------------------------------
+# (e) IVE
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, E", [(4, 4), (3, 9), (5, 1)])
+def test_ive_every_physical_row_serves_E_virtual_slots_one_per_block(n, E):
+    m = ive_mapping(n, E, seed=4)
+    assert sorted(m.perm.tolist()) == list(range(E * n * n))
+    s = m.serves()
+    assert (s["n_virtual"] == E).all() and (s["n_blocks"] == E).all()
+    t = m.table()
+    assert len(t) == E * n * n and t["block"].between(0, E - 1).all()
+    assert (t["virtual_row"] * m.side + t["virtual_col"] == t["virtual_slot"]).all()
+
+
+def test_ive_without_shuffle_copies_are_aligned_in_one_column():
+    n, E = 8, 4
+    m = ive_mapping(n, E, shuffle=False)
+    t = m.table()
+    for p in (0, 13, 63):
+        copies = t[t["physical_row"] == p]
+        assert copies["virtual_col"].nunique() == 1                       # same column ...
+        assert np.diff(copies["virtual_row"]).tolist() == [n * n // m.side] * (E - 1)   # ... N/n_s rows apart
+    shuffled = ive_mapping(n, E, seed=0).table()
+    spread = shuffled.groupby("physical_row")["virtual_col"].nunique()
+    assert (spread > 1).mean() > 0.9                                        # the shuffle breaks that
+
+
+def test_ive_pool_then_project_equals_materialised_virtual_table():
+    rng = np.random.default_rng(10)
+    m = ive_mapping(3, 4, seed=2)
+    values, proj = rng.standard_normal((9, 5)), rng.standard_normal((4, 5, 7))
+    slots = np.array([0, 5, 5, 17, 35, 20])                  # a repeated slot (two heads): summed
+    scores = rng.standard_normal(6)
+    a = ive_output(m, values, proj, slots, scores)
+    b = ive_output_materialized(m, values, proj, slots, scores)
+    manual = sum(scores[k] * values[m.physical_row[s]] @ proj[m.block[s]] for k, s in enumerate(slots))
+    np.testing.assert_allclose(a, b, rtol=1e-12)
+    np.testing.assert_allclose(a, manual, rtol=1e-12)
+    pooled = m.pooled_scores(slots, scores)
+    assert pooled.shape == (4, 9) and pooled.sum() == pytest.approx(scores.sum())
+    assert pooled[m.block[5], m.physical_row[5]] == pytest.approx(scores[1] + scores[2])
+
+
+def test_ive_mapping_validation():
+    with pytest.raises(ConfigError, match="expansion=3"):
+        ive_mapping(4, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole tour
+# ----------------------------------------------------------------------------------------------
+
+
+def test_run_tour_is_deterministic_and_consistent():
+    p = TourParams(smoke=True, n_keys=6, top_k=3, batch_size=16)
+    rec = run_tour(p)
+    again = follow_token(build_tour(p))
+    assert rec.pkm.slots.tolist() == again.pkm.slots.tolist()
+    assert rec.moe.chosen.tolist() == again.moe.chosen.tolist()
+    P = rec.params
+    assert rec.expert_counts.sum() == P.batch_size * P.moe_top_k
+    assert rec.slot_counts.sum() == rec.physical_counts.sum() == P.batch_size * P.top_k
+    assert rec.ive.grid.shape == (12, 12) and rec.ive_map.side == 12      # sqrt(E) n keys per side
+    route = rec.ive_route()
+    assert (route["physical_row"] == rec.ive_map.physical_row[rec.ive.slots]).all()
+    s = rec.summary()
+    assert len(s) == 1 and s.loc[0, "bias_additive"] == 1.0
+    assert s.loc[0, "bias_random_baseline"] == pytest.approx(2 / 7)
+    assert 0.0 <= s.loc[0, "tdqkr_mean_recall"] <= 1.0
+    other = run_tour(TourParams(smoke=True, n_keys=6, top_k=3, batch_size=16, seed=5))
+    assert not np.array_equal(other.pkm.grid, rec.pkm.grid)
