@@ -53,7 +53,7 @@ def router_figure(routing: MoERouting, title: str | None = None) -> go.Figure:
                            hovertemplate="expert %{x}<br>p=%{y:.3f}<extra></extra>"))
     K, E = len(routing.chosen), len(routing.probs)
     return _layout(fig, title or f"MoE router: top-{K} of E={E} experts ({routing.router})",
-                   "expert id e", "router probability p_e (fraction)", xaxis=dict(dtick=1))
+                   "expert id e (index)", "router probability p_e (fraction)", xaxis=dict(dtick=1))
 
 
 def load_figure(counts: Sequence[int] | np.ndarray, unit: str = "expert", title: str | None = None,
@@ -64,7 +64,7 @@ def load_figure(counts: Sequence[int] | np.ndarray, unit: str = "expert", title:
     fig.add_hline(y=float(c.mean()), line_dash="dash", line_color=CHOSEN,
                   annotation_text=f"uniform {c.mean():.2f}", annotation_position="top left")
     touched = int((c > 0).sum())
-    return _layout(fig, title or f"Load: {touched} of {len(c)} {unit}s touched", f"{unit} id", y_title)
+    return _layout(fig, title or f"Load: {touched} of {len(c)} {unit}s touched", f"{unit} id (index)", y_title)
 
 
 def score_grid_figure(grid: np.ndarray, selected: Sequence[int] = (), title: str = "score grid",
@@ -93,7 +93,7 @@ def score_grid_figure(grid: np.ndarray, selected: Sequence[int] = (), title: str
                                  text=[str(r) for r in range(len(si))], textposition="top right",
                                  textfont=dict(color=CHOSEN),
                                  marker=dict(symbol="x", size=11, color=CHOSEN)))
-    fig = _layout(fig, title, "column sub-key j", "row sub-key i",
+    fig = _layout(fig, title, "column sub-key j (index)", "row sub-key i (index)",
                   legend=dict(orientation="h", y=-0.15))
     fig.update_yaxes(autorange="reversed", scaleanchor="x", constrain="domain")
     fig.update_xaxes(constrain="domain")
@@ -128,7 +128,7 @@ def topology_bias_figure(table: pd.DataFrame) -> go.Figure:
         f"random baseline 2(n-1)/(n^2-1) = {base:.3f}"), line=dict(dash="dash", color="#333333")))
     n, q = int(table["n"].iloc[0]), int(table["n_queries"].iloc[0])
     fig = _layout(fig, f"Topology bias: 2nd-best slot in the best slot's row or column (n={n}, {q} queries)",
-                  "scoring", "queries sharing a row/column (fraction)",
+                  "scoring of the grid (method)", "queries sharing a row/column (fraction)",
                   legend=dict(orientation="h", y=-0.2))
     fig.update_yaxes(range=[0, 1.15])
     return fig
@@ -142,7 +142,7 @@ def ive_figure(mapping: IVEMapping, virtual_slots: Sequence[int] = (), title: st
     phys = mapping.physical_row.reshape(side, side)
     E = mapping.expansion
     fig = go.Figure(go.Heatmap(z=block, customdata=phys, colorscale="Turbo", zmin=-0.5, zmax=E - 0.5,
-                               name="block", colorbar=dict(title=dict(text="block p"), dtick=1),
+                               name="block", colorbar=dict(title=dict(text="block p (index)"), dtick=1),
                                hovertemplate="virtual row %{y}, col %{x}<br>block p=%{z}"
                                              "<br>physical row=%{customdata}<extra></extra>"))
     if len(virtual_slots):
@@ -152,7 +152,7 @@ def ive_figure(mapping: IVEMapping, virtual_slots: Sequence[int] = (), title: st
                                  marker=dict(symbol="x", size=11, color="white", line=dict(width=1))))
     shuffled = "shuffled" if mapping.shuffled else "not shuffled"
     fig = _layout(fig, title or f"IVE: {E} x {mapping.n_physical} virtual slots -> blocks ({shuffled})",
-                  "virtual column j", "virtual row i", legend=dict(orientation="h", y=-0.15))
+                  "virtual column j (index)", "virtual row i (index)", legend=dict(orientation="h", y=-0.15))
     fig.update_yaxes(autorange="reversed", scaleanchor="x", constrain="domain")
     fig.update_xaxes(constrain="domain")
     return fig
