@@ -100,6 +100,7 @@ def export_trace(prof: profile, path: str | os.PathLike) -> Path:
     os.close(fd)
     try:
         prof.export_chrome_trace(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

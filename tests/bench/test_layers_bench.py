@@ -1,0 +1,76 @@
+"""The issue #2 layer benchmark: timing protocol on stubs, output columns and byte counts on a tiny run."""
+
+import json
+
+import pytest
+import torch
+
+import labcore.bench.layers as lb
+from labcore.layers.base import ConfigError
+
+
+def test_time_pair_warms_up_then_alternates_rounds():
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    t = lb.time_pair(fns, warmup=2, repeats=3, rounds=2)
+    assert calls == ["a"] * 2 + ["b"] * 2 + (["a"] * 3 + ["b"] * 3) * 2
+    assert len(t["a"].samples) == 6 and len(t["b"].samples) == 6
+
+
+def test_bad_input():
+    with pytest.raises(ConfigError, match="pairs='nope'"):
+        lb.run_layer_bench(["nope"], log=None)
+    with pytest.raises(ConfigError, match="batch=0"):
+        lb.run_layer_bench(["gather"], batch=0, log=None)
+    with pytest.raises(ConfigError, match="d_model=255"):
+        lb.run_layer_bench(["gather"], d_model=255, log=None)
+
+
+def test_missing_peer_skips_row_with_message(monkeypatch):
+    def missing(module, package):
+        raise lb.PeerMissing(f"peer '{module}' is not installed; pip install -e .[bench] ({package})")
+
+    monkeypatch.setattr(lb, "_need", missing)
+    msgs = []
+    df = lb.run_layer_bench(["pkm"], batch=1, seq=4, warmup=0, repeats=1, rounds=1, threads=None, log=msgs.append)
+    assert df.empty
+    assert any("skipped" in m and "product_key_memory" in m and "pip install" in m for m in msgs)
+
+
+def test_tiny_run_rows_and_bytes(tmp_path):
+    old = torch.get_num_threads()
+    df = lb.run_layer_bench(["pkm", "moe8", "gather"], batch=1, seq=8, warmup=0, repeats=1, rounds=1,
+                            threads=1, log=None)
+    assert torch.get_num_threads() == old  # restored
+    assert list(df["pair"]) == ["pkm", "moe8", "gather", "gather"]
+    pairs = df[df["pair"] != "gather"]
+    assert (pairs["labcore_ms"] > 0).all() and (pairs["peer_ms"] > 0).all()
+    assert pairs["speedup"].to_numpy() == pytest.approx((pairs["peer_ms"] / pairs["labcore_ms"]).to_numpy())
+    moe = df[df["pair"] == "moe8"].iloc[0]
+    assert moe["max_abs_diff"] < 1e-5  # same weights through labcore.interop: same outputs
+    assert bool(moe["meets_target"]) == (moe["speedup"] >= 1.0)
+    g = df[df["pair"] == "gather"].iloc[0]
+    n_tok, S, Dv = 8, 4 * 32, 256
+    assert g["bytes"] == n_tok * S * Dv * 4 + n_tok * Dv * 4 + n_tok * S * 12
+    assert g["gbytes_per_s"] == pytest.approx(g["bytes"] / (g["labcore_ms"] / 1e3) / 1e9)
+    assert g["frac_of_copy"] == pytest.approx(g["gbytes_per_s"] / g["copy_gbytes_per_s"])
+    text = lb.format_table(df)
+    assert "ratio" in text and "pkm" in text and "gather" in text
+
+
+def test_main_writes_json_and_csv(tmp_path, capsys):
+    j, c = tmp_path / "o" / "layers.json", tmp_path / "o" / "layers.csv"
+    rc = lb.main(["--only", "gather", "--batch", "1", "--seq", "4", "--warmup", "0", "--repeats", "1",
+                  "--rounds", "1", "--threads", "1", "--json", str(j), "--csv", str(c)])
+    assert rc == 0
+    rows = json.loads(j.read_text())
+    assert [r["pair"] for r in rows] == ["gather", "gather"]
+    assert c.read_text().splitlines()[0].startswith("pair,")
+    assert "labcore bench layers" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_all_pairs_small():
+    df = lb.run_layer_bench(lb.ROWS, batch=1, seq=16, warmup=1, repeats=1, rounds=1, log=None)
+    assert set(df["pair"]) == set(lb.ROWS)
+    assert (df.loc[df["pair"].str.startswith("moe"), "max_abs_diff"] < 1e-5).all()
