@@ -1,0 +1,426 @@
+"""Product-Key Memory (PKM): a huge key-value memory read with an exact, cheap top-k search.
+
+PKM (Lample et al., NeurIPS 2019) replaces an FFN with a table of N = n^2 value vectors, of which
+each token reads H*K, selected by comparing a query with N keys. The N keys are never stored: each
+key is the *concatenation* of a row sub-key and a column sub-key, so one token scores only 2n
+sub-keys and still finds the exact top-K of all N keys.
+
+Symbols (notation of ``labcore/__init__.py``)
+---------------------------------------------
+D      model dimension (input of the query projection; output of the layer)
+H      memory heads (each head has its own query and sub-keys; all heads share the values)
+D_k    key dimension ``k_dim``; each half (sub-query / sub-key) has D_k/2 features
+n      sub-keys per side (``n_keys``); N = n^2 value slots
+K      slots read per head (``top_k``); a token reads H*K (slot, weight) pairs
+D_v    value dimension (``d_value``, default D; a D_v -> D projection is added when D_v != D)
+
+The mechanism (U2 §3.1 eqs. 3-5 as restated in papers.md §1.1, plus PKM's softmax, papers.md §4)
+---------------------------------------------------------------------------------------------------
+For one head h and a token x (queries are normalised, see below)::
+
+    q = W_q x + b_q,  split into  q_row, q_col in R^{D_k/2}          (query network)
+    s_row = σ_TopK(K_row q_row),  s_col = σ_TopK(K_col q_col)         (U2 eq. 3)
+    S_grid[i, j] = s_row[i] + s_col[j]   over the K x K candidates      (U2 eq. 4)
+    I = TopK(S_grid),  w = softmax(S_grid[I])                           (PKM softmax)
+    o = Σ_h Σ_{(i,j) ∈ I_h} w_ij · V[i*n + j]                           (U2 eq. 5, heads summed)
+    y = o                  (D_v == D)      or   y = W_o o   (D_v != D)
+
+σ_TopK keeps the K largest entries of a vector. The search is *exact* for additive scores: if
+(i, j) is among the top K of all n^2 sums, then i is among the top K rows (otherwise K better rows
+paired with column j beat it), and likewise j. Cost per token and head: 2 * n * D_k/2 sub-key
+MACs plus the candidate work, i.e. O((sqrt(N) + K^2) * D_k) instead of O(N * D_k).
+
+labcore goes one step further than the reference code, still exactly: with both half-lists sorted
+descending, the pair of ranks (i, j) is beaten by the (i+1)(j+1)-1 pairs (i' <= i, j' <= j), so only
+pairs with (i+1)(j+1) <= K can be in the top K. For K = 32 that is 119 candidates instead of
+1024 (a fixed index list built once). Ties aside, the selected set equals the K^2-grid result;
+``pkm_reference`` (brute force over all N slots) checks this in the tests.
+
+Layout (the PKM authors' own, facebookresearch/XLM ``HashingMemory`` -- weights exchange 1:1)
+-----------------------------------------------------------------------------------------------
+``query.weight``  (H*D_k, D) with rows ordered (head, half, d): half 0 = row sub-query, half 1 =
+                  column sub-query  (XLM ``query_proj[0].weight``; ``query.bias`` its bias).
+``keys``          (H, 2, n, D_k/2) (XLM ``keys``; [h, 0] row sub-keys, [h, 1] column sub-keys).
+``values.weight`` (n^2, D_v); slot of the pair (i_row, i_col) = i_row * n + i_col (XLM
+                  ``values.weight``, an ``nn.EmbeddingBag`` there, an ``nn.Embedding`` here).
+``norm``          "batchnorm": ``nn.BatchNorm1d(H*D_k)`` on the projected query, exactly XLM's
+                  ``query_proj[1]``; "layernorm": per sub-query (H*2 groups of D_k/2 features)
+                  normalisation with per-feature gain/bias of shape (H, 2, D_k/2) (labcore's
+                  causal replacement, not in XLM); "none": identity.
+Heads are summed: ``aux.indices``/``aux.scores`` hold one bag of H*K pairs per token, head-major
+(columns h*K .. h*K+K-1 belong to head h, in no particular order within a head).
+
+Initialisation (XLM / PKM notebook): sub-keys Uniform(-1/sqrt(D_k/2), 1/sqrt(D_k/2)); values
+N(0, D_v^-1/2) (std); query projection as ``nn.Linear``. XLM draws each sub-key set with a fixed
+numpy seed 2h+j, so all its memories start with identical keys; labcore uses the torch RNG.
+
+Query BatchNorm (the PKM authors' best setting: slot usage 25.8% -> 80.3%, papers.md §4) normalises
+each of the H*D_k query features over the *tokens of the batch*: it couples the tokens, is not
+causal (a token's query depends on later tokens in training mode), breaks with padding, and eval
+mode uses running statistics. Use "layernorm" for causal LMs. Tokens are flattened to
+(N_tok, H*D_k) before ``BatchNorm1d``, so statistics are per feature over all B*T tokens.
+
+Public-code bugs avoided (implementations.md "PKM")
+---------------------------------------------------
+* lucidrains ``product-key-memory`` (0.3.0) feeds (B*2*H, T, D_k/2) to ``BatchNorm1d(D_k/2)``,
+  which takes dim 1 (time) as the channel axis: it raises unless T == D_k/2 and then normalises
+  each time step over heads and features instead of each feature over tokens; another public port
+  does not chain its BatchNorm after the projection (implementations.md). Here BatchNorm sees
+  (N_tok, H*D_k): one mean/variance per query feature over all tokens.
+* Heads are summed into one bag (not concatenated), the softmax is over the K selected scores of
+  one head (not over all H*K), and the slot is i_row*n + i_col (row-major), as in XLM.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from labcore.layers.base import (
+    ConfigError,
+    LayerAux,
+    LayerCost,
+    check_choice,
+    check_float,
+    check_int,
+    flatten_tokens,
+    tag_param,
+    zero_loss,
+)
+
+QUERY_NORMS = ("layernorm", "batchnorm", "none")
+
+
+def _check_dropout(name: str, value: float) -> None:
+    allowed = "a finite number in [0, 1)"
+    try:
+        check_float("PKMConfig", name, value, min_value=0.0)
+    except ConfigError:
+        raise ConfigError(f"PKMConfig.{name}={value!r} is not allowed: must be {allowed}") from None
+    if value >= 1.0:
+        raise ConfigError(f"PKMConfig.{name}={value!r} is not allowed: must be {allowed}")
+
+
+@dataclass(frozen=True)
+class PKMConfig:
+    """Configuration of a product-key memory layer (defaults: PKM notebook, except n_keys).
+
+    d_model: D, input and output dimension.
+    n_keys: n sub-keys per side; the memory has N = n^2 value slots.
+    heads: H query heads (summed).  k_dim: D_k, full key dimension (even; D_k/2 per half).
+    top_k: K slots read per head (also the per-half candidate count), 1 <= K <= n.
+    query_norm: "layernorm" (per sub-query, causal), "batchnorm" (PKM's, couples tokens), "none".
+    d_value: D_v (default D); when D_v != D an output projection D_v -> D is added.
+    value_init_std: std of the value init (default D_v^-0.5 as in the PKM notebook).
+    query_bias: bias of the query projection (XLM: True).
+    input_dropout / query_dropout / value_dropout: dropout on x, on the normalised query, and on
+        the memory read (before the output projection), in [0, 1).
+    norm_eps: epsilon of the query normalisation.
+    """
+
+    d_model: int
+    n_keys: int
+    heads: int = 4
+    k_dim: int = 128
+    top_k: int = 32
+    query_norm: str = "layernorm"
+    d_value: int | None = None
+    value_init_std: float | None = None
+    query_bias: bool = True
+    input_dropout: float = 0.0
+    query_dropout: float = 0.0
+    value_dropout: float = 0.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        owner = "PKMConfig"
+        check_int(owner, "d_model", self.d_model)
+        check_int(owner, "n_keys", self.n_keys)
+        check_int(owner, "heads", self.heads)
+        check_int(owner, "k_dim", self.k_dim, min_value=2)
+        if self.k_dim % 2:
+            raise ConfigError(f"{owner}.k_dim={self.k_dim!r} is not allowed: must be an even integer >= 2 "
+                              "(the key is split into a row half and a column half)")
+        check_int(owner, "top_k", self.top_k, min_value=1, max_value=self.n_keys)
+        check_choice(owner, "query_norm", self.query_norm, QUERY_NORMS)
+        if self.d_value is not None:
+            check_int(owner, "d_value", self.d_value)
+        if self.value_init_std is not None:
+            check_float(owner, "value_init_std", self.value_init_std, min_value=0.0, min_inclusive=False)
+        check_choice(owner, "query_bias", self.query_bias, (True, False))
+        for name in ("input_dropout", "query_dropout", "value_dropout"):
+            _check_dropout(name, getattr(self, name))
+        check_float(owner, "norm_eps", self.norm_eps, min_value=0.0, min_inclusive=False)
+
+    # derived sizes ---------------------------------------------------------------------------
+    @property
+    def n_slots(self) -> int:
+        """N = n^2 value slots."""
+        return self.n_keys * self.n_keys
+
+    @property
+    def d_v(self) -> int:
+        return self.d_model if self.d_value is None else self.d_value
+
+    @property
+    def half(self) -> int:
+        """D_k/2, the size of one sub-query / sub-key."""
+        return self.k_dim // 2
+
+    @property
+    def value_std(self) -> float:
+        return self.d_v ** -0.5 if self.value_init_std is None else self.value_init_std
+
+    @property
+    def has_value_proj(self) -> bool:
+        return self.d_v != self.d_model
+
+    @property
+    def n_candidates(self) -> int:
+        """Candidates per head scored after the per-half top-K: #{(i, j): (i+1)(j+1) <= K}."""
+        return sum(self.top_k // (i + 1) for i in range(self.top_k))
+
+    def cost(self) -> LayerCost:
+        """Exact parameter count by part and forward FLOPs per token (2 per multiply-add).
+
+        FLOPs count: query projection (+ bias adds), sub-key scores (H * 2 * n * D_k/2 MACs),
+        candidate sums (H * n_candidates adds), softmax (3 per selected score: exp, sum, divide),
+        gather-sum (H*K*D_v MACs) and the output projection. Not counted: the query norm and the
+        top-k comparisons (no multiply-adds; a few per element).
+        """
+        H, K, n, Dk, Dv, D = self.heads, self.top_k, self.n_keys, self.k_dim, self.d_v, self.d_model
+        params = {
+            "query": D * H * Dk + (H * Dk if self.query_bias else 0),
+            "keys": H * 2 * n * (Dk // 2),
+            "values": n * n * Dv,
+            "norms": 2 * H * Dk if self.query_norm != "none" else 0,
+            "value_proj": Dv * D if self.has_value_proj else 0,
+        }
+        flops = (2 * D * H * Dk + (H * Dk if self.query_bias else 0)  # query projection
+                 + 2 * H * 2 * n * (Dk // 2)                          # sub-key scores
+                 + H * self.n_candidates                              # candidate sums
+                 + 3 * H * K                                          # softmax
+                 + 2 * H * K * Dv                                     # weighted gather-sum
+                 + (2 * Dv * D if self.has_value_proj else 0))        # output projection
+        return LayerCost(params=params, sparse_part="values", n_units=n * n, unit_params=Dv,
+                         units_per_token=H * K, flops_per_token=flops)
+
+
+class SubQueryLayerNorm(nn.Module):
+    """LayerNorm of each (head, half) sub-query over its D_k/2 features, gain/bias per feature."""
+
+    def __init__(self, heads: int, half: int, eps: float):
+        super().__init__()
+        self.half, self.eps = half, eps
+        self.weight = tag_param(nn.Parameter(torch.ones(heads, 2, half)), "no_decay")
+        self.bias = tag_param(nn.Parameter(torch.zeros(heads, 2, half)), "no_decay")
+
+    def forward(self, q: Tensor) -> Tensor:  # q: (N_tok, H*D_k) -> (N_tok, H*D_k)
+        n_tok = q.shape[0]
+        q = q.view(n_tok, -1, self.half)                                   # (N_tok, H*2, D_k/2)
+        q = F.layer_norm(q, (self.half,), eps=self.eps)
+        q = torch.addcmul(self.bias.view(-1, self.half), q, self.weight.view(-1, self.half))
+        return q.view(n_tok, -1)                                           # (N_tok, H*D_k)
+
+
+def _ordered_int32(x: Tensor) -> Tensor:
+    """float32 -> int32 keys with the same order (sign-magnitude to two's complement), no grad."""
+    b = x.detach().view(torch.int32)
+    key = b >> 31                                   # -1 where negative, else 0
+    key &= 0x7FFFFFFF                               # flip magnitude bits of negatives only
+    key ^= b
+    return key
+
+
+def exact_topk(x: Tensor, k: int, sorted: bool) -> tuple[Tensor, Tensor]:
+    """``x.topk(k, dim=-1)``, faster on CPU: float32 scores are ranked as order-preserving int32
+    keys (torch's CPU top-k is ~30% faster on integers, which skip the NaN-aware comparison) and
+    the values are gathered back from ``x`` (so gradients flow as through ``topk``). Same result up
+    to ties; NaN ranks above +inf only when its sign bit is clear."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return x.topk(k, dim=-1, sorted=sorted)
+    idx = _ordered_int32(x).topk(k, dim=-1, sorted=sorted).indices
+    return x.gather(-1, idx), idx
+
+
+def _pruned_candidates(k: int) -> tuple[Tensor, Tensor]:
+    """Rank pairs (i, j) with (i+1)(j+1) <= k: the only ones that can be in the top k of sums."""
+    rows = [i for i in range(k) for j in range(k) if (i + 1) * (j + 1) <= k]
+    cols = [j for i in range(k) for j in range(k) if (i + 1) * (j + 1) <= k]
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
+
+
+class PKM(nn.Module):
+    """Product-key memory layer: ``y, aux = pkm(x)`` with x (B, T, D) or (N_tok, D).
+
+    ``values``: an optional external ``nn.Embedding(n^2, D_v)`` shared with other layers (Memory
+    Layers at Scale's shared value pool); it is used as is (not re-initialised).
+    """
+
+    def __init__(self, cfg: PKMConfig, values: nn.Embedding | None = None):
+        super().__init__()
+        self.cfg = cfg
+        H, n, half, Dk = cfg.heads, cfg.n_keys, cfg.half, cfg.k_dim
+        self.query = nn.Linear(cfg.d_model, H * Dk, bias=cfg.query_bias)   # rows (head, half, d)
+        if cfg.query_bias:
+            tag_param(self.query.bias, "no_decay")
+        if cfg.query_norm == "layernorm":
+            self.norm: nn.Module = SubQueryLayerNorm(H, half, cfg.norm_eps)
+        elif cfg.query_norm == "batchnorm":
+            self.norm = nn.BatchNorm1d(H * Dk, eps=cfg.norm_eps)           # per feature over tokens
+            tag_param(self.norm.weight, "no_decay")
+            tag_param(self.norm.bias, "no_decay")
+        else:
+            self.norm = nn.Identity()
+        bound = 1.0 / math.sqrt(half)                                       # XLM get_uniform_keys
+        self.keys = tag_param(nn.Parameter(torch.empty(H, 2, n, half).uniform_(-bound, bound)), "no_decay")
+        if values is None:
+            values = nn.Embedding(cfg.n_slots, cfg.d_v)
+            nn.init.normal_(values.weight, mean=0.0, std=cfg.value_std)
+        elif not isinstance(values, nn.Embedding):
+            raise TypeError(f"PKM: values must be an nn.Embedding, got {type(values).__name__}")
+        elif tuple(values.weight.shape) != (cfg.n_slots, cfg.d_v):
+            raise ConfigError(f"PKM: values.weight has shape {tuple(values.weight.shape)}; must be "
+                              f"(n_keys**2, d_value) = ({cfg.n_slots}, {cfg.d_v})")
+        self.values = values
+        tag_param(self.values.weight, "memory_values")
+        self.value_proj = nn.Linear(cfg.d_v, cfg.d_model, bias=False) if cfg.has_value_proj else None
+        cand_row, cand_col = _pruned_candidates(cfg.top_k)
+        self.register_buffer("cand_row", cand_row, persistent=False)       # (C,)
+        self.register_buffer("cand_col", cand_col, persistent=False)       # (C,)
+
+    def cost(self) -> LayerCost:
+        return self.cfg.cost()
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (f"n_keys={c.n_keys} (N={c.n_slots}), heads={c.heads}, k_dim={c.k_dim}, top_k={c.top_k}, "
+                f"d_value={c.d_v}, query_norm={c.query_norm!r}")
+
+    # ----------------------------------------------------------------------------------------
+    def make_query(self, x2d: Tensor) -> Tensor:
+        """(N_tok, D) -> normalised queries (N_tok, H, 2, D_k/2): [:, h, 0] row, [:, h, 1] column."""
+        c = self.cfg
+        x2d = F.dropout(x2d, c.input_dropout, self.training)
+        q = self.norm(self.query(x2d))                                      # (N_tok, H*D_k)
+        q = F.dropout(q, c.query_dropout, self.training)
+        return q.view(-1, c.heads, 2, c.half)                               # (N_tok, H, 2, D_k/2)
+
+    def retrieve(self, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries (N_tok, H, 2, D_k/2) -> slots (N_tok, H, K), raw scores and softmax weights.
+
+        Each head's K entries come in no particular order (the final top-K is unsorted).
+        """
+        c = self.cfg
+        H, n, K, half = c.heads, c.n_keys, c.top_k, c.half
+        n_tok = q.shape[0]
+        # sub-key scores, one matmul per (head, half): (H*2, N_tok, D_k/2) @ (H*2, D_k/2, n)
+        qs = q.reshape(n_tok, H * 2, half).transpose(0, 1)                  # (H*2, N_tok, D_k/2)
+        sub = torch.bmm(qs, self.keys.view(H * 2, n, half).transpose(1, 2))  # (H*2, N_tok, n)
+        s_half, i_half = exact_topk(sub, K, sorted=True)                    # U2 eq. 3: (H*2, N_tok, K)
+        s_half = s_half.view(H, 2, n_tok, K)                                # [:, 0] rows, [:, 1] columns
+        i_half = i_half.view(H, 2, n_tok, K)
+        # U2 eq. 4 on the pruned grid: S[i, j] = s_row[i] + s_col[j] for rank pairs (i+1)(j+1) <= K
+        C = self.cand_row.numel()
+        cand_row = self.cand_row.expand(H, n_tok, C)                        # (H, N_tok, C)
+        cand_col = self.cand_col.expand(H, n_tok, C)                        # (H, N_tok, C)
+        cand = s_half[:, 0].gather(-1, cand_row) + s_half[:, 1].gather(-1, cand_col)  # (H, N_tok, C)
+        scores, best = exact_topk(cand, K, sorted=False)                    # (H, N_tok, K)
+        i_row = i_half[:, 0].gather(-1, cand_row.gather(-1, best))          # (H, N_tok, K) row sub-key
+        i_col = i_half[:, 1].gather(-1, cand_col.gather(-1, best))          # (H, N_tok, K) column sub-key
+        slots = i_row * n + i_col                                           # slot = i_row*n + i_col
+        weights = F.softmax(scores.float(), dim=-1).type_as(scores)         # PKM softmax over K
+        return slots.transpose(0, 1), scores.transpose(0, 1), weights.transpose(0, 1)  # (N_tok, H, K)
+
+    def read(self, slots: Tensor, weights: Tensor) -> Tensor:
+        """Weighted sum of value rows (U2 eq. 5): slots, weights (N_tok, S) -> (N_tok, D_v)."""
+        table = self.values.weight
+        return F.embedding_bag(slots, table, mode="sum", per_sample_weights=weights.to(table.dtype))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, LayerAux]:
+        c = self.cfg
+        x2d, lead = flatten_tokens(x, c.d_model, "PKM")                    # (N_tok, D)
+        n_tok = x2d.shape[0]
+        slots, scores, weights = self.retrieve(self.make_query(x2d))        # (N_tok, H, K) each
+        slots = slots.reshape(n_tok, c.heads * c.top_k)                     # (N_tok, H*K), heads summed
+        weights = weights.reshape(n_tok, c.heads * c.top_k)                 # (N_tok, H*K)
+        o = self.read(slots, weights)                                       # (N_tok, D_v)
+        o = F.dropout(o, c.value_dropout, self.training)
+        y = self.value_proj(o) if self.value_proj is not None else o        # (N_tok, D)
+        aux = self._aux(x2d, y, slots, scores, weights)
+        return y.view(*lead, c.d_model), aux                                # (B, T, D) or (N_tok, D)
+
+    @torch.no_grad()
+    def _aux(self, x2d: Tensor, y: Tensor, slots: Tensor, scores: Tensor, weights: Tensor) -> LayerAux:
+        c = self.cfg
+        counts = torch.bincount(slots.reshape(-1), minlength=c.n_slots)     # (N,)
+        usage = counts.float() / max(slots.numel(), 1)
+        kl = torch.special.xlogy(usage, usage * c.n_slots).sum()            # KL(usage || uniform)
+        stats = torch.stack([
+            scores.amax(-1).float().mean(),                                 # best raw score per head
+            weights.view(-1, c.heads, c.top_k).amax(-1).float().mean(),     # its softmax weight
+            (counts > 0).float().mean(),                                    # fraction of slots hit
+            kl,
+            y.float().std() if y.numel() > 1 else y.new_zeros((), dtype=torch.float32),
+        ]).tolist()                                                         # one device sync
+        names = ("top1_score", "top1_weight", "coverage", "kl_uniform", "output_std")
+        return LayerAux(aux_loss=zero_loss(x2d), indices=slots.detach(), scores=weights.detach(),
+                        counts=counts, stats=dict(zip(names, stats)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The slow, obviously-correct reference: score all n^2 slots by brute force.
+# ---------------------------------------------------------------------------------------------
+
+
+def _reference_query(layer: PKM, x2d: Tensor) -> Tensor:
+    """Query with the norm written out (no running-stat updates); dropout is ignored."""
+    c = layer.cfg
+    q = x2d @ layer.query.weight.T
+    if layer.query.bias is not None:
+        q = q + layer.query.bias                                            # (N_tok, H*D_k)
+    if c.query_norm == "layernorm":
+        g = q.view(-1, c.heads, 2, c.half)                                  # (N_tok, H, 2, D_k/2)
+        mu = g.mean(-1, keepdim=True)
+        var = ((g - mu) ** 2).mean(-1, keepdim=True)
+        g = (g - mu) / torch.sqrt(var + c.norm_eps) * layer.norm.weight + layer.norm.bias
+        q = g.reshape(-1, c.heads * c.k_dim)
+    elif c.query_norm == "batchnorm":
+        bn = layer.norm
+        if bn.training:                                                     # statistics of this batch
+            mu = q.mean(0)                                                  # per feature over tokens
+            var = ((q - mu) ** 2).mean(0)
+        else:
+            mu, var = bn.running_mean, bn.running_var
+        q = (q - mu) / torch.sqrt(var + c.norm_eps) * bn.weight + bn.bias
+    return q.view(-1, c.heads, 2, c.half)                                   # (N_tok, H, 2, D_k/2)
+
+
+def pkm_reference(layer: PKM, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Brute-force PKM read: every head scores all n^2 slots, s[i*n + j] = s_row[i] + s_col[j].
+
+    Returns ``(y, slots, weights)``: y shaped like x, slots and weights (N_tok, H*K) head-major with
+    each head's K in descending score order. Dropout is ignored; BatchNorm uses batch statistics in
+    training mode and running statistics in eval mode, without updating them.
+    """
+    c = layer.cfg
+    x2d, lead = flatten_tokens(x, c.d_model, "pkm_reference")
+    q = _reference_query(layer, x2d)
+    n = c.n_keys
+    out = torch.zeros(x2d.shape[0], c.d_v, dtype=x2d.dtype, device=x2d.device)
+    all_slots, all_weights = [], []
+    for h in range(c.heads):
+        s_row = q[:, h, 0] @ layer.keys[h, 0].T                             # (N_tok, n)
+        s_col = q[:, h, 1] @ layer.keys[h, 1].T                             # (N_tok, n)
+        grid = (s_row[:, :, None] + s_col[:, None, :]).reshape(-1, n * n)   # (N_tok, n^2), slot i*n+j
+        top, slots = grid.topk(c.top_k, dim=-1)                             # (N_tok, K)
+        w = torch.softmax(top, dim=-1)                                      # (N_tok, K)
+        out = out + (layer.values.weight[slots] * w[..., None]).sum(1)      # explicit weighted sum
+        all_slots.append(slots)
+        all_weights.append(w)
+    y = layer.value_proj(out) if layer.value_proj is not None else out
+    return y.view(*lead, c.d_model), torch.cat(all_slots, 1), torch.cat(all_weights, 1)
