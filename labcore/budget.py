@@ -1,0 +1,470 @@
+"""Parameter, FLOP and byte budgets of an LM, and matchers that size sparse models to equal budgets.
+
+The UltraMem paper compares models at *equal compute* (forward FLOPs per token) and, among the sparse
+ones, at *equal total parameters*: Dense-151M vs MoE-151M-2in32 vs UltraMem-151M-x12, where "x12"
+means the sparse parameters are about 12 times the dense model's (total about 13x; papers.md §2.1).
+This module counts those quantities for any :class:`~labcore.model.ModelConfig` without building the
+model, and sizes MoE / PKM / UltraMem plans so that such comparisons hold within a tolerance.
+
+What is counted (per token; L blocks, D model dim, V vocabulary, C context length)
+----------------------------------------------------------------------------------
+
+===================  ====================================  ======================================
+part                 parameters (exact)                     forward FLOPs (2 per multiply-add)
+===================  ====================================  ======================================
+embedding            V*D (one matrix when tied)             0 (a row lookup)
+attention            L * 4 D^2 (q, k, v, out; no biases)    L * 2 * 4 D^2 (projections)
+attention scores     --                                     L * (2 C D + 2 C D)  (Q Kᵀ and A V)
+norms                (2L + 1) * D                           not counted (elementwise)
+ffn / moe / memory   each layer config's ``cost()``         each layer config's ``cost()``
+head                 V*D if untied, else 0 (shared)         2 D V
+===================  ====================================  ======================================
+
+Not counted as FLOPs: norms, rotary, attention softmax and masking, residual adds, the loss; they are
+elementwise (a few FLOPs per element, under 1% here) and ``torch.utils.flop_counter`` ignores them
+too. Attention scores are counted for a token attending to ``context_len`` keys: pass the sequence
+length T to compare with a dense forward over T tokens (the kernel computes the whole T x T score
+matrix and masks half of it; ``FlopCounterMode`` counts the full matrix too), or ``(T + 1) / 2``
+(rounded) for the average number of keys a causal token really needs.
+
+Training FLOPs per token ~= 3 x forward: the backward pass computes, for every matmul, one product
+for the input gradient and one for the weight gradient, each as large as the forward product. This
+is the usual 6N rule (forward 2N + backward 4N). It is an approximation for memories: the backward of
+a value gather is a scatter-add into the touched rows (about as costly as the forward gather, not
+twice) and there is no input gradient of the embedding lookup; ``train_flops_per_token`` uses the
+plain 3x for every part.
+
+Activated parameters per token: every parameter except the sparse parts (MoE experts, memory value
+tables), plus the units a token touches: K experts per MoE layer, H*K value rows per memory (each
+memory reads its own rows even from a shared pool). The embedding and head matrices count fully (the
+tied head reads the whole matrix). Sparse bytes per token: ``dtype_bytes`` times the parameters of
+those touched units (the expert weights / value rows a single decoded token reads; keys and query
+networks are dense and not included).
+
+Matchers
+--------
+:func:`match_moe`, :func:`match_pkm` and :func:`match_ultramem` take a *dense* base config and a target
+total parameter count, and return a config whose total parameters and forward FLOPs per token are
+both within ``tol`` (default 2%) of the target and of the base model:
+
+- MoE: the MoE replaces every FFN; ``d_expert`` is solved for equal FLOPs (K experts plus the router
+  cost what the dense FFN cost) and ``n_experts`` for the parameter target.
+- PKM / UltraMem: the memories are added to the dense trunk, so they add compute (query network, key
+  scores, value reads). To keep compute equal the trunk's FFN hidden size ``d_ff`` is reduced (the
+  paper's UltraMem models likewise have a smaller dense part than the dense baseline, Table 2), and
+  ``n_keys`` (N = n_keys^2 values per memory) is solved for the parameter target.
+
+A matcher that cannot get within ``tol`` raises ConfigError saying the closest it got.
+:func:`equal_budget_family` builds the four matched configs from one dense base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from labcore.layers.base import ConfigError, LayerCost, check_float, check_int
+from labcore.layers.moe import MoEConfig
+from labcore.layers.pkm import PKMConfig
+from labcore.layers.ultramem import UltraMemConfig
+from labcore.model import ModelConfig, SparsePlan, spread_placements
+
+# ----------------------------------------------------------------------------------------------
+# The budget record.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Static costs of one model config (all per token unless named otherwise).
+
+    total_params: every parameter, shared tensors once (tied embedding/head, shared value pool).
+    active_params: parameters a token uses (see module docstring).
+    sparse_params: parameters in sparse parts (MoE experts, memory value tables).
+    flops_per_token: forward FLOPs at ``context_len``; train_flops_per_token = 3 x forward.
+    sparse_bytes_per_token: bytes of sparse parameters one token reads, at ``dtype_bytes`` each.
+    params_by_part / flops_by_part: the breakdown (keys "embedding", "head", "attention", "norms",
+        "ffn", "moe", "memory"; FLOPs also "attention_scores").
+    """
+
+    total_params: int
+    active_params: int
+    sparse_params: int
+    flops_per_token: int
+    train_flops_per_token: int
+    sparse_bytes_per_token: int
+    context_len: int
+    dtype_bytes: int
+    params_by_part: Mapping[str, int]
+    flops_by_part: Mapping[str, int]
+
+    @property
+    def dense_params(self) -> int:
+        """Parameters outside the sparse parts (read for every token)."""
+        return self.total_params - self.sparse_params
+
+    def row(self) -> dict[str, float | int]:
+        """A flat dict for tables (pandas / results)."""
+        return {
+            "total_params": self.total_params,
+            "active_params": self.active_params,
+            "sparse_params": self.sparse_params,
+            "dense_params": self.dense_params,
+            "flops_per_token": self.flops_per_token,
+            "train_flops_per_token": self.train_flops_per_token,
+            "sparse_bytes_per_token": self.sparse_bytes_per_token,
+            "context_len": self.context_len,
+        }
+
+
+def _layer_costs(cfg: ModelConfig) -> tuple[list[LayerCost], list[LayerCost], list[LayerCost]]:
+    """(dense FFN costs, MoE costs, memory costs), one entry per layer."""
+    moe_ids = cfg.moe_block_ids()
+    ffn = [cfg.ffn_config().cost()] * (cfg.n_layers - len(moe_ids))
+    moe = [cfg.plan.moe.cost()] * len(moe_ids) if moe_ids else []
+    mem_cfg = cfg.memory_layer_config()
+    mem = [mem_cfg.cost()] * len(cfg.memory_pairs()) if mem_cfg is not None else []
+    return ffn, moe, mem
+
+
+def _sparse(c: LayerCost) -> int:
+    return int(c.params.get(c.sparse_part, 0)) if c.sparse_part else 0
+
+
+def model_budget(cfg: ModelConfig, *, context_len: int | None = None, dtype_bytes: int = 2) -> Budget:
+    """The :class:`Budget` of ``cfg`` (no model is built). ``context_len`` defaults to max_seq_len."""
+    if not isinstance(cfg, ModelConfig):
+        raise ConfigError(f"model_budget: cfg={cfg!r} is not allowed: must be a ModelConfig")
+    C = cfg.max_seq_len if context_len is None else context_len
+    check_int("model_budget", "context_len", C, min_value=1)
+    check_int("model_budget", "dtype_bytes", dtype_bytes, min_value=1)
+    D, V, L = cfg.d_model, cfg.vocab_size, cfg.n_layers
+    ffn, moe, mem = _layer_costs(cfg)
+
+    mem_params = sum(c.total_params for c in mem)
+    mem_sparse = sum(_sparse(c) for c in mem)
+    if cfg.plan.shared_values and len(mem) > 1:  # one pool, counted once
+        mem_params -= (len(mem) - 1) * _sparse(mem[0])
+        mem_sparse = _sparse(mem[0])
+    params = {
+        "embedding": V * D,
+        "head": 0 if cfg.tie_embeddings else V * D,
+        "attention": L * 4 * D * D,
+        "norms": (2 * L + 1) * D,
+        "ffn": sum(c.total_params for c in ffn),
+        "moe": sum(c.total_params for c in moe),
+        "memory": mem_params,
+    }
+    flops = {
+        "attention": L * 2 * 4 * D * D,
+        "attention_scores": L * 4 * C * D,  # Q Kᵀ: 2 C D, A V: 2 C D per token
+        "ffn": sum(c.flops_per_token for c in ffn),
+        "moe": sum(c.flops_per_token for c in moe),
+        "memory": sum(c.flops_per_token for c in mem),
+        "head": 2 * D * V,
+    }
+    total = sum(params.values())
+    sparse = sum(_sparse(c) for c in moe) + mem_sparse
+    touched = sum(c.units_per_token * c.unit_params for c in moe + mem)
+    fwd = sum(flops.values())
+    return Budget(total_params=total, active_params=total - sparse + touched, sparse_params=sparse,
+                  flops_per_token=fwd, train_flops_per_token=3 * fwd,
+                  sparse_bytes_per_token=dtype_bytes * touched, context_len=C, dtype_bytes=dtype_bytes,
+                  params_by_part=params, flops_by_part=flops)
+
+
+def format_budget_table(configs: Mapping[str, ModelConfig], *, context_len: int | None = None,
+                        dtype_bytes: int = 2) -> str:
+    """A plain-text table of the budgets of several configs (first one = the reference for ratios)."""
+    rows = [(name, model_budget(c, context_len=context_len, dtype_bytes=dtype_bytes))
+            for name, c in configs.items()]
+    if not rows:
+        return ""
+    ref = rows[0][1]
+    head = (f"{'model':<10} {'total':>12} {'x ref':>6} {'active':>11} {'sparse':>12} {'fwd FLOPs/tok':>14} "
+            f"{'x ref':>6} {'sparse B/tok':>12}  plan")
+    lines = [head, "-" * len(head)]
+    for name, b in rows:
+        c = configs[name]
+        lines.append(f"{name:<10} {b.total_params:>12,} {b.total_params / ref.total_params:>6.2f} "
+                     f"{b.active_params:>11,} {b.sparse_params:>12,} {b.flops_per_token:>14,} "
+                     f"{b.flops_per_token / ref.flops_per_token:>6.3f} {b.sparse_bytes_per_token:>12,}  "
+                     f"{describe_plan(c)}")
+    lines.append(f"(context_len={rows[0][1].context_len}, {dtype_bytes} bytes/param; FLOPs forward, "
+                 f"training ~= 3x)")
+    return "\n".join(lines)
+
+
+def describe_plan(cfg: ModelConfig) -> str:
+    """One line saying what the sparse layers are."""
+    p = cfg.plan
+    if p.kind == "dense":
+        return f"dense d_ff={cfg.d_ff}"
+    if p.kind == "moe":
+        m = p.moe
+        shared = f" + shared {m.shared_hidden}" if m.shared_hidden else ""
+        return (f"MoE top-{m.top_k} of {m.n_experts} experts, d_expert={m.d_expert}{shared}, "
+                f"blocks={len(cfg.moe_block_ids())}")
+    m = p.memory
+    extra = f" E={m.expansion}" if isinstance(m, UltraMemConfig) else ""
+    return (f"{p.memory_type} n_keys={m.n_keys} heads={m.heads} top_k={m.top_k} k_dim={m.k_dim}{extra} "
+            f"@ {'/'.join(p.placements)}{' shared' if p.shared_values else ''}, d_ff={cfg.d_ff}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Matchers.
+# ----------------------------------------------------------------------------------------------
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / b
+
+
+def _last_at_most(f: Callable[[int], float], target: float, lo: int, hi: int) -> int:
+    """Largest x in [lo, hi] with f(x) <= target for nondecreasing f (lo if none)."""
+    if f(lo) > target:
+        return lo
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if f(mid) <= target:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@dataclass
+class _Best:
+    err: float = math.inf
+    cfg: ModelConfig | None = None
+    p_err: float = math.inf
+    f_err: float = math.inf
+
+    def offer(self, cfg: ModelConfig, target_params: int, target_flops: int, context_len: int) -> None:
+        b = model_budget(cfg, context_len=context_len)
+        p_err, f_err = _rel(b.total_params, target_params), _rel(b.flops_per_token, target_flops)
+        if max(p_err, f_err) < self.err:
+            self.err, self.cfg, self.p_err, self.f_err = max(p_err, f_err), cfg, p_err, f_err
+
+
+def _check_base(fn: str, base: ModelConfig, target_total_params: int, tol: float,
+                context_len: int | None) -> tuple[int, int]:
+    if not isinstance(base, ModelConfig) or base.plan.kind != "dense":
+        raise ConfigError(f"{fn}: base={base!r} is not allowed: must be a ModelConfig with a dense plan")
+    check_int(fn, "target_total_params", target_total_params, min_value=1)
+    check_float(fn, "tol", tol, min_value=0.0, max_value=1.0, min_inclusive=False)
+    C = base.max_seq_len if context_len is None else context_len
+    check_int(fn, "context_len", C, min_value=1)
+    b = model_budget(base, context_len=C)
+    if target_total_params <= b.total_params:
+        raise ConfigError(f"{fn}: target_total_params={target_total_params:,} is not allowed: must exceed "
+                          f"the dense base's {b.total_params:,} parameters")
+    return b.flops_per_token, C
+
+
+def _done(fn: str, best: _Best, tol: float, target_params: int, what: str) -> ModelConfig:
+    if best.cfg is None or best.err > tol:
+        got = "no valid config" if best.cfg is None else (
+            f"closest: params off by {best.p_err:.2%}, FLOPs off by {best.f_err:.2%} with "
+            f"{describe_plan(best.cfg)}")
+        raise ConfigError(f"{fn}: cannot match target_total_params={target_params:,} and the dense FLOPs "
+                          f"within tol={tol:.1%} ({got}); {what}")
+    return best.cfg
+
+
+def match_moe(base: ModelConfig, target_total_params: int, *, top_k: int = 2, n_experts: int | None = None,
+              d_expert: int | None = None, context_len: int | None = None, tol: float = 0.02,
+              multiple_of: int = 8, max_experts: int = 4096, **moe_kwargs: Any) -> ModelConfig:
+    """An MoE version of the dense ``base`` (MoE in every block) with ``target_total_params`` total
+    parameters and the base's forward FLOPs per token, both within ``tol``.
+
+    Searches ``n_experts`` (unless given) and, for each, the ``d_expert`` (a multiple of
+    ``multiple_of``, unless given) whose top-k compute plus router matches the dense FFN's;
+    ``moe_kwargs`` go to MoEConfig (router, shared experts, loss coefficients...). ``multiple_of``
+    keeps expert widths aligned for the grouped GEMM (16-byte rows) and GPU tiles; use 1 for the
+    finest match.
+    """
+    fn = "match_moe"
+    target_flops, C = _check_base(fn, base, target_total_params, tol, context_len)
+    check_int(fn, "top_k", top_k, min_value=1)
+    check_int(fn, "multiple_of", multiple_of, min_value=1)
+
+    def cfg_of(e: int, d: int) -> ModelConfig:
+        moe = MoEConfig(d_model=base.d_model, d_expert=d, n_experts=e, top_k=top_k, **moe_kwargs)
+        return dataclasses.replace(base, plan=SparsePlan(kind="moe", moe=moe))
+
+    def flops(e: int, d: int) -> int:
+        return model_budget(cfg_of(e, d), context_len=C).flops_per_token
+
+    def params(e: int, d: int) -> int:
+        return model_budget(cfg_of(e, d), context_len=C).total_params
+
+    def d_for(e: int) -> list[int]:
+        if d_expert is not None:
+            return [d_expert]
+        j = _last_at_most(lambda j: flops(e, j * multiple_of), target_flops, 1,
+                          max(1, 8 * base.d_ff // multiple_of))
+        return [j * multiple_of, (j + 1) * multiple_of]
+
+    best = _Best()
+    if n_experts is not None:
+        e_candidates = [n_experts]
+    else:
+        # With d_expert flop-matched, d(E) ~ (F - 2 D E) / (6 D K) shrinks as the router grows, so the
+        # expert parameters E * d(E) rise up to about half of the largest feasible E, then fall:
+        # search below that peak, where params grow with E.
+        e_feasible = _last_at_most(lambda e: flops(e, d_expert or multiple_of), target_flops, top_k,
+                                   max_experts)
+        e_hi = max(top_k, e_feasible // 2) if d_expert is None else e_feasible
+        e0 = _last_at_most(lambda e: params(e, d_for(e)[0]), target_total_params, top_k, e_hi)
+        e_candidates = range(max(top_k, e0 - 1), min(max_experts, e0 + 2) + 1)
+    for e in e_candidates:
+        for d in d_for(e):
+            best.offer(cfg_of(e, d), target_total_params, target_flops, C)
+    return _done(fn, best, tol, target_total_params,
+                 "try a smaller multiple_of, another top_k, other n_experts/d_expert, or a larger tol")
+
+
+def _match_memory(fn: str, base: ModelConfig, target_total_params: int, make_mem: Callable[[int], Any],
+                  placements: tuple[str, ...], shared_values: bool, min_keys: int, context_len: int | None,
+                  tol: float, max_keys: int, multiple_of: int) -> ModelConfig:
+    """Shared search of match_pkm / match_ultramem: n_keys for params, d_ff for FLOPs."""
+    target_flops, C = _check_base(fn, base, target_total_params, tol, context_len)
+    check_int(fn, "multiple_of", multiple_of, min_value=1)
+    step = multiple_of
+
+    def cfg_of(n: int, d_ff: int) -> ModelConfig:
+        plan = SparsePlan(kind="memory", memory=make_mem(n), placements=placements,
+                          shared_values=shared_values)
+        return dataclasses.replace(base, d_ff=d_ff, plan=plan)
+
+    def d_ff_for(n: int) -> int:  # the largest d_ff (a multiple of step) within the FLOP target
+        j = _last_at_most(lambda j: model_budget(cfg_of(n, j * step), context_len=C).flops_per_token,
+                          target_flops, 1, max(1, base.d_ff // step))
+        return j * step
+
+    def params_at(n: int) -> int:
+        return model_budget(cfg_of(n, d_ff_for(n)), context_len=C).total_params
+
+    n0 = _last_at_most(params_at, target_total_params, min_keys, max_keys)
+    best = _Best()
+    for n in (n0, n0 + 1):
+        if n > max_keys:
+            continue
+        d = d_ff_for(n)
+        for dd in (d, d + step):
+            best.offer(cfg_of(n, dd), target_total_params, target_flops, C)
+    return _done(fn, best, tol, target_total_params,
+                 "the memories' own compute (query network, key scores) may exceed what reducing d_ff can "
+                 "give back: lower k_dim / heads / top_k, use fewer memories, a smaller multiple_of, or raise "
+                 "the target")
+
+
+def match_pkm(base: ModelConfig, target_total_params: int, *, placements: tuple[str, ...] | str | None = None,
+              heads: int = 4, k_dim: int = 128, top_k: int = 32, d_value: int | None = None,
+              shared_values: bool = False, context_len: int | None = None, tol: float = 0.02,
+              multiple_of: int = 8, max_keys: int = 1 << 14, **pkm_kwargs: Any) -> ModelConfig:
+    """A PKM version of the dense ``base``: ``n_keys`` sized for ``target_total_params`` and the trunk's
+    ``d_ff`` reduced so that forward FLOPs per token equal the base's, both within ``tol``.
+
+    Default placement: one memory in parallel to the FFN of the middle block (``"L//2:L//2"``; PKM is
+    best at an intermediate layer, papers.md §4). ``d_ff`` is searched in multiples of
+    ``multiple_of``. ``pkm_kwargs`` go to PKMConfig.
+    """
+    if placements is None:
+        placements = (f"{base.n_layers // 2}:{base.n_layers // 2}",)
+
+    def make(n: int) -> PKMConfig:
+        return PKMConfig(d_model=base.d_model, n_keys=n, heads=heads, k_dim=k_dim, top_k=top_k,
+                         d_value=d_value, **pkm_kwargs)
+
+    placements = SparsePlan(kind="memory", memory=make(top_k), placements=placements).placements
+    return _match_memory("match_pkm", base, target_total_params, make, placements, shared_values,
+                         top_k, context_len, tol, max_keys, multiple_of)
+
+
+def match_ultramem(base: ModelConfig, target_total_params: int, *, placements: tuple[str, ...] | str | None = None,
+                   n_memories: int | None = None, span: int | None = None, shared_values: bool = False,
+                   context_len: int | None = None, tol: float = 0.02, multiple_of: int = 8,
+                   max_keys: int = 1 << 14, **ultramem_kwargs: Any) -> ModelConfig:
+    """An UltraMem version of the dense ``base``: ``n_keys`` (physical keys per side, N = n_keys^2
+    values per memory) sized for ``target_total_params``, the trunk's ``d_ff`` reduced for equal
+    forward FLOPs, both within ``tol``.
+
+    Placements: given, or ``n_memories`` memories with skip ``span`` spread by
+    :func:`~labcore.model.spread_placements` (defaults: one memory per 5 blocks, at least one, span 3
+    or less to fit: the release's 20-block layout 2:5/6:9/10:13/14:17). ``d_ff`` is searched in
+    multiples of ``multiple_of``. ``ultramem_kwargs`` go to UltraMemConfig (heads, k_dim, top_k,
+    d_value, expansion, ...); its ``n_model_layers`` is set by the model (number of memories).
+    """
+    if placements is None:
+        n_mem = max(1, base.n_layers // 5) if n_memories is None else n_memories
+        sp = min(3, base.n_layers // n_mem - 1) if span is None else span
+        placements = spread_placements(n_mem, base.n_layers, max(0, sp))
+    probe = UltraMemConfig(d_model=base.d_model, n_keys=_min_ultramem_keys(base.d_model, ultramem_kwargs),
+                           **ultramem_kwargs)
+    placements = SparsePlan(kind="memory", memory=probe, placements=placements).placements
+
+    def make(n: int) -> UltraMemConfig:
+        return UltraMemConfig(d_model=base.d_model, n_keys=n, **ultramem_kwargs)
+
+    return _match_memory("match_ultramem", base, target_total_params, make, placements, shared_values,
+                         probe.n_keys, context_len, tol, max_keys, multiple_of)
+
+
+def _min_ultramem_keys(d_model: int, kwargs: Mapping[str, Any]) -> int:
+    """The smallest n_keys UltraMemConfig accepts with these settings (top-k must fit the grid)."""
+    for n in range(1, 1 << 14):
+        try:
+            UltraMemConfig(d_model=d_model, n_keys=n, **kwargs)
+        except ConfigError:
+            continue
+        return n
+    raise ConfigError(f"match_ultramem: no n_keys works with {dict(kwargs)!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The equal-budget family.
+# ----------------------------------------------------------------------------------------------
+
+
+def small_base_config(**overrides: Any) -> ModelConfig:
+    """The lab's small default dense model (CPU-trainable in minutes): V=512, D=128, L=8, 4 heads,
+    d_ff=512, T<=128. Keyword overrides replace fields."""
+    fields = dict(vocab_size=512, d_model=128, n_layers=8, n_heads=4, d_ff=512, max_seq_len=128)
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def equal_budget_family(base: ModelConfig, ratio: float = 12.0, *, context_len: int | None = None,
+                        tol: float = 0.02, multiple_of: int = 8, moe: Mapping[str, Any] | None = None,
+                        pkm: Mapping[str, Any] | None = None,
+                        ultramem: Mapping[str, Any] | None = None) -> dict[str, ModelConfig]:
+    """Dense, MoE, PKM and UltraMem configs at equal forward FLOPs per token (all four) and equal total
+    parameters (the three sparse ones), within ``tol``.
+
+    ``ratio`` = sparse / dense parameters as in the paper's "x12": the sparse models' total is
+    ``(1 + ratio) * dense total``. ``moe`` / ``pkm`` / ``ultramem``: keyword arguments for
+    :func:`match_moe` / :func:`match_pkm` / :func:`match_ultramem`. Defaults: MoE top-2 (the paper's
+    "2inN"); PKM 4 heads x top-32 with D/4 key features per half (k_dim = D/2); UltraMem 2 heads x
+    top-16, k_dim D/4 per side, d_value D/2 ("half vdim + proj"), E=4, R=2, 2 cores. The D/4 per
+    side follows the release (192 at D = 768) and Memory Layers at Scale (2 x 256 at D = 1024).
+    ``multiple_of``: alignment of the searched widths (d_expert, d_ff).
+    """
+    check_float("equal_budget_family", "ratio", ratio, min_value=0.0, min_inclusive=False)
+    dense_total = model_budget(base, context_len=context_len).total_params
+    target = round((1 + ratio) * dense_total)
+    kmoe = {"top_k": 2, "multiple_of": multiple_of, **(moe or {})}
+    side = max(1, base.d_model // 4)  # key dim per side ~ D/4: release 192 @ D=768, Meta 2x256 @ D=1024
+    kpkm = {"heads": 4, "top_k": 32, "k_dim": 2 * side, "multiple_of": multiple_of, **(pkm or {})}
+    kum = {"heads": 2, "top_k": 16, "k_dim": side, "d_value": max(2, 2 * (base.d_model // 4)),
+           "multiple_of": multiple_of, **(ultramem or {})}
+    return {
+        "dense": base,
+        "moe": match_moe(base, target, context_len=context_len, tol=tol, **kmoe),
+        "pkm": match_pkm(base, target, context_len=context_len, tol=tol, **kpkm),
+        "ultramem": match_ultramem(base, target, context_len=context_len, tol=tol, **kum),
+    }
