@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from labcore.layers.base import ConfigError
 from labcore.tour import (
+    TOUR_SAVED_FIGURES,
     IVEMapping,
     TourParams,
     build_tour,
@@ -27,6 +29,7 @@ from labcore.tour import (
     rank1_proxy,
     route_token,
     run_tour,
+    save_tour,
     second_best_shares_line,
     tdqkr_grid,
     tdqkr_retrieve,
@@ -410,3 +413,61 @@ def test_run_tour_is_deterministic_and_consistent():
     assert 0.0 <= s.loc[0, "tdqkr_mean_recall"] <= 1.0
     other = run_tour(TourParams(smoke=True, n_keys=6, top_k=3, batch_size=16, seed=5))
     assert not np.array_equal(other.pkm.grid, rec.pkm.grid)
+
+
+def test_save_tour_writes_a_finished_run_and_never_overwrites(tmp_path):
+    from labcore.results import RunDir
+
+    rec = run_tour(TourParams(smoke=True, n_keys=4, top_k=2, batch_size=8))
+    path = save_tour(rec, tmp_path / "tour", png=False)
+    run = RunDir(path)
+    assert run.is_done() and run.read()["params"]["smoke"] is True
+    assert run.summary().loc[0, "bias_additive"] == 1.0
+    assert sorted(p.name for p in run.figures_dir.glob("*.json")) == sorted(f"{n}.json" for n in TOUR_SAVED_FIGURES)
+    assert save_tour(rec, tmp_path / "tour", png=False).name == "tour-2"
+
+
+# ----------------------------------------------------------------------------------------------
+# The notebook
+# ----------------------------------------------------------------------------------------------
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+@pytest.mark.parametrize("name", ["00_tour.ipynb", "06_results_explorer.ipynb"])
+def test_committed_notebook_is_clean_and_mirrors_its_schema(name):
+    import nbformat
+
+    from labcore.params import schema_mismatches
+    from labcore.widgets import ExplorerParams
+
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), "strip outputs"
+    assert "parameters" in code[0].metadata.get("tags", [])
+    assert "validate_notebook_params" in code[1].source
+    schema = TourParams if name.startswith("00") else ExplorerParams
+    assert schema_mismatches(schema, NOTEBOOKS / name) == []
+    assert not any(line.lstrip().startswith(("def ", "class ")) for c in code for line in c.source.splitlines())
+
+
+def test_tour_notebook_runs_headless_in_smoke_mode(tmp_path):
+    """papermill, smoke mode: every cell runs, the run directory is finished, the widgets exist."""
+    import nbformat
+    import papermill
+
+    from labcore.results import RunDir
+
+    out = tmp_path / "00_tour.out.ipynb"
+    papermill.execute_notebook(str(NOTEBOOKS / "00_tour.ipynb"), str(out), kernel_name="python3",
+                               parameters={"smoke": True, "out_dir": str(tmp_path / "run")},
+                               cwd=str(NOTEBOOKS), progress_bar=False)
+    nb = nbformat.read(out, as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    views = [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert len(views) == 5                                         # one panel per station
+    run = RunDir(tmp_path / "run")
+    assert run.is_done() and run.read()["params"]["smoke"] is True
+    s = run.summary()
+    assert s.loc[0, "bias_additive"] == 1.0 and s.loc[0, "batch_size"] == 32    # smoke cap applied
