@@ -222,3 +222,27 @@ def test_explorer_params_and_save(results, tmp_path):
     assert run.summary()["rows"].sum() == 15
     again = save_explorer(ex, ExplorerParams(out_dir=str(tmp_path / "ex")), png=False)
     assert again.name == "ex-2" and RunDir(again).is_done()        # a finished run is never overwritten
+
+
+def test_explorer_notebook_runs_headless_on_a_results_fixture(results, tmp_path):
+    import nbformat
+    import papermill
+
+    from labcore.results import RunDir
+
+    root, _ = results
+    nbdir = Path(__file__).resolve().parents[1] / "notebooks"
+    out = tmp_path / "06.out.ipynb"
+    papermill.execute_notebook(str(nbdir / "06_results_explorer.ipynb"), str(out), kernel_name="python3",
+                               parameters={"smoke": True, "results_root": str(root),
+                                           "out_dir": str(tmp_path / "run"), "notebook": fixture.COMPARE},
+                               cwd=str(nbdir), progress_bar=False)
+    nb = nbformat.read(out, as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any("15 rows from 15 finished runs" in o.get("text", "") for o in outputs)
+    run = RunDir(tmp_path / "run")
+    assert run.is_done() and run.summary().set_index("notebook")["runs"].to_dict() == {
+        fixture.TDQKR: 6, fixture.COMPARE: 9}
+    saved = json.loads((run.figures_dir / "explorer.json").read_text())
+    assert saved["layout"]["title"]["text"].startswith(fixture.COMPARE)   # the initial selection
