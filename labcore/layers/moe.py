@@ -1,0 +1,412 @@
+"""Top-k mixture of SwiGLU experts (MoE), dropless or with a capacity factor, with shared experts.
+
+Symbols (notation table in ``labcore/__init__.py``): D model width, E experts, K experts per token
+(``top_k``), I expert hidden width (``d_expert``), N_tok = B*T tokens, C per-expert capacity,
+I_s shared-expert hidden width.
+
+The layer (U2 eqs. 1-2, papers.md section 7.1)
+------------------------------------------------
+::
+
+    logits  l = x W_r^T                          W_r (E, D)       l (N_tok, E)       [U2 eq. 1]
+    probs   p = softmax(l)                                        p (N_tok, E)
+    route   (w, idx) = ROUTER(l)                 w, idx (N_tok, K)  (table below)
+    expert  f_e(x) = W_down[e] (SiLU(W_gate[e] x) * W_up[e] x)                       (SwiGLU)
+    output  y = sum_{j<K} w_j * f_{idx_j}(x)  +  g(x) * f_shared(x)                  [U2 eq. 2]
+
+``g(x) = sigmoid(w_g . x)`` with ``shared_gate=True`` (Qwen2-MoE's ``shared_expert_gate``), else 1.
+With ``n_shared_experts`` = S the shared part is one SwiGLU MLP of hidden width
+``I_s = d_shared or S*I`` (S always-on experts of width I with weight 1 are exactly one MLP of width
+S*I: DeepSeek's fused shared experts). Fine-grained experts (OLMoE's "granularity") are only a
+config: more, narrower experts and a larger K.
+
+Weights are stored fused like Hugging Face transformers 5.x, so they copy over without reshaping:
+``router.weight`` (E, D); ``gate_up_proj`` (E, 2I, D) with the I gate rows first, then the I up rows;
+``down_proj`` (E, D, I).
+
+Router conventions (``MoEConfig.router``) -- the most common source of mismatch between MoE codes
+-------------------------------------------------------------------------------------------------
+=======================  =====================================================  =========================
+router                   weights w of the K chosen experts                      used by
+=======================  =====================================================  =========================
+``softmax_topk_renorm``  p = softmax(l); keep top-K of p; w = p_K / sum(p_K)     Mixtral; Qwen-MoE with
+                                                                                ``norm_topk_prob=True``
+``topk_softmax``         keep top-K of l; w = softmax(l_K)                      GraniteMoE
+``softmax_topk``         p = softmax(l); keep top-K of p; w = p_K (no renorm)   Switch, Qwen2-MoE default,
+                                                                                OLMoE, DeepSeek-V2
+=======================  =====================================================  =========================
+
+The first two are the same function (softmax is monotone, and renormalising the top-K softmax
+probabilities cancels the full partition function), so their outputs and gradients agree up to
+rounding; the tests check it. ``softmax_topk`` is a different layer: its weights sum to less than
+1. All three are multiplied by ``routed_scaling`` (DeepSeek's ``routed_scaling_factor``; 1.0
+elsewhere). ``aux.scores`` holds exactly the applied weights (after renormalisation, scaling and
+capacity drops).
+
+Dropless vs capacity factor
+---------------------------
+``capacity_factor=None`` (default) is dropless (megablocks/OLMoE): every assignment is computed.
+With a capacity factor CF each expert processes at most::
+
+    C = ceil(CF * N_tok * K / E)          (evaluated in float64; see ``expert_capacity``)
+
+assignments per call. Over-subscribed experts keep their assignments in token order (earlier
+tokens win; a token's K choices are distinct experts, so they never compete with each other) and
+the rest are dropped: they contribute zero (the residual stream passes through unchanged, as in
+Switch/GShard), their ``aux.scores`` entry is 0 and their number is ``aux.stats["dropped_tokens"]``
+(dropped *assignments*, an integer stored as a float). papers.md writes the capacity per token
+(``CF * tokens / E``) for top-1 routing; labcore multiplies by K so that CF = 1 means "exactly
+enough slots for perfectly balanced routing" for every K (GShard/Switch top-2 convention).
+
+Auxiliary losses (Switch eqs. 4-6 via papers.md section 7.1; ST-MoE z-loss)
+--------------------------------------------------------------------------
+::
+
+    f_i = (number of top-K assignments to expert i) / (N_tok * K)         sum_i f_i = 1
+    P_i = mean over tokens of p_i                                       sum_i P_i = 1
+    L_balance = E * sum_i f_i P_i         (= 1 at perfectly uniform routing, its minimum)
+    L_z       = mean over tokens of (logsumexp_i l_i)^2
+    aux_loss  = balance_coef * L_balance + z_coef * L_z
+
+f is counted from the router's choices before capacity drops and carries no gradient; the
+gradient reaches the router through P (as in Switch). ``aux.losses`` holds the unweighted
+``"balance"`` and ``"z"``; ``aux.aux_loss`` the weighted sum. Hugging Face's
+``load_balancing_loss_func`` normalises f per top-k slot, so its value is K times labcore's
+(its uniform minimum is K, labcore's is 1); OLMoE/megablocks' coefficient 0.01 was tuned for their
+own normalisation, so compare coefficients with care.
+
+The fast path (``MoE.forward``)
+-------------------------------
+No Python loop over tokens. The N_tok*K assignments are sorted by expert id (a stable sort, so
+within an expert they stay in token order), the chosen tokens are gathered into one
+``(N_tok*K, D)`` matrix grouped by expert, and both expert matrix products run as one grouped GEMM
+(``torch.nn.functional.grouped_mm`` with per-expert row offsets; it has a CPU kernel in torch
+>= 2.10 for float32/bfloat16/float16 with 16-byte aligned strides). Where ``grouped_mm`` cannot be
+used (e.g. float64, odd widths) a loop over the E experts on contiguous slices does the same work.
+The outputs are put back in token-major order and combined with one batched ``(1, K) @ (K, D)``
+product per token. Measured on 2 CPU threads the grouped GEMM beat a padded ``bmm`` (wasted rows)
+and matched the expert loop for few experts, and won clearly for many small experts.
+
+Where labcore differs from public code
+--------------------------------------
+- No random routing and no router noise at all, in training or eval: two community MoE ports route
+  the second expert at random even in eval mode (implementations.md); Mixtral's optional
+  ``router_jitter_noise`` multiplies the input (in place!) during training -- labcore has neither,
+  so the same weights and input always give bitwise-identical outputs.
+- Balance loss normalised per assignment (minimum 1, not K; see above).
+- Capacity in assignments, earlier tokens win, dropped assignments reported (many codes drop
+  silently, or give priority to all first choices before any second choice).
+- ``moe_reference(layer, x)`` below is a per-token Python loop that spells the equations out; the
+  tests compare the fast path with it (and with the Hugging Face blocks via ``labcore.interop``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from labcore.layers.base import (
+    ConfigError,
+    LayerAux,
+    LayerCost,
+    check_choice,
+    check_float,
+    check_int,
+    flatten_tokens,
+)
+from labcore.layers.ffn import DenseFFN, FFNConfig
+
+ROUTERS = ("softmax_topk_renorm", "topk_softmax", "softmax_topk")
+EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """d_model: D; d_expert: I (hidden width of one expert); n_experts: E; top_k: K.
+
+    router: weight convention, one of ROUTERS (module docstring table).
+    routed_scaling: factor on the routed weights (DeepSeek-V2's routed_scaling_factor).
+    capacity_factor: None = dropless; else CF > 0, capacity C = ceil(CF * N_tok * K / E).
+    n_shared_experts: always-on experts S (0 = none); d_shared: their total hidden width
+        (default S * d_expert); shared_gate: multiply them by sigmoid(w_g . x) (Qwen2-MoE).
+    balance_coef, z_coef: weights of the load-balancing loss and the router z-loss in aux_loss.
+    init_std: std of the normal init of every weight.
+    expert_impl: "auto" (grouped GEMM where supported, else loop), "grouped_mm" or "loop".
+    """
+
+    d_model: int
+    d_expert: int
+    n_experts: int
+    top_k: int
+    router: str = "softmax_topk_renorm"
+    routed_scaling: float = 1.0
+    capacity_factor: float | None = None
+    n_shared_experts: int = 0
+    d_shared: int | None = None
+    shared_gate: bool = False
+    balance_coef: float = 0.01
+    z_coef: float = 0.001
+    init_std: float = 0.02
+    expert_impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        o = "MoEConfig"
+        check_int(o, "d_model", self.d_model, min_value=1)
+        check_int(o, "d_expert", self.d_expert, min_value=1)
+        check_int(o, "n_experts", self.n_experts, min_value=1)
+        check_int(o, "top_k", self.top_k, min_value=1, max_value=self.n_experts)
+        check_choice(o, "router", self.router, ROUTERS)
+        check_float(o, "routed_scaling", self.routed_scaling, min_value=0.0, min_inclusive=False)
+        if self.capacity_factor is not None:
+            check_float(o, "capacity_factor", self.capacity_factor, min_value=0.0, min_inclusive=False)
+        check_int(o, "n_shared_experts", self.n_shared_experts, min_value=0)
+        if self.d_shared is not None:
+            check_int(o, "d_shared", self.d_shared, min_value=1)
+            if self.n_shared_experts == 0:
+                raise ConfigError(f"{o}.d_shared={self.d_shared!r} is not allowed: must be None when "
+                                  "n_shared_experts=0 (there is no shared expert to size)")
+        if not isinstance(self.shared_gate, bool):
+            raise ConfigError(f"{o}.shared_gate={self.shared_gate!r} is not allowed: must be True or False")
+        if self.shared_gate and self.n_shared_experts == 0:
+            raise ConfigError(f"{o}.shared_gate=True is not allowed: must be False when n_shared_experts=0")
+        check_float(o, "balance_coef", self.balance_coef, min_value=0.0)
+        check_float(o, "z_coef", self.z_coef, min_value=0.0)
+        check_float(o, "init_std", self.init_std, min_value=0.0, min_inclusive=False)
+        check_choice(o, "expert_impl", self.expert_impl, EXPERT_IMPLS)
+
+    @property
+    def shared_hidden(self) -> int:
+        """I_s: hidden width of the (fused) shared expert MLP; 0 when there is none."""
+        if self.n_shared_experts == 0:
+            return 0
+        return self.d_shared if self.d_shared is not None else self.n_shared_experts * self.d_expert
+
+    def cost(self) -> LayerCost:
+        """Exact parameters by part; FLOPs per token = matrix products (router, K experts, shared
+        MLP and gate, the weighted K-way combine) at 2 per multiply-add. With a capacity factor this
+        is the upper bound (no drops)."""
+        D, I, E, K, Is = self.d_model, self.d_expert, self.n_experts, self.top_k, self.shared_hidden
+        unit = 3 * D * I  # gate rows, up rows, down: one expert's weights
+        params = {"router": E * D, "experts": E * unit}
+        if Is:
+            params["shared"] = 3 * D * Is + (D if self.shared_gate else 0)
+        flops = 2 * D * E + 2 * K * unit + 2 * 3 * D * Is + (2 * D if self.shared_gate else 0) + 2 * K * D
+        return LayerCost(params=params, sparse_part="experts", n_units=E, unit_params=unit,
+                         units_per_token=K, flops_per_token=flops)
+
+
+def expert_capacity(cfg: MoEConfig, n_tokens: int) -> int | None:
+    """C = ceil(CF * N_tok * K / E) assignments per expert (float64 arithmetic); None if dropless."""
+    if cfg.capacity_factor is None:
+        return None
+    return math.ceil(cfg.capacity_factor * n_tokens * cfg.top_k / cfg.n_experts)
+
+
+def route(cfg: MoEConfig, logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Router convention applied to ``logits (N_tok, E)`` -> weights ``(N_tok, K)`` (including
+    routed_scaling, before capacity drops) and expert ids ``(N_tok, K)`` long."""
+    K = cfg.top_k
+    if cfg.router == "topk_softmax":
+        top_logits, idx = logits.topk(K, dim=-1)  # (N_tok, K)
+        w = top_logits.softmax(dim=-1)  # (N_tok, K)
+    else:
+        probs = logits.softmax(dim=-1)  # (N_tok, E)
+        w, idx = probs.topk(K, dim=-1)  # (N_tok, K)
+        if cfg.router == "softmax_topk_renorm":
+            w = w / w.sum(dim=-1, keepdim=True)
+    if cfg.routed_scaling != 1.0:
+        w = w * cfg.routed_scaling
+    return w, idx
+
+
+def _grouped_mm_ok(*tensors: Tensor) -> bool:
+    """Whether F.grouped_mm accepts these operands: float32/bf16/fp16, 16-byte aligned pointers and
+    strides (the CPU kernel's rule; CUDA needs the same plus sm80+)."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    for t in tensors:
+        if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return False
+        if t.device.type == "cuda" and torch.cuda.get_device_capability(t.device) < (8, 0):
+            return False
+        if t.numel() and t.data_ptr() % 16:
+            return False
+        if any(s != 1 and (s * t.element_size()) % 16 for s in t.stride()):
+            return False
+    return True
+
+
+class MoE(nn.Module):
+    """Top-k MoE of SwiGLU experts; ``y, aux = moe(x)`` (see module docstring)."""
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        D, I, E = cfg.d_model, cfg.d_expert, cfg.n_experts
+        self.router = nn.Linear(D, E, bias=False)  # W_r, weight (E, D)
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))  # [W_gate; W_up] per expert
+        self.down_proj = nn.Parameter(torch.empty(E, D, I))  # W_down per expert
+        self.shared: DenseFFN | None = None
+        self.shared_gate: nn.Linear | None = None
+        if cfg.shared_hidden:
+            self.shared = DenseFFN(FFNConfig(D, cfg.shared_hidden, init_std=cfg.init_std))
+            if cfg.shared_gate:
+                self.shared_gate = nn.Linear(D, 1, bias=False)  # w_g, weight (1, D)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        nn.init.normal_(self.router.weight, mean=0.0, std=std)
+        nn.init.normal_(self.gate_up_proj, mean=0.0, std=std)
+        nn.init.normal_(self.down_proj, mean=0.0, std=std)
+        if self.shared is not None:
+            self.shared.reset_parameters()
+        if self.shared_gate is not None:
+            nn.init.normal_(self.shared_gate.weight, mean=0.0, std=std)
+
+    # -- the experts on rows grouped by expert ------------------------------------------------
+    def _use_grouped_mm(self, xs: Tensor) -> bool:
+        impl = self.cfg.expert_impl
+        if impl == "loop":
+            return False
+        ok = _grouped_mm_ok(xs, self.gate_up_proj.transpose(1, 2), self.down_proj.transpose(1, 2))
+        ok = ok and self.cfg.d_expert * xs.element_size() % 16 == 0  # the (M, I) activation rows
+        if impl == "grouped_mm" and not ok:
+            raise RuntimeError(f"MoE: expert_impl='grouped_mm' cannot run here (dtype={xs.dtype}, "
+                               f"device={xs.device}, D={self.cfg.d_model}, I={self.cfg.d_expert}); "
+                               "use expert_impl='auto' or 'loop'")
+        return ok
+
+    def experts(self, xs: Tensor, group_sizes: Tensor) -> Tensor:
+        """SwiGLU of expert e on its contiguous block of rows: ``xs (M, D)`` sorted by expert with
+        ``group_sizes (E,)`` rows each -> ``(M, D)``."""
+        I = self.cfg.d_expert
+        if self._use_grouped_mm(xs):
+            offs = group_sizes.cumsum(0).to(torch.int32)  # (E,) end row of each expert's block
+            h = F.grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs)  # (M, 2I)
+            a = F.silu(h[:, :I]) * h[:, I:]  # (M, I)  SiLU(W_gate x) * W_up x
+            return F.grouped_mm(a, self.down_proj.transpose(1, 2), offs=offs)  # (M, D)
+        outs = []
+        for e, xe in enumerate(xs.split(group_sizes.tolist())):  # loop over experts, not tokens
+            h = F.linear(xe, self.gate_up_proj[e])  # (M_e, 2I)
+            outs.append(F.linear(F.silu(h[:, :I]) * h[:, I:], self.down_proj[e]))  # (M_e, D)
+        return torch.cat(outs) if outs else xs.new_zeros(0, self.cfg.d_model)
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> tuple[Tensor, LayerAux]:
+        cfg = self.cfg
+        D, E, K = cfg.d_model, cfg.n_experts, cfg.top_k
+        x2, lead = flatten_tokens(x, D, "MoE")  # (N_tok, D)
+        N = x2.shape[0]
+
+        logits = self.router(x2).float()  # (N_tok, E)   l = x W_r^T  [U2 eq. 1]
+        weights, idx = route(cfg, logits)  # (N_tok, K), (N_tok, K)
+
+        # Group the N_tok*K assignments by expert; a stable sort keeps token order inside a group.
+        flat_e = idx.reshape(-1)  # (N_tok*K,) expert of assignment a = t*K + j
+        order = flat_e.argsort(stable=True)  # (N_tok*K,) assignment ids, grouped by expert
+        counts = torch.bincount(flat_e, minlength=E)  # (E,) demand per expert
+        group_sizes, dropped = counts, 0
+        capacity = expert_capacity(cfg, N)
+        if capacity is not None:
+            start = counts.cumsum(0) - counts  # (E,) first sorted position of each expert
+            rank = torch.arange(order.numel(), device=x.device) - start[flat_e[order]]  # queue position
+            order = order[rank < capacity]  # (M,) kept assignments: the first C of each expert
+            group_sizes = counts.clamp(max=capacity)  # (E,)
+            kept = torch.zeros(N * K, dtype=torch.bool, device=x.device)
+            kept[order] = True
+            weights = weights * kept.view(N, K)  # dropped assignments contribute zero
+            dropped = N * K - order.numel()
+
+        tok = torch.div(order, K, rounding_mode="floor")  # (M,) token of each kept assignment
+        xs = x2.index_select(0, tok)  # (M, D) rows grouped by expert
+        ys = self.experts(xs, group_sizes)  # (M, D) f_e(x_t)
+        slots = ys.new_zeros(N * K, D).index_copy(0, order, ys)  # (N_tok*K, D) back to token-major
+        y = torch.bmm(weights.to(ys.dtype).unsqueeze(1), slots.view(N, K, D)).squeeze(1)  # (N_tok, D)
+        # y_t = sum_j w_tj f_{idx_tj}(x_t)   [U2 eq. 2]
+
+        if self.shared is not None:
+            s = self.shared.mlp(x2)  # (N_tok, D)
+            if self.shared_gate is not None:
+                s = torch.sigmoid(self.shared_gate(x2)) * s  # (N_tok, 1) * (N_tok, D)
+            y = y + s
+
+        # Auxiliary losses (Switch eqs. 4-6; ST-MoE z-loss)
+        probs = logits.softmax(dim=-1)  # (N_tok, E)
+        f = counts.to(probs.dtype) / max(N * K, 1)  # (E,) fraction of assignments, no gradient
+        P = probs.mean(dim=0)  # (E,) mean router probability
+        balance = E * (f * P).sum()  # L_balance = E sum_i f_i P_i
+        z = torch.logsumexp(logits, dim=-1).pow(2).mean()  # L_z
+        aux_loss = cfg.balance_coef * balance + cfg.z_coef * z
+
+        stats = {"dropped_tokens": float(dropped)}
+        if capacity is not None:
+            stats["capacity"] = float(capacity)
+        aux = LayerAux(aux_loss=aux_loss.to(x.dtype), indices=idx.detach(), scores=weights.detach(),
+                       counts=counts.detach(), losses={"balance": balance, "z": z}, stats=stats)
+        return y.reshape(*lead, D).to(x.dtype), aux  # (B, T, D) or (N_tok, D)
+
+
+class ReferenceOutput(NamedTuple):
+    y: Tensor  # shape of x
+    indices: Tensor  # (N_tok, K) long
+    scores: Tensor  # (N_tok, K) applied weights (0 for dropped assignments)
+    dropped: int  # dropped assignments
+
+
+def moe_reference(layer: MoE, x: Tensor) -> ReferenceOutput:
+    """Slow, obviously-correct MoE: one token at a time, one expert at a time, in token order.
+
+    Spells out the module docstring's equations with the layer's own weights; differentiable.
+    Used by the tests to check the fast path (``MoE.forward``), never by the layer itself.
+    """
+    cfg = layer.cfg
+    D, I, K = cfg.d_model, cfg.d_expert, cfg.top_k
+    x2 = x.reshape(-1, D)  # (N_tok, D)
+    N = x2.shape[0]
+    capacity = expert_capacity(cfg, N)
+    load = [0] * cfg.n_experts  # assignments accepted so far by each expert
+    dropped = 0
+    ys, all_idx, all_w = [], [], []
+    for t in range(N):
+        xt = x2[t]  # (D,)
+        logits = layer.router.weight.float() @ xt.float()  # (E,)
+        if cfg.router == "topk_softmax":
+            idx = torch.topk(logits, K).indices  # (K,)
+            w = torch.softmax(logits[idx], dim=0)  # (K,)
+        else:
+            p = torch.softmax(logits, dim=0)  # (E,)
+            idx = torch.topk(p, K).indices  # (K,)
+            w = p[idx] if cfg.router == "softmax_topk" else p[idx] / p[idx].sum()
+        w = w * cfg.routed_scaling
+        yt = torch.zeros_like(xt)
+        applied = []
+        for j in range(K):
+            e = int(idx[j])
+            if capacity is not None and load[e] >= capacity:
+                dropped += 1  # expert full: this assignment is skipped (residual passthrough)
+                applied.append(w[j] * 0)
+                continue
+            load[e] += 1
+            gate = layer.gate_up_proj[e, :I] @ xt  # (I,)
+            up = layer.gate_up_proj[e, I:] @ xt  # (I,)
+            yt = yt + w[j].to(xt.dtype) * (layer.down_proj[e] @ (F.silu(gate) * up))  # (D,)
+            applied.append(w[j])
+        if layer.shared is not None:
+            sh = layer.shared.w_out.weight @ (F.silu(layer.shared.w_gate.weight @ xt)
+                                              * (layer.shared.w_up.weight @ xt))  # (D,)
+            if layer.shared_gate is not None:
+                sh = torch.sigmoid(layer.shared_gate.weight[0] @ xt) * sh
+            yt = yt + sh
+        ys.append(yt)
+        all_idx.append(idx)
+        all_w.append(torch.stack(applied))
+    y = torch.stack(ys).reshape(x.shape) if ys else torch.zeros_like(x)
+    indices = torch.stack(all_idx) if all_idx else torch.zeros(0, K, dtype=torch.long)
+    scores = torch.stack(all_w) if all_w else torch.zeros(0, K)
+    return ReferenceOutput(y=y, indices=indices, scores=scores, dropped=dropped)
