@@ -1,0 +1,773 @@
+"""UltraMem: a product-key memory with Tucker-decomposed retrieval, multi-core scoring and virtual values.
+
+UltraMem (Huang et al., ICLR 2025, papers.md §1) keeps PKM's idea, a huge table of value vectors
+of which each token reads a handful, found by a cheap search over row and column sub-keys, and
+changes how the row and column scores are combined (TDQKR), how the selected scores weight the
+values (MCS, no softmax) and how many values the search can address (IVE). Every change is a
+switch of :class:`UltraMemConfig`, so one layer walks the ablation of U1 Table 2 (papers.md §1.8)
+from PKM to UltraMem row by row; with PKM's choices it computes exactly what ``labcore.layers.pkm``
+computes (:func:`ultramem_from_pkm`, tested).
+
+Symbols (notation of ``labcore/__init__.py``)
+---------------------------------------------
+D      model dimension (input of the query projection, output of the layer)
+H      memory heads; each has its own keys and cores; the queries are shared when ``share_query``
+D_k    key dimension PER SIDE (``k_dim``; the release's ``kdim``). PKM's ``k_dim`` is both halves
+       together, so PKM k_dim = 2 * UltraMem k_dim (:func:`ultramem_from_pkm` converts)
+R      Tucker rank (``rank``): every key has R components, each a full D_k-vector
+h      number of Tucker cores (``n_cores``, multi-core scoring); D_v must be divisible by h
+E      value-expansion factor (``expansion``, a perfect square; 1 = IVE off)
+n      physical keys per side (``n_keys``); N = n^2 physical values
+n_s    keys per side actually searched: n_s = sqrt(E) * n; the grid has n_s^2 = E*N virtual slots
+K      slots selected per head (``top_k``); a token reads H*K (slot, score) pairs, heads summed
+m      rows / columns kept per side in the candidate search (``candidate_m``, default K)
+D_v    value dimension (``d_value``); values V is an (N, D_v) table, split into h chunks of D_v/h
+
+The mechanism, for one token x and one head (equation numbers as in papers.md)
+------------------------------------------------------------------------------
+Query and keys (``qk_norm`` normalises each side's query and every key over its D_k features, with
+a gain shared by all heads/sides; ``norm_type`` "layernorm" or "rmsnorm")::
+
+    q_row, q_col = split(W_q x)                        W_q: (Hq*2*D_k, D), rows (head, side, d)
+    S_row = K_row q_row  in R^{R x n_s}                 K_row: (n_s, D_k, R)          (U2 eq. 6)
+    S_col = K_col q_col  in R^{R x n_s}
+
+TDQKR, Tucker-decomposed query-key retrieval (``scoring="tucker"``)::
+
+    C = sum_{c=1..h} C^(c)                              h cores, each (R, R)
+    S_grid = S_row^T C S_col  in R^{n_s x n_s}                                       (U2 eq. 7)
+    score(i, j) = sum_{a,b} S_row[a, i] C[a, b] S_col[b, j]
+
+Searching all n_s^2 grid cells is what product keys avoid. The search uses the rank-1 part of the
+core: C ~ lambda_1 u t^T (leading singular vectors of the SUMMED core, computed by
+:meth:`UltraMem.refresh_retrieval`, once per optimiser step, detached)::
+
+    rows I = TopM(u^T S_row),  cols J = TopM(t^T S_col)           m rows and m columns (proxies)
+    candidates: the m x m cells I x J scored EXACTLY with the full summed core C
+    selection:  the K best candidates (i_k, j_k);  slot v_k = i_k * n_s + j_k  (virtual slot)
+
+The search is exact when m = n_s (every row and column is a candidate) and approximate otherwise
+(``tests`` measure its recall). Like the release, it keeps the LARGEST proxies only, so cells whose
+two proxies are both strongly negative (a large positive product) are never candidates: at init,
+with symmetric scores, that is about half of the exact top-K (recall ~0.5 at m = K, measured in
+the tests); training shapes the keys around the search it is given. PKM is the special case R = 2, S_row = [s_row; 1],
+S_col = [1; s_col], C = [[0, 1], [1, 0]] (score = s_row[i] + s_col[j]); labcore implements that
+case directly as ``scoring="additive"`` (R = 1 key set per side, exact product-key top-K: the top-K
+sums lie in the top-K rows x top-K columns).
+
+MCS, multi-core scoring (``n_cores = h``; U1 eqs. 16-17 in the numbering of the secondary notes,
+papers.md §1.5). ONE selection by the summed grid; each core's own score at the selected slots,
+s^(c)_k = S_row[:, i_k]^T C^(c) S_col[:, j_k], weights its own chunk of the value vector::
+
+    o = concat_c ( sum_k s^(c)_k V[row(v_k), chunk c] )           chunk c = D_v/h features
+
+Scores: no softmax and no activation (``score_activation="none"``, Table 2 "+rm softmax"); the raw
+scores, possibly negative, weight the values. "softmax" (over each head's K scores) is PKM's.
+
+IVE, implicit value expansion (``expansion = E``; U2 eqs. 8-9). The grid has E*N virtual slots
+but only N physical values. A fixed random permutation P of the virtual slots (a buffer, seeded by
+``cfg.seed``) maps a virtual slot to a physical row and a projector block::
+
+    s_hat = Shuffle(vec(S_grid))                                                       (U2 eq. 8)
+    P[v] = p * N + r:   physical row r = P[v] mod N,  block p = P[v] div N
+    o = sum_p W_p^T V^T s_hat_p   = one linear map (E*D_v -> D) of the pooled (E, D_v) buffer (U2 eq. 9)
+
+i.e. pool FIRST on physical rows, per block (a (N_tok, E, D_v) buffer, values of colliding slots
+SUMMED), then project once. ``value_proj`` (Table 2 "+half vdim + proj") is that projection; with
+E = 1 it is a plain D_v -> D map; without it (E = 1 only) D_v must equal D. Heads are summed: all
+H*K selections of a token go into the same pooled buffer.
+
+Tucker auxiliary loss (``tucker_aux``; U2 eqs. 16-17, U1 Table 5: alpha = 0.001, tau = 0.15)::
+
+    L_aux = alpha / (R - 1) * sum_{i>=2} relu(lambda_i - tau)^2,   lambda = singular values of C
+
+(averaged over heads, as the release does). It keeps C from drifting far from rank 1, where the
+proxy search would miss good cells. It is always reported in ``aux.losses["tucker"]`` (tucker
+scoring, R >= 2); only ``tucker_aux=True`` adds ``alpha * L_aux`` to ``aux.aux_loss``.
+
+Shapes in the code: tokens are flattened to N_tok; keys are (H, 2, R, n_s, D_k) (side 0 = rows;
+the release stores (H, 2, n_s, D_k, R): ``keys.permute(0, 1, 3, 4, 2)``); side scores are
+(N_tok, H, R, n_s), i.e. S_row per token and head as in eq. 6; selections (N_tok, H, K); ``aux.indices`` /
+``aux.scores`` are (N_tok, H*K), head-major, each head's K sorted by descending summed score.
+
+Initialisation (``init``)
+-------------------------
+"release" (what ``olmo/ultramem_layer.py`` does): values N(0, 0.02^2); q/k norm gains 1/D_k^0.33;
+query projection std 1/sqrt(D_k); keys std 1/sqrt(D_k); value projector std 1/sqrt(E*D_v); cores
+Uniform[0, 1).
+"paper" (papers.md §1.6, secondary sources): values N(0, E / (2*K*H*L)), L = ``n_model_layers``,
+so the memory output variance matches an MLP's ~1/(2L); q/k norm gains g (query and key alike)
+chosen so that the mean selected score is ~1. How: with normalised q and keys, each rank
+component of a side score is g^2 * (q_hat . k_hat) ~ g^2 * sqrt(D_k) * z, z ~ N(0, 1) (LayerNorm:
+D_k / sqrt(D_k - 1) instead of sqrt(D_k), the vectors have zero mean). A Monte-Carlo
+run (``calib_samples`` draws of S_row, S_col as independent standard normals, run through exactly
+this layer's search with its own initial cores, u, t, m and K; a fixed generator seeded by
+``cfg.seed``) gives mu = mean selected score at unit scale. Tucker scores are quadratic in the
+side scale sigma = g^2 sqrt(D_k), additive ones linear, so sigma = mu^(-1/2) (tucker) or 1/mu
+(additive). For additive scores this is exactly "the mean of the top-K of n_s^2 sums of two
+standard normals"; for Tucker scores it generalises "the top-m of n standard normals" to the
+proxy + exact-rescoring search. The other parameters follow the release. Needs ``qk_norm``.
+
+Differences from the paper / the release / the community port
+--------------------------------------------------------------
+* Paper (U1): not readable directly (papers.md §0); equations follow U2's restatement. The paper
+  init is reconstructed from secondary sources (see above). Cores are per head (release), shape
+  (h, H, R, R); the paper writes one R x R core per MCS core.
+* Release (``ZihaoHuang-notabot/Ultra-Sparse-Memory-Network``): faithful in the search (rank-1
+  proxy of the summed core, buffers refreshed once per step with sign smoothing, the K largest
+  proxies only, exact rescoring of m^2 = K^2 candidates), MCS (one selection, per-core scores on
+  value chunks), IVE (permutation, mod/div, summed per block, one E*D_v -> D map) and init.
+  Differences: the release's query is shared by exactly two heads (``nhead_share_query = 2``),
+  labcore's ``share_query`` shares one query among all H heads or none; the release always applies
+  the shuffle, labcore skips it for E = 1 (a relabelling of the rows: no effect on what the layer
+  can compute, and it keeps PKM's slot = i_row * n + i_col); the release never adds the Tucker aux
+  loss (the line is commented out), labcore makes it a switch; labcore adds ``candidate_m``
+  (release: m = K) and the "additive" / "softmax" / no-``value_proj`` settings for the ablation.
+* Community port (PyPI ``ultra-mem`` 0.1.2, lucidrains): runs an independent top-k per core
+  (different algorithm; labcore selects once by the summed grid), overwrites colliding IVE slots
+  with ``scatter`` instead of summing them, computes the key LayerNorm and then scores with the
+  un-normalised keys, uses a ReLU on the scores, treats ``num_memories`` as the virtual count
+  (physical = num_memories / E) and gives every core its own value table. None of that is here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from labcore.layers.base import (
+    ConfigError,
+    LayerAux,
+    LayerCost,
+    check_choice,
+    check_float,
+    check_int,
+    config_from_dict,
+    flatten_tokens,
+    is_perfect_square,
+    tag_param,
+    zero_loss,
+)
+
+SCORINGS = ("tucker", "additive")
+SCORE_ACTIVATIONS = ("none", "softmax")
+INITS = ("release", "paper")
+NORM_TYPES = ("layernorm", "rmsnorm")
+_OWNER = "UltraMemConfig"
+
+
+def _bad(name: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"{_OWNER}.{name}={value!r} is not allowed: must be {allowed}")
+
+
+@dataclass(frozen=True)
+class UltraMemConfig:
+    """Configuration of an UltraMem layer; the switches are U1 Table 2's ablation rows.
+
+    Sizes: d_model D; n_keys n (physical keys per side, N = n^2 physical values); heads H;
+    k_dim D_k per side; top_k K per head; d_value D_v (None: D // 2 with value_proj, else D);
+    rank R; n_cores h; expansion E (perfect square, 1 = off); candidate_m m (None: K).
+    Switches: scoring "tucker" (TDQKR) | "additive" (PKM product keys; needs rank = n_cores = 1);
+    score_activation "none" (UltraMem) | "softmax" (PKM; needs n_cores = 1); qk_norm with
+    norm_type "layernorm" | "rmsnorm"; share_query (one query for all heads); value_proj (the
+    E*D_v -> D output projection; off only with E = 1 and D_v = D); tucker_aux (add
+    tucker_aux_coef * L_aux to aux_loss; margin tucker_aux_margin); init "release" | "paper"
+    (paper uses n_model_layers L and calib_samples Monte-Carlo draws; needs qk_norm).
+    Others: query_bias (PKM/XLM has one), norm_eps, seed (the IVE permutation and the paper-init
+    calibration draws).
+    """
+
+    d_model: int
+    n_keys: int
+    heads: int = 2
+    k_dim: int = 128
+    top_k: int = 32
+    d_value: int | None = None
+    rank: int = 2
+    n_cores: int = 2
+    expansion: int = 4
+    scoring: str = "tucker"
+    score_activation: str = "none"
+    qk_norm: bool = True
+    norm_type: str = "layernorm"
+    share_query: bool = True
+    value_proj: bool = True
+    tucker_aux: bool = False
+    tucker_aux_coef: float = 0.001
+    tucker_aux_margin: float = 0.15
+    init: str = "release"
+    n_model_layers: int = 1
+    candidate_m: int | None = None
+    query_bias: bool = False
+    norm_eps: float = 1e-5
+    seed: int = 0
+    calib_samples: int = 64
+
+    def __post_init__(self) -> None:
+        o = _OWNER
+        for name in ("d_model", "n_keys", "heads", "k_dim", "top_k", "rank", "n_cores", "expansion",
+                     "n_model_layers", "calib_samples"):
+            check_int(o, name, getattr(self, name))
+        check_int(o, "seed", self.seed, min_value=0)
+        if self.d_value is not None:
+            check_int(o, "d_value", self.d_value)
+        if self.candidate_m is not None:
+            check_int(o, "candidate_m", self.candidate_m)
+        for name in ("qk_norm", "share_query", "value_proj", "tucker_aux", "query_bias"):
+            check_choice(o, name, getattr(self, name), (True, False))
+        check_choice(o, "scoring", self.scoring, SCORINGS)
+        check_choice(o, "score_activation", self.score_activation, SCORE_ACTIVATIONS)
+        check_choice(o, "init", self.init, INITS)
+        check_choice(o, "norm_type", self.norm_type, NORM_TYPES)
+        check_float(o, "tucker_aux_coef", self.tucker_aux_coef, min_value=0.0)
+        check_float(o, "tucker_aux_margin", self.tucker_aux_margin, min_value=0.0)
+        check_float(o, "norm_eps", self.norm_eps, min_value=0.0, min_inclusive=False)
+        # cross-field rules ---------------------------------------------------------------
+        if not is_perfect_square(self.expansion):
+            raise _bad("expansion", self.expansion, "a perfect square (1, 4, 9, 16, ...): keys per side "
+                       "grow by sqrt(E)")
+        if self.m > self.n_side:
+            name = "candidate_m" if self.candidate_m is not None else "top_k"
+            raise _bad(name, getattr(self, name), f"<= keys per side sqrt(expansion)*n_keys = {self.n_side} "
+                       "(candidate rows/columns per side; candidate_m defaults to top_k)")
+        if self.top_k > self.m * self.m:
+            raise _bad("top_k", self.top_k, f"<= candidate_m**2 = {self.m * self.m} (the candidate grid)")
+        if self.d_v % self.n_cores:
+            raise _bad("d_value", self.d_v, f"divisible by n_cores={self.n_cores} (each core weights "
+                       "its own chunk of the value vector)")
+        if not self.value_proj and self.expansion != 1:
+            raise _bad("value_proj", self.value_proj, f"True when expansion={self.expansion} > 1 (IVE "
+                       "needs the E*D_v -> D projection)")
+        if not self.value_proj and self.d_v != self.d_model:
+            raise _bad("d_value", self.d_v, f"equal to d_model={self.d_model} when value_proj=False")
+        if self.scoring == "additive" and self.rank != 1:
+            raise _bad("rank", self.rank, "1 when scoring='additive' (one sub-key set per side)")
+        if self.scoring == "additive" and self.n_cores != 1:
+            raise _bad("n_cores", self.n_cores, "1 when scoring='additive' (no Tucker cores)")
+        if self.score_activation == "softmax" and self.n_cores != 1:
+            raise _bad("n_cores", self.n_cores, "1 when score_activation='softmax' (per-core scores "
+                       "have no softmax)")
+        if self.tucker_aux and (self.scoring != "tucker" or self.rank < 2):
+            raise _bad("tucker_aux", self.tucker_aux, "False unless scoring='tucker' and rank >= 2 "
+                       f"(got scoring={self.scoring!r}, rank={self.rank})")
+        if self.init == "paper" and not self.qk_norm:
+            raise _bad("init", self.init, "'release' when qk_norm=False (paper init calibrates the "
+                       "q/k norm gains)")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> UltraMemConfig:
+        """Build from a mapping (YAML, notebook parameters); unknown keys raise ConfigError."""
+        return config_from_dict(cls, data)
+
+    def replace(self, **changes: Any) -> UltraMemConfig:
+        return dataclasses.replace(self, **changes)
+
+    # derived sizes ---------------------------------------------------------------------------
+    @property
+    def d_v(self) -> int:
+        if self.d_value is not None:
+            return self.d_value
+        return max(1, self.d_model // 2) if self.value_proj else self.d_model
+
+    @property
+    def n_side(self) -> int:
+        """Keys per side searched: sqrt(E) * n."""
+        return math.isqrt(self.expansion) * self.n_keys
+
+    @property
+    def n_slots(self) -> int:
+        """N = n^2 physical value rows."""
+        return self.n_keys * self.n_keys
+
+    @property
+    def n_virtual(self) -> int:
+        """E * N virtual slots (= n_side^2 grid cells)."""
+        return self.expansion * self.n_slots
+
+    @property
+    def m(self) -> int:
+        """Candidate rows / columns per side."""
+        return self.top_k if self.candidate_m is None else self.candidate_m
+
+    @property
+    def q_heads(self) -> int:
+        """Number of distinct queries: 1 when shared by all heads."""
+        return 1 if self.share_query else self.heads
+
+    @property
+    def key_rank(self) -> int:
+        """Key components per key: R for tucker, 1 for additive scoring."""
+        return self.rank if self.scoring == "tucker" else 1
+
+    def cost(self) -> LayerCost:
+        """Exact parameter count by part and forward FLOPs per token (2 per multiply-add, 1 per add).
+
+        FLOPs: query projection; key scores (R * n_s * D_k MACs per side per head); tucker: rank-1
+        proxies (R * n_s per side per head), candidate scoring with the summed core
+        ((S_row[:, I]^T C) S_col[:, J]: m*R^2 + m^2*R MACs per head), per-core rescoring of the K
+        selected cells when h > 1 (h*(R^2 + R) MACs each); additive: m^2 candidate sums per head;
+        softmax (3 per selected score); the weighted gather (H*K*D_v MACs); the projection
+        (E*D_v*D MACs). Not counted: norms, top-k comparisons, the per-call key normalisation.
+        """
+        D, H, Hq, Dk, R = self.d_model, self.heads, self.q_heads, self.k_dim, self.key_rank
+        h, E, ns, Dv, K, m = self.n_cores, self.expansion, self.n_side, self.d_v, self.top_k, self.m
+        tucker = self.scoring == "tucker"
+        params = {
+            "query": D * Hq * 2 * Dk + (Hq * 2 * Dk if self.query_bias else 0),
+            "norms": 2 * Dk if self.qk_norm else 0,
+            "keys": H * 2 * ns * Dk * R,
+            "cores": h * H * R * R if tucker else 0,
+            "values": self.n_slots * Dv,
+            "value_proj": E * Dv * D if self.value_proj else 0,
+        }
+        flops = 2 * D * Hq * 2 * Dk + (Hq * 2 * Dk if self.query_bias else 0)  # query projection
+        flops += 2 * H * 2 * ns * Dk * R                                      # key scores (U2 eq. 6)
+        if tucker:
+            flops += 2 * H * 2 * ns * R                                       # rank-1 proxies
+            flops += 2 * H * (m * R * R + m * m * R)                          # exact candidate scores
+            if h > 1:
+                flops += 2 * H * K * h * (R * R + R)                          # per-core scores (MCS)
+        else:
+            flops += H * m * m                                                # candidate sums
+        if self.score_activation == "softmax":
+            flops += 3 * H * K
+        flops += 2 * H * K * Dv                                               # weighted gather-sum
+        if self.value_proj:
+            flops += 2 * E * Dv * D                                           # projection (U2 eq. 9)
+        return LayerCost(params=params, sparse_part="values", n_units=self.n_slots, unit_params=Dv,
+                         units_per_token=H * K, flops_per_token=int(flops))
+
+
+@dataclass(frozen=True, eq=False)
+class UltraMemAux(LayerAux):
+    """LayerAux plus ``core_scores``: (N_tok, H*K, h), each core's score at the selected slots
+    (MCS), after the score activation; ``scores`` is their sum (the summed-core score)."""
+
+    core_scores: Tensor | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# The search, shared by the layer and the paper-init calibration.
+# ---------------------------------------------------------------------------------------------
+
+
+def _search_tucker(s_row: Tensor, s_col: Tensor, u: Tensor, t: Tensor, core: Tensor, m: int,
+                   k: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """TDQKR candidate search on side scores (..., H, R, n_s) with u, t (H, R), core (H, R, R).
+
+    Returns rows, cols, summed scores (..., H, K) and the selected side-score columns
+    (..., H, R, K) of rows and columns (for per-core rescoring).
+    """
+    R = s_row.shape[-2]
+    proxy_row = (u.unsqueeze(-2) @ s_row).squeeze(-2)                      # u^T S_row: (..., H, n_s)
+    proxy_col = (t.unsqueeze(-2) @ s_col).squeeze(-2)                      # t^T S_col: (..., H, n_s)
+    top_r = proxy_row.topk(m, dim=-1, sorted=False).indices                 # (..., H, m), any order
+    top_c = proxy_col.topk(m, dim=-1, sorted=False).indices                 # (..., H, m)
+    sel_r = s_row.gather(-1, top_r.unsqueeze(-2).expand(*top_r.shape[:-1], R, m))  # S_row[:, I]: (..., H, R, m)
+    sel_c = s_col.gather(-1, top_c.unsqueeze(-2).expand(*top_c.shape[:-1], R, m))  # S_col[:, J]: (..., H, R, m)
+    grid = (sel_r.transpose(-1, -2) @ core) @ sel_c                         # U2 eq. 7 on I x J: (..., H, m, m)
+    scores, flat = grid.flatten(-2).topk(k, dim=-1)                         # (..., H, K)
+    i, j = flat // m, flat % m                                              # candidate coordinates
+    rows, cols = top_r.gather(-1, i), top_c.gather(-1, j)                  # (..., H, K)
+    vec_r = sel_r.gather(-1, i.unsqueeze(-2).expand(*i.shape[:-1], R, k))  # (..., H, R, K)
+    vec_c = sel_c.gather(-1, j.unsqueeze(-2).expand(*j.shape[:-1], R, k))  # (..., H, R, K)
+    return rows, cols, scores, vec_r, vec_c
+
+
+def _search_additive(s_row: Tensor, s_col: Tensor, m: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """PKM product-key search on side scores (..., H, n_s): exact top-K of s_row[i] + s_col[j]
+    when m >= K. Returns rows, cols, scores (..., H, K)."""
+    val_r, top_r = s_row.topk(m, dim=-1)                                    # U2 eq. 3: (..., H, m)
+    val_c, top_c = s_col.topk(m, dim=-1)
+    grid = val_r.unsqueeze(-1) + val_c.unsqueeze(-2)                        # U2 eq. 4: (..., H, m, m)
+    scores, flat = grid.flatten(-2).topk(k, dim=-1)                         # (..., H, K)
+    return top_r.gather(-1, flat // m), top_c.gather(-1, flat % m), scores
+
+
+def _qk_norm(x: Tensor, gain: Tensor, norm_type: str, eps: float) -> Tensor:
+    """Normalise the last dim (D_k) with a per-feature gain (no bias)."""
+    if norm_type == "layernorm":
+        return F.layer_norm(x, (x.shape[-1],), weight=gain, eps=eps)
+    return F.rms_norm(x, (x.shape[-1],), weight=gain, eps=eps)
+
+
+class UltraMem(nn.Module):
+    """UltraMem layer: ``y, aux = layer(x)`` with x (B, T, D) or (N_tok, D); see the module doc.
+
+    ``values``: an optional external ``nn.Embedding(N, D_v)`` (a value pool shared with other
+    layers); it is used as is, not re-initialised. Call :meth:`refresh_retrieval` once per
+    optimiser step (``labcore.optim.refresh_all`` does): it recomputes the rank-1 search proxy.
+    """
+
+    def __init__(self, cfg: UltraMemConfig, values: nn.Embedding | None = None):
+        super().__init__()
+        self.cfg = cfg
+        c = cfg
+        H, Dk, ns, R = c.heads, c.k_dim, c.n_side, c.key_rank
+        self.query = nn.Linear(c.d_model, c.q_heads * 2 * Dk, bias=c.query_bias)  # rows (head, side, d)
+        if c.query_bias:
+            tag_param(self.query.bias, "no_decay")
+        if c.qk_norm:
+            self.query_gain = tag_param(nn.Parameter(torch.ones(Dk)), "no_decay")
+            self.key_gain = tag_param(nn.Parameter(torch.ones(Dk)), "no_decay")
+        else:
+            self.query_gain = self.key_gain = None
+        self.keys = tag_param(nn.Parameter(torch.empty(H, 2, R, ns, Dk)), "no_decay")  # side 0 = rows
+        if c.scoring == "tucker":
+            self.cores = tag_param(nn.Parameter(torch.empty(c.n_cores, H, R, R)), "no_decay")
+            self.register_buffer("u", torch.zeros(H, R))                   # rank-1 proxy, rows
+            self.register_buffer("t", torch.zeros(H, R))                   # rank-1 proxy, columns
+        else:
+            self.cores = None
+        own_values = values is None
+        if values is None:
+            values = nn.Embedding(c.n_slots, c.d_v)
+        elif not isinstance(values, nn.Embedding):
+            raise TypeError(f"UltraMem: values must be an nn.Embedding, got {type(values).__name__}")
+        elif tuple(values.weight.shape) != (c.n_slots, c.d_v):
+            raise ConfigError(f"UltraMem: values.weight has shape {tuple(values.weight.shape)}; must be "
+                              f"(n_keys**2, d_value) = ({c.n_slots}, {c.d_v})")
+        self.values = values
+        tag_param(self.values.weight, "memory_values")
+        self.value_proj = nn.Linear(c.expansion * c.d_v, c.d_model, bias=False) if c.value_proj else None
+        if c.expansion > 1:                                                 # IVE shuffle (U2 eq. 8)
+            gen = torch.Generator().manual_seed(c.seed)
+            self.register_buffer("perm", torch.randperm(c.n_virtual, generator=gen))
+        else:
+            self.perm = None
+        self.reset_parameters(init_values=own_values)
+
+    # ----------------------------------------------------------------------------------------
+    # initialisation and the once-per-step refresh
+    # ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self, init_values: bool = True) -> None:
+        """Initialise per ``cfg.init`` (module doc) and refresh the search proxy."""
+        c = self.cfg
+        nn.init.normal_(self.query.weight, std=1.0 / math.sqrt(c.k_dim))
+        if self.query.bias is not None:
+            nn.init.zeros_(self.query.bias)
+        nn.init.normal_(self.keys, std=1.0 / math.sqrt(c.k_dim))
+        if self.cores is not None:
+            nn.init.uniform_(self.cores, 0.0, 1.0)
+        if self.value_proj is not None:
+            nn.init.normal_(self.value_proj.weight, std=1.0 / math.sqrt(c.expansion * c.d_v))
+        if init_values:
+            nn.init.normal_(self.values.weight, std=self.value_init_std())
+        self.refresh_retrieval()
+        if self.query_gain is not None:
+            gain = self.calibrated_gain() if c.init == "paper" else c.k_dim ** -0.33
+            self.query_gain.fill_(gain)
+            self.key_gain.fill_(gain)
+
+    def value_init_std(self) -> float:
+        """Release: 0.02. Paper: sqrt(E / (2*K*H*L))."""
+        c = self.cfg
+        if c.init == "release":
+            return 0.02
+        return math.sqrt(c.expansion / (2 * c.top_k * c.heads * c.n_model_layers))
+
+    @torch.no_grad()
+    def calibrated_gain(self) -> float:
+        """Paper init: the q/k norm gain g making the mean selected score ~1 (module doc)."""
+        c = self.cfg
+        gen = torch.Generator().manual_seed(c.seed + 1)
+        shape = (c.calib_samples, c.heads, c.key_rank, c.n_side)
+        z_row = torch.randn(shape, generator=gen, dtype=torch.float64)     # unit-scale S_row
+        z_col = torch.randn(shape, generator=gen, dtype=torch.float64)
+        if c.scoring == "tucker":
+            core = self.cores.detach().sum(0).to("cpu", torch.float64)
+            u, t = self.u.to("cpu", torch.float64), self.t.to("cpu", torch.float64)
+            mu = _search_tucker(z_row, z_col, u, t, core, c.m, c.top_k)[2].mean().item()
+        else:
+            mu = _search_additive(z_row[..., 0, :], z_col[..., 0, :], c.m, c.top_k)[2].mean().item()
+        if not mu > 0:
+            raise RuntimeError(f"UltraMem paper init: mean selected score at unit scale is {mu}; "
+                               "cannot calibrate the q/k norm gains")
+        sigma = mu ** -0.5 if c.scoring == "tucker" else 1.0 / mu         # side-score std wanted
+        # std of q_hat . k_hat: sqrt(D_k) (rmsnorm); LayerNorm vectors live in the (D_k - 1)-dim
+        # zero-mean subspace, so var = D_k^2 / (D_k - 1) there
+        dot_std = math.sqrt(c.k_dim)
+        if c.norm_type == "layernorm" and c.k_dim > 1:
+            dot_std = c.k_dim / math.sqrt(c.k_dim - 1)
+        return math.sqrt(sigma / dot_std)                                   # sigma = g^2 * dot_std
+
+    @torch.no_grad()
+    def refresh_retrieval(self) -> None:
+        """Recompute (u, t), the leading singular vectors of the summed core, per head.
+
+        Detached, in float32 or wider; the sign of (u, t) is flipped per head when that brings
+        them closer (L1) to the previous vectors (the release's "must maintain smoothness"), so the
+        proxy search does not jump between steps. No-op for additive scoring.
+        """
+        if self.cores is None:
+            return
+        core = self.cores.detach().sum(0)                                   # (H, R, R)
+        work = core.float() if core.dtype in (torch.float16, torch.bfloat16) else core
+        U, _, Vh = torch.linalg.svd(work)
+        u_new, t_new = U[..., :, 0], Vh[..., 0, :]                          # (H, R) each
+        u_old, t_old = self.u.to(work.dtype), self.t.to(work.dtype)
+        pos = (u_new - u_old).abs().sum(-1) + (t_new - t_old).abs().sum(-1)  # (H,)
+        neg = (-u_new - u_old).abs().sum(-1) + (-t_new - t_old).abs().sum(-1)
+        sign = torch.where(neg < pos, -1.0, 1.0).to(work.dtype).unsqueeze(-1)  # (H, 1)
+        self.u.copy_(u_new * sign)
+        self.t.copy_(t_new * sign)
+
+    def cost(self) -> LayerCost:
+        return self.cfg.cost()
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (f"N={c.n_slots} physical x E={c.expansion} (n_side={c.n_side}), heads={c.heads}, "
+                f"k_dim={c.k_dim}, top_k={c.top_k}, m={c.m}, d_value={c.d_v}, scoring={c.scoring!r}, "
+                f"rank={c.key_rank}, n_cores={c.n_cores}, activation={c.score_activation!r}")
+
+    # ----------------------------------------------------------------------------------------
+    # forward
+    # ----------------------------------------------------------------------------------------
+    def side_scores(self, x2d: Tensor) -> tuple[Tensor, Tensor]:
+        """(N_tok, D) -> S_row, S_col (N_tok, H, R, n_s): every key component scored (U2 eq. 6)."""
+        c = self.cfg
+        H, Dk, ns, R, n_tok = c.heads, c.k_dim, c.n_side, c.key_rank, x2d.shape[0]
+        q = self.query(x2d).view(n_tok, c.q_heads, 2, Dk)                   # (N_tok, Hq, 2, D_k)
+        keys = self.keys                                                    # (H, 2, R, n_s, D_k)
+        if c.qk_norm:
+            q = _qk_norm(q, self.query_gain, c.norm_type, c.norm_eps)
+            keys = _qk_norm(keys, self.key_gain, c.norm_type, c.norm_eps)
+        if c.share_query:
+            # one matmul per side for all heads: (2, N_tok, D_k) @ (2, D_k, H*R*n_s)
+            kk = keys.transpose(0, 1).reshape(2, H * R * ns, Dk)            # (2, H*R*n_s, D_k)
+            s = torch.bmm(q[:, 0].transpose(0, 1), kk.transpose(1, 2))      # (2, N_tok, H*R*n_s)
+            s = s.view(2, n_tok, H, R, ns)                                  # (2, N_tok, H, R, n_s)
+            return s[0], s[1]
+        # one matmul per (head, side): (H*2, N_tok, D_k) @ (H*2, D_k, R*n_s)
+        qq = q.permute(1, 2, 0, 3).reshape(H * 2, n_tok, Dk)                # (H*2, N_tok, D_k)
+        kk = keys.reshape(H * 2, R * ns, Dk)                                # (H*2, R*n_s, D_k)
+        s = torch.bmm(qq, kk.transpose(1, 2))                               # (H*2, N_tok, R*n_s)
+        s = s.view(H, 2, n_tok, R, ns).permute(1, 2, 0, 3, 4)               # (2, N_tok, H, R, n_s)
+        return s[0], s[1]
+
+    def search(self, s_row: Tensor, s_col: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Side scores -> virtual slots (N_tok, H, K), summed scores (N_tok, H, K) and per-core
+        scores (N_tok, H, K, h), all before the score activation."""
+        c = self.cfg
+        if c.scoring == "additive":
+            rows, cols, scores = _search_additive(s_row[..., 0, :], s_col[..., 0, :], c.m, c.top_k)
+            return rows * c.n_side + cols, scores, scores.unsqueeze(-1)
+        core_sum = self.cores.sum(0)                                        # C = sum_c C^(c): (H, R, R)
+        rows, cols, scores, vec_r, vec_c = _search_tucker(
+            s_row, s_col, self.u.to(s_row.dtype), self.t.to(s_row.dtype), core_sum, c.m, c.top_k)
+        slots = rows * c.n_side + cols                                      # virtual slot i*n_s + j
+        if c.n_cores == 1:
+            return slots, scores, scores.unsqueeze(-1)
+        # MCS: each core's own score at the selected cells, s^(c) = S_row[:, i]^T C^(c) S_col[:, j]
+        per_core = ((self.cores.transpose(-1, -2) @ vec_r.unsqueeze(1)) * vec_c.unsqueeze(1)).sum(-2)
+        return slots, scores, per_core.permute(0, 2, 3, 1)                  # (N_tok, h, H, K) -> (N_tok, H, K, h)
+
+    def read(self, slots: Tensor, core_scores: Tensor) -> Tensor:
+        """Pool the selected values per projector block and core chunk, then project (U2 eq. 9).
+
+        slots (N_tok, S) virtual, core_scores (N_tok, S, h) -> (N_tok, D) (or (N_tok, D_v) without
+        value_proj). One ``embedding_bag`` over the (N*h, D_v/h) view of the value table: bag
+        (token, block p, core c) sums score^(c) * V[row, chunk c] over the slots mapped to block p.
+        """
+        c = self.cfg
+        n_tok, S = slots.shape
+        h, E, N, Dc = c.n_cores, c.expansion, c.n_slots, c.d_v // c.n_cores
+        table = self.values.weight.view(N * h, Dc)                          # row r*h + c = V[r, chunk c]
+        core_ids = torch.arange(h, device=slots.device)
+        w = core_scores.to(table.dtype)
+        if E == 1:                                                          # physical row = slot
+            idx = slots.unsqueeze(1) * h + core_ids.view(1, h, 1)           # (N_tok, h, S)
+            bags = idx.reshape(n_tok * h, S)                                # one bag per (token, core)
+            w = w.transpose(1, 2).reshape(n_tok * h, S)                     # (N_tok*h, S)
+            pooled = F.embedding_bag(bags, table, mode="sum", per_sample_weights=w)  # (N_tok*h, D_v/h)
+        else:
+            # U2 eq. 8: P[v] = p*N + r. Sorting each token's P[v] groups its slots by block p, so the
+            # bags (token, core, block) are contiguous runs; their sizes come from searchsorted.
+            shuffled, order = self.perm[slots].sort(dim=-1, stable=True)    # (N_tok, S), by block
+            row = shuffled % N                                              # physical row
+            bounds = torch.arange(1, E + 1, device=slots.device) * N        # block p ends below (p+1)*N
+            ends = torch.searchsorted(shuffled, bounds.expand(n_tok, E).contiguous())  # (N_tok, E)
+            sizes = torch.diff(ends, dim=-1, prepend=ends.new_zeros(n_tok, 1))  # slots per block
+            sizes = sizes.unsqueeze(1).expand(n_tok, h, E).flatten()        # bag sizes (token, core, block)
+            offsets = sizes.cumsum(0) - sizes                               # bag starts
+            idx = row.unsqueeze(1) * h + core_ids.view(1, h, 1)             # (N_tok, h, S)
+            w = w.transpose(1, 2).gather(-1, order.unsqueeze(1).expand(n_tok, h, S))  # (N_tok, h, S)
+            pooled = F.embedding_bag(idx.flatten(), table, offsets, mode="sum",
+                                     per_sample_weights=w.flatten())        # (N_tok*h*E, D_v/h)
+            pooled = pooled.view(n_tok, h, E, Dc).transpose(1, 2)           # (N_tok, E, h, D_v/h)
+        pooled = pooled.reshape(n_tok, E * c.d_v)                           # (N_tok, E*D_v): (p, c, d)
+        return self.value_proj(pooled) if self.value_proj is not None else pooled
+
+    def tucker_loss(self) -> tuple[Tensor, Tensor] | None:
+        """(L_aux, singular values (H, R)) of the summed core (U2 eqs. 16-17); None if not tucker."""
+        if self.cores is None:
+            return None
+        core = self.cores.sum(0)                                            # (H, R, R)
+        if core.dtype in (torch.float16, torch.bfloat16):
+            core = core.float()
+        lam = torch.linalg.svdvals(core)                                    # (H, R), descending
+        R = lam.shape[-1]
+        if R < 2:
+            return None, lam
+        tail = F.relu(lam[:, 1:] - self.cfg.tucker_aux_margin).pow(2)      # (H, R-1)
+        return (tail.sum(-1) / (R - 1)).mean(), lam                         # mean over heads
+
+    def forward(self, x: Tensor) -> tuple[Tensor, UltraMemAux]:
+        c = self.cfg
+        x2d, lead = flatten_tokens(x, c.d_model, "UltraMem")                # (N_tok, D)
+        n_tok, S = x2d.shape[0], c.heads * c.top_k
+        s_row, s_col = self.side_scores(x2d)                                # (N_tok, H, R, n_s) each
+        slots, scores, core_scores = self.search(s_row, s_col)              # (N_tok, H, K[, h])
+        if c.score_activation == "softmax":                                 # PKM (h == 1)
+            work = torch.promote_types(scores.dtype, torch.float32)         # >= float32, keeps float64
+            scores = F.softmax(scores.to(work), dim=-1).type_as(scores)
+            core_scores = scores.unsqueeze(-1)
+        slots = slots.reshape(n_tok, S)                                     # (N_tok, H*K), heads summed
+        core_scores = core_scores.reshape(n_tok, S, c.n_cores)              # (N_tok, H*K, h)
+        y = self.read(slots, core_scores)                                   # (N_tok, D)
+        aux = self._aux(x2d, y, slots, scores.reshape(n_tok, S), core_scores)
+        return y.view(*lead, c.d_model), aux                                # (B, T, D) or (N_tok, D)
+
+    def _aux(self, x2d: Tensor, y: Tensor, slots: Tensor, scores: Tensor, core_scores: Tensor) -> UltraMemAux:
+        c = self.cfg
+        losses: dict[str, Tensor] = {}
+        aux_loss = zero_loss(x2d)
+        tl = self.tucker_loss()
+        lam = None
+        if tl is not None:
+            loss, lam = tl
+            if loss is not None:
+                losses["tucker"] = loss
+                if c.tucker_aux:
+                    aux_loss = aux_loss + c.tucker_aux_coef * loss.to(aux_loss.dtype)
+        with torch.no_grad():
+            counts = torch.bincount(slots.flatten(), minlength=c.n_virtual)  # (E*N,)
+            sc = scores.detach().view(-1, c.heads, c.top_k).float()
+            vals = [sc[..., 0].mean(), sc[..., -1].mean(), sc.mean(),
+                    y.detach().float().std() if y.numel() > 1 else sc.new_zeros(()),
+                    (counts > 0).float().mean()]
+            names = ["top1_score", "mth_score", "mean_score", "output_std", "coverage"]
+            if lam is not None:
+                lam_mean = lam.detach().float().mean(0)                     # (R,), mean over heads
+                vals.append(lam_mean[0])
+                names.append("lambda1")
+                if lam_mean.numel() > 1:
+                    vals.append(lam_mean[1])
+                    names.append("lambda2")
+            stats = dict(zip(names, torch.stack(vals).tolist()))            # one device sync
+        return UltraMemAux(aux_loss=aux_loss, indices=slots.detach(), scores=scores.detach(),
+                           counts=counts, losses=losses, stats=stats, core_scores=core_scores.detach())
+
+
+# ---------------------------------------------------------------------------------------------
+# PKM as a special case: copy a labcore PKM into an UltraMem with PKM's switches.
+# ---------------------------------------------------------------------------------------------
+
+
+def ultramem_from_pkm(pkm: nn.Module) -> UltraMem:
+    """An UltraMem computing exactly what ``pkm`` (``labcore.layers.pkm.PKM``) computes.
+
+    Switches: scoring "additive", softmax, E = 1, no share_query, no qk_norm, h = R = 1, candidate
+    m = K, query bias as PKM, value_proj iff PKM has an output projection (D_v != D). UltraMem's
+    k_dim is PKM's half (D_k per side). Weights are copied (the value table too). PKM's query norm
+    and dropout have no UltraMem counterpart: only ``query_norm="none"`` and zero dropout convert.
+    """
+    pc = pkm.cfg
+    if pc.query_norm != "none":
+        raise ValueError(f"ultramem_from_pkm: PKM query_norm={pc.query_norm!r} has no UltraMem "
+                         "counterpart (per-(head, side) affine sub-query norm); use query_norm='none'")
+    for name in ("input_dropout", "query_dropout", "value_dropout"):
+        if getattr(pc, name) != 0:
+            raise ValueError(f"ultramem_from_pkm: PKM {name}={getattr(pc, name)!r}; UltraMem has no dropout")
+    cfg = UltraMemConfig(d_model=pc.d_model, n_keys=pc.n_keys, heads=pc.heads, k_dim=pc.half,
+                         top_k=pc.top_k, d_value=pc.d_v, rank=1, n_cores=1, expansion=1,
+                         scoring="additive", score_activation="softmax", qk_norm=False,
+                         share_query=False, value_proj=pc.has_value_proj, query_bias=pc.query_bias,
+                         candidate_m=pc.top_k)
+    ref = pkm.keys
+    layer = UltraMem(cfg).to(device=ref.device, dtype=ref.dtype)
+    with torch.no_grad():
+        layer.query.weight.copy_(pkm.query.weight)                          # same (head, side, d) rows
+        if pc.query_bias:
+            layer.query.bias.copy_(pkm.query.bias)
+        layer.keys.copy_(pkm.keys.unsqueeze(2))                             # (H, 2, n, D_k/2) -> (H, 2, 1, n, D_k/2)
+        layer.values.weight.copy_(pkm.values.weight)
+        if layer.value_proj is not None:
+            layer.value_proj.weight.copy_(pkm.value_proj.weight)
+    return layer
+
+
+# ---------------------------------------------------------------------------------------------
+# The slow, obviously-correct reference: score ALL virtual slots with the full cores.
+# ---------------------------------------------------------------------------------------------
+
+
+def ultramem_reference(layer: UltraMem, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Brute-force UltraMem: every head scores all n_s^2 virtual slots with every core.
+
+    Per token and head: dense grids G^(c) = S_row^T C^(c) S_col (n_s x n_s) for every core, the
+    exact top-K of their sum, the activation, then an explicit python loop that adds
+    score^(c) * V[row, chunk c] into block p of a (E, D_v) buffer (row, p from the permutation),
+    and the projection. Returns ``(y, slots, scores)``: y shaped like x; slots and summed scores
+    (N_tok, H*K) head-major, descending within each head.
+    """
+    c = layer.cfg
+    x2d, lead = flatten_tokens(x, c.d_model, "ultramem_reference")
+    H, Dk, K, h, N, E = c.heads, c.k_dim, c.top_k, c.n_cores, c.n_slots, c.expansion
+    Dc = c.d_v // h
+    q = x2d @ layer.query.weight.T
+    if layer.query.bias is not None:
+        q = q + layer.query.bias
+    q = q.view(-1, c.q_heads, 2, Dk)                                        # (N_tok, Hq, 2, D_k)
+    keys = layer.keys                                                       # (H, 2, R, n_s, D_k)
+
+    def norm(v: Tensor, gain: Tensor) -> Tensor:                            # written-out q/k norm
+        if c.norm_type == "layernorm":
+            v = v - v.mean(-1, keepdim=True)
+        return v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + c.norm_eps) * gain
+
+    if c.qk_norm:
+        q, keys = norm(q, layer.query_gain), norm(keys, layer.key_gain)
+    V = layer.values.weight
+    ys, all_slots, all_scores = [], [], []
+    for tok in range(x2d.shape[0]):
+        pooled = torch.zeros(E, c.d_v, dtype=x2d.dtype, device=x2d.device)
+        tok_slots, tok_scores = [], []
+        for head in range(H):
+            qh = q[tok, 0 if c.share_query else head]                       # (2, D_k)
+            s_row = keys[head, 0] @ qh[0]                                   # S_row: (R, n_s)
+            s_col = keys[head, 1] @ qh[1]                                   # S_col: (R, n_s)
+            if c.scoring == "tucker":
+                grids = [s_row.T @ layer.cores[core, head] @ s_col for core in range(h)]  # (n_s, n_s)
+            else:
+                grids = [s_row[0][:, None] + s_col[0][None, :]]
+            total = torch.stack(grids).sum(0).flatten()                     # (n_s^2,), slot i*n_s + j
+            top, slots = total.topk(K)
+            per_core = [g.flatten()[slots] for g in grids]
+            if c.score_activation == "softmax":
+                top = torch.softmax(top, dim=-1)
+                per_core = [top]
+            for k in range(K):
+                v = int(slots[k])
+                shuffled = int(layer.perm[v]) if layer.perm is not None else v
+                row, block = shuffled % N, shuffled // N
+                for core in range(h):
+                    chunk = slice(core * Dc, (core + 1) * Dc)
+                    pooled[block, chunk] += per_core[core][k] * V[row, chunk]
+            tok_slots.append(slots)
+            tok_scores.append(top)
+        flat = pooled.flatten()                                             # (E*D_v,), (block, dim)
+        ys.append(layer.value_proj(flat) if layer.value_proj is not None else flat)
+        all_slots.append(torch.cat(tok_slots))
+        all_scores.append(torch.cat(tok_scores))
+    y = torch.stack(ys)
+    return y.view(*lead, c.d_model), torch.stack(all_slots), torch.stack(all_scores)
