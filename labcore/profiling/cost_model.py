@@ -11,7 +11,11 @@ and a layer described by its :class:`~labcore.layers.base.LayerCost` (``n_units`
 
 U(B) assumes each token picks k *distinct* units uniformly at random, independently of the others:
 a given unit is missed by one token with probability 1 - k/n, by all B with (1 - k/n)^B. It grows
-like k*B while k*B << n and saturates at n. Instances (papers.md §7.2):
+like k*B while k*B << n and saturates at n. For independent tokens, uniform routing *maximises* the
+expected coverage, so U(B) is an upper bound: a layer with skewed usage touches fewer units where
+k*B ~ n (a freshly initialised PKM, whose random product keys are used unevenly, reaches ~75-85% of
+U(B) there; tests/profiling/test_cost_model.py measures it), and the bound is tight in the linear
+regime and at saturation. Instances (papers.md §7.2):
 
 * MoE, E experts, top-k, P_e params per expert: A_MoE(B) = b P_e E [1 - (1 - k/E)^B] + b (router, shared).
   Whole experts are the unit of sparsity, so a handful of tokens touches almost every expert.

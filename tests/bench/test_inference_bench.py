@@ -189,3 +189,18 @@ def test_tiny_end_to_end_on_gpu(tmp_path):
     assert ov["overlap_both_s"].notna().all() and (ov["overlap_mem_s"] > 0).all()
     assert df.loc[df["model"] != "ultramem", "overlap_frac"].isna().all()
     assert (tmp_path / "inference.html").exists()
+
+
+def test_model_scope_sees_distinct_inputs_beyond_the_vocabulary():
+    # 512 sequences over a 64-token vocabulary: without the per-sequence context vector a token's hidden
+    # state depends on its id alone, so the memory could touch at most 64 * H*K = 512 rows.
+    base = tiny_configs()["dense"]
+    pkm = PKMConfig(d_model=32, n_keys=32, heads=2, k_dim=16, top_k=4)  # N = 1024 rows, H*K = 8
+    cfg = dataclasses.replace(base, d_ff=48, plan=SparsePlan(kind="memory", memory=pkm, placements=("1:1",)))
+    df = inf.run_inference_bench([512], configs={"pkm": cfg}, warmup=0, repeats=1, ceilings=CEIL, log=None)
+    row = df.set_index("scope")
+    dense_model = 4 * (row.loc["model", "total_params"] - pkm.cost().params["values"])
+    rows_model = (row.loc["model", "bytes_accessed"] - dense_model) / (4 * 32)
+    rows_layer = (row.loc["layer", "bytes_accessed"] - 4 * pkm.cost().dense_params) / (4 * 32)
+    assert rows_model > 64 * 8
+    assert rows_model == pytest.approx(rows_layer, rel=0.15)  # like B independent random inputs
