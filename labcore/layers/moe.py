@@ -304,7 +304,8 @@ class MoE(nn.Module):
         x2, lead = flatten_tokens(x, D, "MoE")  # (N_tok, D)
         N = x2.shape[0]
 
-        logits = self.router(x2).float()  # (N_tok, E)   l = x W_r^T  [U2 eq. 1]
+        logits = self.router(x2)  # (N_tok, E)   l = x W_r^T  [U2 eq. 1]
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # route in >= float32
         weights, idx = route(cfg, logits)  # (N_tok, K), (N_tok, K)
 
         # Group the N_tok*K assignments by expert; a stable sort keeps token order inside a group.
@@ -375,7 +376,8 @@ def moe_reference(layer: MoE, x: Tensor) -> ReferenceOutput:
     ys, all_idx, all_w = [], [], []
     for t in range(N):
         xt = x2[t]  # (D,)
-        logits = layer.router.weight.float() @ xt.float()  # (E,)
+        logits = layer.router.weight @ xt  # (E,)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         if cfg.router == "topk_softmax":
             idx = torch.topk(logits, K).indices  # (K,)
             w = torch.softmax(logits[idx], dim=0)  # (K,)

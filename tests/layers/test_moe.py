@@ -1,0 +1,334 @@
+"""MoE: fast path vs the per-token reference (every router, capacity mode, shared experts), router
+identities, aux losses against hand-computed values, determinism, cost and config errors."""
+
+import math
+
+import pytest
+import torch
+
+from labcore.layers.base import ConfigError, LayerAux
+from labcore.layers.moe import ROUTERS, MoE, MoEConfig, expert_capacity, moe_reference
+
+D, I, E, K = 16, 8, 6, 2
+
+
+def make(**kw) -> MoE:
+    base = dict(d_model=D, d_expert=I, n_experts=E, top_k=K, init_std=0.3)
+    base.update(kw)
+    return MoE(MoEConfig(**base))
+
+
+def grads(layer, x, out):
+    g = torch.randn_like(out, generator=torch.Generator().manual_seed(7))
+    params = [p for _, p in layer.named_parameters()]
+    return torch.autograd.grad(out, [x, *params], g)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast path == per-token reference
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("capacity_factor", [None, 0.6])
+@pytest.mark.parametrize("impl", ["auto", "loop"])
+def test_fast_path_matches_reference(router, capacity_factor, impl):
+    layer = make(router=router, capacity_factor=capacity_factor, routed_scaling=1.7, n_shared_experts=1,
+                 shared_gate=True, expert_impl=impl)
+    x = torch.randn(3, 8, D, requires_grad=True)
+    y, aux = layer(x)
+    ref = moe_reference(layer, x)
+    assert y.shape == x.shape
+    torch.testing.assert_close(y, ref.y, rtol=1e-5, atol=1e-5)
+    assert torch.equal(aux.indices, ref.indices)
+    torch.testing.assert_close(aux.scores, ref.scores, rtol=1e-6, atol=1e-6)
+    assert aux.stats["dropped_tokens"] == ref.dropped
+    if capacity_factor is not None:
+        assert ref.dropped > 0  # the case really drops something
+    for gf, gr in zip(grads(layer, x, y), grads(layer, x, ref.y)):
+        torch.testing.assert_close(gf, gr, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shared", [dict(), dict(n_shared_experts=2), dict(n_shared_experts=1, d_shared=24)])
+def test_shared_variants_match_reference(shared):
+    layer = make(**shared)
+    x = torch.randn(20, D)
+    torch.testing.assert_close(layer(x)[0], moe_reference(layer, x).y, rtol=1e-5, atol=1e-5)
+    if shared:
+        want = shared.get("d_shared", 2 * I)
+        assert layer.shared.w_gate.weight.shape == (want, D)
+
+
+def test_float64_uses_loop_and_matches_reference_tightly():
+    layer = make(capacity_factor=1.0).double()
+    x = torch.randn(30, D, dtype=torch.float64)
+    assert not layer._use_grouped_mm(x)
+    y, aux = layer(x)
+    torch.testing.assert_close(y, moe_reference(layer, x).y, rtol=1e-12, atol=1e-12)
+    with pytest.raises(RuntimeError, match="grouped_mm"):
+        make(expert_impl="grouped_mm").double()(x)
+
+
+def test_grouped_mm_equals_expert_loop():
+    torch.manual_seed(3)
+    a = make(expert_impl="grouped_mm")
+    b = make(expert_impl="loop")
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(64, D)
+    torch.testing.assert_close(a(x)[0], b(x)[0], rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Capacity mode
+# ---------------------------------------------------------------------------------------------
+
+def test_capacity_formula():
+    cfg = MoEConfig(d_model=D, d_expert=I, n_experts=6, top_k=2, capacity_factor=1.25)
+    assert expert_capacity(cfg, 24) == 10  # 1.25 * 24 * 2 / 6 = 10 exactly
+    assert expert_capacity(cfg, 25) == 11  # 10.42 -> 11
+    assert expert_capacity(MoEConfig(d_model=D, d_expert=I, n_experts=E, top_k=K), 24) is None
+
+
+@pytest.mark.parametrize("cf", [0.3, 0.8, 1.0, 2.0])
+def test_dropped_count_and_earlier_tokens_win(cf):
+    layer = make(capacity_factor=cf)
+    x = torch.randn(2, 20, D)
+    _, aux = layer(x)
+    N = 40
+    C = math.ceil(cf * N * K / E)
+    assert aux.stats["capacity"] == C
+    # independent count: every expert beyond its capacity drops its surplus
+    per_expert = [0] * E
+    for t in range(N):
+        for j in range(K):
+            per_expert[int(aux.indices[t, j])] += 1
+    assert aux.stats["dropped_tokens"] == sum(max(0, c - C) for c in per_expert)
+    assert aux.counts.tolist() == per_expert
+    # which assignments were dropped: for every expert, exactly those after its first C (token order)
+    seen = [0] * E
+    for t in range(N):
+        for j in range(K):
+            e = int(aux.indices[t, j])
+            seen[e] += 1
+            assert (aux.scores[t, j] == 0).item() == (seen[e] > C), (t, j, e)
+
+
+def test_capacity_drop_on_a_forced_routing():
+    """All tokens prefer expert 0 (then 1): with C = 2 only tokens 0 and 1 reach expert 0."""
+    layer = make(n_experts=4, top_k=1, capacity_factor=1.0)  # C = ceil(1 * 8 * 1 / 4) = 2
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[0, 0] = 5.0
+    x = torch.randn(8, D).abs() + 0.1  # positive first feature: logit of expert 0 is largest
+    y, aux = layer(x)
+    assert aux.indices[:, 0].tolist() == [0] * 8
+    assert aux.stats["dropped_tokens"] == 6.0
+    assert (aux.scores[:2, 0] > 0).all() and (aux.scores[2:, 0] == 0).all()
+    assert (y[2:] == 0).all() and (y[:2].abs().sum(-1) > 0).all()  # residual passthrough: zero output
+
+
+def test_dropless_never_drops():
+    layer = make()
+    _, aux = layer(torch.randn(50, D))
+    assert aux.stats["dropped_tokens"] == 0.0 and "capacity" not in aux.stats
+    assert (aux.scores > 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Router conventions
+# ---------------------------------------------------------------------------------------------
+
+def test_topk_softmax_equals_softmax_topk_renorm_forward_and_backward():
+    a = make(router="softmax_topk_renorm", n_shared_experts=1, shared_gate=True)
+    b = make(router="topk_softmax", n_shared_experts=1, shared_gate=True)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(4, 6, D, requires_grad=True)
+    ya, auxa = a(x)
+    yb, auxb = b(x)
+    torch.testing.assert_close(ya, yb, rtol=1e-6, atol=1e-6)
+    assert torch.equal(auxa.indices, auxb.indices)
+    torch.testing.assert_close(auxa.scores, auxb.scores, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(auxa.scores.sum(-1), torch.ones(24), rtol=0, atol=1e-6)
+    for ga, gb in zip(grads(a, x, ya), grads(b, x, yb)):
+        torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)
+
+
+def test_softmax_topk_is_the_unrenormalised_probability():
+    layer = make(router="softmax_topk", routed_scaling=2.5)
+    x = torch.randn(12, D)
+    _, aux = layer(x)
+    probs = torch.softmax(x.double() @ layer.router.weight.double().T, -1)
+    want = 2.5 * probs.gather(1, aux.indices)
+    torch.testing.assert_close(aux.scores.double(), want, rtol=1e-5, atol=1e-6)
+    assert (aux.scores.sum(-1) < 2.5).all()
+    # the chosen experts are the K most probable ones
+    assert torch.equal(aux.indices.sort(-1).values, probs.topk(K, -1).indices.sort(-1).values)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_routed_scaling_scales_the_routed_output(router):
+    a = make(router=router)
+    b = make(router=router, routed_scaling=3.0)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(10, D)
+    torch.testing.assert_close(b(x)[0], 3.0 * a(x)[0], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Aux losses
+# ---------------------------------------------------------------------------------------------
+
+def _two_expert_layer(balance_coef=0.01, z_coef=0.001) -> MoE:
+    layer = MoE(MoEConfig(d_model=2, d_expert=4, n_experts=2, top_k=1, balance_coef=balance_coef, z_coef=z_coef))
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.eye(2))  # logits = x
+    return layer
+
+
+def test_balance_and_z_loss_hand_computed():
+    layer = _two_expert_layer()
+    ln3 = math.log(3.0)
+    x = torch.tensor([[ln3, 0.0], [ln3, 0.0]])  # probs (3/4, 1/4) twice: both tokens pick expert 0
+    _, aux = layer(x)
+    # f = (1, 0), P = (3/4, 1/4): L_bal = E * sum f_i P_i = 2 * 3/4
+    assert aux.losses["balance"].item() == pytest.approx(1.5, abs=1e-6)
+    # logsumexp(ln 3, 0) = ln 4 for both tokens
+    assert aux.losses["z"].item() == pytest.approx(math.log(4.0) ** 2, abs=1e-6)
+    assert aux.aux_loss.item() == pytest.approx(0.01 * 1.5 + 0.001 * math.log(4.0) ** 2, abs=1e-7)
+
+
+def test_balance_minimum_alpha_at_uniform_routing():
+    layer = _two_expert_layer(balance_coef=0.05, z_coef=0.0)
+    ln3 = math.log(3.0)
+    x = torch.tensor([[ln3, 0.0], [0.0, ln3]])  # one token per expert: f = P = (1/2, 1/2)
+    _, aux = layer(x)
+    assert aux.losses["balance"].item() == pytest.approx(1.0, abs=1e-6)
+    assert aux.aux_loss.item() == pytest.approx(0.05, abs=1e-8)
+    # uniform router probabilities for many experts and K: value 1 whatever the tie-breaking gives
+    big = make(n_experts=8, top_k=3, balance_coef=0.02, z_coef=0.0)
+    with torch.no_grad():
+        big.router.weight.zero_()
+    _, aux = big(torch.randn(40, D))
+    assert aux.losses["balance"].item() == pytest.approx(1.0, abs=1e-6)
+    assert aux.aux_loss.item() == pytest.approx(0.02, abs=1e-8)
+    assert aux.losses["z"].item() == pytest.approx(math.log(8.0) ** 2, abs=1e-5)
+
+
+def test_z_loss_value_and_balance_formula_on_random_input():
+    layer = make(n_experts=5, top_k=2, balance_coef=0.3, z_coef=0.7)
+    x = torch.randn(33, D)
+    _, aux = layer(x)
+    logits = x.double() @ layer.router.weight.double().T
+    z = (torch.logsumexp(logits, -1) ** 2).mean()
+    assert aux.losses["z"].item() == pytest.approx(z.item(), rel=1e-5)
+    f = torch.bincount(logits.topk(2, -1).indices.flatten(), minlength=5).double() / (33 * 2)
+    P = torch.softmax(logits, -1).mean(0)
+    bal = 5 * (f * P).sum()
+    assert aux.losses["balance"].item() == pytest.approx(bal.item(), rel=1e-5)
+    assert aux.aux_loss.item() == pytest.approx(0.3 * bal.item() + 0.7 * z.item(), rel=1e-5)
+
+
+def test_aux_losses_are_differentiable():
+    layer = make()
+    x = torch.randn(20, D, requires_grad=True)
+    _, aux = layer(x)
+    for name in ("balance", "z"):
+        g_w, g_x = torch.autograd.grad(aux.losses[name], [layer.router.weight, x], retain_graph=True)
+        assert g_w.abs().sum() > 0 and g_x.abs().sum() > 0, name
+    # the balance gradient flows through P only: check it against finite differences of E*sum f_i P_i
+    w = layer.router.weight.detach().double()
+    f = aux.counts.double() / (20 * K)
+    def bal(wd):
+        return E * (f * torch.softmax(x.detach().double() @ wd.T, -1).mean(0)).sum()
+    g_ref = torch.autograd.functional.jacobian(bal, w)
+    g_w = torch.autograd.grad(aux.losses["balance"], layer.router.weight)[0]
+    torch.testing.assert_close(g_w.double(), g_ref, rtol=1e-4, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients, determinism, layouts, record
+# ---------------------------------------------------------------------------------------------
+
+def test_gradients_reach_every_parameter():
+    layer = make(n_shared_experts=1, shared_gate=True, capacity_factor=1.5)
+    x = torch.randn(4, 16, D, requires_grad=True)
+    y, aux = layer(x)
+    (y.square().mean() + aux.aux_loss).backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    # every expert was used, so every expert's slice received gradient
+    assert (layer.gate_up_proj.grad.flatten(1).abs().sum(1) > 0).all()
+    assert (layer.down_proj.grad.flatten(1).abs().sum(1) > 0).all()
+
+
+def test_same_seed_bitwise_identical_and_eval_equals_train():
+    def run():
+        torch.manual_seed(123)
+        layer = make(n_shared_experts=1, shared_gate=True)
+        x = torch.randn(3, 9, D)
+        return layer, x, layer(x)
+    l1, x, (y1, a1) = run()
+    _, _, (y2, a2) = run()
+    assert torch.equal(y1, y2) and torch.equal(a1.indices, a2.indices) and torch.equal(a1.scores, a2.scores)
+    assert torch.equal(a1.aux_loss, a2.aux_loss)
+    l1.eval()
+    y3, _ = l1(x)
+    y4, _ = l1(x)
+    assert torch.equal(y1, y3) and torch.equal(y3, y4)  # no random routing or noise, in eval or train
+
+
+def test_input_layouts_and_record():
+    layer = make()
+    x = torch.randn(2, 7, D)
+    y3, aux3 = layer(x)
+    y2, aux2 = layer(x.reshape(14, D))
+    assert y3.shape == (2, 7, D) and y2.shape == (14, D)
+    torch.testing.assert_close(y3.reshape(14, D), y2, rtol=0, atol=1e-7)
+    assert isinstance(aux3, LayerAux)
+    assert aux3.indices.shape == (14, K) and aux3.indices.dtype == torch.long
+    assert aux3.scores.shape == (14, K) and aux3.counts.shape == (E,)
+    assert torch.equal(aux3.counts, torch.bincount(aux3.indices.flatten(), minlength=E))
+    assert aux3.counts.sum().item() == 14 * K
+    assert aux3.aux_loss.shape == () and aux3.aux_loss.requires_grad
+    assert set(aux3.losses) == {"balance", "z"}
+    assert (aux3.indices[:, 0] != aux3.indices[:, 1]).all()
+    with pytest.raises(ValueError, match="MoE"):
+        layer(torch.randn(2, 7, D + 1))
+
+
+def test_cost_matches_module():
+    for kw in (dict(), dict(n_shared_experts=2), dict(n_shared_experts=1, d_shared=40, shared_gate=True)):
+        cfg = MoEConfig(d_model=D, d_expert=I, n_experts=E, top_k=K, **kw)
+        layer = MoE(cfg)
+        c = cfg.cost()
+        assert c.total_params == sum(p.numel() for p in layer.parameters())
+        assert c.params["experts"] == E * 3 * D * I and c.unit_params == 3 * D * I
+        assert c.sparse_part == "experts" and c.n_units == E and c.units_per_token == K
+        assert c.active_params_per_token == c.total_params - (E - K) * 3 * D * I
+        Is = cfg.shared_hidden
+        gate = D if cfg.shared_gate else 0
+        assert c.flops_per_token == 2 * (D * E + K * 3 * D * I + 3 * D * Is + gate + K * D)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("top_k", 7),  # > n_experts = 6
+    ("top_k", 0),
+    ("router", "softmax_renorm"),
+    ("d_model", 0),
+    ("d_expert", -8),
+    ("n_experts", 0),
+    ("capacity_factor", 0.0),
+    ("capacity_factor", -1.25),
+    ("routed_scaling", 0.0),
+    ("n_shared_experts", -1),
+    ("d_shared", 32),  # without shared experts
+    ("shared_gate", True),  # without shared experts
+    ("balance_coef", -0.01),
+    ("z_coef", math.inf),
+    ("expert_impl", "triton"),
+])
+def test_bad_config(field, value):
+    kwargs = dict(d_model=D, d_expert=I, n_experts=E, top_k=K)
+    kwargs[field] = value
+    with pytest.raises(ConfigError) as err:
+        MoEConfig(**kwargs)
+    assert f"MoEConfig.{field}={value!r}" in str(err.value)
