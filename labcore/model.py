@@ -59,6 +59,10 @@ Choices made here (documented, not from a paper)
   decay embeddings). Layers tag their own parameters (value tables "memory_values", keys "no_decay").
 - ``aux`` holds the records of the *sparse* layers only (MoE blocks and memories); dense FFNs are not
   listed. ``aux_loss`` is the sum of their (already weighted) ``aux_loss``.
+- Causality: attention is causal and every FFN / MoE / memory acts on each token separately, so a
+  token's logits never depend on later tokens (tested for every plan kind). Two layer options
+  couple the tokens of a batch and break this in training mode: an MoE ``capacity_factor`` (which
+  tokens are dropped depends on the whole batch) and PKM's ``query_norm="batchnorm"``.
 """
 
 from __future__ import annotations

@@ -344,3 +344,63 @@ def test_from_dict_round_trip_and_yaml_forms():
     cfg = ModelConfig.from_dict(data)  # d_model filled into the memory config
     assert cfg == cfg_with(PLANS["ultramem_skip_shared"])
     assert cfg.memory_pairs() == ((0, 2), (1, 3))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: gradients reach every part, optimiser groups by role, a few steps fit a batch.
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["moe_some_blocks", "pkm_skip", "ultramem_skip_shared"])
+def test_every_parameter_gets_a_gradient_and_a_few_steps_fit_a_batch(name):
+    from labcore.optim import build_param_groups, refresh_all
+
+    lm = LM(cfg_with(PLANS[name]))
+    groups = build_param_groups(lm, lr=2e-2, weight_decay=0.0)
+    grouped = [p for g in groups for p in g["params"]]
+    assert len(grouped) == len({id(p) for p in grouped}) == len(list(lm.parameters()))  # each once
+    roles = {g["lr_role"]: g["params"] for g in groups}
+    assert any(p is lm.tok_emb.weight for p in roles["default"])
+    if lm.memories:
+        assert {id(layer.values.weight) for _, layer in lm.memory_layers()} <= {
+            id(p) for p in roles["memory_values"]}
+    opt = torch.optim.Adam(groups)
+    idx = torch.randint(0, V, (4, 12))
+    tgt = torch.roll(idx, -1, dims=1)
+    losses = []
+    for step in range(12):
+        out = lm(idx, tgt)
+        opt.zero_grad()
+        (out.loss + out.aux_loss).backward()
+        if step == 0:
+            for n, p in lm.named_parameters():
+                assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, n
+        opt.step()
+        n_refreshed = refresh_all(lm)
+        if PLANS[name].memory_type == "ultramem":
+            assert n_refreshed == len(lm.memories)  # each UltraMem once (the LM is a container)
+        losses.append(out.loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses  # ln(61) = 4.1 at the start
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(PLANS))
+def test_cuda_bf16_autocast_forward_backward(name):
+    cfg = cfg_with(PLANS[name])
+    torch.manual_seed(0)
+    cpu = LM(cfg).eval()
+    gpu = LM(cfg).cuda().eval()
+    gpu.load_state_dict(cpu.state_dict())
+    idx = torch.randint(0, V, (2, 12))
+    tgt = torch.roll(idx, -1, dims=1)
+    with torch.no_grad():
+        ref = cpu(idx, tgt)
+        fp32 = gpu(idx.cuda(), tgt.cuda())
+    assert torch.allclose(fp32.logits.cpu(), ref.logits, atol=1e-4)
+    gpu.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = gpu(idx.cuda(), tgt.cuda())
+    assert out.loss.dtype == torch.float32 and abs(out.loss.item() - ref.loss.item()) < 0.05
+    (out.loss + out.aux_loss).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in gpu.parameters())
+    gpu.refresh_retrieval()
