@@ -253,7 +253,9 @@ class _Best:
 def _check_base(fn: str, base: ModelConfig, target_total_params: int, tol: float,
                 context_len: int | None) -> tuple[int, int]:
     if not isinstance(base, ModelConfig) or base.plan.kind != "dense":
-        raise ConfigError(f"{fn}: base={base!r} is not allowed: must be a ModelConfig with a dense plan")
+        got = f"a ModelConfig with plan kind {base.plan.kind!r}" if isinstance(base, ModelConfig) else (
+            type(base).__name__)
+        raise ConfigError(f"{fn}: base ({got}) is not allowed: must be a ModelConfig with a dense plan")
     check_int(fn, "target_total_params", target_total_params, min_value=1)
     check_float(fn, "tol", tol, min_value=0.0, max_value=1.0, min_inclusive=False)
     C = base.max_seq_len if context_len is None else context_len

@@ -50,9 +50,12 @@ Choices made here (documented, not from a paper)
 - Initialisation: token embedding, attention q/k/v and an untied head ~ N(0, init_std); the attention
   output projection ~ N(0, init_std / sqrt(2L)) (GPT-2's residual scaling); the dense FFNs get
   ``FFNConfig(init_std=init_std)``. MoE and memory layers keep their own initialisation (their
-  configs own it). For memory configs that have a
-  ``n_model_layers`` field (UltraMem's paper init, values ~ N(0, E / (2 m H L))), the LM sets it to the
-  number of memory layers in the plan; see :meth:`ModelConfig.memory_layer_config`.
+  configs own it). For memory configs with a ``n_model_layers`` field (UltraMem's paper init,
+  values ~ N(0, E / (2 m H L))), the LM sets L to the number of MEMORY layers in the plan (see
+  :meth:`ModelConfig.memory_layer_config`): the variances of all memory outputs add up in the
+  residual stream, so with L = number of memories the summed memory variance stays the same when
+  one big memory is split into several (the layer-splitting ablation compares them at equal total
+  output variance). The paper's own L is not readable (papers.md §1.6, secondary sources).
 - Parameter roles (for ``labcore.optim.build_param_groups``): norm gains are 1-D, hence "no_decay"
   (the trunk has no biases); the token embedding is tagged "default" (decayed). It is tied to the LM
   head, a linear map, so it is decayed like the other matrices (nanoGPT's convention; OLMo does not
@@ -108,7 +111,7 @@ def parse_placement(text: Any, owner: str = "SparsePlan.placements") -> tuple[in
     if not isinstance(text, str) or text.count(":") != 1:
         raise ConfigError(f"{owner}: placement {text!r} is not allowed: must be {allowed}")
     left, right = (s.strip() for s in text.split(":"))
-    if not (left.isdigit() and right.isdigit()):
+    if not (left.isdecimal() and right.isdecimal()):
         raise ConfigError(f"{owner}: placement {text!r} is not allowed: must be {allowed}")
     k, v = int(left), int(right)
     if k > v:

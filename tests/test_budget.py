@@ -219,7 +219,7 @@ def test_default_small_family_within_2pct():
 def test_matcher_errors_are_clear():
     with pytest.raises(ConfigError, match=r"target_total_params=1,000 is not allowed: must exceed"):
         match_moe(BASE, 1_000)
-    with pytest.raises(ConfigError, match=r"base=.*dense plan"):
+    with pytest.raises(ConfigError, match=r"base \(a ModelConfig with plan kind 'moe'\).*dense plan"):
         match_pkm(CONFIGS["moe_all"], 10**6)
     with pytest.raises(ConfigError, match=r"match_moe: cannot match .*closest: params off by"):
         match_moe(BASE, 30 * 70_000, multiple_of=1)  # the router would eat the FLOP budget
