@@ -29,7 +29,7 @@ Query and keys (``qk_norm`` normalises each side's query and every key over its 
 a gain shared by all heads/sides; ``norm_type`` "layernorm" or "rmsnorm")::
 
     q_row, q_col = split(W_q x)                        W_q: (Hq*2*D_k, D), rows (head, side, d)
-    S_row = K_row q_row  in R^{R x n_s}                 K_row: (n_s, D_k, R)          (U2 eq. 6)
+    S_row = K_row q_row  in R^{R x n_s}                 K_row: (R, n_s, D_k)          (U2 eq. 6)
     S_col = K_col q_col  in R^{R x n_s}
 
 TDQKR, Tucker-decomposed query-key retrieval (``scoring="tucker"``)::
@@ -46,14 +46,15 @@ core: C ~ lambda_1 u t^T (leading singular vectors of the SUMMED core, computed 
     candidates: the m x m cells I x J scored EXACTLY with the full summed core C
     selection:  the K best candidates (i_k, j_k);  slot v_k = i_k * n_s + j_k  (virtual slot)
 
-The search is exact when m = n_s (every row and column is a candidate) and approximate otherwise
-(``tests`` measure its recall). Like the release, it keeps the LARGEST proxies only, so cells whose
-two proxies are both strongly negative (a large positive product) are never candidates: at init,
-with symmetric scores, that is about half of the exact top-K (recall ~0.5 at m = K, measured in
-the tests); training shapes the keys around the search it is given. PKM is the special case R = 2, S_row = [s_row; 1],
-S_col = [1; s_col], C = [[0, 1], [1, 0]] (score = s_row[i] + s_col[j]); labcore implements that
-case directly as ``scoring="additive"`` (R = 1 key set per side, exact product-key top-K: the top-K
-sums lie in the top-K rows x top-K columns).
+The search is exact when m = n_s (every row and column is a candidate) and approximate otherwise.
+Like the release, it keeps the LARGEST proxies only, so cells whose two proxies are both strongly
+negative (a large positive product) are never candidates: at init, with symmetric scores, that is
+about half of the exact top-K (recall ~0.5 at m = K; the tests measure it); training shapes the
+keys around the search it is given.
+
+PKM is the special case R = 2, S_row = [s_row; 1], S_col = [1; s_col], C = [[0, 1], [1, 0]]
+(score = s_row[i] + s_col[j]). labcore implements it directly as ``scoring="additive"`` (one key
+set per side, R = 1; exact product-key top-K: the top-K sums lie in the top-K rows x top-K cols).
 
 MCS, multi-core scoring (``n_cores = h``; U1 eqs. 16-17 in the numbering of the secondary notes,
 papers.md §1.5). ONE selection by the summed grid; each core's own score at the selected slots,
@@ -87,8 +88,9 @@ scoring, R >= 2); only ``tucker_aux=True`` adds ``alpha * L_aux`` to ``aux.aux_l
 
 Shapes in the code: tokens are flattened to N_tok; keys are (H, 2, R, n_s, D_k) (side 0 = rows;
 the release stores (H, 2, n_s, D_k, R): ``keys.permute(0, 1, 3, 4, 2)``); side scores are
-(N_tok, H, R, n_s), i.e. S_row per token and head as in eq. 6; selections (N_tok, H, K); ``aux.indices`` /
-``aux.scores`` are (N_tok, H*K), head-major, each head's K sorted by descending summed score.
+(N_tok, H, R, n_s), i.e. S_row per token and head as in eq. 6; selections (N_tok, H, K);
+``aux.indices`` / ``aux.scores`` are (N_tok, H*K), head-major, each head's K sorted by descending
+summed score; ``aux.core_scores`` (N_tok, H*K, h).
 
 Initialisation (``init``)
 -------------------------
@@ -358,6 +360,18 @@ class UltraMemAux(LayerAux):
 # ---------------------------------------------------------------------------------------------
 
 
+def _topk(x: Tensor, k: int, sorted: bool = True) -> tuple[Tensor, Tensor]:
+    """``x.topk(k, dim=-1)``; on CPU float32 it ranks order-preserving int32 keys instead (torch's
+    CPU top-k is ~25% faster on integers) and gathers the values back from x (gradients flow as
+    through topk). Same result up to ties (-0.0 ranks below +0.0)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return x.topk(k, dim=-1, sorted=sorted)
+    bits = x.detach().view(torch.int32)
+    key = (bits >> 31) & 0x7FFFFFFF                                         # negatives: flip magnitude
+    idx = (key ^ bits).topk(k, dim=-1, sorted=sorted).indices
+    return x.gather(-1, idx), idx
+
+
 def _search_tucker(s_row: Tensor, s_col: Tensor, u: Tensor, t: Tensor, core: Tensor, m: int,
                    k: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """TDQKR candidate search on side scores (..., H, R, n_s) with u, t (H, R), core (H, R, R).
@@ -368,12 +382,12 @@ def _search_tucker(s_row: Tensor, s_col: Tensor, u: Tensor, t: Tensor, core: Ten
     R = s_row.shape[-2]
     proxy_row = (u.unsqueeze(-2) @ s_row).squeeze(-2)                      # u^T S_row: (..., H, n_s)
     proxy_col = (t.unsqueeze(-2) @ s_col).squeeze(-2)                      # t^T S_col: (..., H, n_s)
-    top_r = proxy_row.topk(m, dim=-1, sorted=False).indices                 # (..., H, m), any order
-    top_c = proxy_col.topk(m, dim=-1, sorted=False).indices                 # (..., H, m)
+    top_r = _topk(proxy_row, m, sorted=False)[1]                            # (..., H, m), any order
+    top_c = _topk(proxy_col, m, sorted=False)[1]                            # (..., H, m)
     sel_r = s_row.gather(-1, top_r.unsqueeze(-2).expand(*top_r.shape[:-1], R, m))  # S_row[:, I]: (..., H, R, m)
     sel_c = s_col.gather(-1, top_c.unsqueeze(-2).expand(*top_c.shape[:-1], R, m))  # S_col[:, J]: (..., H, R, m)
     grid = (sel_r.transpose(-1, -2) @ core) @ sel_c                         # U2 eq. 7 on I x J: (..., H, m, m)
-    scores, flat = grid.flatten(-2).topk(k, dim=-1)                         # (..., H, K)
+    scores, flat = _topk(grid.flatten(-2), k)                               # (..., H, K), descending
     i, j = flat // m, flat % m                                              # candidate coordinates
     rows, cols = top_r.gather(-1, i), top_c.gather(-1, j)                  # (..., H, K)
     vec_r = sel_r.gather(-1, i.unsqueeze(-2).expand(*i.shape[:-1], R, k))  # (..., H, R, K)
@@ -384,10 +398,10 @@ def _search_tucker(s_row: Tensor, s_col: Tensor, u: Tensor, t: Tensor, core: Ten
 def _search_additive(s_row: Tensor, s_col: Tensor, m: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """PKM product-key search on side scores (..., H, n_s): exact top-K of s_row[i] + s_col[j]
     when m >= K. Returns rows, cols, scores (..., H, K)."""
-    val_r, top_r = s_row.topk(m, dim=-1)                                    # U2 eq. 3: (..., H, m)
-    val_c, top_c = s_col.topk(m, dim=-1)
+    val_r, top_r = _topk(s_row, m)                                          # U2 eq. 3: (..., H, m)
+    val_c, top_c = _topk(s_col, m)
     grid = val_r.unsqueeze(-1) + val_c.unsqueeze(-2)                        # U2 eq. 4: (..., H, m, m)
-    scores, flat = grid.flatten(-2).topk(k, dim=-1)                         # (..., H, K)
+    scores, flat = _topk(grid.flatten(-2), k)                               # (..., H, K), descending
     return top_r.gather(-1, flat // m), top_c.gather(-1, flat % m), scores
 
 
