@@ -95,8 +95,13 @@ def score_grid_figure(grid: np.ndarray, selected: Sequence[int] = (), title: str
                                  marker=dict(symbol="x", size=11, color=CHOSEN)))
     fig = _layout(fig, title, "column sub-key j (index)", "row sub-key i (index)",
                   legend=dict(orientation="h", y=-0.15))
-    fig.update_yaxes(autorange="reversed", scaleanchor="x", constrain="domain")
-    fig.update_xaxes(constrain="domain")
+    return _square_grid_axes(fig, n)
+
+
+def _square_grid_axes(fig: go.Figure, n: int) -> go.Figure:
+    """Cells as squares, row 0 on top, axes exactly around the n x n cells (markers do not widen them)."""
+    fig.update_yaxes(range=[n - 0.5, -0.5], scaleanchor="x", constrain="domain")
+    fig.update_xaxes(range=[-0.5, n - 0.5], constrain="domain")
     return fig
 
 
@@ -153,9 +158,7 @@ def ive_figure(mapping: IVEMapping, virtual_slots: Sequence[int] = (), title: st
     shuffled = "shuffled" if mapping.shuffled else "not shuffled"
     fig = _layout(fig, title or f"IVE: {E} x {mapping.n_physical} virtual slots -> blocks ({shuffled})",
                   "virtual column j (index)", "virtual row i (index)", legend=dict(orientation="h", y=-0.15))
-    fig.update_yaxes(autorange="reversed", scaleanchor="x", constrain="domain")
-    fig.update_xaxes(constrain="domain")
-    return fig
+    return _square_grid_axes(fig, side)
 
 
 def tour_figures(record: TourRecord) -> dict[str, go.Figure]:
