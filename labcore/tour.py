@@ -55,12 +55,15 @@ One token ``x`` (D,) goes through five stations:
     the physical rows per block first and projecting afterwards,
     ``o = sum_p W_p^T (V^T s_p)`` (U2 eq. 9), which equals reading the materialised virtual table
     ``V_p = V W_p`` (:func:`ive_output` vs :func:`ive_output_materialized`). Without the shuffle
-    the E copies of a physical row sit at aligned grid positions (same column, rows N/n_v apart).
+    the E copies of a physical row sit at aligned grid positions (when sqrt(E) divides n: the
+    same column, N/(sqrt(E) n) rows apart) and each block is a band of consecutive rows.
 
-Where labcore differs from the papers here: the tour's query projection has no norm and no conv
-(the real layers have them), and the SVD proxy's sign is fixed by a deterministic convention
-(largest-magnitude entry of u positive) where the training code keeps it close to the previous
-optimiser step's vectors.
+Where the tour differs from the papers and labcore's layers: its query projection has no norm
+and no conv (the real layers have them); one head and one Tucker core (the summed core of MCS);
+the core is drawn Uniform[0, 1) like the release's init; the SVD proxy's sign is fixed by a
+deterministic convention (largest-magnitude entry of u positive) where training keeps it close
+to the previous optimiser step's vectors (``UltraMem.refresh_retrieval``). Tests check that the
+tour's selections equal those of ``labcore.layers`` (MoE, PKM, UltraMem with the layer's u, t).
 """
 
 from __future__ import annotations

@@ -224,6 +224,7 @@ def test_explorer_params_and_save(results, tmp_path):
     assert again.name == "ex-2" and RunDir(again).is_done()        # a finished run is never overwritten
 
 
+@pytest.mark.slow   # ~10 s on an idle machine (a kernel start); the ui suite runs this notebook too
 def test_explorer_notebook_runs_headless_on_a_results_fixture(results, tmp_path):
     import nbformat
     import papermill
