@@ -20,6 +20,7 @@ import argparse
 import importlib
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -169,6 +170,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     else:
         jobs = args.jobs or max(1, local_cores() // 2)
         backend = LocalPoolBackend(jobs, gpus=gpus)
+    def _terminate(signum, frame):  # SIGTERM (kill, timeout, a batch system): stop like Ctrl-C
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         result = run_sweep(spec, args.results_root, backend, retries=args.retries,
                            progress=not args.no_progress,
@@ -177,6 +182,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     finally:
+        signal.signal(signal.SIGTERM, previous)
         backend.close()
     return result.exit_code
 

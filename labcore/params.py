@@ -194,28 +194,36 @@ def check_value(tp: Any, value: Any) -> Any:
     if origin is list or tp is list:
         if not isinstance(value, list | tuple):
             raise TypeMismatch(describe_type(tp))
-        return [check_value(args[0], v) for v in value] if args else list(value)
+        return [_item(tp, args[0], i, v) for i, v in enumerate(value)] if args else list(value)
     if origin is tuple or tp is tuple:
         if not isinstance(value, list | tuple):
             raise TypeMismatch(describe_type(tp))
         if not args:
             return tuple(value)
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(check_value(args[0], v) for v in value)
+            return tuple(_item(tp, args[0], i, v) for i, v in enumerate(value))
         if len(args) != len(value):
             raise TypeMismatch(describe_type(tp))
-        return tuple(check_value(a, v) for a, v in zip(args, value))
+        return tuple(_item(tp, a, i, v) for i, (a, v) in enumerate(zip(args, value)))
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise TypeMismatch(describe_type(tp))
         if not args:
             return dict(value)
-        return {check_value(args[0], k): check_value(args[1], v) for k, v in value.items()}
+        return {_item(tp, args[0], f"key {k!r}", k): _item(tp, args[1], repr(k), v) for k, v in value.items()}
     if isinstance(tp, type):
         if isinstance(value, tp):
             return value
         raise TypeMismatch(describe_type(tp))
     return value  # an annotation we do not understand: accept (the dataclass may still check it)
+
+
+def _item(container: Any, tp: Any, index: Any, value: Any) -> Any:
+    """Check one element of a list/tuple/dict, naming it in the error."""
+    try:
+        return check_value(tp, value)
+    except TypeMismatch as e:
+        raise TypeMismatch(f"{describe_type(container)} (item {index} = {value!r} is not {e.allowed})") from None
 
 
 def _exact_match(tp: Any, value: Any) -> bool:

@@ -471,6 +471,8 @@ def runs_table(root: str | Path, run_ids: Iterable[str] | None = None) -> pd.Dat
                      "error_name": err.get("ename"), "error_message": err.get("evalue"),
                      "error_cell": err.get("cell_index"),
                      "params": json.dumps(jsonable(rj.get("params") or {}), sort_keys=True), "path": str(d)})
+    if not rows:
+        return pd.DataFrame(columns=["run_id", "sweep", "notebook", "seed", "status", "duration_s", "path"])
     return _ordered(pd.DataFrame(rows), rows)
 
 

@@ -27,6 +27,7 @@ into place there.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import replace
@@ -140,6 +141,8 @@ class DaskBackend:
         return f"{what}: {n} workers ({self.gpu_worker_count()} with GPU=1)"
 
     def close(self, cancel: bool = False) -> None:
+        if self.lost():  # the client's reconnect attempts would log tracebacks while closing
+            logging.getLogger("distributed").setLevel(logging.CRITICAL)
         for ex in (self._cpu, self._gpu):
             try:
                 ex.shutdown(wait=False)

@@ -146,14 +146,20 @@ def run_sweep(spec: SweepSpec, results_root: str | Path, backend: Backend, *, re
         _write_sweep_json(spec, sweep_dir, backend)
         todo = []
         for r in spec.runs:
-            (result.skipped if run_status(sweep_dir / r.run_id) == "done" else todo).append(r)
+            if run_status(sweep_dir / r.run_id) == "done":
+                result.skipped.append(r.run_id)
+            else:
+                todo.append(r)
         _clean_attempts(sweep_dir, older_than_s=max((r.timeout_s for r in spec.runs), default=0) + 60)
         print(f"sweep {spec.name}: {len(spec.runs)} runs ({len(result.skipped)} already done, "
               f"{len(todo)} to run) on {backend.describe()}; results in {sweep_dir}", file=out, flush=True)
         if spec.needs_gpu and backend.gpu_slots is not None and not backend.gpu_slots:
             print("note: runs marked gpu: true run without a GPU slot (no --gpus and no GPU found)",
                   file=out, flush=True)
-        if spec.needs_gpu and hasattr(backend, "gpu_worker_count") and backend.gpu_worker_count() == 0:
+        if todo and hasattr(backend, "workers") and not backend.workers():
+            print("warning: the dask scheduler has no workers yet; runs wait until workers join",
+                  file=out, flush=True)
+        elif spec.needs_gpu and hasattr(backend, "gpu_worker_count") and backend.gpu_worker_count() == 0:
             print("warning: runs need a GPU but no dask worker declares resources GPU=1 yet; they wait "
                   "until one joins", file=out, flush=True)
 

@@ -255,24 +255,30 @@ class _Watchdog(threading.Thread):
 
 
 def _failed_cell(executed: Path) -> dict[str, Any]:
-    """Index of the cell that raised, in the source notebook (papermill's injected and error-marker
-    cells skipped) and in executed.ipynb, plus its execution count."""
+    """Where a run stopped: the cell papermill marked as raising or, when the kernel was stopped
+    from outside (timeout, dead kernel), the last cell that started. Its index in the *source*
+    notebook (papermill's injected and error-marker cells skipped) and in executed.ipynb, and its
+    execution count."""
     import nbformat
 
     try:
         nb = nbformat.read(str(executed), as_version=4)
     except Exception:  # noqa: BLE001 - no executed notebook: nothing to point at
         return {}
-    src_index = 0
+    found, last_started, src_index = None, None, 0
     for i, cell in enumerate(nb.cells):
         tags = cell.get("metadata", {}).get("tags", [])
         if "injected-parameters" in tags or "papermill-error-cell-tag" in tags:
             continue
-        if cell.get("metadata", {}).get("papermill", {}).get("exception"):
-            return {"cell_index": src_index, "executed_cell_index": i,
-                    "exec_count": cell.get("execution_count")}
+        pm_meta = cell.get("metadata", {}).get("papermill", {})
+        where = {"cell_index": src_index, "executed_cell_index": i, "exec_count": cell.get("execution_count")}
+        if pm_meta.get("exception"):
+            found = where
+            break
+        if pm_meta.get("start_time"):
+            last_started = where
         src_index += 1
-    return {}
+    return found or last_started or {}
 
 
 def _execute(task: RunTask, attempt_dir: Path, env: dict[str, str]) -> dict[str, Any] | None:
