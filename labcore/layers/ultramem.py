@@ -360,18 +360,6 @@ class UltraMemAux(LayerAux):
 # ---------------------------------------------------------------------------------------------
 
 
-def _topk(x: Tensor, k: int, sorted: bool = True) -> tuple[Tensor, Tensor]:
-    """``x.topk(k, dim=-1)``; on CPU float32 it ranks order-preserving int32 keys instead (torch's
-    CPU top-k is ~25% faster on integers) and gathers the values back from x (gradients flow as
-    through topk). Same result up to ties (-0.0 ranks below +0.0)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32:
-        return x.topk(k, dim=-1, sorted=sorted)
-    bits = x.detach().view(torch.int32)
-    key = (bits >> 31) & 0x7FFFFFFF                                         # negatives: flip magnitude
-    idx = (key ^ bits).topk(k, dim=-1, sorted=sorted).indices
-    return x.gather(-1, idx), idx
-
-
 def _search_tucker(s_row: Tensor, s_col: Tensor, u: Tensor, t: Tensor, core: Tensor, m: int,
                    k: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """TDQKR candidate search on side scores (..., H, R, n_s) with u, t (H, R), core (H, R, R).
@@ -382,12 +370,12 @@ def _search_tucker(s_row: Tensor, s_col: Tensor, u: Tensor, t: Tensor, core: Ten
     R = s_row.shape[-2]
     proxy_row = (u.unsqueeze(-2) @ s_row).squeeze(-2)                      # u^T S_row: (..., H, n_s)
     proxy_col = (t.unsqueeze(-2) @ s_col).squeeze(-2)                      # t^T S_col: (..., H, n_s)
-    top_r = _topk(proxy_row, m, sorted=False)[1]                            # (..., H, m), any order
-    top_c = _topk(proxy_col, m, sorted=False)[1]                            # (..., H, m)
+    top_r = proxy_row.topk(m, dim=-1, sorted=False).indices                 # (..., H, m), any order
+    top_c = proxy_col.topk(m, dim=-1, sorted=False).indices                 # (..., H, m)
     sel_r = s_row.gather(-1, top_r.unsqueeze(-2).expand(*top_r.shape[:-1], R, m))  # S_row[:, I]: (..., H, R, m)
     sel_c = s_col.gather(-1, top_c.unsqueeze(-2).expand(*top_c.shape[:-1], R, m))  # S_col[:, J]: (..., H, R, m)
     grid = (sel_r.transpose(-1, -2) @ core) @ sel_c                         # U2 eq. 7 on I x J: (..., H, m, m)
-    scores, flat = _topk(grid.flatten(-2), k)                               # (..., H, K), descending
+    scores, flat = grid.flatten(-2).topk(k, dim=-1)                         # (..., H, K), descending
     i, j = flat // m, flat % m                                              # candidate coordinates
     rows, cols = top_r.gather(-1, i), top_c.gather(-1, j)                  # (..., H, K)
     vec_r = sel_r.gather(-1, i.unsqueeze(-2).expand(*i.shape[:-1], R, k))  # (..., H, R, K)
@@ -398,10 +386,10 @@ def _search_tucker(s_row: Tensor, s_col: Tensor, u: Tensor, t: Tensor, core: Ten
 def _search_additive(s_row: Tensor, s_col: Tensor, m: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """PKM product-key search on side scores (..., H, n_s): exact top-K of s_row[i] + s_col[j]
     when m >= K. Returns rows, cols, scores (..., H, K)."""
-    val_r, top_r = _topk(s_row, m)                                          # U2 eq. 3: (..., H, m)
-    val_c, top_c = _topk(s_col, m)
+    val_r, top_r = s_row.topk(m, dim=-1)                                    # U2 eq. 3: (..., H, m)
+    val_c, top_c = s_col.topk(m, dim=-1)
     grid = val_r.unsqueeze(-1) + val_c.unsqueeze(-2)                        # U2 eq. 4: (..., H, m, m)
-    scores, flat = _topk(grid.flatten(-2), k)                               # (..., H, K), descending
+    scores, flat = grid.flatten(-2).topk(k, dim=-1)                         # (..., H, K), descending
     return top_r.gather(-1, flat // m), top_c.gather(-1, flat % m), scores
 
 
