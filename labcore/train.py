@@ -9,6 +9,8 @@ One optimiser step ``s`` (0-based; after it ``step = s + 1`` steps are done)
               = lr * (r + (1 - r) * 0.5 * (1 + cos(pi * p)))             p = (s - W) / (S - 1 - W)   (cosine to r * lr)
     lr_values = lr_s * (1 + (M - 1) * max(0, 1 - s / T_v))               value-LR decay (papers.md §1.6)
     refresh_all(model)                         UltraMem: rank-1 SVD proxy of the Tucker cores, once per step
+                                               (before the micro-batches: equal to the release's "after
+                                               each optimizer.step()", and also right after a resume)
     for each of the A micro-batches (x, y) of B windows of T tokens:
         loss = CE(model(x), y) + aux_loss      aux_loss: the sparse layers' weighted aux losses
         (loss / A).backward()                  gradient accumulation: mean over the A micro-batches
@@ -34,9 +36,15 @@ Run directory (``run_dir``)::
                            the last ``keep_checkpoints`` are kept)
     train.json             the configs and the final metrics (written last, atomically)
 
+``run.json`` (status running/done, see ``labcore.results.RunDir``) belongs to whoever owns the run:
+a notebook wraps ``train(...)`` in its own ``RunDir``; ``labcore train`` (:func:`cli_main`) does the
+same. ``train`` itself only appends to ``history.jsonl``, so both can log into one directory.
+
 A run killed at any point resumes from its last checkpoint (``train(..., resume=True)``, the
 default) and ends with exactly the state and metrics of an uninterrupted run (batches are a pure
 function of the step, RNG states are restored, history lines after the checkpoint are dropped).
+Bit-exact on the same device with the same torch thread count; a different thread count changes
+float reduction order, so states then agree only to rounding.
 A non-finite loss or gradient stops the run with :class:`NonFiniteLossError` naming the step and
 the last good checkpoint.
 

@@ -319,3 +319,74 @@ def test_each_architecture_beats_unigram_on_knowledge(kb_data, tmp_path, arch):
     mcfg = dataclasses.replace(model_cfg(arch, d=64), tie_embeddings=False)
     res = train(mcfg, cfg, kb_data, tmp_path / arch)
     assert res.final["val_loss"] < base["loss"] - 0.5, (res.final["val_loss"], base)
+
+
+# ----------------------------------------------------------------------------------------------
+# A real kill (SIGKILL, no exception handlers run) and the benchmark's hook timer.
+# ----------------------------------------------------------------------------------------------
+
+KILL_SCRIPT = """
+import os, signal, sys
+import torch
+torch.set_num_threads({threads})  # same reduction order as the parent: bit-exact comparison
+sys.path.insert(0, {tests!r})
+from test_train import model_cfg, tcfg
+from labcore.data import KnowledgeConfig, load_dataset
+from labcore.train import train
+data = load_dataset(KnowledgeConfig(n_people=20, bios_per_person=2, seed=0), False)
+def die(step, row):
+    if step == {kill_at}:
+        os.kill(os.getpid(), signal.SIGKILL)
+train(model_cfg("ultramem"), tcfg(), data, {run_dir!r}, callbacks=[die])
+"""
+
+
+@pytest.mark.slow
+def test_sigkilled_subprocess_resumes_to_identical_result(kb_data, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = KILL_SCRIPT.format(tests=str(Path(__file__).parent), kill_at=5, run_dir=str(tmp_path / "cut"),
+                              threads=torch.get_num_threads())
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert latest_checkpoint(tmp_path / "cut").name == "step-000004.pt"
+    resumed = train(model_cfg("ultramem"), tcfg(), kb_data, tmp_path / "cut")
+    full = train(model_cfg("ultramem"), tcfg(), kb_data, tmp_path / "full")
+    assert resumed.resumed_from == 4 and resumed.final == full.final
+    sf, sr = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(sf[k], sr[k]) for k in sf)
+
+
+def test_bench_sparse_timer_brackets_forward_and_backward():
+    import time
+
+    from labcore.bench.training import SparseTimer
+
+    class SlowBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            time.sleep(0.05)
+            return g * 2
+
+    class Slow(nn.Module):
+        def forward(self, x):
+            time.sleep(0.05)
+            return SlowBackward.apply(x), LayerAux(torch.zeros(()))
+
+    layer, other = Slow(), nn.Linear(4, 4)
+    timer = SparseTimer([layer], torch.device("cpu"))
+    x = torch.randn(3, 4, requires_grad=True)
+    y, _ = layer(other(x))
+    y.sum().backward()
+    assert timer.forward_s >= 0.05 and timer.backward_s >= 0.05
+    assert torch.equal(x.grad, 2 * other.weight.sum(0).expand(3, 4))  # hooks do not change gradients
+    timer.remove()
+    timer.reset()
+    layer(x)
+    assert timer.forward_s == 0.0
