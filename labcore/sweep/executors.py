@@ -4,9 +4,10 @@ The sweep driver only ever calls ``backend.executor_for(run).submit(run_task, ta
 the returned ``concurrent.futures.Future``. Three backends provide that executor:
 
 (a) :class:`LocalPoolBackend` (default, ``--jobs N``): a ``ProcessPoolExecutor`` of N spawned
-    worker processes on this machine; each run may use ``cores // N`` threads. GPU runs take a GPU
-    slot from ``--gpus`` (``CUDA_VISIBLE_DEVICES`` set per run); with no GPU slots they run like
-    CPU runs. A worker process that dies breaks the pool: the driver rebuilds it and resubmits the
+    worker processes on this machine; each run may use ``cores // N`` threads. When the sweep has
+    runs marked ``gpu: true``, each takes a GPU slot from ``--gpus`` (default: this machine's GPUs)
+    for its whole run (``CUDA_VISIBLE_DEVICES=<slot>``) and the other runs get
+    ``CUDA_VISIBLE_DEVICES=""``; with no GPU slots GPU runs run like CPU runs. A worker process that dies breaks the pool: the driver rebuilds it and resubmits the
     runs that were in flight, up to ``--retries`` times.
 (b) ``--cluster local:N``: a dask ``LocalCluster`` of N single-threaded process workers
     (:mod:`labcore.sweep.dask_exec`).

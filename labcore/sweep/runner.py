@@ -191,8 +191,10 @@ def run_sweep(spec: SweepSpec, results_root: str | Path, backend: Backend, *, re
 def _drive(todo, results_root: Path, backend: Backend, retries: int, result: SweepResult, bar) -> None:
     pending: deque[RunTask] = deque(RunTask(run=r, results_root=str(results_root)) for r in todo)
     in_flight: dict[Future, RunTask] = {}
+    # Local GPU slots matter only when some run asks for a GPU: then GPU runs get one slot each and
+    # the other runs are kept off the GPUs. Without GPU runs the environment is left alone.
     free_gpus = list(backend.gpu_slots or [])
-    use_slots = bool(free_gpus)
+    use_slots = bool(free_gpus) and any(r.gpu for r in todo)
 
     def submit_what_fits() -> None:
         waiting: deque[RunTask] = deque()
