@@ -1,0 +1,91 @@
+"""04_architectures: Dense vs MoE vs PKM vs UltraMem at equal budget.
+
+The paper's comparison (papers.md §2.1, §7): all four models have the same forward FLOPs per token,
+and MoE, PKM and UltraMem the same total parameters (``ratio`` x the dense model's parameters in
+sparse parts, the paper's "x12"). :func:`labcore.budget.equal_budget_family` sizes them within 2%.
+This notebook trains each for several seeds on the knowledge task (quality: validation loss and
+knowledge recall), and measures inference cost vs batch size with ``labcore bench inference``
+(decode-step latency, memory bytes read, the MoE/UltraMem latency ratio; papers.md §7.2 explains
+why MoE reads more as B grows: a handful of tokens already touches almost every expert, while
+memory layers touch B·H·K value rows out of N).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import torch
+
+from labcore.bench.inference import run_inference_bench
+from labcore.budget import equal_budget_family, model_budget
+from labcore.experiments.common import LabParams, lab_run
+from labcore.experiments.core import Variant, paired_deltas, run_variants, summarize
+from labcore.experiments.figures import deltas_figure, variants_figure
+from labcore.layers.base import check_float
+from labcore.plots import latency_vs_batch_figure
+from labcore.results import write_table
+
+NOTEBOOK = "04_architectures"
+ARCHS = ("dense", "moe", "pkm", "ultramem")
+
+
+@dataclass(frozen=True)
+class ArchitecturesParams(LabParams):
+    out_dir: str = "runs/manual/04_architectures"  # run directory (the sweep runner sets it)
+    ratio: float = 12.0                                                     # sparse / dense parameters
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 16, 256, 4096])  # decode batches timed
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        o = type(self).__name__
+        check_float(o, "ratio", self.ratio, min_value=0.5, max_value=64.0)
+        if not self.batch_sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1
+                                       for b in self.batch_sizes):
+            raise ValueError(f"{o}.batch_sizes={self.batch_sizes!r} is not allowed: must be a non-empty "
+                             f"list of integers >= 1")
+
+
+def family(P: ArchitecturesParams) -> dict[str, Any]:
+    # multiple_of=4: at lab widths (D = 32..64) multiples of 8 leave MoE > 2% off the FLOPs target.
+    return equal_budget_family(P.model(), ratio=P.ratio, context_len=P.seq_len, multiple_of=4)
+
+
+@dataclass
+class ArchitecturesResult:
+    budget: pd.DataFrame
+    table: pd.DataFrame
+    summary: pd.DataFrame
+    deltas: pd.DataFrame
+    inference: pd.DataFrame
+    figures: dict[str, Any]
+
+
+def run(P: ArchitecturesParams) -> ArchitecturesResult:
+    E = P.effective()
+    fam = family(E)
+    budget = pd.DataFrame([{"architecture": k, **model_budget(cfg, context_len=E.seq_len).row()}
+                           for k, cfg in fam.items()])
+    variants = [Variant(k, cfg) for k, cfg in fam.items()]
+    with lab_run(P, NOTEBOOK) as rd:
+        table = run_variants(variants, E.seeds, E.data_config(), E.train_config(), rd.path / "train", log=rd.log)
+        summary = summarize(table, ["val_loss", "recall_qa", "recall_bio", "total_params", "flops_per_token"])
+        deltas = paired_deltas(table, "val_loss", baseline="dense")
+        dev = "cuda" if E.device == "cuda" or (E.device == "auto" and torch.cuda.is_available()) else "cpu"
+        inference = run_inference_bench(list(E.batch_sizes), configs=fam, device=dev, warmup=1,
+                                        repeats=2 if E.smoke else 5, scopes=("layer",), overlap=False,
+                                        log=None)
+        figures = {
+            "val_loss": variants_figure(table, "val_loss", list(ARCHS), "Validation loss at equal budget"),
+            "recall": variants_figure(table, "recall_qa", list(ARCHS), "Knowledge recall (held-out questions)"),
+            "deltas_vs_dense": deltas_figure(deltas, None, "Δ val loss vs dense (paired by seed)"),
+            "latency": latency_vs_batch_figure(inference.assign(latency_ms=1e3 * inference["latency_s"]),
+                                               "latency_ms", "batch", "model",
+                                               "Sparse-layer decode latency vs batch size (this machine)"),
+        }
+        for name, fig in figures.items():
+            rd.save_figure(fig, name)
+        rd.write_summary(table.assign(notebook=NOTEBOOK))
+        write_table(inference, rd.path / "inference.parquet")
+    return ArchitecturesResult(budget, table, summary, deltas, inference, figures)

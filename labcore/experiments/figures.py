@@ -1,0 +1,85 @@
+"""Figures of the ablation notebooks: pure functions, a result table in, a plotly Figure out.
+
+Every comparison shows its spread: one dot per seed, the mean with a 95% confidence interval.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from labcore.experiments.core import mean_ci
+from labcore.plots import label
+
+SEED_DOT = "#9aa5b1"
+MEAN = "#1f77b4"
+PAPER = "#ff7f0e"
+
+
+def _layout(fig: go.Figure, title: str, x: str, y: str, **kw) -> go.Figure:
+    fig.update_layout(title=dict(text=title), xaxis_title=x, yaxis_title=y, template="plotly_white",
+                      margin=dict(l=60, r=20, t=60, b=80), **kw)
+    return fig
+
+
+def variants_figure(table: pd.DataFrame, metric: str, order: Sequence[str] | None = None,
+                    title: str | None = None) -> go.Figure:
+    """``metric`` per variant: seeds as grey dots, mean +- 95% CI in blue (2 traces)."""
+    if metric not in table.columns:
+        raise KeyError(f"variants_figure: column {metric!r} not in the table")
+    order = list(order) if order is not None else list(dict.fromkeys(table["variant"]))
+    means, cis = [], []
+    for v in order:
+        m, _, ci, _ = mean_ci(table.loc[table["variant"] == v, metric].tolist())
+        means.append(m)
+        cis.append(0.0 if not np.isfinite(ci) else ci)
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=table["variant"], y=table[metric], mode="markers", name="seeds",
+                             marker=dict(color=SEED_DOT, size=7), text=[f"seed {s}" for s in table["seed"]]))
+    fig.add_trace(go.Scatter(x=order, y=means, mode="markers", name="mean ± 95% CI",
+                             marker=dict(color=MEAN, size=11, symbol="diamond"),
+                             error_y=dict(type="data", array=cis, visible=True)))
+    fig.update_xaxes(categoryorder="array", categoryarray=order)
+    return _layout(fig, title or f"{metric} per variant", "variant", label(metric))
+
+
+def deltas_figure(deltas: pd.DataFrame, paper: Mapping[str, float] | None = None,
+                  title: str | None = None) -> go.Figure:
+    """Paired deltas (lab, with 95% CI) next to the paper's deltas, one bar pair per variant."""
+    fig = go.Figure()
+    x = deltas["variant"].tolist()
+    fig.add_trace(go.Bar(x=x, y=deltas["delta_mean"], name="lab (mean ± 95% CI over seeds)",
+                         marker_color=MEAN,
+                         error_y=dict(type="data", array=deltas["delta_ci95"].fillna(0.0), visible=True)))
+    if paper:
+        fig.add_trace(go.Bar(x=x, y=[paper.get(v, np.nan) for v in x], name="paper", marker_color=PAPER))
+    metric = deltas["metric"].iloc[0] if len(deltas) else "metric"
+    return _layout(fig, title or f"Δ {metric} per change", "change", f"Δ {label(metric)}", barmode="group")
+
+
+def history_lines(history: pd.DataFrame, metric: str, title: str | None = None) -> go.Figure:
+    """``metric`` over training steps: the mean over seeds per variant (one line each)."""
+    h = history.dropna(subset=[metric]) if metric in history.columns else history.iloc[0:0]
+    fig = go.Figure()
+    for v, g in h.groupby("variant", sort=False):
+        m = g.groupby("step")[metric].mean()
+        fig.add_trace(go.Scatter(x=m.index, y=m.values, mode="lines", name=str(v)))
+    return _layout(fig, title or f"{metric} during training (mean over seeds)", "step (optimiser steps)",
+                   label(metric))
+
+
+def xy_figure(summary: pd.DataFrame, x: str, y: str, text: str = "variant", title: str | None = None,
+              log_x: bool = False) -> go.Figure:
+    """Summary means: y (with its CI when ``<y>_ci95`` exists) against x, labelled by ``text``."""
+    ym, yci = f"{y}_mean", f"{y}_ci95"
+    xs = summary[f"{x}_mean"] if f"{x}_mean" in summary.columns else summary[x]
+    fig = go.Figure(go.Scatter(x=xs, y=summary[ym], mode="markers+text+lines", text=summary[text],
+                               textposition="top center", name=y,
+                               error_y=dict(type="data", array=summary[yci].fillna(0.0), visible=True)
+                               if yci in summary.columns else None))
+    if log_x:
+        fig.update_xaxes(type="log")
+    return _layout(fig, title or f"{y} vs {x}", label(x), label(y))
