@@ -289,14 +289,16 @@ def run_inference_bench(batch_sizes: Sequence[int] = DEFAULT_BATCHES, models: Se
                         dtype: str | torch.dtype = "float32", warmup: int = 2, repeats: int = 5,
                         threads: int | None = None, scopes: Sequence[str] = ("layer", "model"),
                         overlap: bool = True, context_len: int = 0, ceilings: Ceilings | None = None,
-                        out_dir: str | os.PathLike | None = None, seed: int = 0,
+                        remeasure_ceilings: bool = False, out_dir: str | os.PathLike | None = None, seed: int = 0,
                         log: Callable[[str], None] | None = print) -> pd.DataFrame:
     """Measure decode-step latency and memory access vs batch size; return the tidy table.
 
     ``configs`` (name -> ModelConfig, names from MODELS) replaces the equal-budget family built from
     ``base`` and ``ratio`` (``family_kwargs`` go to equal_budget_family). ``context_len`` > 0 adds the
-    KV cache of that length to the *prediction* only (nothing here reads a KV cache). ``out_dir``:
-    write ``inference.parquet`` and ``inference.html`` there.
+    KV cache of that length to the *prediction* only (nothing here reads a KV cache). ``ceilings``:
+    use these instead of the machine's cached ones; ``remeasure_ceilings``: measure them again now
+    (do this on a quiet machine if the cache was filled on a busy one). ``out_dir``: write
+    ``inference.parquet`` and ``inference.html`` there.
     """
     say = log or (lambda s: None)
     dev = resolve_device(device)
@@ -327,7 +329,7 @@ def run_inference_bench(batch_sizes: Sequence[int] = DEFAULT_BATCHES, models: Se
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        ceil = ceilings if ceilings is not None else get_ceilings(dev, dt)
+        ceil = ceilings if ceilings is not None else get_ceilings(dev, dt, force=remeasure_ceilings)
         say(f"ceilings on {dev} ({dt_name}, {torch.get_num_threads()} threads): copy "
             f"{ceil.copy_bytes_per_s / 1e9:.2f} GB/s, matmul {ceil.matmul_flops_per_s / 1e9:.1f} GFLOP/s")
         if overlap and "ultramem" in models and dev.type != "cuda":
@@ -574,6 +576,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--scopes", default="layer,model", help="layer,model (default both)")
     ap.add_argument("--context-len", type=int, default=0, help="add a KV cache of this length to the prediction")
     ap.add_argument("--no-overlap", action="store_true", help="skip the GPU skip-layer overlap measurement")
+    ap.add_argument("--remeasure-ceilings", action="store_true",
+                    help="measure copy bandwidth / matmul FLOP/s again instead of using the per-machine cache")
     ap.add_argument("--out", default="bench_out/inference", help="output directory (parquet + html)")
     args = ap.parse_args(argv)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
@@ -589,7 +593,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  base=base, ratio=args.ratio, device=args.device, dtype=dtype,
                                  warmup=args.warmup, repeats=args.repeats, threads=args.threads,
                                  scopes=tuple(s.strip() for s in args.scopes.split(",") if s.strip()),
-                                 overlap=not args.no_overlap, context_len=args.context_len, out_dir=args.out)
+                                 overlap=not args.no_overlap, context_len=args.context_len,
+                                 remeasure_ceilings=args.remeasure_ceilings, out_dir=args.out)
     except ConfigError as e:
         ap.error(str(e))
     print()
