@@ -25,7 +25,7 @@ system-deps:  ## Debian chromium for kaleido (static figures) and the browser te
 	@bash scripts/system_deps.sh
 
 lab: setup  ## the main job: quick ablation sweep of all notebooks + report
-	$(VENV)/bin/labcore sweep $(SWEEP) --jobs $(JOBS)
+	$(VENV)/bin/labcore sweep $(SWEEP) --jobs $(JOBS) --results-root runs --reports-root reports
 
 test: setup  ## the whole test suite (unit, notebooks, sweeps, slow, real-browser UI)
 	$(VENV)/bin/pytest -m "not gpu" $(PYTEST_ARGS)
