@@ -52,6 +52,10 @@ def _e(x) -> str:
     return html.escape("" if x is None else str(x))
 
 
+def _link(href: str | None, text: str) -> str:
+    return f"<a href='{_e(href)}'>{_e(text)}</a>" if href else ""
+
+
 def _params_text(row: pd.Series) -> str:
     parts = []
     for col, v in row.items():
@@ -172,7 +176,7 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path, *, title: str | Non
                 f"<tr><td><a href='#{_e(r['run_id'])}'>{_e(r['run_id'])}</a></td><td>{_e(r['notebook'])}</td>"
                 f"<td>{_e(r['seed'])}</td><td>{_e(_params_text(r))}</td><td class='failed'>{_e(r['status'])}</td>"
                 f"<td>{_e(cell)}</td><td>{_e(r.get('error_name'))}</td><td class='err'>{_e(r.get('error_message'))}</td>"
-                f"<td>{f'<a href={_e(link)!r}>notebook</a>' if link else ''}</td></tr>")
+                f"<td>{_link(link, 'notebook')}</td></tr>")
         for r in missing:
             rows.append(f"<tr><td>{_e(r['run_id'])}</td><td>{_e(r['notebook'])}</td><td>{_e(r['seed'])}</td>"
                         f"<td>{_e(' '.join(f'{k}={v}' for k, v in r['params'].items()))}</td>"
@@ -204,7 +208,7 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path, *, title: str | Non
                 f"<tr id='{_e(r['run_id'])}'><td><code>{_e(r['run_id'])}</code></td><td>{_e(r['seed'])}</td>"
                 f"<td>{_e(_params_text(r))}</td><td class='{_e(r['status'])}'>{_e(r['status'])}</td>"
                 f"<td>{dur}</td><td class='thumbs'>{' '.join(thumbs)}</td>"
-                f"<td>{f'<a href={_e(link)!r}>executed notebook</a>' if link else ''}</td></tr>")
+                f"<td>{_link(link, 'executed notebook')}</td></tr>")
         parts.append("</table>")
     if not notebooks:
         parts.append("<p class='missing'>no run directories yet</p>")

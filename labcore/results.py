@@ -31,6 +31,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -233,7 +234,8 @@ class RunDir:
 
     # writing
     def start(self, params: Any, notebook: str, seed: int, device: str | None = None) -> RunDir:
-        """Create the directory and write run.json with status "running".
+        """Create the directory and write run.json with status "running". Outputs of an earlier,
+        unfinished run in the same directory (history, summary, figures) are removed.
 
         ``params``: the validated params dataclass (or a mapping). The run id is the sweep
         runner's (``LABCORE_RUN_ID`` in the kernel environment) or the directory name.
@@ -242,6 +244,10 @@ class RunDir:
             raise FileExistsError(f"{self.path} already holds a finished run (run.json status done); "
                                   "use a fresh out_dir")
         self.path.mkdir(parents=True, exist_ok=True)
+        # A crashed or failed run here before: its outputs are stale, never mixed into this run.
+        self.history_path.unlink(missing_ok=True)
+        self.summary_path.unlink(missing_ok=True)
+        shutil.rmtree(self.figures_dir, ignore_errors=True)
         started_iso, started = _now()
         dev = _device_info()
         if device is not None:

@@ -66,6 +66,15 @@ def test_start_refuses_a_finished_run_dir(tmp_path):
         RunDir(tmp_path / "sw" / "a").start(P(), notebook="nb.ipynb", seed=0)
 
 
+def test_restart_after_a_crash_discards_stale_outputs(tmp_path):
+    crashed = make_run(tmp_path, "c", losses=(9.0, 8.0), finish=False)
+    crashed.save_figure(go.Figure(), "old", png=False)
+    run = RunDir(crashed.path).start(P(), notebook="nb.ipynb", seed=0)
+    run.log({"step": 0, "loss": 1.0})
+    assert list(run.history()["loss"]) == [1.0]
+    assert not run.summary_path.exists() and not run.figures_dir.exists()
+
+
 def test_log_before_start_is_an_error(tmp_path):
     with pytest.raises(RuntimeError, match="start"):
         RunDir(tmp_path / "nope").log({"a": 1})
