@@ -411,6 +411,29 @@ class RunDir:
         return f"RunDir({str(self.path)!r}, status={self.status!r})"
 
 
+def repo_path(path: str | Path) -> Path:
+    """Absolute paths as given; relative ones against the repository root (the folder holding
+    labcore/ and pyproject.toml) when labcore runs from a checkout, else against the working
+    directory. Notebooks run with notebooks/ as working directory; "runs/tour" still means
+    <repo>/runs/tour there."""
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return p
+    root = Path(__file__).resolve().parents[1]
+    return root / p if (root / "pyproject.toml").exists() else Path.cwd() / p
+
+
+def free_run_dir(path: str | Path) -> Path:
+    """``path`` if it does not hold a finished run, else the first of ``<path>-2``, ``-3``, ... that
+    does not: interactive re-runs of a notebook never overwrite (or trip over) an earlier result."""
+    base = Path(path)
+    candidate, i = base, 1
+    while RunDir(candidate).is_done():
+        i += 1
+        candidate = base.with_name(f"{base.name}-{i}")
+    return candidate
+
+
 # ----------------------------------------------------------------------------------------------
 # Derived tables.
 # ----------------------------------------------------------------------------------------------

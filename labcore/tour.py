@@ -77,6 +77,7 @@ import numpy as np
 import pandas as pd
 
 from labcore.layers.base import ConfigError, check_choice, check_int, is_perfect_square
+from labcore.results import repo_path
 
 ROUTERS = ("softmax_topk_renorm", "topk_softmax", "softmax_topk")
 SCORINGS = ("additive", "tucker", "random")
@@ -750,18 +751,6 @@ def run_tour(params: TourParams) -> TourRecord:
 TOUR_SAVED_FIGURES = ("moe", "pkm", "tdqkr", "bias", "ive")
 
 
-def repo_path(path: str | Path) -> Path:
-    """Absolute paths as given; relative ones against the repository root (the folder holding
-    labcore/ and pyproject.toml) when labcore runs from a checkout, else against the working
-    directory. Notebooks run with notebooks/ as working directory; "runs/tour" still means
-    <repo>/runs/tour there."""
-    p = Path(path).expanduser()
-    if p.is_absolute():
-        return p
-    root = Path(__file__).resolve().parents[1]
-    return root / p if (root / "pyproject.toml").exists() else Path.cwd() / p
-
-
 def save_tour(record: TourRecord, out_dir: str | Path, png: bool = True) -> Path:
     """Write the tour's summary and key figures into a run directory (labcore.results.RunDir).
 
@@ -769,13 +758,9 @@ def save_tour(record: TourRecord, out_dir: str | Path, png: bool = True) -> Path
     interactive run), the next free ``<out_dir>-2``, ``-3``, ... is used; the path is returned.
     """
     from labcore.plots import tour_figures  # lazy: plots imports this module
-    from labcore.results import RunDir
+    from labcore.results import RunDir, free_run_dir
 
-    base = repo_path(out_dir)
-    path, i = base, 1
-    while RunDir(path).is_done():
-        i += 1
-        path = base.with_name(f"{base.name}-{i}")
+    path = free_run_dir(repo_path(out_dir))
     run = RunDir(path).start(record.params, notebook="00_tour.ipynb", seed=record.params.seed)
     try:
         run.write_summary(record.summary())

@@ -33,7 +33,8 @@ import plotly.io as pio
 
 from labcore.layers.base import ConfigError, check_int
 from labcore.plots import metric_figure, tour_figures
-from labcore.tour import TourParams, TourRecord, check_bool, check_str, repo_path, run_tour
+from labcore.results import repo_path
+from labcore.tour import TourParams, TourRecord, check_bool, check_str, run_tour
 
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
 
@@ -199,7 +200,7 @@ class ExplorerParams:
     """Parameters of ``notebooks/06_results_explorer.ipynb``.
 
     results_root: a results directory (a sweep's root, or any folder of run directories); relative
-    paths resolve against the repository root (``labcore.tour.repo_path``). notebook / metric:
+    paths resolve against the repository root (``labcore.results.repo_path``). notebook / metric:
     initial selections ("" = the first available). out_dir: where the explorer saves its figure
     and a per-notebook summary. smoke, seed: as in every notebook (nothing random here).
     """
@@ -369,13 +370,9 @@ def notebook_counts(df: pd.DataFrame) -> pd.DataFrame:
 def save_explorer(explorer: ResultsExplorer, params: ExplorerParams, png: bool = True,
                   names: Sequence[str] = ("explorer",)) -> Path:
     """Save the explorer's current figure and the per-notebook counts as a run directory."""
-    from labcore.results import RunDir
+    from labcore.results import RunDir, free_run_dir
 
-    base = repo_path(params.out_dir)
-    path, i = base, 1
-    while RunDir(path).is_done():
-        i += 1
-        path = base.with_name(f"{base.name}-{i}")
+    path = free_run_dir(repo_path(params.out_dir))
     run = RunDir(path).start(params, notebook="06_results_explorer.ipynb", seed=params.seed)
     try:
         run.write_summary(notebook_counts(explorer.df))

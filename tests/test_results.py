@@ -172,3 +172,27 @@ def test_duckdb_with_no_finished_runs_has_empty_summary(tmp_path):
     (tmp_path / "empty").mkdir()
     con = duckdb_connect(tmp_path / "empty")
     assert con.execute("SELECT count(*) FROM summary").fetchone()[0] == 0
+
+
+def test_free_run_dir_skips_finished_runs_only(tmp_path):
+    from labcore.results import RunDir, free_run_dir
+
+    base = tmp_path / "nb"
+    assert free_run_dir(base) == base                     # nothing there yet
+    RunDir(base).start({"a": 1}, notebook="x", seed=0)
+    assert free_run_dir(base) == base                     # a running (unfinished) run is reused
+    RunDir(base).finish()
+    assert free_run_dir(base) == tmp_path / "nb-2"
+    r2 = RunDir(tmp_path / "nb-2").start({}, notebook="x", seed=0)
+    r2.finish()
+    assert free_run_dir(base) == tmp_path / "nb-3"
+
+
+def test_repo_path_resolves_relative_paths_against_the_checkout(tmp_path):
+    from pathlib import Path
+
+    from labcore.results import repo_path
+
+    assert repo_path(tmp_path) == tmp_path
+    root = Path(__file__).resolve().parents[1]
+    assert repo_path("runs/quick") == root / "runs" / "quick"

@@ -19,7 +19,7 @@ from labcore.data.knowledge import KnowledgeConfig
 from labcore.data.tokenizer import ByteTokenizer
 from labcore.layers.base import check_choice, check_float, check_int
 from labcore.model import ModelConfig, SparsePlan
-from labcore.results import RunDir
+from labcore.results import RunDir, free_run_dir, repo_path
 from labcore.train import TrainConfig
 
 VOCAB_SIZE = ByteTokenizer().vocab_size
@@ -98,8 +98,11 @@ class LabParams:
 @contextlib.contextmanager
 def lab_run(params: LabParams, notebook: str) -> Iterator[RunDir]:
     """Open the notebook's run directory: run.json "running" now, "done" (written last) when the
-    block ends, "failed" with the error if it raises (the error propagates)."""
-    run = RunDir(params.out_dir).start(params, notebook=notebook, seed=params.seed)
+    block ends, "failed" with the error if it raises (the error propagates). A relative ``out_dir``
+    is resolved against the repository root (as in every notebook); if it already holds a finished
+    run (an earlier interactive run), ``<out_dir>-2``, ``-3``, ... is used."""
+    path = free_run_dir(repo_path(params.out_dir))
+    run = RunDir(path).start(params, notebook=notebook, seed=params.seed)
     try:
         yield run
     except BaseException as e:  # record, then re-raise: nothing is swallowed
