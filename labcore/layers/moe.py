@@ -83,9 +83,12 @@ within an expert they stay in token order), the chosen tokens are gathered into 
 (``torch.nn.functional.grouped_mm`` with per-expert row offsets; it has a CPU kernel in torch
 >= 2.10 for float32/bfloat16/float16 with 16-byte aligned strides). Where ``grouped_mm`` cannot be
 used (e.g. float64, odd widths) a loop over the E experts on contiguous slices does the same work.
-The outputs are put back in token-major order and combined with one batched ``(1, K) @ (K, D)``
-product per token. Measured on 2 CPU threads the grouped GEMM beat a padded ``bmm`` (wasted rows)
-and matched the expert loop for few experts, and won clearly for many small experts.
+The routing weight multiplies each row's ``(M, I)`` activation before the down projection, and
+the rows are added back to their tokens with one ``index_add_`` (on CUDA, where ``index_add_`` uses
+atomics, rows are scattered to token-major slots and summed in a fixed order, to stay
+deterministic). Measured on CPU, the grouped GEMM beat a padded ``bmm`` (wasted rows) and the
+expert loop (Python overhead per expert, which dominates for many small experts); the matrix
+products are then ~90% of the time, the rest is the gather, the sort and the scatter-add.
 
 Where labcore differs from public code
 --------------------------------------
@@ -207,15 +210,16 @@ def expert_capacity(cfg: MoEConfig, n_tokens: int) -> int | None:
     return math.ceil(cfg.capacity_factor * n_tokens * cfg.top_k / cfg.n_experts)
 
 
-def route(cfg: MoEConfig, logits: Tensor) -> tuple[Tensor, Tensor]:
+def route(cfg: MoEConfig, logits: Tensor, probs: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Router convention applied to ``logits (N_tok, E)`` -> weights ``(N_tok, K)`` (including
-    routed_scaling, before capacity drops) and expert ids ``(N_tok, K)`` long."""
+    routed_scaling, before capacity drops) and expert ids ``(N_tok, K)`` long. ``probs`` may pass
+    ``softmax(logits)`` when the caller already has it."""
     K = cfg.top_k
     if cfg.router == "topk_softmax":
         top_logits, idx = logits.topk(K, dim=-1)  # (N_tok, K)
         w = top_logits.softmax(dim=-1)  # (N_tok, K)
     else:
-        probs = logits.softmax(dim=-1)  # (N_tok, E)
+        probs = logits.softmax(dim=-1) if probs is None else probs  # (N_tok, E)
         w, idx = probs.topk(K, dim=-1)  # (N_tok, K)
         if cfg.router == "softmax_topk_renorm":
             w = w / w.sum(dim=-1, keepdim=True)
@@ -239,6 +243,30 @@ def _grouped_mm_ok(*tensors: Tensor) -> bool:
         if any(s != 1 and (s * t.element_size()) % 16 for s in t.stride()):
             return False
     return True
+
+
+CPU_BLOCK_BYTES = 1 << 20  # ~ one core's L2: size of the (rows, 2I) activation of one CPU block
+
+
+def expert_blocks(n_experts: int, n_rows: int, sizes: list[int] | None,
+                  max_rows: int | None) -> list[tuple[int, int, int, int]]:
+    """Split experts 0..E-1 (rows grouped by expert, ``sizes[e]`` rows each) into blocks of
+    consecutive experts ``(e0, e1, r0, r1)``: experts e0..e1-1 own rows r0..r1-1.
+
+    ``max_rows=None``: one block of everything (``sizes`` unused, may be None). ``max_rows=0``:
+    one block per expert that has rows. Otherwise experts are added to a block while its rows stay
+    <= max_rows (a block always holds at least one expert). Blocks without rows are left out."""
+    E = n_experts
+    if max_rows is None:
+        return [(0, E, 0, n_rows)]
+    blocks, e0, r0, rows = [], 0, 0, 0
+    for e, n in enumerate(sizes):
+        if e > e0 and rows + n > max_rows:
+            blocks.append((e0, e, r0, r0 + rows))
+            e0, r0, rows = e, r0 + rows, 0
+        rows += n
+    blocks.append((e0, E, r0, r0 + rows))
+    return [b for b in blocks if b[3] > b[2]]  # blocks without rows do no work
 
 
 class MoE(nn.Module):
@@ -282,19 +310,39 @@ class MoE(nn.Module):
                                "use expert_impl='auto' or 'loop'")
         return ok
 
-    def experts(self, xs: Tensor, group_sizes: Tensor) -> Tensor:
-        """SwiGLU of expert e on its contiguous block of rows: ``xs (M, D)`` sorted by expert with
-        ``group_sizes (E,)`` rows each -> ``(M, D)``."""
+    def experts(self, xs: Tensor, group_sizes: Tensor, w: Tensor) -> Tensor:
+        """``w_a * f_e(x_a)`` for rows grouped by expert: ``xs (M, D)`` with ``group_sizes (E,)``
+        consecutive rows per expert and their routing weights ``w (M,)`` -> ``(M, D)``.
+
+        The weight multiplies the ``(M, I)`` activation before the down projection (the same
+        product, since W_down is linear, and cheaper than scaling ``(M, D)`` rows when I <= D).
+        Experts run in blocks of consecutive experts (``expert_blocks``): all at once on a GPU, on
+        CPU blocks whose ``(rows, 2I)`` activation is about ``CPU_BLOCK_BYTES`` so it is still in
+        cache for the second product, and one expert per block for ``expert_impl="loop"``."""
         I = self.cfg.d_expert
-        if self._use_grouped_mm(xs):
-            offs = group_sizes.cumsum(0).to(torch.int32)  # (E,) end row of each expert's block
-            h = F.grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=offs)  # (M, 2I)
-            a = F.silu(h[:, :I]) * h[:, I:]  # (M, I)  SiLU(W_gate x) * W_up x
-            return F.grouped_mm(a, self.down_proj.transpose(1, 2), offs=offs)  # (M, D)
+        w = w.to(xs.dtype).unsqueeze(1)  # (M, 1)
+        grouped = self._use_grouped_mm(xs)
+        if not grouped:
+            max_rows = 0  # one expert per block
+        elif xs.device.type == "cpu":
+            max_rows = max(1, CPU_BLOCK_BYTES // (2 * I * xs.element_size()))
+        else:
+            max_rows = None  # one block: no host sync, one grouped GEMM per product
+        sizes = group_sizes.tolist() if max_rows is not None else None
         outs = []
-        for e, xe in enumerate(xs.split(group_sizes.tolist())):  # loop over experts, not tokens
-            h = F.linear(xe, self.gate_up_proj[e])  # (M_e, 2I)
-            outs.append(F.linear(F.silu(h[:, :I]) * h[:, I:], self.down_proj[e]))  # (M_e, D)
+        for e0, e1, r0, r1 in expert_blocks(self.cfg.n_experts, xs.shape[0], sizes, max_rows):
+            xb, wb = xs[r0:r1], w[r0:r1]  # (M_b, D), (M_b, 1) rows of experts e0..e1-1
+            if grouped:
+                offs = group_sizes[e0:e1].cumsum(0).to(torch.int32)  # (E_b,) end row of each expert
+                h = F.grouped_mm(xb, self.gate_up_proj[e0:e1].transpose(1, 2), offs=offs)  # (M_b, 2I)
+                a = F.silu(h[:, :I]).mul_(h[:, I:]).mul_(wb)  # (M_b, I)  w * SiLU(W_gate x) * W_up x
+                outs.append(F.grouped_mm(a, self.down_proj[e0:e1].transpose(1, 2), offs=offs))  # (M_b, D)
+            else:  # e1 == e0 + 1
+                h = F.linear(xb, self.gate_up_proj[e0])  # (M_b, 2I)
+                a = F.silu(h[:, :I]).mul_(h[:, I:]).mul_(wb)  # (M_b, I)
+                outs.append(F.linear(a, self.down_proj[e0]))  # (M_b, D)
+        if len(outs) == 1:
+            return outs[0]
         return torch.cat(outs) if outs else xs.new_zeros(0, self.cfg.d_model)
 
     # -- forward ------------------------------------------------------------------------------
@@ -306,7 +354,8 @@ class MoE(nn.Module):
 
         logits = self.router(x2)  # (N_tok, E)   l = x W_r^T  [U2 eq. 1]
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # route in >= float32
-        weights, idx = route(cfg, logits)  # (N_tok, K), (N_tok, K)
+        probs = logits.softmax(dim=-1)  # (N_tok, E)
+        weights, idx = route(cfg, logits, probs)  # (N_tok, K), (N_tok, K)
 
         # Group the N_tok*K assignments by expert; a stable sort keeps token order inside a group.
         flat_e = idx.reshape(-1)  # (N_tok*K,) expert of assignment a = t*K + j
@@ -326,10 +375,13 @@ class MoE(nn.Module):
 
         tok = torch.div(order, K, rounding_mode="floor")  # (M,) token of each kept assignment
         xs = x2.index_select(0, tok)  # (M, D) rows grouped by expert
-        ys = self.experts(xs, group_sizes)  # (M, D) f_e(x_t)
-        slots = ys.new_zeros(N * K, D).index_copy(0, order, ys)  # (N_tok*K, D) back to token-major
-        y = torch.bmm(weights.to(ys.dtype).unsqueeze(1), slots.view(N, K, D)).squeeze(1)  # (N_tok, D)
-        # y_t = sum_j w_tj f_{idx_tj}(x_t)   [U2 eq. 2]
+        w_rows = weights.reshape(-1).index_select(0, order)  # (M,) weight of each kept assignment
+        ys = self.experts(xs, group_sizes, w_rows)  # (M, D) w_tj * f_{idx_tj}(x_t)
+        # y_t = sum_j w_tj f_{idx_tj}(x_t)   [U2 eq. 2]: add each row back to its token
+        if x.device.type == "cuda":  # index_add_ uses atomics there: scatter to slots, sum in order
+            y = ys.new_zeros(N * K, D).index_copy_(0, order, ys).view(N, K, D).sum(1)  # (N_tok, D)
+        else:  # deterministic on CPU; ~5x cheaper than slots + sum
+            y = ys.new_zeros(N, D).index_add_(0, tok, ys)  # (N_tok, D)
 
         if self.shared is not None:
             s = self.shared.mlp(x2)  # (N_tok, D)
@@ -338,7 +390,6 @@ class MoE(nn.Module):
             y = y + s
 
         # Auxiliary losses (Switch eqs. 4-6; ST-MoE z-loss)
-        probs = logits.softmax(dim=-1)  # (N_tok, E)
         f = counts.to(probs.dtype) / max(N * K, 1)  # (E,) fraction of assignments, no gradient
         P = probs.mean(dim=0)  # (E,) mean router probability
         balance = E * (f * P).sum()  # L_balance = E sum_i f_i P_i

@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
+import labcore.layers.moe as moe_module
 from labcore.layers.base import ConfigError, LayerAux
-from labcore.layers.moe import ROUTERS, MoE, MoEConfig, expert_capacity, moe_reference
+from labcore.layers.moe import ROUTERS, MoE, MoEConfig, expert_blocks, expert_capacity, moe_reference
 
 D, I, E, K = 16, 8, 6, 2
 
@@ -75,6 +76,30 @@ def test_grouped_mm_equals_expert_loop():
     b.load_state_dict(a.state_dict())
     x = torch.randn(64, D)
     torch.testing.assert_close(a(x)[0], b(x)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_expert_blocks_hand_example():
+    sizes = [3, 0, 4, 2, 0, 5]  # rows per expert, 14 in all
+    assert expert_blocks(6, 14, None, None) == [(0, 6, 0, 14)]
+    assert expert_blocks(6, 14, sizes, 0) == [(0, 1, 0, 3), (2, 3, 3, 7), (3, 4, 7, 9), (5, 6, 9, 14)]
+    # greedy: add experts while the block has <= 6 rows; an expert larger than that gets its own block
+    assert expert_blocks(6, 14, sizes, 6) == [(0, 2, 0, 3), (2, 5, 3, 9), (5, 6, 9, 14)]
+    assert expert_blocks(6, 14, sizes, 2) == [(0, 1, 0, 3), (2, 3, 3, 7), (3, 5, 7, 9), (5, 6, 9, 14)]
+    assert expert_blocks(3, 0, [0, 0, 0], 4) == []
+
+
+@pytest.mark.parametrize("block_rows", [1, 5, 13])
+def test_cpu_blocks_match_reference(monkeypatch, block_rows):
+    """Small CPU blocks (several grouped GEMMs per product) give the same outputs and gradients."""
+    monkeypatch.setattr(moe_module, "CPU_BLOCK_BYTES", block_rows * 2 * I * 4)
+    layer = make(capacity_factor=1.2)
+    x = torch.randn(3, 8, D, requires_grad=True)
+    y, aux = layer(x)
+    ref = moe_reference(layer, x)
+    torch.testing.assert_close(y, ref.y, rtol=1e-5, atol=1e-5)
+    assert aux.stats["dropped_tokens"] == ref.dropped
+    for gf, gr in zip(grads(layer, x, y), grads(layer, x, ref.y)):
+        torch.testing.assert_close(gf, gr, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
