@@ -183,3 +183,27 @@ class LayerCost:
     @property
     def active_params_per_token(self) -> int:
         return self.dense_params + self.units_per_token * self.unit_params
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-call diagnostics switch of the memory layers.
+# ----------------------------------------------------------------------------------------------
+
+
+def set_detailed_aux(module: nn.Module, flag: bool) -> int:
+    """Set ``detailed_aux`` on every submodule of ``module`` (itself included) that has it.
+
+    Memory layers (PKM, UltraMem) compute per-call diagnostics whose cost grows with the number of
+    value slots, not with the batch: ``aux.counts`` (a bincount over all slots), coverage and the KL
+    to uniform usage. ``detailed_aux=True`` (the default) keeps them; ``False`` gives
+    ``aux.counts=None`` and only the O(N_tok) stats (decode-step benchmarks switch it off). Returns
+    the number of layers set.
+    """
+    if not isinstance(flag, bool):
+        raise TypeError(f"set_detailed_aux: flag={flag!r} is not allowed: must be True or False")
+    n = 0
+    for m in module.modules():
+        if hasattr(m, "detailed_aux"):
+            m.detailed_aux = flag
+            n += 1
+    return n

@@ -245,13 +245,30 @@ def _ordered_int32(x: Tensor) -> Tensor:
 
 
 def exact_topk(x: Tensor, k: int, sorted: bool) -> tuple[Tensor, Tensor]:
-    """``x.topk(k, dim=-1)``, faster on CPU: float32 scores are ranked as order-preserving int32
-    keys (torch's CPU top-k is ~30% faster on integers, which skip the NaN-aware comparison) and
-    the values are gathered back from ``x`` (so gradients flow as through ``topk``). Same result up
-    to ties; NaN ranks above +inf only when its sign bit is clear."""
+    """``x.topk(k, dim=-1)``, faster on CPU: float32 scores are ranked as int32 keys (torch's CPU
+    top-k is ~30% faster on integers, which skip the NaN-aware comparison). Same result up to ties;
+    NaN ranks above +inf only when its sign bit is clear.
+
+    Two steps, both exact:
+
+    1. The raw bits first (no conversion pass): a float32 with its sign bit clear (+0, positive,
+       +inf) read as an int32 is >= 0 and the ints order like the floats; every float with the
+       sign bit set reads as a negative int. So if the K-th largest raw int of every row is >= 0,
+       the K selected are non-negative floats and everything left out is smaller or equal: the
+       float top-K. Scores are usually positive at the top (one reduction checks it); otherwise
+    2. :func:`_ordered_int32` keys, order-preserving for every float, are ranked instead.
+
+    Values: gathered back from ``x`` when autograd needs them (gradients flow as through
+    ``topk``); otherwise, on the raw-bits path, the selected ints ARE the float bits (a free view).
+    """
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return x.topk(k, dim=-1, sorted=sorted)
-    idx = _ordered_int32(x).topk(k, dim=-1, sorted=sorted).indices
+    raw = x.detach().view(torch.int32).topk(k, dim=-1, sorted=sorted)
+    if raw.values.numel() and int(raw.values.min()) >= 0:                   # step 1 holds everywhere
+        if torch.is_grad_enabled() and x.requires_grad:
+            return x.gather(-1, raw.indices), raw.indices
+        return raw.values.view(torch.float32), raw.indices
+    idx = _ordered_int32(x).topk(k, dim=-1, sorted=sorted).indices          # step 2
     return x.gather(-1, idx), idx
 
 
@@ -300,6 +317,7 @@ class PKM(nn.Module):
         cand_row, cand_col = _pruned_candidates(cfg.top_k)
         self.register_buffer("cand_row", cand_row, persistent=False)       # (C,)
         self.register_buffer("cand_col", cand_col, persistent=False)       # (C,)
+        self.detailed_aux = True      # per-call O(N) diagnostics (aux.counts, coverage, KL); see _aux
 
     def cost(self) -> LayerCost:
         return self.cfg.cost()
@@ -364,20 +382,22 @@ class PKM(nn.Module):
 
     @torch.no_grad()
     def _aux(self, x2d: Tensor, y: Tensor, slots: Tensor, scores: Tensor, weights: Tensor) -> LayerAux:
+        """The aux record. ``detailed_aux`` (default True) adds ``counts`` (a bincount over all N
+        slots), ``coverage`` and ``kl_uniform``: O(N) work per call, which dominates a decode step
+        of a few tokens; with ``detailed_aux=False`` ``counts`` is None and every stat is O(N_tok)."""
         c = self.cfg
-        counts = torch.bincount(slots.reshape(-1), minlength=c.n_slots)     # (N,)
-        usage = counts.float() / max(slots.numel(), 1)
-        kl = torch.special.xlogy(usage, usage * c.n_slots).sum()            # KL(usage || uniform)
-        stats = torch.stack([
-            scores.amax(-1).float().mean(),                                 # best raw score per head
-            weights.view(-1, c.heads, c.top_k).amax(-1).float().mean(),     # its softmax weight
-            (counts > 0).float().mean(),                                    # fraction of slots hit
-            kl,
-            y.float().std() if y.numel() > 1 else y.new_zeros((), dtype=torch.float32),
-        ]).tolist()                                                         # one device sync
-        names = ("top1_score", "top1_weight", "coverage", "kl_uniform", "output_std")
+        vals = {"top1_score": scores.amax(-1).float().mean(),                            # best raw score per head
+                "top1_weight": weights.view(-1, c.heads, c.top_k).amax(-1).float().mean()}  # its softmax weight
+        counts = None
+        if self.detailed_aux:
+            counts = torch.bincount(slots.reshape(-1), minlength=c.n_slots)  # (N,)
+            usage = counts.float() / max(slots.numel(), 1)
+            vals["coverage"] = (counts > 0).float().mean()                 # fraction of slots hit
+            vals["kl_uniform"] = torch.special.xlogy(usage, usage * c.n_slots).sum()  # KL(usage || uniform)
+        vals["output_std"] = y.float().std() if y.numel() > 1 else y.new_zeros((), dtype=torch.float32)
+        stats = dict(zip(vals, torch.stack(list(vals.values())).tolist()))    # one device sync
         return LayerAux(aux_loss=zero_loss(x2d), indices=slots.detach(), scores=weights.detach(),
-                        counts=counts, stats=dict(zip(names, stats)))
+                        counts=counts, stats=stats)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -157,6 +157,7 @@ from labcore.layers.base import (
     tag_param,
     zero_loss,
 )
+from labcore.layers.pkm import exact_topk
 
 SCORINGS = ("tucker", "additive")
 SCORE_ACTIVATIONS = ("none", "softmax")
@@ -360,27 +361,30 @@ class UltraMemAux(LayerAux):
 # ---------------------------------------------------------------------------------------------
 
 
-def _search_tucker(s_row: Tensor, s_col: Tensor, u: Tensor, t: Tensor, core: Tensor, m: int,
-                   k: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """TDQKR candidate search on side scores (..., H, R, n_s) with u, t (H, R), core (H, R, R).
+def _search_tucker(s: Tensor, uv: Tensor, core: Tensor, m: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """TDQKR candidate search on BOTH sides' scores at once.
 
-    Returns rows, cols, summed scores (..., H, K) and the selected side-score columns
-    (..., H, R, K) of rows and columns (for per-core rescoring).
+    s: (2, ..., H, R, n_s), [0] = S_row, [1] = S_col; uv: (2, H, R) = (u, t); core: (H, R, R).
+    Returns the selected cells (2, ..., H, K) ([0] rows i_k, [1] columns j_k), their summed scores
+    (..., H, K) in descending order, and the selected side-score columns (2, ..., H, R, K)
+    ([0] = S_row[:, i_k], [1] = S_col[:, j_k], for the per-core rescoring).
+
+    Rows and columns go through every step together (one matmul, one top-k, one gather for both),
+    which halves the number of (parallel) operator calls. Both top-k calls use :func:`exact_topk`
+    (order-preserving int32 keys on CPU float32; the proxy top-m needs only its indices).
     """
-    R = s_row.shape[-2]
-    proxy_row = (u.unsqueeze(-2) @ s_row).squeeze(-2)                      # u^T S_row: (..., H, n_s)
-    proxy_col = (t.unsqueeze(-2) @ s_col).squeeze(-2)                      # t^T S_col: (..., H, n_s)
-    top_r = proxy_row.topk(m, dim=-1, sorted=False).indices                 # (..., H, m), any order
-    top_c = proxy_col.topk(m, dim=-1, sorted=False).indices                 # (..., H, m)
-    sel_r = s_row.gather(-1, top_r.unsqueeze(-2).expand(*top_r.shape[:-1], R, m))  # S_row[:, I]: (..., H, R, m)
-    sel_c = s_col.gather(-1, top_c.unsqueeze(-2).expand(*top_c.shape[:-1], R, m))  # S_col[:, J]: (..., H, R, m)
-    grid = (sel_r.transpose(-1, -2) @ core) @ sel_c                         # U2 eq. 7 on I x J: (..., H, m, m)
-    scores, flat = grid.flatten(-2).topk(k, dim=-1)                         # (..., H, K), descending
-    i, j = flat // m, flat % m                                              # candidate coordinates
-    rows, cols = top_r.gather(-1, i), top_c.gather(-1, j)                  # (..., H, K)
-    vec_r = sel_r.gather(-1, i.unsqueeze(-2).expand(*i.shape[:-1], R, k))  # (..., H, R, K)
-    vec_c = sel_c.gather(-1, j.unsqueeze(-2).expand(*j.shape[:-1], R, k))  # (..., H, R, K)
-    return rows, cols, scores, vec_r, vec_c
+    R = s.shape[-2]
+    lead = s.shape[1:-3]                                                    # token dims "..."
+    uv = uv.reshape(2, *([1] * len(lead)), uv.shape[1], 1, R)              # (2, 1.., H, 1, R)
+    proxy = (uv @ s).squeeze(-2)                                            # [u^T S_row; t^T S_col]: (2, ..., H, n_s)
+    top = exact_topk(proxy, m, sorted=False)[1]                             # (2, ..., H, m), any order
+    sel = s.gather(-1, top.unsqueeze(-2).expand(*top.shape[:-1], R, m))     # [S_row[:, I]; S_col[:, J]]: (2, ..., H, R, m)
+    grid = (sel[0].transpose(-1, -2) @ core) @ sel[1]                      # U2 eq. 7 on I x J: (..., H, m, m)
+    scores, flat = exact_topk(grid.flatten(-2), k, sorted=True)             # (..., H, K), descending
+    ij = torch.stack((flat // m, flat % m))                                 # candidate coordinates: (2, ..., H, K)
+    cells = top.gather(-1, ij)                                              # [i_k; j_k]: (2, ..., H, K)
+    vecs = sel.gather(-1, ij.unsqueeze(-2).expand(*ij.shape[:-1], R, k))    # (2, ..., H, R, K)
+    return cells, scores, vecs
 
 
 def _search_additive(s_row: Tensor, s_col: Tensor, m: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -398,6 +402,38 @@ def _qk_norm(x: Tensor, gain: Tensor, norm_type: str, eps: float) -> Tensor:
     if norm_type == "layernorm":
         return F.layer_norm(x, (x.shape[-1],), weight=gain, eps=eps)
     return F.rms_norm(x, (x.shape[-1],), weight=gain, eps=eps)
+
+
+class _DerivedCache:
+    """Tensors derived from parameters or buffers, reused while their sources are unchanged.
+
+    An entry is valid while every source has the same storage address, version counter (bumped by
+    every in-place write: optimiser steps, ``copy_``, ``load_state_dict``), dtype, device and shape
+    as when it was computed. The entry keeps a (detached) reference to each source, so a freed
+    storage cannot come back at the same address and fake a match. Tensors without a version
+    counter (inference tensors) are never cached.
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[str, tuple[tuple, tuple[Tensor, ...], Any]] = {}
+
+    @staticmethod
+    def _stamp(sources: tuple[Tensor, ...]) -> tuple | None:
+        try:
+            return tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in sources)
+        except RuntimeError:                                                # inference tensor: no version
+            return None
+
+    def get(self, name: str, sources: tuple[Tensor, ...], compute: Any) -> Any:
+        stamp = self._stamp(sources)
+        if stamp is None:
+            return compute()
+        hit = self.entries.get(name)
+        if hit is not None and hit[0] == stamp:
+            return hit[2]
+        value = compute()
+        self.entries[name] = (stamp, tuple(t.detach() for t in sources), value)
+        return value
 
 
 class UltraMem(nn.Module):
@@ -444,6 +480,8 @@ class UltraMem(nn.Module):
             self.register_buffer("perm", torch.randperm(c.n_virtual, generator=gen))
         else:
             self.perm = None
+        self.detailed_aux = True      # per-call O(N_slots) diagnostics (aux.counts, coverage); see _aux
+        self._derived = _DerivedCache()
         self.reset_parameters(init_values=own_values)
 
     # ----------------------------------------------------------------------------------------
@@ -487,7 +525,8 @@ class UltraMem(nn.Module):
         if c.scoring == "tucker":
             core = self.cores.detach().sum(0).to("cpu", torch.float64)
             u, t = self.u.to("cpu", torch.float64), self.t.to("cpu", torch.float64)
-            mu = _search_tucker(z_row, z_col, u, t, core, c.m, c.top_k)[2].mean().item()
+            z, uv = torch.stack((z_row, z_col)), torch.stack((u, t))        # (2, samples, H, R, n_s), (2, H, R)
+            mu = _search_tucker(z, uv, core, c.m, c.top_k)[1].mean().item()
         else:
             mu = _search_additive(z_row[..., 0, :], z_col[..., 0, :], c.m, c.top_k)[2].mean().item()
         if not mu > 0:
@@ -532,82 +571,174 @@ class UltraMem(nn.Module):
                 f"rank={c.key_rank}, n_cores={c.n_cores}, activation={c.score_activation!r}")
 
     # ----------------------------------------------------------------------------------------
+    # derived tensors: computed once and reused while their sources are unchanged
+    # ----------------------------------------------------------------------------------------
+    def _reuse(self, name: str, sources: tuple[Tensor, ...], compute: Any, *, always: bool = False) -> Any:
+        """``compute()``, cached while ``sources`` are unchanged (see :class:`_DerivedCache`).
+
+        Parameter-derived tensors are cached only in eval mode with grad disabled (inference): in
+        training they must be recomputed so gradients flow through them. ``always=True`` is for
+        integer tables derived from buffers (no gradient); those are built outside inference mode so
+        they can be used in any mode.
+        """
+        if always:
+            with torch.inference_mode(False), torch.no_grad():
+                return self._derived.get(name, sources, compute)
+        if self.training or torch.is_grad_enabled():
+            return compute()
+        return self._derived.get(name, sources, compute)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_derived"] = _DerivedCache()                                 # never pickle / deepcopy the cache
+        return state
+
+    def _key_matrix(self) -> Tensor:
+        """Normalised keys laid out for the side-score matmul (reused in inference).
+
+        share_query: (2, H*R*n_s, D_k) (side-major); otherwise (H*2, R*n_s, D_k) (head, side).
+        """
+        c = self.cfg
+        H, Dk, ns, R = c.heads, c.k_dim, c.n_side, c.key_rank
+
+        def compute() -> Tensor:
+            keys = self.keys                                                # (H, 2, R, n_s, D_k)
+            if c.qk_norm:
+                keys = _qk_norm(keys, self.key_gain, c.norm_type, c.norm_eps)
+            if c.share_query:
+                return keys.transpose(0, 1).reshape(2, H * R * ns, Dk)      # (2, H*R*n_s, D_k)
+            return keys.reshape(H * 2, R * ns, Dk)                          # (H*2, R*n_s, D_k)
+
+        sources = (self.keys,) if self.key_gain is None else (self.keys, self.key_gain)
+        return self._reuse("keys", sources, compute)
+
+    def _search_params(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Summed core C = sum_c C^(c) (H, R, R) and the proxy vectors (u, t) stacked: (2, H, R)."""
+        return self._reuse(f"search_params_{dtype}", (self.cores, self.u, self.t),
+                           lambda: (self.cores.sum(0), torch.stack((self.u, self.t)).to(dtype)))
+
+    def _ive_key(self) -> Tensor:
+        """(E*N,) ``P[v] * h``: the shuffled slot (U2 eq. 8) pre-multiplied by the number of cores,
+        so that ``key % (N*h)`` is the row of the (N*h, D_v/h) chunk view and ``key // (N*h)`` the
+        block. Built once (a buffer-derived table) instead of a multiply per call; int32 when it
+        fits, which halves the bytes of the random lookups into it (the table has E*N entries)."""
+        c = self.cfg
+        dtype = torch.int32 if c.n_virtual * c.n_cores < 2**31 else torch.int64
+        return self._reuse("ive_key", (self.perm,), lambda: (self.perm * c.n_cores).to(dtype), always=True)
+
+    def _proj_weight(self) -> Tensor:
+        """The E*D_v -> D projection with its input features in (core, block, d) order.
+
+        The pooled buffer comes out of ``embedding_bag`` as (N_tok, h, E, D_v/h); permuting the
+        (D, E*D_v) weight's columns once (cached in inference) instead of the (N_tok, E*D_v)
+        activations every call computes the same sums (U2 eq. 9) in a different order.
+        """
+        c = self.cfg
+        w = self.value_proj.weight                                          # (D, E*D_v), columns (p, c, d)
+        if c.expansion == 1 or c.n_cores == 1:
+            return w
+        Dc = c.d_v // c.n_cores
+        return self._reuse("proj", (w,), lambda: w.view(c.d_model, c.expansion, c.n_cores, Dc)
+                           .transpose(1, 2).reshape(c.d_model, -1))         # columns (c, p, d)
+
+    # ----------------------------------------------------------------------------------------
     # forward
     # ----------------------------------------------------------------------------------------
     def side_scores(self, x2d: Tensor) -> tuple[Tensor, Tensor]:
         """(N_tok, D) -> S_row, S_col (N_tok, H, R, n_s): every key component scored (U2 eq. 6)."""
+        s = self._side_scores(x2d)
+        return s[0], s[1]
+
+    def _side_scores(self, x2d: Tensor) -> Tensor:
+        """(N_tok, D) -> S (2, N_tok, H, R, n_s), [0] = S_row, [1] = S_col (U2 eq. 6), one tensor
+        so both sides go through the search together."""
         c = self.cfg
         H, Dk, ns, R, n_tok = c.heads, c.k_dim, c.n_side, c.key_rank, x2d.shape[0]
         q = self.query(x2d).view(n_tok, c.q_heads, 2, Dk)                   # (N_tok, Hq, 2, D_k)
-        keys = self.keys                                                    # (H, 2, R, n_s, D_k)
         if c.qk_norm:
             q = _qk_norm(q, self.query_gain, c.norm_type, c.norm_eps)
-            keys = _qk_norm(keys, self.key_gain, c.norm_type, c.norm_eps)
+        kk = self._key_matrix()
         if c.share_query:
             # one matmul per side for all heads: (2, N_tok, D_k) @ (2, D_k, H*R*n_s)
-            kk = keys.transpose(0, 1).reshape(2, H * R * ns, Dk)            # (2, H*R*n_s, D_k)
             s = torch.bmm(q[:, 0].transpose(0, 1), kk.transpose(1, 2))      # (2, N_tok, H*R*n_s)
-            s = s.view(2, n_tok, H, R, ns)                                  # (2, N_tok, H, R, n_s)
-            return s[0], s[1]
+            return s.view(2, n_tok, H, R, ns)                               # (2, N_tok, H, R, n_s)
         # one matmul per (head, side): (H*2, N_tok, D_k) @ (H*2, D_k, R*n_s)
         qq = q.permute(1, 2, 0, 3).reshape(H * 2, n_tok, Dk)                # (H*2, N_tok, D_k)
-        kk = keys.reshape(H * 2, R * ns, Dk)                                # (H*2, R*n_s, D_k)
         s = torch.bmm(qq, kk.transpose(1, 2))                               # (H*2, N_tok, R*n_s)
-        s = s.view(H, 2, n_tok, R, ns).permute(1, 2, 0, 3, 4)               # (2, N_tok, H, R, n_s)
-        return s[0], s[1]
+        return s.view(H, 2, n_tok, R, ns).permute(1, 2, 0, 3, 4)            # (2, N_tok, H, R, n_s)
 
     def search(self, s_row: Tensor, s_col: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Side scores -> virtual slots (N_tok, H, K), summed scores (N_tok, H, K) and per-core
         scores (N_tok, H, K, h), all before the score activation."""
+        return self._search(torch.stack((s_row, s_col)))
+
+    def _search(self, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`search` on the stacked side scores S (2, N_tok, H, R, n_s)."""
         c = self.cfg
         if c.scoring == "additive":
-            rows, cols, scores = _search_additive(s_row[..., 0, :], s_col[..., 0, :], c.m, c.top_k)
+            rows, cols, scores = _search_additive(s[0, ..., 0, :], s[1, ..., 0, :], c.m, c.top_k)
             return rows * c.n_side + cols, scores, scores.unsqueeze(-1)
-        core_sum = self.cores.sum(0)                                        # C = sum_c C^(c): (H, R, R)
-        rows, cols, scores, vec_r, vec_c = _search_tucker(
-            s_row, s_col, self.u.to(s_row.dtype), self.t.to(s_row.dtype), core_sum, c.m, c.top_k)
-        slots = rows * c.n_side + cols                                      # virtual slot i*n_s + j
+        core_sum, uv = self._search_params(s.dtype)                         # (H, R, R), (2, H, R)
+        cells, scores, vecs = _search_tucker(s, uv, core_sum, c.m, c.top_k)
+        slots = cells[0] * c.n_side + cells[1]                              # virtual slot i*n_s + j
         if c.n_cores == 1:
             return slots, scores, scores.unsqueeze(-1)
-        # MCS: each core's own score at the selected cells, s^(c) = S_row[:, i]^T C^(c) S_col[:, j]
-        per_core = ((self.cores.transpose(-1, -2) @ vec_r.unsqueeze(1)) * vec_c.unsqueeze(1)).sum(-2)
-        return slots, scores, per_core.permute(0, 2, 3, 1)                  # (N_tok, h, H, K) -> (N_tok, H, K, h)
+        # MCS: each core's own score at the selected cells, s^(c) = S_row[:, i]^T C^(c) S_col[:, j],
+        # as (S_row[:, i]^T [C^(1) .. C^(h)]) . S_col[:, j]: one small matmul against the cores side
+        # by side, then a dot product over R; comes out (N_tok, H, K, h), the layout read() takes.
+        H, R, h = c.heads, c.key_rank, c.n_cores
+        cores_cat = self.cores.permute(1, 2, 0, 3).reshape(H, R, h * R)    # [h', a, (c, b)] = C^(c)[h', a, b]
+        left = vecs[0].transpose(-1, -2) @ cores_cat                        # (N_tok, H, K, h*R)
+        per_core = (left.unflatten(-1, (h, R)) * vecs[1].transpose(-1, -2).unsqueeze(-2)).sum(-1)
+        return slots, scores, per_core                                      # (N_tok, H, K, h)
 
     def read(self, slots: Tensor, core_scores: Tensor) -> Tensor:
         """Pool the selected values per projector block and core chunk, then project (U2 eq. 9).
 
         slots (N_tok, S) virtual, core_scores (N_tok, S, h) -> (N_tok, D) (or (N_tok, D_v) without
-        value_proj). One ``embedding_bag`` over the (N*h, D_v/h) view of the value table: bag
-        (token, block p, core c) sums score^(c) * V[row, chunk c] over the slots mapped to block p.
+        value_proj). One ``embedding_bag`` (:meth:`value_bags`) over the (N*h, D_v/h) view of the
+        value table: bag (token, core c, block p) sums score^(c) * V[row, chunk c] over the slots
+        mapped to block p.
+        """
+        c = self.cfg
+        n_tok = slots.shape[0]
+        idx, offsets, w = self.value_bags(slots, core_scores)
+        pooled = F.embedding_bag(idx, self.value_chunks(), offsets, mode="sum", per_sample_weights=w)
+        pooled = pooled.view(n_tok, c.expansion * c.d_v)                    # (N_tok, E*D_v): (c, p, d)
+        return F.linear(pooled, self._proj_weight()) if self.value_proj is not None else pooled
+
+    def value_chunks(self) -> Tensor:
+        """The value table viewed as (N*h, D_v/h): row r*h + c = V[r, chunk c] (no copy)."""
+        c = self.cfg
+        return self.values.weight.view(c.n_slots * c.n_cores, c.d_v // c.n_cores)
+
+    def value_bags(self, slots: Tensor, core_scores: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """The value gather of :meth:`read` as ``F.embedding_bag`` arguments over :meth:`value_chunks`:
+        ``(indices, offsets, per_sample_weights)``; the bags, in order, are (token, core, block),
+        so the output is (N_tok*h*E, D_v/h). ``offsets`` is None for E = 1 (2-D indices, one bag
+        of S entries per (token, core)).
         """
         c = self.cfg
         n_tok, S = slots.shape
-        h, E, N, Dc = c.n_cores, c.expansion, c.n_slots, c.d_v // c.n_cores
-        table = self.values.weight.view(N * h, Dc)                          # row r*h + c = V[r, chunk c]
+        h, E, N = c.n_cores, c.expansion, c.n_slots
         core_ids = torch.arange(h, device=slots.device)
-        w = core_scores.to(table.dtype)
+        w = core_scores.to(self.values.weight.dtype).transpose(1, 2)       # (N_tok, h, S)
         if E == 1:                                                          # physical row = slot
             idx = slots.unsqueeze(1) * h + core_ids.view(1, h, 1)           # (N_tok, h, S)
-            bags = idx.reshape(n_tok * h, S)                                # one bag per (token, core)
-            w = w.transpose(1, 2).reshape(n_tok * h, S)                     # (N_tok*h, S)
-            pooled = F.embedding_bag(bags, table, mode="sum", per_sample_weights=w)  # (N_tok*h, D_v/h)
-        else:
-            # U2 eq. 8: P[v] = p*N + r. Sorting each token's P[v] groups its slots by block p, so the
-            # bags (token, core, block) are contiguous runs; their sizes come from searchsorted.
-            shuffled, order = self.perm[slots].sort(dim=-1, stable=True)    # (N_tok, S), by block
-            row = shuffled % N                                              # physical row
-            bounds = torch.arange(1, E + 1, device=slots.device) * N        # block p ends below (p+1)*N
-            ends = torch.searchsorted(shuffled, bounds.expand(n_tok, E).contiguous())  # (N_tok, E)
-            sizes = torch.diff(ends, dim=-1, prepend=ends.new_zeros(n_tok, 1))  # slots per block
-            sizes = sizes.unsqueeze(1).expand(n_tok, h, E).flatten()        # bag sizes (token, core, block)
-            offsets = sizes.cumsum(0) - sizes                               # bag starts
-            idx = row.unsqueeze(1) * h + core_ids.view(1, h, 1)             # (N_tok, h, S)
-            w = w.transpose(1, 2).gather(-1, order.unsqueeze(1).expand(n_tok, h, S))  # (N_tok, h, S)
-            pooled = F.embedding_bag(idx.flatten(), table, offsets, mode="sum",
-                                     per_sample_weights=w.flatten())        # (N_tok*h*E, D_v/h)
-            pooled = pooled.view(n_tok, h, E, Dc).transpose(1, 2)           # (N_tok, E, h, D_v/h)
-        pooled = pooled.reshape(n_tok, E * c.d_v)                           # (N_tok, E*D_v): (p, c, d)
-        return self.value_proj(pooled) if self.value_proj is not None else pooled
+            return idx.reshape(n_tok * h, S), None, w.reshape(n_tok * h, S)  # one bag per (token, core)
+        # U2 eq. 8: P[v] = p*N + r; key = P[v]*h = p*(N*h) + r*h. Sorting each token's keys groups
+        # its slots by block p, so the bags (token, core, block) are contiguous runs of the index
+        # list; a bag starts where searchsorted finds its block's first key.
+        key, order = self._ive_key()[slots].sort(dim=-1)                   # (N_tok, S), by block
+        ints = dict(device=slots.device, dtype=key.dtype)                   # int32 unless E*N*h >= 2^31
+        bounds = torch.arange(E, **ints) * (N * h)                          # first key of block p
+        starts = torch.searchsorted(key, bounds.expand(n_tok, E).contiguous(),
+                                    out_int32=key.dtype == torch.int32)     # (N_tok, E)
+        base = torch.arange(n_tok * h, **ints).view(n_tok, h, 1) * S
+        offsets = (base + starts.unsqueeze(1)).flatten()                    # bag (t, c, p) starts at (t*h+c)*S + start
+        idx = (key % (N * h)).unsqueeze(1) + core_ids.to(key.dtype).view(1, h, 1)  # (N_tok, h, S): row*h + c
+        w = w.gather(-1, order.unsqueeze(1).expand(n_tok, h, S))            # (N_tok, h, S), sorted order
+        return idx.flatten(), offsets, w.flatten()
 
     def tucker_loss(self) -> tuple[Tensor, Tensor] | None:
         """(L_aux, singular values (H, R)) of the summed core (U2 eqs. 16-17); None if not tucker."""
@@ -627,8 +758,8 @@ class UltraMem(nn.Module):
         c = self.cfg
         x2d, lead = flatten_tokens(x, c.d_model, "UltraMem")                # (N_tok, D)
         n_tok, S = x2d.shape[0], c.heads * c.top_k
-        s_row, s_col = self.side_scores(x2d)                                # (N_tok, H, R, n_s) each
-        slots, scores, core_scores = self.search(s_row, s_col)              # (N_tok, H, K[, h])
+        s = self._side_scores(x2d)                                          # (2, N_tok, H, R, n_s)
+        slots, scores, core_scores = self._search(s)                        # (N_tok, H, K[, h])
         if c.score_activation == "softmax":                                 # PKM (h == 1)
             work = torch.promote_types(scores.dtype, torch.float32)         # >= float32, keeps float64
             scores = F.softmax(scores.to(work), dim=-1).type_as(scores)
@@ -640,10 +771,13 @@ class UltraMem(nn.Module):
         return y.view(*lead, c.d_model), aux                                # (B, T, D) or (N_tok, D)
 
     def _aux(self, x2d: Tensor, y: Tensor, slots: Tensor, scores: Tensor, core_scores: Tensor) -> UltraMemAux:
+        """The aux record. ``detailed_aux`` (default True) adds ``counts`` (a bincount over all E*N
+        virtual slots) and ``coverage``: O(N_slots) work per call, which dominates a decode step of
+        a few tokens; with ``detailed_aux=False`` ``counts`` is None and every stat is O(N_tok)."""
         c = self.cfg
         losses: dict[str, Tensor] = {}
         aux_loss = zero_loss(x2d)
-        tl = self.tucker_loss()
+        tl = self._reuse("tucker", (self.cores,), self.tucker_loss) if self.cores is not None else None
         lam = None
         if tl is not None:
             loss, lam = tl
@@ -652,12 +786,15 @@ class UltraMem(nn.Module):
                 if c.tucker_aux:
                     aux_loss = aux_loss + c.tucker_aux_coef * loss.to(aux_loss.dtype)
         with torch.no_grad():
-            counts = torch.bincount(slots.flatten(), minlength=c.n_virtual)  # (E*N,)
             sc = scores.detach().view(-1, c.heads, c.top_k).float()
             vals = [sc[..., 0].mean(), sc[..., -1].mean(), sc.mean(),
-                    y.detach().float().std() if y.numel() > 1 else sc.new_zeros(()),
-                    (counts > 0).float().mean()]
-            names = ["top1_score", "mth_score", "mean_score", "output_std", "coverage"]
+                    y.detach().float().std() if y.numel() > 1 else sc.new_zeros(())]
+            names = ["top1_score", "mth_score", "mean_score", "output_std"]
+            counts = None
+            if self.detailed_aux:
+                counts = torch.bincount(slots.flatten(), minlength=c.n_virtual)  # (E*N,)
+                vals.append((counts > 0).float().mean())
+                names.append("coverage")
             if lam is not None:
                 lam_mean = lam.detach().float().mean(0)                     # (R,), mean over heads
                 vals.append(lam_mean[0])
