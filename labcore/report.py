@@ -3,7 +3,8 @@
 ``write_report(sweep_dir, out_dir)`` derives everything from the sweep's run directories (and its
 ``sweep.json``, which says which run ids belong to the sweep) and writes::
 
-    <out_dir>/index.html            overview: counts, failure table, then per notebook the results
+    <out_dir>/index.html            overview: counts, failure table, then per notebook each run's
+                                    headline tables (RunDir.write_key_table), the results
                                     table (labcore.results.collect) and every run with its
                                     parameters, status, figure thumbnails and links
     <out_dir>/runs/<run_id>/notebook.html   the executed notebook rendered by nbconvert (never
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from labcore.results import PARAM_PREFIX, collect, runs_table, write_atomic
+from labcore.results import PARAM_PREFIX, RunDir, collect, runs_table, write_atomic
 
 __all__ = ["write_report"]
 
@@ -56,10 +57,18 @@ def _link(href: str | None, text: str) -> str:
     return f"<a href='{_e(href)}'>{_e(text)}</a>" if href else ""
 
 
+def _missing(v) -> bool:
+    """None, NaN or pd.NA (a scalar); lists and arrays are values, never missing."""
+    try:
+        return v is None or bool(pd.isna(v))
+    except (TypeError, ValueError):  # array-like: pd.isna is element-wise
+        return False
+
+
 def _params_text(row: pd.Series) -> str:
     parts = []
     for col, v in row.items():
-        if not col.startswith(PARAM_PREFIX) or v is None or (isinstance(v, float) and pd.isna(v)):
+        if not col.startswith(PARAM_PREFIX) or _missing(v):
             continue
         parts.append(f"{col[len(PARAM_PREFIX):]}={v}")
     return " ".join(parts)
@@ -190,7 +199,16 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path, *, title: str | Non
         parts.append(f"<h2 id='nb-{_e(nb)}'>{_e(nb)}</h2>")
         res = results[results["notebook"] == nb].drop(columns=["notebook", "sweep"], errors="ignore") \
             if not results.empty else results
-        parts.append("<h3>Results</h3>" + _table_html(res, max_rows))
+        for _, r in runs[(runs["notebook"] == nb) & (runs["status"] == "done")].iterrows():
+            tables = RunDir(r["path"]).key_tables()
+            if tables:
+                parts.append(f"<h3>Key results <small><code>{_e(r['run_id'])}</code></small></h3>")
+                for tname, tdf in tables.items():
+                    parts.append(f"<h4>{_e(tname.replace('_', ' '))}</h4>" + _table_html(tdf, max_rows))
+        # Parameters are listed per run below; the results table shows identities and metrics.
+        res = res.drop(columns=[c for c in res.columns if c.startswith(PARAM_PREFIX)])
+        parts.append("<h3>Results (one row per summary row; full table: results.parquet)</h3>"
+                     + _table_html(res, max_rows))
         parts.append("<h3>Runs</h3><table><tr><th>run</th><th>seed</th><th>params</th><th>status</th>"
                      "<th>time (s)</th><th>figures</th><th>notebook</th></tr>")
         for _, r in runs[runs["notebook"] == nb].sort_values(["status", "run_id"]).iterrows():

@@ -65,6 +65,7 @@ RUN_JSON = "run.json"
 HISTORY = "history.jsonl"
 SUMMARY = "summary.parquet"
 FIGURES = "figures"
+TABLES = "tables"
 SCHEMA_VERSION = 1
 PARAM_PREFIX = "param_"
 _FIGURE_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
@@ -304,17 +305,21 @@ class RunDir:
             df = pd.DataFrame([dict(table)])
         else:
             df = pd.DataFrame([dict(r) for r in table])
-        df = df.reset_index(drop=True)
-        with tempfile.NamedTemporaryFile(dir=self.path, prefix=".summary.", suffix=".tmp", delete=False) as f:
-            tmp = Path(f.name)
-        try:
-            df.to_parquet(tmp, index=False)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, self.summary_path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return self.summary_path
+        return write_table(df.reset_index(drop=True), self.summary_path)
+
+    def write_key_table(self, name: str, table: pd.DataFrame) -> Path:
+        """Write a headline table (e.g. means with confidence intervals, paired deltas) to
+        ``tables/<name>.parquet``; the sweep report shows these first for each run."""
+        self._require_started()
+        if not name or not set(name) <= _FIGURE_NAME_CHARS:
+            raise ValueError(f"write_key_table: name={name!r} is not allowed: must be non-empty and use "
+                             "only letters, digits, '_', '.', '-'")
+        return write_table(table.reset_index(drop=True), self.path / TABLES / f"{name}.parquet")
+
+    def key_tables(self) -> dict[str, pd.DataFrame]:
+        """The run's headline tables by name (see :meth:`write_key_table`), in name order."""
+        d = self.path / TABLES
+        return {f.stem: pd.read_parquet(f) for f in sorted(d.glob("*.parquet"))} if d.is_dir() else {}
 
     def summary(self) -> pd.DataFrame:
         return pd.read_parquet(self.summary_path) if self.summary_path.exists() else pd.DataFrame()

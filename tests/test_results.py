@@ -196,3 +196,28 @@ def test_repo_path_resolves_relative_paths_against_the_checkout(tmp_path):
     assert repo_path(tmp_path) == tmp_path
     root = Path(__file__).resolve().parents[1]
     assert repo_path("runs/quick") == root / "runs" / "quick"
+
+
+def test_key_tables_are_written_atomically_and_shown_first_in_the_report(tmp_path):
+    import pandas as pd
+
+    from labcore.report import write_report
+    from labcore.results import RunDir
+
+    sweep = tmp_path / "sw"
+    a = RunDir(sweep / "nb-aaa").start({"rank": 2, "only_a": 7}, notebook="nb", seed=0)
+    a.write_summary(pd.DataFrame({"variant": ["x", "y"], "val_loss": [2.5, 2.25]}))
+    a.write_key_table("1_deltas", pd.DataFrame({"variant": ["y"], "delta_mean": [-0.123456], "verdict": ["lower"]}))
+    a.finish()
+    b = RunDir(sweep / "nb-bbb").start({"rank": 3}, notebook="nb", seed=1)
+    b.write_summary({"variant": "z", "val_loss": 3.0})
+    b.finish()
+    assert set(a.key_tables()) == {"1_deltas"} and b.key_tables() == {}
+    assert not list((sweep / "nb-aaa" / "tables").glob(".*"))   # no temp files left behind
+    with pytest.raises(ValueError, match="name"):
+        a.write_key_table("bad name", pd.DataFrame())
+    html = write_report(sweep, tmp_path / "rep").read_text()
+    assert html.index("Key results") < html.index("Results (one row")
+    assert "-0.123456" in html and "lower" in html
+    assert "&lt;NA&gt;" not in html and "<NA>" not in html     # absent params are not printed
+    assert "only_a=7" in html and "rank=3" in html

@@ -18,14 +18,13 @@ from typing import Any
 import pandas as pd
 import torch
 
-from labcore.bench.inference import run_inference_bench
+from labcore.bench.inference import moe_ultramem_ratio, run_inference_bench
 from labcore.budget import equal_budget_family, model_budget
 from labcore.experiments.common import LabParams, lab_run
 from labcore.experiments.core import Variant, paired_deltas, run_variants, summarize
 from labcore.experiments.figures import deltas_figure, variants_figure
 from labcore.layers.base import check_float
 from labcore.plots import latency_vs_batch_figure
-from labcore.results import write_table
 
 NOTEBOOK = "04_architectures"
 ARCHS = ("dense", "moe", "pkm", "ultramem")
@@ -87,5 +86,10 @@ def run(P: ArchitecturesParams) -> ArchitecturesResult:
         for name, fig in figures.items():
             rd.save_figure(fig, name)
         rd.write_summary(table.assign(notebook=NOTEBOOK))
-        write_table(inference, rd.path / "inference.parquet")
+        ratio = moe_ultramem_ratio(inference, scope="layer")
+        rd.write_key_table("1_budget", budget)
+        rd.write_key_table("2_means", summary)
+        rd.write_key_table("3_deltas_vs_dense", deltas)
+        rd.write_key_table("4_moe_over_ultramem_latency", ratio)
+        rd.write_key_table("5_inference", inference)
     return ArchitecturesResult(budget, table, summary, deltas, inference, figures)

@@ -148,4 +148,6 @@ def run(P: PaperTableParams) -> PaperTableResult:
         for name, fig in figures.items():
             rd.save_figure(fig, name)
         rd.write_summary(table.assign(notebook=NOTEBOOK))
+        rd.write_key_table("1_deltas_vs_previous_row", deltas)
+        rd.write_key_table("2_means", summary)
     return PaperTableResult(table, summary, deltas, history, figures)

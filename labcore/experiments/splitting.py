@@ -32,7 +32,6 @@ from labcore.model import LM, ModelConfig, SparsePlan, spread_placements
 from labcore.plots import label
 from labcore.profiling.cost_model import layer_step_cost
 from labcore.profiling.timer import time_fn
-from labcore.results import write_table
 
 NOTEBOOK = "02_layer_splitting"
 
@@ -142,6 +141,8 @@ def run(P: SplittingParams) -> SplittingResult:
         for name, fig in figures.items():
             rd.save_figure(fig, name)
         rd.write_summary(table.assign(notebook=NOTEBOOK))
-        write_table(cost, rd.path / "decode_cost.parquet")
+        rd.write_key_table("1_means", summary)
+        rd.write_key_table("2_deltas", deltas)
+        rd.write_key_table("3_decode_cost", cost)
     return SplittingResult(table, summary, deltas, cost, figures)
 

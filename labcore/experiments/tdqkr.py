@@ -149,4 +149,6 @@ def run(P: TDQKRParams) -> TDQKRResult:
         for name, fig in figures.items():
             rd.save_figure(fig, name)
         rd.write_summary(table.assign(notebook=NOTEBOOK))
+        rd.write_key_table("1_means", summary)
+        rd.write_key_table("2_deltas_vs_additive", deltas)
     return TDQKRResult(table, summary, deltas, history, figures)

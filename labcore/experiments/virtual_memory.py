@@ -90,4 +90,6 @@ def run(P: VirtualMemoryParams) -> VirtualMemoryResult:
         for name, fig in figures.items():
             rd.save_figure(fig, name)
         rd.write_summary(table.assign(notebook=NOTEBOOK))
+        rd.write_key_table("1_deltas_vs_E1", deltas)
+        rd.write_key_table("2_means", summary)
     return VirtualMemoryResult(table, summary, deltas, figures)
