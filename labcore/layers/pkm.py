@@ -251,25 +251,33 @@ def exact_topk(x: Tensor, k: int, sorted: bool) -> tuple[Tensor, Tensor]:
 
     Two steps, both exact:
 
-    1. The raw bits first (no conversion pass): a float32 with its sign bit clear (+0, positive,
-       +inf) read as an int32 is >= 0 and the ints order like the floats; every float with the
-       sign bit set reads as a negative int. So if the K-th largest raw int of every row is >= 0,
-       the K selected are non-negative floats and everything left out is smaller or equal: the
-       float top-K. Scores are usually positive at the top (one reduction checks it); otherwise
-    2. :func:`_ordered_int32` keys, order-preserving for every float, are ranked instead.
+    1. The raw bits (no conversion pass): a float32 with its sign bit clear (+0, positive, +inf)
+       read as an int32 is >= 0 and such ints order like the floats; every float with the sign bit
+       set reads as a negative int. So in a row whose K-th largest raw int is >= 0, the K selected
+       are non-negative floats and everything left out is smaller or equal: the float top-K.
+       Scores are usually positive at the top of a row.
+    2. Rows where that fails are ranked again with :func:`_ordered_int32` keys (order-preserving
+       for every float).
 
     Values: gathered back from ``x`` when autograd needs them (gradients flow as through
-    ``topk``); otherwise, on the raw-bits path, the selected ints ARE the float bits (a free view).
+    ``topk``) or step 2 ran; otherwise the selected raw ints ARE the float bits (a free view).
     """
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return x.topk(k, dim=-1, sorted=sorted)
-    raw = x.detach().view(torch.int32).topk(k, dim=-1, sorted=sorted)
-    if raw.values.numel() and int(raw.values.min()) >= 0:                   # step 1 holds everywhere
-        if torch.is_grad_enabled() and x.requires_grad:
-            return x.gather(-1, raw.indices), raw.indices
-        return raw.values.view(torch.float32), raw.indices
-    idx = _ordered_int32(x).topk(k, dim=-1, sorted=sorted).indices          # step 2
-    return x.gather(-1, idx), idx
+    if x.dim() == 1:
+        v, i = exact_topk(x.unsqueeze(0), k, sorted)
+        return v[0], i[0]
+    vals, idx = x.detach().view(torch.int32).topk(k, dim=-1, sorted=sorted)  # step 1
+    if k == 0 or x.numel() == 0:
+        return x.gather(-1, idx), idx
+    bad = vals.amin(-1) < 0                                                 # (...,) rows failing step 1
+    if bool(bad.any()):
+        rows = bad.nonzero(as_tuple=True)                                   # index tuple over the leading dims
+        idx[rows] = _ordered_int32(x.detach()[rows]).topk(k, dim=-1, sorted=sorted).indices  # step 2
+        return x.gather(-1, idx), idx
+    if torch.is_grad_enabled() and x.requires_grad:
+        return x.gather(-1, idx), idx
+    return vals.view(torch.float32), idx
 
 
 def _pruned_candidates(k: int) -> tuple[Tensor, Tensor]:

@@ -61,6 +61,33 @@ def test_fast_matches_reference(query_norm, shape, training):
     assert torch.allclose(aux.scores.view(n_tok, 3, 5).sum(-1), torch.ones(n_tok, 3), atol=1e-6)
 
 
+@pytest.mark.parametrize("scores", ["mixed", "all_negative"])
+def test_inference_mode_matches_reference(scores):
+    """No-grad float32 path (raw-bits top-k, values read from the selected bits; rows whose top
+    scores are negative are re-ranked) against brute force."""
+    layer = PKM(small_cfg(query_norm="none")).eval()
+    x = torch.randn(3, 5, D)
+    if scores == "all_negative":                            # every sub-key score < 0
+        with torch.no_grad():
+            layer.keys.abs_().neg_().sub_(0.01)
+            layer.query.bias.abs_().add_(0.1)
+            layer.query.weight.mul_(0.01)
+            x = x.abs()
+            layer.query.weight.abs_()
+    with torch.no_grad():
+        y_ref, slots_ref, w_ref = pkm_reference(layer, x)
+        if scores == "all_negative":
+            q = layer.make_query(x.reshape(-1, D))
+            assert (torch.einsum("thsd,hsnd->thsn", q, layer.keys) < 0).all()
+    with torch.inference_mode():
+        y, aux = layer(x)
+    assert torch.allclose(y, y_ref, atol=1e-5, rtol=0)
+    s_fast, w_fast = per_head_sorted(aux.indices, aux.scores, 3)
+    s_ref, w_ref_sorted = per_head_sorted(slots_ref, w_ref, 3)
+    assert torch.equal(s_fast, s_ref)
+    assert torch.allclose(w_fast, w_ref_sorted, atol=1e-6)
+
+
 def test_gradients_match_reference():
     layer = PKM(small_cfg(query_norm="layernorm", d_value=10))
     randomize_norm(layer)
@@ -236,6 +263,34 @@ def test_aux_record():
     assert all(isinstance(v, float) for v in aux.stats.values())
 
 
+def test_detailed_aux_off_keeps_outputs_and_token_stats():
+    layer = PKM(small_cfg()).eval()
+    x = torch.randn(2, 7, D)
+    y, aux = layer(x)
+    layer.detailed_aux = False
+    y_lean, lean = layer(x)
+    assert torch.equal(y, y_lean) and torch.equal(aux.indices, lean.indices) and torch.equal(aux.scores, lean.scores)
+    assert lean.counts is None and aux.counts is not None
+    assert set(lean.stats) == {"top1_score", "top1_weight", "output_std"}
+    assert set(aux.stats) == set(lean.stats) | {"coverage", "kl_uniform"}
+    for name, value in lean.stats.items():
+        assert value == aux.stats[name], name
+
+
+def test_set_detailed_aux_reaches_every_memory_layer():
+    from labcore.layers.base import set_detailed_aux
+    from labcore.layers.ultramem import UltraMem, UltraMemConfig
+
+    model = nn.ModuleDict({"a": PKM(small_cfg()), "b": nn.Sequential(nn.Linear(D, D), PKM(small_cfg())),
+                           "c": UltraMem(UltraMemConfig(d_model=D, n_keys=3, heads=2, k_dim=6, top_k=3, d_value=8))})
+    assert set_detailed_aux(model, False) == 3
+    assert [m.detailed_aux for m in model.modules() if hasattr(m, "detailed_aux")] == [False] * 3
+    assert model["a"](torch.randn(4, D))[1].counts is None
+    assert set_detailed_aux(model["b"], True) == 1 and model["b"][1].detailed_aux and not model["a"].detailed_aux
+    with pytest.raises(TypeError, match="flag=1"):
+        set_detailed_aux(model, 1)
+
+
 def test_batchnorm_normalises_each_feature_over_tokens():
     cfg = small_cfg(query_norm="batchnorm")
     layer = PKM(cfg).train()
@@ -276,6 +331,35 @@ def test_exact_topk_matches_torch_topk():
         v, i = exact_topk(largest_first, 9, sorted=True)
         v_ref, i_ref = largest_first.topk(9, dim=-1)
         assert torch.equal(v, v_ref) and torch.equal(i, i_ref)
+
+
+def test_exact_topk_raw_bits_path_and_per_row_fallback():
+    """Rows with >= K non-negative scores take the raw-bits path; rows with fewer are re-ranked
+    with the order-preserving keys; either way the result is torch.topk's (no ties here)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 20, 40, generator=gen)
+    x[0, 5] = -x[0, 5].abs()                                # all negative: fallback row
+    x[1, 7, :36] = -x[1, 7, :36].abs()                      # 4 non-negative < K = 6: fallback row
+    x[2, 9] = x[2, 9].abs()                                 # all non-negative: raw bits
+    x[2, 11, :34] = -x[2, 11, :34].abs()                    # exactly K = 6 non-negative: raw bits
+    x[2, 11, 34] = 0.0                                      # +0.0 is non-negative
+    x[2, 12, 0], x[2, 12, 1] = 0.0, -0.0                    # ties of +-0 only matter below the top K
+    for sorted_ in (True, False):
+        for grad in (True, False):
+            xg = x.clone().requires_grad_(grad)
+            with torch.set_grad_enabled(grad):
+                v, i = exact_topk(xg, 6, sorted=sorted_)
+            v_ref, i_ref = x.topk(6, dim=-1, sorted=sorted_)
+            if sorted_:
+                assert torch.equal(i, i_ref) and torch.equal(v, v_ref)
+            else:
+                assert torch.equal(i.sort(-1).values, i_ref.sort(-1).values)
+                assert torch.equal(v, x.gather(-1, i))
+            if grad:
+                v.sum().backward()
+                assert torch.equal(xg.grad, torch.zeros_like(x).scatter_(-1, i, 1.0))
+    v1, i1 = exact_topk(x[1, 7], 6, sorted=True)            # 1-D input, a fallback row
+    assert torch.equal(i1, x[1, 7].topk(6).indices) and torch.equal(v1, x[1, 7].topk(6).values)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ init modes, costs and config validation. Tiny sizes, float64 where outputs are c
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -463,6 +464,111 @@ def test_unknown_config_key_raises():
     with pytest.raises(ConfigError, match="tucker_rank"):
         UltraMemConfig.from_dict({**TINY, "tucker_rank": 2})
     assert UltraMemConfig.from_dict(TINY) == UltraMemConfig(**TINY)
+
+
+# ---------------------------------------------------------------------------------------------
+# inference paths: float32 int-key top-k, caches of parameter-derived tensors, lean aux
+# ---------------------------------------------------------------------------------------------
+
+F32_CASES = [
+    dict(d_model=32, n_keys=8, heads=2, k_dim=16, top_k=8, d_value=16, n_cores=2, expansion=4, candidate_m=16),
+    dict(d_model=32, n_keys=8, heads=2, k_dim=16, top_k=8, d_value=16, n_cores=1, expansion=1, candidate_m=8,
+         share_query=False),
+    dict(**TINY, rank=3, n_cores=2, expansion=4, candidate_m=6, norm_type="rmsnorm"),
+]
+
+
+@pytest.mark.parametrize("kw", F32_CASES, ids=["E4-h2", "E1-h1-noshare", "R3-rms"])
+def test_float32_inference_matches_reference(kw):
+    """float32 in inference mode (int-key top-k, cached keys/core/proxy/projection): same slots as
+    brute force over every virtual slot, same output up to float32 rounding, on repeated calls."""
+    torch.manual_seed(19)
+    layer = UltraMem(UltraMemConfig(**kw)).eval()
+    x = torch.randn(2, 3, kw["d_model"])
+    with torch.no_grad():
+        y_ref, slots_ref, scores_ref = ultramem_reference(layer, x)
+    for _ in range(2):                                                       # second call: cache hits
+        with torch.inference_mode():
+            y, aux = layer(x)
+        assert torch.equal(aux.indices, slots_ref)
+        torch.testing.assert_close(aux.scores, scores_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    assert layer._derived.entries                                            # something was cached
+
+
+def test_caches_follow_parameter_updates_and_never_serve_grad_mode():
+    layer = make(seed=20, n_cores=2, expansion=4, candidate_m=6, dtype=torch.float32).eval()
+    x = torch.randn(5, 12)
+    with torch.inference_mode():
+        y0 = layer(x)[0]
+    with torch.no_grad():                                                    # an "optimiser step"
+        layer.keys.add_(0.3 * torch.randn_like(layer.keys))
+        layer.key_gain.mul_(1.5)
+        layer.cores.add_(0.2)
+        layer.value_proj.weight.mul_(-2.0)
+    layer.refresh_retrieval()
+    fresh = copy.deepcopy(layer)                                             # no cache travels
+    assert not fresh._derived.entries
+    with torch.inference_mode():
+        y1, aux1 = layer(x)
+    y_fresh, aux_fresh = fresh(x)                                            # grad mode: nothing cached
+    assert not torch.allclose(y0, y1)
+    assert torch.equal(aux1.indices, aux_fresh.indices)
+    torch.testing.assert_close(y1, y_fresh.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(aux1.losses["tucker"], aux_fresh.losses["tucker"].detach())
+    # load_state_dict writes in place: the next inference call sees the loaded weights
+    other = make(seed=21, n_cores=2, expansion=4, candidate_m=6, dtype=torch.float32).eval()
+    layer.load_state_dict(other.state_dict())
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x)[0], other(x)[0].detach(), rtol=1e-6, atol=1e-7)
+    # a dtype change replaces the tensors: recomputed in float64
+    layer.double()
+    layer.refresh_retrieval()
+    with torch.inference_mode():
+        y64 = layer(x.double())[0]
+    assert y64.dtype == torch.float64
+    # eval mode WITH grad: the parameters get gradients (no cached, detached tensors in the graph)
+    layer.zero_grad()
+    layer(x.double())[0].square().sum().backward()
+    for name in ("keys", "key_gain", "query_gain", "cores", "value_proj.weight", "values.weight"):
+        assert layer.get_parameter(name).grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("kw", [dict(n_cores=2, expansion=4), dict(scoring="additive", rank=1, n_cores=1)])
+def test_detailed_aux_off_drops_only_the_slot_wide_diagnostics(kw):
+    layer = make(seed=22, **kw).eval()
+    x = torch.randn(7, 12, dtype=torch.float64)
+    y, aux = layer(x)
+    layer.detailed_aux = False
+    y_lean, lean = layer(x)
+    assert torch.equal(y, y_lean) and torch.equal(aux.indices, lean.indices)
+    assert torch.equal(aux.core_scores, lean.core_scores)
+    assert aux.counts is not None and lean.counts is None
+    assert set(aux.stats) - set(lean.stats) == {"coverage"}
+    for name, value in lean.stats.items():
+        assert value == aux.stats[name], name
+
+
+def test_value_bags_are_the_gather_of_read():
+    layer = make(seed=23, n_cores=2, expansion=4)
+    x = torch.randn(6, 12, dtype=torch.float64)
+    _, aux = layer(x)
+    idx, offsets, w = layer.value_bags(aux.indices, aux.core_scores)
+    pooled = torch.nn.functional.embedding_bag(idx, layer.value_chunks(), offsets, mode="sum",
+                                               per_sample_weights=w)         # (N_tok*h*E, D_v/h)
+    assert pooled.shape == (6 * 2 * 4, 4)
+    # bag (t, c, p) by hand: sum over t's slots in block p of score^(c) * V[row, chunk c]
+    N = layer.cfg.n_slots
+    row, block = layer.perm[aux.indices] % N, layer.perm[aux.indices] // N
+    V = layer.values.weight.detach().view(N, 2, 4)
+    manual = torch.zeros(6, 2, 4, 4, dtype=torch.float64)
+    for t in range(6):
+        for s in range(aux.indices.shape[1]):
+            for c in range(2):
+                manual[t, c, block[t, s]] += aux.core_scores[t, s, c] * V[row[t, s], c]
+    torch.testing.assert_close(pooled.view(6, 2, 4, 4), manual)
+    torch.testing.assert_close(layer.read(aux.indices, aux.core_scores),
+                               manual.transpose(1, 2).reshape(6, -1) @ layer.value_proj.weight.detach().T)
 
 
 @pytest.mark.gpu
