@@ -16,6 +16,10 @@ What is timed (one decode step: one new token for each of B sequences)
 ----------------------------------------------------------------------
 * ``scope="layer"``: one sparse layer alone on B token vectors: the dense model's FFN, one MoE layer,
   the memory layer (PKM or UltraMem; the memory models' trunk FFNs are not in this number).
+* Memory layers run with ``detailed_aux=False`` (:func:`labcore.layers.base.set_detailed_aux`): their
+  per-call diagnostics over ALL value slots (``aux.counts``, a bincount of N or E*N entries, coverage,
+  KL) cost time proportional to the memory size, not to B, and a decode step does not need them
+  (at B=1 they were most of the layer's time). ``aux.indices``, which the byte counts use, stay.
 * ``scope="model"``: the whole LM on ``idx`` of shape (B, 1): embedding, L blocks, memories, head.
   **No KV cache** (stated, as allowed): attention sees only the new token, so the number is the
   sparse layers + the dense trunk's per-token cost. The cost model can add the KV traffic
@@ -42,6 +46,11 @@ streamed_bytes_per_s       bytes_streamed / latency_s;  frac_copy_streamed = tha
 read_s, read_bytes_per_s   memory layers, layer scope: the value read alone (the layer's ``read``:
                            ``embedding_bag`` gather-sum, plus IVE pooling and projection for UltraMem)
                            and the value bytes it streams per second; read_frac = read_s / latency_s
+gather_s, gather_*         the gather inside the read alone (one ``F.embedding_bag`` with the bags the
+                           forward produced; for PKM it is the whole read): the value bytes it streams
+                           per second and gather_frac_copy = that / copy bandwidth. This is the part of
+                           the layer whose speed is set by memory bandwidth; the rest (query, sub-key
+                           scores, top-k search, IVE bookkeeping, projection) is compute
 overlap_*                  GPU only, UltraMem model: the skip-layer overlap (below); NaN elsewhere
 
 Skip-layer overlap (papers.md §1.2). An UltraMem memory placed at "k:v" reads block k's FFN input
@@ -72,8 +81,9 @@ from typing import Any
 
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
-from labcore.layers.base import ConfigError, LayerCost, check_choice, check_float, check_int
+from labcore.layers.base import ConfigError, LayerCost, check_choice, check_float, check_int, set_detailed_aux
 from labcore.profiling.ceilings import DTYPES, Ceilings, dtype_name, get_ceilings
 from labcore.profiling.cost_model import layer_step_cost, model_step_cost, touched_bytes
 from labcore.profiling.memory import available_memory_bytes
@@ -85,6 +95,7 @@ COLUMNS = [
     "model", "scope", "batch", "latency_s", "latency_iqr_s", "predicted_s", "bound", "flops",
     "bytes_accessed", "bytes_predicted", "bytes_streamed", "achieved_bytes_per_s", "frac_copy",
     "streamed_bytes_per_s", "frac_copy_streamed", "read_s", "read_frac", "read_bytes_per_s",
+    "gather_s", "gather_bytes_per_s", "gather_frac_copy",
     "overlap_mem_s", "overlap_dense_s", "overlap_both_s", "overlap_frac",
     "total_params", "active_params", "copy_bytes_per_s", "matmul_flops_per_s", "device", "dtype", "threads",
     "plan",
@@ -354,6 +365,7 @@ def _bench_one(name: str, cfg, batch_sizes: Sequence[int], *, scopes, dev, dt, b
 
     torch.manual_seed(seed)
     lm = LM(cfg).to(device=dev, dtype=dt).eval()
+    set_detailed_aux(lm, False)                 # no O(N_slots) per-call diagnostics (module docstring)
     budget = model_budget(cfg, context_len=1, dtype_bytes=b)
     parts = _model_parts(cfg)
     if cfg.plan.kind == "moe":
@@ -368,8 +380,9 @@ def _bench_one(name: str, cfg, batch_sizes: Sequence[int], *, scopes, dev, dt, b
               "copy_bytes_per_s": ceil.copy_bytes_per_s, "matmul_flops_per_s": ceil.matmul_flops_per_s,
               "device": str(dev), "dtype": dtype_name(dt), "threads": torch.get_num_threads(),
               "plan": describe_plan(cfg)}
-    nan_cols = {c: math.nan for c in ("read_s", "read_frac", "read_bytes_per_s", "overlap_mem_s",
-                                       "overlap_dense_s", "overlap_both_s", "overlap_frac")}
+    nan_cols = {c: math.nan for c in ("read_s", "read_frac", "read_bytes_per_s", "gather_s", "gather_bytes_per_s",
+                                       "gather_frac_copy", "overlap_mem_s", "overlap_dense_s", "overlap_both_s",
+                                       "overlap_frac")}
     rows = []
     with torch.inference_mode():
         for B in batch_sizes:
@@ -382,7 +395,8 @@ def _bench_one(name: str, cfg, batch_sizes: Sequence[int], *, scopes, dev, dt, b
                 pred = layer_step_cost(layer_cost, B, bytes_per_param=b, ceilings=ceil)
                 extra = dict(nan_cols)
                 if cfg.plan.kind == "memory":
-                    extra.update(_time_read(layer, aux, B, b, t.median_s, warmup, repeats, dev))
+                    extra.update(_time_read(layer, aux, B, b, t.median_s, warmup, repeats, dev,
+                                            ceil.copy_bytes_per_s))
                 rows.append(_row(common, "layer", B, t, pred, accessed, extra))
             if "model" in scopes:
                 idx = torch.randint(cfg.vocab_size, (B, 1), generator=gen).to(dev)          # (B, T=1)
@@ -408,16 +422,32 @@ def _bench_one(name: str, cfg, batch_sizes: Sequence[int], *, scopes, dev, dt, b
     return rows
 
 
-def _time_read(layer, aux, B: int, b: float, layer_s: float, warmup: int, repeats: int, dev) -> dict:
-    """Time the memory layer's value read alone, with the indices/scores its forward produced."""
+def _gather_fn(layer, aux) -> Callable[[], torch.Tensor]:
+    """The memory layer's value gather alone: one ``F.embedding_bag`` with the bags its forward made."""
+    if hasattr(layer, "value_bags"):                                    # UltraMem: (token, core, block) bags
+        idx, offsets, w = layer.value_bags(aux.indices, aux.core_scores)
+        table = layer.value_chunks()
+        return lambda: F.embedding_bag(idx, table, offsets, mode="sum", per_sample_weights=w)
+    table = layer.values.weight                                         # PKM: one bag of H*K rows per token
+    w = aux.scores.to(table.dtype)
+    return lambda: F.embedding_bag(aux.indices, table, mode="sum", per_sample_weights=w)
+
+
+def _time_read(layer, aux, B: int, b: float, layer_s: float, warmup: int, repeats: int, dev,
+               copy_bytes_per_s: float) -> dict:
+    """Time the memory layer's value read, and the gather inside it, with the indices/scores its
+    forward produced."""
     if hasattr(aux, "core_scores") and aux.core_scores is not None:     # UltraMem: per-core scores
         args = (aux.indices, aux.core_scores)
     else:                                                               # PKM: softmax weights
         args = (aux.indices, aux.scores)
     t = time_fn(lambda: layer.read(*args), warmup=warmup, repeats=repeats, device=dev)
+    g = time_fn(_gather_fn(layer, aux), warmup=warmup, repeats=repeats, device=dev)
     d_v = layer.values.weight.shape[1]
     value_bytes = aux.indices.numel() * d_v * b                         # every selected row, repeats counted
-    return {"read_s": t.median_s, "read_frac": t.median_s / layer_s, "read_bytes_per_s": value_bytes / t.median_s}
+    return {"read_s": t.median_s, "read_frac": t.median_s / layer_s, "read_bytes_per_s": value_bytes / t.median_s,
+            "gather_s": g.median_s, "gather_bytes_per_s": value_bytes / g.median_s,
+            "gather_frac_copy": value_bytes / g.median_s / copy_bytes_per_s}
 
 
 def _row(common: dict, scope: str, B: int, t, pred, accessed: float, extra: dict) -> dict:
@@ -540,7 +570,8 @@ def format_table(df: pd.DataFrame) -> str:
         for r in mem.itertuples():
             lines.append(f"  {LABELS[r.model]:<9} B={r.batch:<5} layer {r.latency_s * 1e3:9.3f} ms, read "
                          f"{r.read_s * 1e3:9.3f} ms ({r.read_frac:.0%} of layer), read streams "
-                         f"{r.read_bytes_per_s / 1e9:6.2f} GB/s = {r.read_bytes_per_s / r.copy_bytes_per_s:.0%} of copy; "
+                         f"{r.read_bytes_per_s / 1e9:6.2f} GB/s = {r.read_bytes_per_s / r.copy_bytes_per_s:.0%} of copy, "
+                         f"its gather {r.gather_s * 1e3:.3f} ms = {r.gather_frac_copy:.0%} of copy; "
                          f"layer: accessed {r.frac_copy:.0%}, streamed {r.frac_copy_streamed:.0%} of copy")
     return "\n".join(lines)
 

@@ -21,6 +21,10 @@ moe64                  MoE 64 experts, top-8, d_expert 128             (eager ex
 How the peers are aligned (they do more or different work than labcore; where they do *more*, that
 work is switched off so the ratio is conservative):
 
+* labcore's memory layers are timed with ``detailed_aux=False``
+  (:func:`labcore.layers.base.set_detailed_aux`): no per-call bincount / coverage / KL over all value
+  slots (``aux.counts`` is None), which the peers do not compute either; the O(N_tok) stats stay.
+
 * ``product_key_memory.PKM(dim=256, heads=4, num_keys=128, topk=32, dim_head=64)``: its ``dim_head``
   is the size of ONE half (sub-query), labcore's ``k_dim`` is both halves: k_dim 128 = 2 x 64. Both
   use a per-sub-query LayerNorm, a softmax over each head's K scores and a summed ``EmbeddingBag``.
@@ -42,7 +46,11 @@ Value-gather bandwidth: the PKM layer's own ``F.embedding_bag`` (the same indice
 produced) is timed alone; its bytes are the value rows it reads (N_tok * H*K * D_v * 4, repeats
 counted: a gather without deduplication streams every selected row), plus indices, weights and the
 output. Next to it, the copy bandwidth (``dst.copy_(src)``, 64 MiB, read + write) measured in the
-same run. The UltraMem ``read`` (IVE shuffle, bag sort, gather, projection) is timed the same way.
+same run. UltraMem gets two rows: its gather alone (the one ``embedding_bag`` over the (N*h, D_v/h)
+chunk view with the (token, core, block) bags of :meth:`UltraMem.value_bags`; bytes counted the same
+way, every selected row read in h chunks) and its whole ``read`` (IVE key lookup and bag sort, the
+gather, the E*D_v -> D projection), whose bytes add the pooled buffer, the projection weight and the
+output.
 
 Peers are benchmark-only dependencies (``pip install -e .[bench]``): they are imported lazily and a
 missing one gives a clear message and skips its row.
@@ -63,7 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from labcore.layers.base import ConfigError, check_choice, check_int
+from labcore.layers.base import ConfigError, check_choice, check_int, set_detailed_aux
 from labcore.profiling.ceilings import measure_copy_bandwidth
 from labcore.profiling.timer import Timer
 
@@ -218,6 +226,7 @@ def run_layer_bench(pairs: Sequence[str] = ROWS, *, batch: int = 4, seq: int = 2
                 except PeerMissing as e:
                     say(f"[{name}] skipped: {e}")
                     continue
+                set_detailed_aux(ours, False)       # no O(N_slots) diagnostics: the peers have none
                 diff = None
                 if name.startswith("moe"):  # same weights: outputs must agree before timing
                     diff = float((_first(ours(x)) - _first(peer(x))).abs().max())
@@ -237,6 +246,16 @@ def run_layer_bench(pairs: Sequence[str] = ROWS, *, batch: int = 4, seq: int = 2
     return pd.DataFrame([asdict(r) for r in rows])
 
 
+def _time_alone(fn: Callable[[], object], warmup: int, n: int):
+    timer = Timer("cpu")
+    for _ in range(warmup):
+        fn()
+    for _ in range(n):
+        with timer:
+            fn()
+    return timer.timing()
+
+
 def _gather_rows(x: torch.Tensor, *, seed: int, say, warmup: int, repeats: int, rounds: int) -> list[Row]:
     """Achieved bytes/s of the PKM value gather and of the UltraMem read, next to the copy ceiling."""
     from labcore.layers.pkm import PKM, PKMConfig
@@ -250,19 +269,14 @@ def _gather_rows(x: torch.Tensor, *, seed: int, say, warmup: int, repeats: int, 
 
     torch.manual_seed(seed)
     pkm = PKM(PKMConfig(d_model=D, n_keys=128, heads=4, k_dim=128, top_k=32)).eval()
+    set_detailed_aux(pkm, False)
     _, aux = pkm(x2d)
     slots, weights = aux.indices, aux.scores                                 # (N_tok, H*K) each
     table = pkm.values.weight
     S, Dv = slots.shape[1], table.shape[1]
     n_bytes = n_tok * S * Dv * 4 + n_tok * Dv * 4 + slots.numel() * (8 + 4)  # rows + out + idx/weights
-    timer = Timer("cpu")
-    fn = lambda: F.embedding_bag(slots, table, mode="sum", per_sample_weights=weights)  # noqa: E731
-    for _ in range(warmup):
-        fn()
-    for _ in range(rounds * repeats):
-        with timer:
-            fn()
-    t = timer.timing()
+    t = _time_alone(lambda: F.embedding_bag(slots, table, mode="sum", per_sample_weights=weights),
+                    warmup, rounds * repeats)
     bps = n_bytes / t.median_s
     rows.append(Row(pair="gather", labcore="PKM value gather: F.embedding_bag(sum, weights)", peer="copy_",
                     labcore_ms=t.median_s * 1e3, labcore_iqr_ms=t.iqr_s * 1e3, peer_ms=None, peer_iqr_ms=None,
@@ -275,21 +289,30 @@ def _gather_rows(x: torch.Tensor, *, seed: int, say, warmup: int, repeats: int, 
     cfg = UltraMemConfig(d_model=D, n_keys=128, heads=2, k_dim=128, top_k=32, d_value=D, rank=2, n_cores=2,
                          expansion=4)
     um = UltraMem(cfg).eval()
+    set_detailed_aux(um, False)
     _, aux = um(x2d)
     slots, core_scores = aux.indices, aux.core_scores                        # (N_tok, S), (N_tok, S, h)
     S = slots.shape[1]
+    idx, offsets, w = um.value_bags(slots, core_scores)
+    chunks = um.value_chunks()                                               # (N*h, D_v/h)
+    n_bytes = (n_tok * S * cfg.d_v * 4 + n_tok * cfg.expansion * cfg.d_v * 4       # rows read (h chunks) + pooled
+               + idx.numel() * idx.element_size() + w.numel() * 4 + offsets.numel() * offsets.element_size())
+    t = _time_alone(lambda: F.embedding_bag(idx, chunks, offsets, mode="sum", per_sample_weights=w),
+                    warmup, rounds * repeats)
+    bps = n_bytes / t.median_s
+    rows.append(Row(pair="gather", labcore="UltraMem value gather: F.embedding_bag over (token, core, block) bags",
+                    peer="copy_", labcore_ms=t.median_s * 1e3, labcore_iqr_ms=t.iqr_s * 1e3, peer_ms=None,
+                    peer_iqr_ms=None, speedup=None, target=None, meets_target=None, bytes=float(n_bytes),
+                    gbytes_per_s=bps / 1e9, copy_gbytes_per_s=copy_bps / 1e9, frac_of_copy=bps / copy_bps,
+                    note=f"{n_tok} tokens x {S} rows x {cfg.d_v} floats in {cfg.n_cores} chunks, "
+                         f"{idx.numel() // (n_tok * S)} bag entries per slot"))
+    say(f"[gather] UltraMem embedding_bag {t}  {bps / 1e9:.2f} GB/s")
+
     n_bytes = (n_tok * S * cfg.d_v * 4 + n_tok * cfg.expansion * cfg.d_v * 4       # rows read + pooled
                + um.value_proj.weight.numel() * 4 + n_tok * D * 4)                 # projection + output
-    timer = Timer("cpu")
-    fn = lambda: um.read(slots, core_scores)  # noqa: E731
-    for _ in range(warmup):
-        fn()
-    for _ in range(rounds * repeats):
-        with timer:
-            fn()
-    t = timer.timing()
+    t = _time_alone(lambda: um.read(slots, core_scores), warmup, rounds * repeats)
     bps = n_bytes / t.median_s
-    rows.append(Row(pair="gather", labcore="UltraMem read: shuffle + bag sort + embedding_bag + projection",
+    rows.append(Row(pair="gather", labcore="UltraMem read: IVE key lookup + bag sort + embedding_bag + projection",
                     peer="copy_", labcore_ms=t.median_s * 1e3, labcore_iqr_ms=t.iqr_s * 1e3, peer_ms=None,
                     peer_iqr_ms=None, speedup=None, target=None, meets_target=None, bytes=float(n_bytes),
                     gbytes_per_s=bps / 1e9, copy_gbytes_per_s=copy_bps / 1e9, frac_of_copy=bps / copy_bps,

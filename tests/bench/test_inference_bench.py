@@ -93,6 +93,13 @@ def test_table_columns_and_values(result):
     assert df["overlap_frac"].isna().all()  # CPU: not measured
     mem_layers = df[(df["scope"] == "layer") & df["model"].isin(["pkm", "ultramem"])]
     assert (mem_layers["read_s"] > 0).all() and (mem_layers["read_frac"] > 0).all()
+    assert (mem_layers["gather_s"] > 0).all()
+    assert mem_layers["gather_frac_copy"].to_numpy() == pytest.approx(
+        (mem_layers["gather_bytes_per_s"] / CEIL.copy_bytes_per_s).to_numpy())
+    # same value bytes for read and gather: bytes/s scale inversely with the times
+    assert (mem_layers["gather_bytes_per_s"] * mem_layers["gather_s"]).to_numpy() == pytest.approx(
+        (mem_layers["read_bytes_per_s"] * mem_layers["read_s"]).to_numpy())
+    assert df.loc[df["scope"] == "model", "gather_s"].isna().all()
     # roofline with the given ceilings
     expect = [max(b / CEIL.copy_bytes_per_s, f / CEIL.matmul_flops_per_s)
               for b, f in zip(df["bytes_predicted"], df["flops"])]
@@ -152,6 +159,40 @@ def test_figure_traces_and_axes(result):
     lat = next(t for t in fig.data if t.name == "MoE")
     moe_model = df[(df["model"] == "moe") & (df["scope"] == "model")].sort_values("batch")
     assert list(lat.y) == pytest.approx(list(moe_model["latency_s"] * 1e3))
+
+
+def test_memory_layers_run_without_slot_wide_diagnostics(monkeypatch):
+    seen = []
+    real = inf.set_detailed_aux
+
+    def record(module, flag):
+        seen.append(flag)
+        return real(module, flag)
+
+    monkeypatch.setattr(inf, "set_detailed_aux", record)
+    cfgs = tiny_configs()
+    inf.run_inference_bench([2], configs={"pkm": cfgs["pkm"]}, scopes=("layer",), warmup=0, repeats=1,
+                            ceilings=CEIL, log=None)
+    assert seen == [False]
+
+
+def test_gather_fn_is_the_reads_gather():
+    """The timed gather is the embedding_bag inside read(): for PKM it equals read(); for UltraMem,
+    projecting its pooled output gives read()."""
+    from labcore.layers.pkm import PKM
+    from labcore.layers.ultramem import UltraMem
+
+    cfgs = tiny_configs()
+    torch.manual_seed(0)
+    pkm = PKM(cfgs["pkm"].plan.memory).eval()
+    um = UltraMem(cfgs["ultramem"].plan.memory).eval()
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        _, aux = pkm(x)
+        torch.testing.assert_close(inf._gather_fn(pkm, aux)(), pkm.read(aux.indices, aux.scores))
+        _, aux = um(x)
+        pooled = inf._gather_fn(um, aux)().view(5, -1)                      # (N_tok, h*E*D_v/h)
+        torch.testing.assert_close(pooled @ um._proj_weight().T, um.read(aux.indices, aux.core_scores))
 
 
 def test_ratio_table_on_synthetic_rows():

@@ -42,7 +42,9 @@ def test_tiny_run_rows_and_bytes(tmp_path):
     df = lb.run_layer_bench(["pkm", "moe8", "gather"], batch=1, seq=8, warmup=0, repeats=1, rounds=1,
                             threads=1, log=None)
     assert torch.get_num_threads() == old  # restored
-    assert list(df["pair"]) == ["pkm", "moe8", "gather", "gather"]
+    assert list(df["pair"]) == ["pkm", "moe8", "gather", "gather", "gather"]
+    assert [w.split(":")[0] for w in df["labcore"][2:]] == ["PKM value gather", "UltraMem value gather",
+                                                            "UltraMem read"]
     pairs = df[df["pair"] != "gather"]
     assert (pairs["labcore_ms"] > 0).all() and (pairs["peer_ms"] > 0).all()
     assert pairs["speedup"].to_numpy() == pytest.approx((pairs["peer_ms"] / pairs["labcore_ms"]).to_numpy())
@@ -54,6 +56,10 @@ def test_tiny_run_rows_and_bytes(tmp_path):
     assert g["bytes"] == n_tok * S * Dv * 4 + n_tok * Dv * 4 + n_tok * S * 12
     assert g["gbytes_per_s"] == pytest.approx(g["bytes"] / (g["labcore_ms"] / 1e3) / 1e9)
     assert g["frac_of_copy"] == pytest.approx(g["gbytes_per_s"] / g["copy_gbytes_per_s"])
+    for _, r in df[df["pair"] == "gather"].iterrows():
+        assert r["gbytes_per_s"] == pytest.approx(r["bytes"] / (r["labcore_ms"] / 1e3) / 1e9)
+    ug = df.iloc[3]                                          # UltraMem gather: 8 tokens x 64 rows x 256 floats
+    assert ug["bytes"] >= 8 * 64 * 256 * 4 + 8 * 4 * 256 * 4
     text = lb.format_table(df)
     assert "ratio" in text and "pkm" in text and "gather" in text
 
@@ -64,9 +70,21 @@ def test_main_writes_json_and_csv(tmp_path, capsys):
                   "--rounds", "1", "--threads", "1", "--json", str(j), "--csv", str(c)])
     assert rc == 0
     rows = json.loads(j.read_text())
-    assert [r["pair"] for r in rows] == ["gather", "gather"]
+    assert [r["pair"] for r in rows] == ["gather", "gather", "gather"]
     assert c.read_text().splitlines()[0].startswith("pair,")
     assert "labcore bench layers" in capsys.readouterr().out
+
+
+def test_memory_layers_timed_without_slot_wide_diagnostics(monkeypatch):
+    seen = []
+
+    def record(module, flag):
+        seen.append((type(module).__name__, flag))
+        return 1
+
+    monkeypatch.setattr(lb, "set_detailed_aux", record)
+    lb.run_layer_bench(["pkm"], batch=1, seq=4, warmup=0, repeats=1, rounds=1, threads=1, log=None)
+    assert seen == [("PKM", False)]
 
 
 @pytest.mark.slow
