@@ -77,18 +77,31 @@ own normalisation, so compare coefficients with care.
 
 The fast path (``MoE.forward``)
 -------------------------------
-No Python loop over tokens. The N_tok*K assignments are sorted by expert id (a stable sort, so
-within an expert they stay in token order), the chosen tokens are gathered into one
-``(N_tok*K, D)`` matrix grouped by expert, and both expert matrix products run as one grouped GEMM
-(``torch.nn.functional.grouped_mm`` with per-expert row offsets; it has a CPU kernel in torch
->= 2.10 for float32/bfloat16/float16 with 16-byte aligned strides). Where ``grouped_mm`` cannot be
-used (e.g. float64, odd widths) a loop over the E experts on contiguous slices does the same work.
-The routing weight multiplies each row's ``(M, I)`` activation before the down projection, and
-the rows are added back to their tokens with one ``index_add_`` (on CUDA, where ``index_add_`` uses
-atomics, rows are scattered to token-major slots and summed in a fixed order, to stay
-deterministic). Measured on CPU, the grouped GEMM beat a padded ``bmm`` (wasted rows) and the
-expert loop (Python overhead per expert, which dominates for many small experts); the matrix
-products are then ~90% of the time, the rest is the gather, the sort and the scatter-add.
+No Python loop over tokens::
+
+    a = t*K + j                 assignment ids, token-major             (N_tok*K,)
+    order = stable argsort of idx[a]   grouped by expert, token order inside a group   (M,)
+    tok = order // K            token of each sorted assignment          (M,)
+    per block of consecutive experts e0..e1-1 (rows r0..r1 of the sorted assignments):
+        X_b = x[tok[r0:r1]]                                 gather       (M_b, D)
+        H_b = grouped_mm(X_b, [W_gate; W_up][e0:e1]^T)      per-expert   (M_b, 2I)
+        A_b = w * SiLU(H_b[:, :I]) * H_b[:, I:]                          (M_b, I)
+        Y_b = grouped_mm(A_b, W_down[e0:e1]^T)                           (M_b, D)
+        y.index_add_(0, tok[r0:r1], Y_b)                    scatter-add  (N_tok, D)
+
+``torch.nn.functional.grouped_mm`` multiplies each expert's consecutive rows by that expert's
+matrix (one call for any number of experts; it has CPU kernels in torch >= 2.10 for
+float32/bfloat16/float16 with 16-byte aligned strides; a one-expert block uses ``F.linear``).
+Blocks: one block of all experts on a GPU (no host sync); on CPU, blocks whose ``(M_b, 2I)``
+activation is about 1 MiB (``CPU_BLOCK_BYTES``, one core's L2), so the gather, both products and
+the scatter run in cache -- one block of all 8192 assignments at E=64, K=8 was 1.7x slower than
+1 MiB blocks (2 threads); ``expert_impl="loop"`` (or float64, where ``grouped_mm`` has no kernel)
+runs one expert per block. ``w`` multiplies the narrower of the ``(M_b, I)`` activation and the
+``(M_b, D)`` output (the same product, W_down being linear). On CUDA, where ``index_add_`` uses
+atomics, rows are instead copied to token-major slots and summed over K in a fixed order, so
+results stay deterministic. Also tried on CPU and slower: a padded ``bmm`` over
+``(E, max_rows, D)`` (wasted rows), and combining through ``(N_tok, K, D)`` slots with a
+``(1, K) @ (K, D)`` bmm per token (30x the cost of ``index_add_``).
 
 Where labcore differs from public code
 --------------------------------------
@@ -106,6 +119,7 @@ Where labcore differs from public code
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -310,40 +324,47 @@ class MoE(nn.Module):
                                "use expert_impl='auto' or 'loop'")
         return ok
 
-    def experts(self, xs: Tensor, group_sizes: Tensor, w: Tensor) -> Tensor:
-        """``w_a * f_e(x_a)`` for rows grouped by expert: ``xs (M, D)`` with ``group_sizes (E,)``
-        consecutive rows per expert and their routing weights ``w (M,)`` -> ``(M, D)``.
+    def experts(self, x: Tensor, tok: Tensor, group_sizes: Tensor,
+                w: Tensor) -> Iterator[tuple[int, int, Tensor]]:
+        """Run the experts on the kept assignments, sorted by expert: assignment ``a`` reads token
+        ``tok[a]`` of ``x (N_tok, D)`` with weight ``w[a]``; expert e owns ``group_sizes[e]``
+        consecutive assignments. Yields ``(r0, r1, out)``, ``out (r1 - r0, D)`` = ``w_a f_e(x_tok_a)``
+        for assignments r0..r1-1, one block of consecutive experts at a time (``expert_blocks``):
+        all experts at once on a GPU; on CPU blocks whose ``(rows, 2I)`` activation is about
+        ``CPU_BLOCK_BYTES``, so gather, both products and the scatter stay in cache; one expert per
+        block with ``expert_impl="loop"``.
 
-        The weight multiplies the ``(M, I)`` activation before the down projection (the same
-        product, since W_down is linear, and cheaper than scaling ``(M, D)`` rows when I <= D).
-        Experts run in blocks of consecutive experts (``expert_blocks``): all at once on a GPU, on
-        CPU blocks whose ``(rows, 2I)`` activation is about ``CPU_BLOCK_BYTES`` so it is still in
-        cache for the second product, and one expert per block for ``expert_impl="loop"``."""
+        The weight multiplies the ``(rows, I)`` activation before the down projection when I <= D
+        (the same product, since W_down is linear), else the ``(rows, D)`` output."""
         I = self.cfg.d_expert
-        w = w.to(xs.dtype).unsqueeze(1)  # (M, 1)
-        grouped = self._use_grouped_mm(xs)
+        w = w.to(x.dtype).unsqueeze(1)  # (M, 1)
+        grouped = self._use_grouped_mm(x)
         if not grouped:
             max_rows = 0  # one expert per block
-        elif xs.device.type == "cpu":
-            max_rows = max(1, CPU_BLOCK_BYTES // (2 * I * xs.element_size()))
+        elif x.device.type == "cpu":
+            max_rows = max(1, CPU_BLOCK_BYTES // (2 * I * x.element_size()))
         else:
             max_rows = None  # one block: no host sync, one grouped GEMM per product
         sizes = group_sizes.tolist() if max_rows is not None else None
-        outs = []
-        for e0, e1, r0, r1 in expert_blocks(self.cfg.n_experts, xs.shape[0], sizes, max_rows):
-            xb, wb = xs[r0:r1], w[r0:r1]  # (M_b, D), (M_b, 1) rows of experts e0..e1-1
-            if grouped:
+        scale_act = I <= self.cfg.d_model  # multiply w into the narrower of (rows, I) and (rows, D)
+        for e0, e1, r0, r1 in expert_blocks(self.cfg.n_experts, tok.numel(), sizes, max_rows):
+            xb, wb = x.index_select(0, tok[r0:r1]), w[r0:r1]  # (M_b, D), (M_b, 1) rows of experts e0..e1-1
+            single = e1 - e0 == 1  # one expert: plain matrix products
+            if single:
+                h = F.linear(xb, self.gate_up_proj[e0])  # (M_b, 2I)
+            else:
                 offs = group_sizes[e0:e1].cumsum(0).to(torch.int32)  # (E_b,) end row of each expert
                 h = F.grouped_mm(xb, self.gate_up_proj[e0:e1].transpose(1, 2), offs=offs)  # (M_b, 2I)
-                a = F.silu(h[:, :I]).mul_(h[:, I:]).mul_(wb)  # (M_b, I)  w * SiLU(W_gate x) * W_up x
-                outs.append(F.grouped_mm(a, self.down_proj[e0:e1].transpose(1, 2), offs=offs))  # (M_b, D)
-            else:  # e1 == e0 + 1
-                h = F.linear(xb, self.gate_up_proj[e0])  # (M_b, 2I)
-                a = F.silu(h[:, :I]).mul_(h[:, I:]).mul_(wb)  # (M_b, I)
-                outs.append(F.linear(a, self.down_proj[e0]))  # (M_b, D)
-        if len(outs) == 1:
-            return outs[0]
-        return torch.cat(outs) if outs else xs.new_zeros(0, self.cfg.d_model)
+            a = F.silu(h[:, :I]).mul_(h[:, I:])  # (M_b, I)  SiLU(W_gate x) * W_up x
+            if scale_act:
+                a = a.mul_(wb)
+            if single:
+                out = F.linear(a, self.down_proj[e0])  # (M_b, D)
+            else:
+                out = F.grouped_mm(a, self.down_proj[e0:e1].transpose(1, 2), offs=offs)  # (M_b, D)
+            if not scale_act:
+                out = out.mul_(wb)
+            yield r0, r1, out
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> tuple[Tensor, LayerAux]:
@@ -374,14 +395,17 @@ class MoE(nn.Module):
             dropped = N * K - order.numel()
 
         tok = torch.div(order, K, rounding_mode="floor")  # (M,) token of each kept assignment
-        xs = x2.index_select(0, tok)  # (M, D) rows grouped by expert
         w_rows = weights.reshape(-1).index_select(0, order)  # (M,) weight of each kept assignment
-        ys = self.experts(xs, group_sizes, w_rows)  # (M, D) w_tj * f_{idx_tj}(x_t)
-        # y_t = sum_j w_tj f_{idx_tj}(x_t)   [U2 eq. 2]: add each row back to its token
+        # y_t = sum_j w_tj f_{idx_tj}(x_t)   [U2 eq. 2]: add each expert row back to its token
         if x.device.type == "cuda":  # index_add_ uses atomics there: scatter to slots, sum in order
-            y = ys.new_zeros(N * K, D).index_copy_(0, order, ys).view(N, K, D).sum(1)  # (N_tok, D)
-        else:  # deterministic on CPU; ~5x cheaper than slots + sum
-            y = ys.new_zeros(N, D).index_add_(0, tok, ys)  # (N_tok, D)
+            slots = x2.new_zeros(N * K, D)  # (N_tok*K, D) token-major assignment slots
+            for r0, r1, out in self.experts(x2, tok, group_sizes, w_rows):
+                slots.index_copy_(0, order[r0:r1], out)
+            y = slots.view(N, K, D).sum(1)  # (N_tok, D)
+        else:  # deterministic on CPU
+            y = x2.new_zeros(N, D)  # (N_tok, D)
+            for r0, r1, out in self.experts(x2, tok, group_sizes, w_rows):
+                y.index_add_(0, tok[r0:r1], out)
 
         if self.shared is not None:
             s = self.shared.mlp(x2)  # (N_tok, D)

@@ -59,6 +59,18 @@ def test_shared_variants_match_reference(shared):
         assert layer.shared.w_gate.weight.shape == (want, D)
 
 
+@pytest.mark.parametrize("impl", ["auto", "loop"])
+def test_wide_experts_match_reference(impl):
+    """I > D: the routing weight scales the (rows, D) output instead of the (rows, I) activation."""
+    layer = make(d_expert=24, expert_impl=impl, capacity_factor=0.9)
+    x = torch.randn(2, 9, D, requires_grad=True)
+    y, aux = layer(x)
+    ref = moe_reference(layer, x)
+    torch.testing.assert_close(y, ref.y, rtol=1e-5, atol=1e-5)
+    for gf, gr in zip(grads(layer, x, y), grads(layer, x, ref.y)):
+        torch.testing.assert_close(gf, gr, rtol=1e-5, atol=1e-5)
+
+
 def test_float64_uses_loop_and_matches_reference_tightly():
     layer = make(capacity_factor=1.0).double()
     x = torch.randn(30, D, dtype=torch.float64)
