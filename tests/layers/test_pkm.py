@@ -362,6 +362,32 @@ def test_exact_topk_raw_bits_path_and_per_row_fallback():
     assert torch.equal(i1, x[1, 7].topk(6).indices) and torch.equal(v1, x[1, 7].topk(6).values)
 
 
+def test_exact_topk_block_maxima_on_long_rows():
+    """n >= 16 K: ranking block maxima first; distinct values, so the result must be topk's exactly."""
+    from labcore.layers.pkm import _block_size
+
+    assert [_block_size(n, k) for n, k in [(1024, 32), (1276, 16), (640, 8), (128, 32), (119, 32), (997, 4)]] == \
+        [4, 4, 8, 1, 1, 1]                                   # 997 is prime: no divisor, no blocks
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.randperm(7 * 640, generator=gen).float() - 2000.0).view(7, 640) / 64   # distinct, both signs
+    x[2] -= 100.0                                           # a row of negatives: per-row fallback inside
+    x[4, :8] = 1e3 + torch.arange(8.0)                      # the top 8 all in block 0
+    for sorted_ in (True, False):
+        xg = x.clone().requires_grad_(True)
+        v, i = exact_topk(xg, 8, sorted=sorted_)
+        v_ref, i_ref = x.topk(8, dim=-1, sorted=sorted_)
+        if not sorted_:
+            order, order_ref = i.argsort(-1), i_ref.argsort(-1)
+            v, i, v_ref, i_ref = v.gather(-1, order), i.gather(-1, order), v_ref.gather(-1, order_ref), \
+                i_ref.gather(-1, order_ref)
+        assert torch.equal(i, i_ref) and torch.equal(v.detach(), v_ref)
+        v.sum().backward()
+        assert torch.equal(xg.grad, torch.zeros_like(x).scatter_(-1, i_ref, 1.0))
+    with torch.no_grad():
+        v, i = exact_topk(x.view(7, 1, 640), 8, sorted=True)   # leading dims kept
+    assert v.shape == (7, 1, 8) and torch.equal(i[:, 0], x.topk(8).indices)
+
+
 # ---------------------------------------------------------------------------------------------
 # config validation and cost
 # ---------------------------------------------------------------------------------------------
