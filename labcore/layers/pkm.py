@@ -274,7 +274,7 @@ def exact_topk(x: Tensor, k: int, sorted: bool) -> tuple[Tensor, Tensor]:
         v, i = exact_topk(x.unsqueeze(0), k, sorted)
         return v[0], i[0]
     n = x.shape[-1]
-    g = _block_size(n, k)
+    g = _block_size(n, k) if x.numel() >= 1 << 15 else 1                   # small inputs: fewer ops wins
     if g > 1:                                                               # step 1
         lead = x.shape[:-1]
         block_max = F.max_pool1d(x.detach().reshape(-1, 1, n), g).view(*lead, n // g)  # (..., n/g)
@@ -303,6 +303,19 @@ def _block_size(n: int, k: int) -> int:
     while n % g:
         g -= 1
     return g
+
+
+SEARCH_CHUNK_BYTES = 8 << 20
+"""Memory layers search large batches in token chunks whose biggest intermediate (PKM's sub-key
+scores, UltraMem's side scores) is at most this many bytes. The whole-batch tensor (e.g. 60 MB
+of scores for 4096 tokens) would be written to freshly mapped memory (page faults) and read back
+from DRAM; a chunk's stays in cache and its allocation is reused. The search is per token, so
+chunking does not change the result."""
+
+
+def search_chunk(values_per_token: int, element_size: int) -> int:
+    """Tokens per search chunk: SEARCH_CHUNK_BYTES of ``values_per_token`` scores each (>= 1)."""
+    return max(1, SEARCH_CHUNK_BYTES // max(1, values_per_token * element_size))
 
 
 def _pruned_candidates(k: int) -> tuple[Tensor, Tensor]:
@@ -391,7 +404,7 @@ class PKM(nn.Module):
         scores, best = exact_topk(cand, K, sorted=False)                    # (H, N_tok, K)
         i_row = i_half[:, 0].gather(-1, cand_row.gather(-1, best))          # (H, N_tok, K) row sub-key
         i_col = i_half[:, 1].gather(-1, cand_col.gather(-1, best))          # (H, N_tok, K) column sub-key
-        slots = i_row * n + i_col                                           # slot = i_row*n + i_col
+        slots = torch.add(i_col, i_row, alpha=n)                            # slot = i_row*n + i_col
         weights = F.softmax(scores.float(), dim=-1).type_as(scores)         # PKM softmax over K
         return slots.transpose(0, 1), scores.transpose(0, 1), weights.transpose(0, 1)  # (N_tok, H, K)
 
@@ -404,7 +417,10 @@ class PKM(nn.Module):
         c = self.cfg
         x2d, lead = flatten_tokens(x, c.d_model, "PKM")                    # (N_tok, D)
         n_tok = x2d.shape[0]
-        slots, scores, weights = self.retrieve(self.make_query(x2d))        # (N_tok, H, K) each
+        q = self.make_query(x2d)                                            # (N_tok, H, 2, D_k/2)
+        # the search, token chunk by token chunk (see SEARCH_CHUNK_BYTES); same result per token
+        parts = [self.retrieve(qc) for qc in q.split(search_chunk(c.heads * 2 * c.n_keys, q.element_size()))]
+        slots, scores, weights = parts[0] if len(parts) == 1 else [torch.cat(p) for p in zip(*parts)]  # (N_tok, H, K)
         slots = slots.reshape(n_tok, c.heads * c.top_k)                     # (N_tok, H*K), heads summed
         weights = weights.reshape(n_tok, c.heads * c.top_k)                 # (N_tok, H*K)
         o = self.read(slots, weights)                                       # (N_tok, D_v)

@@ -157,7 +157,7 @@ from labcore.layers.base import (
     tag_param,
     zero_loss,
 )
-from labcore.layers.pkm import exact_topk
+from labcore.layers.pkm import exact_topk, search_chunk
 
 SCORINGS = ("tucker", "additive")
 SCORE_ACTIVATIONS = ("none", "softmax")
@@ -652,11 +652,18 @@ class UltraMem(nn.Module):
     def _side_scores(self, x2d: Tensor) -> Tensor:
         """(N_tok, D) -> S (2, N_tok, H, R, n_s), [0] = S_row, [1] = S_col (U2 eq. 6), one tensor
         so both sides go through the search together."""
+        return self._side_scores_q(self._queries(x2d))
+
+    def _queries(self, x2d: Tensor) -> Tensor:
+        """(N_tok, D) -> normalised queries (N_tok, Hq, 2, D_k) (rows (head, side, d) of W_q)."""
         c = self.cfg
-        H, Dk, ns, R, n_tok = c.heads, c.k_dim, c.n_side, c.key_rank, x2d.shape[0]
-        q = self.query(x2d).view(n_tok, c.q_heads, 2, Dk)                   # (N_tok, Hq, 2, D_k)
-        if c.qk_norm:
-            q = _qk_norm(q, self.query_gain, c.norm_type, c.norm_eps)
+        q = self.query(x2d).view(x2d.shape[0], c.q_heads, 2, c.k_dim)       # (N_tok, Hq, 2, D_k)
+        return _qk_norm(q, self.query_gain, c.norm_type, c.norm_eps) if c.qk_norm else q
+
+    def _side_scores_q(self, q: Tensor) -> Tensor:
+        """Queries (N_tok, Hq, 2, D_k) -> S (2, N_tok, H, R, n_s)."""
+        c = self.cfg
+        H, Dk, ns, R, n_tok = c.heads, c.k_dim, c.n_side, c.key_rank, q.shape[0]
         kk = self._key_matrix()
         if c.share_query:
             # one matmul per side for all heads: (2, N_tok, D_k) @ (2, D_k, H*R*n_s)
@@ -758,8 +765,12 @@ class UltraMem(nn.Module):
         c = self.cfg
         x2d, lead = flatten_tokens(x, c.d_model, "UltraMem")                # (N_tok, D)
         n_tok, S = x2d.shape[0], c.heads * c.top_k
-        s = self._side_scores(x2d)                                          # (2, N_tok, H, R, n_s)
-        slots, scores, core_scores = self._search(s)                        # (N_tok, H, K[, h])
+        q = self._queries(x2d)                                              # (N_tok, Hq, 2, D_k)
+        # side scores + search, token chunk by token chunk (labcore.layers.pkm.SEARCH_CHUNK_BYTES):
+        # S is 2*H*R*n_s values per token (40 KB at n_s = 1276); same result per token
+        chunk = search_chunk(2 * c.heads * c.key_rank * c.n_side, q.element_size())
+        parts = [self._search(self._side_scores_q(qc)) for qc in q.split(chunk)]  # (N_c, H, K[, h]) each
+        slots, scores, core_scores = parts[0] if len(parts) == 1 else [torch.cat(p) for p in zip(*parts)]
         if c.score_activation == "softmax":                                 # PKM (h == 1)
             work = torch.promote_types(scores.dtype, torch.float32)         # >= float32, keeps float64
             scores = F.softmax(scores.to(work), dim=-1).type_as(scores)

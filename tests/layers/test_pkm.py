@@ -88,6 +88,29 @@ def test_inference_mode_matches_reference(scores):
     assert torch.allclose(w_fast, w_ref_sorted, atol=1e-6)
 
 
+@pytest.mark.parametrize("query_norm", ["batchnorm", "layernorm"])
+def test_search_in_token_chunks_changes_nothing(monkeypatch, query_norm):
+    """Large batches are searched in token chunks; forcing 2-token chunks gives the same output,
+    selections and gradients (BatchNorm in training mode still sees all tokens at once)."""
+    import labcore.layers.pkm as pkm_mod
+
+    layer = PKM(small_cfg(query_norm=query_norm, d_value=10)).train()
+    randomize_norm(layer)
+    x = torch.randn(3, 5, D)
+    outs = []
+    for chunk_bytes in (pkm_mod.SEARCH_CHUNK_BYTES, 2 * 3 * 2 * 12 * 4):   # whole batch; 2 tokens per chunk
+        monkeypatch.setattr(pkm_mod, "SEARCH_CHUNK_BYTES", chunk_bytes)
+        layer.zero_grad()
+        y, aux = layer(x)
+        y.square().sum().backward()
+        outs.append((y.detach(), aux.indices, aux.scores, {n: p.grad.clone() for n, p in layer.named_parameters()}))
+    assert pkm_mod.search_chunk(3 * 2 * 12, 4) == 2
+    (y0, i0, w0, g0), (y1, i1, w1, g1) = outs
+    assert torch.equal(i0, i1) and torch.allclose(y0, y1, atol=1e-6) and torch.allclose(w0, w1, atol=1e-7)
+    for name in g0:
+        assert torch.allclose(g0[name], g1[name], atol=1e-5), name
+
+
 def test_gradients_match_reference():
     layer = PKM(small_cfg(query_norm="layernorm", d_value=10))
     randomize_norm(layer)
@@ -369,8 +392,8 @@ def test_exact_topk_block_maxima_on_long_rows():
     assert [_block_size(n, k) for n, k in [(1024, 32), (1276, 16), (640, 8), (128, 32), (119, 32), (997, 4)]] == \
         [4, 4, 8, 1, 1, 1]                                   # 997 is prime: no divisor, no blocks
     gen = torch.Generator().manual_seed(4)
-    x = (torch.randperm(7 * 640, generator=gen).float() - 2000.0).view(7, 640) / 64   # distinct, both signs
-    x[2] -= 100.0                                           # a row of negatives: per-row fallback inside
+    x = (torch.randperm(70 * 640, generator=gen).float() - 20000.0).view(70, 640) / 64  # distinct, both signs
+    x[2] = -x[2].abs() - 1.0                                # a row of negatives: per-row fallback inside
     x[4, :8] = 1e3 + torch.arange(8.0)                      # the top 8 all in block 0
     for sorted_ in (True, False):
         xg = x.clone().requires_grad_(True)
@@ -384,8 +407,8 @@ def test_exact_topk_block_maxima_on_long_rows():
         v.sum().backward()
         assert torch.equal(xg.grad, torch.zeros_like(x).scatter_(-1, i_ref, 1.0))
     with torch.no_grad():
-        v, i = exact_topk(x.view(7, 1, 640), 8, sorted=True)   # leading dims kept
-    assert v.shape == (7, 1, 8) and torch.equal(i[:, 0], x.topk(8).indices)
+        v, i = exact_topk(x.view(70, 1, 640), 8, sorted=True)  # leading dims kept
+    assert v.shape == (70, 1, 8) and torch.equal(i[:, 0], x.topk(8).indices)
 
 
 # ---------------------------------------------------------------------------------------------
