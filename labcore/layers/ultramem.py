@@ -90,7 +90,28 @@ Shapes in the code: tokens are flattened to N_tok; keys are (H, 2, R, n_s, D_k) 
 the release stores (H, 2, n_s, D_k, R): ``keys.permute(0, 1, 3, 4, 2)``); side scores are
 (N_tok, H, R, n_s), i.e. S_row per token and head as in eq. 6; selections (N_tok, H, K);
 ``aux.indices`` / ``aux.scores`` are (N_tok, H*K), head-major, each head's K sorted by descending
-summed score; ``aux.core_scores`` (N_tok, H*K, h).
+summed score; ``aux.core_scores`` (N_tok, H*K, h). Internally rows and columns travel together:
+S is one (2, N_tok, H, R, n_s) tensor, [0] = S_row, [1] = S_col.
+
+Speed (CPU; each trick computes the same thing, the tests compare with brute force)
+-------------------------------------------------------------------------------------
+* Rows and columns go through the search together (one proxy product, one top-m, one gather),
+  halving the operator calls. The proxies u^T S_row, t^T S_col are one batched (1 x R) @ (R x n_s)
+  product over S (for the bench's n_s = 256 the cheapest form; folding u into the keys, (u^T K) q,
+  would be the same numbers up to rounding but add a 1/R larger matmul, since S is needed anyway).
+* Top-k: ``labcore.layers.pkm.exact_topk`` (int32 ranking of the float bits; block maxima
+  pre-selection for long rows, which the m^2-cell grid and long proxies are; proofs there).
+* Inference (eval mode, grad off) reuses tensors derived from parameters: the normalised key
+  matrix, the summed core and (u, t), the Tucker loss, the permuted projection weight. A cache
+  entry is valid while its sources keep their storage and version counter (every in-place write,
+  optimiser step or ``load_state_dict`` bumps it); training and grad mode always recompute.
+* IVE: the shuffle table P[v]*h is built once (int32), so a virtual slot's physical row and block
+  are one lookup and a mod; the pooled buffer comes out in (core, block, d) order and the
+  projection weight's columns are permuted to match instead of the activations.
+* Large batches go through side scores + search in token chunks of <= ``SEARCH_CHUNK_BYTES`` of
+  S (2*H*R*n_s values per token), so S stays in cache.
+* ``detailed_aux=False`` skips the per-call bincount over all E*N virtual slots (``aux.counts``,
+  coverage), which dominated a decode step of a few tokens. Default True.
 
 Initialisation (``init``)
 -------------------------
