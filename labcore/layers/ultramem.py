@@ -392,7 +392,7 @@ def _search_tucker(s: Tensor, uv: Tensor, core: Tensor, m: int, k: int) -> tuple
 
     Rows and columns go through every step together (one matmul, one top-k, one gather for both),
     which halves the number of (parallel) operator calls. Both top-k calls use :func:`exact_topk`
-    (order-preserving int32 keys on CPU float32; the proxy top-m needs only its indices).
+    (int32 ranking of the float bits on CPU float32, block maxima for the m^2-cell grid; exact).
     """
     R = s.shape[-2]
     lead = s.shape[1:-3]                                                    # token dims "..."
