@@ -52,8 +52,9 @@ negative (a large positive product) are never candidates: at init, with symmetri
 about half of the exact top-K (recall ~0.5 at m = K; the tests measure it); training shapes the
 keys around the search it is given.
 
-PKM is the special case R = 2, S_row = [s_row; 1], S_col = [1; s_col], C = [[0, 1], [1, 0]]
-(score = s_row[i] + s_col[j]). labcore implements it directly as ``scoring="additive"`` (one key
+PKM is the special case R = 2, S_row = [s_row; 1], S_col = [s_col; 1], C = [[0, 1], [1, 0]]
+(score = s_row[i]·1 + 1·s_col[j]; papers.md's [D] note writes S_col = [1; s_col] with this C, which
+gives s_row[i]·s_col[j] + 1: with [1; s_col] the core must be the identity). labcore implements it directly as ``scoring="additive"`` (one key
 set per side, R = 1; exact product-key top-K: the top-K sums lie in the top-K rows x top-K cols).
 
 MCS, multi-core scoring (``n_cores = h``; U1 eqs. 16-17 in the numbering of the secondary notes,
