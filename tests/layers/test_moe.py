@@ -369,3 +369,16 @@ def test_bad_config(field, value):
     with pytest.raises(ConfigError) as err:
         MoEConfig(**kwargs)
     assert f"MoEConfig.{field}={value!r}" in str(err.value)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("capacity_factor", [None, 0.7])
+def test_cuda_path_matches_reference_and_is_deterministic(capacity_factor):
+    layer = make(capacity_factor=capacity_factor, n_shared_experts=1, shared_gate=True).cuda()
+    x = torch.randn(4, 16, D, device="cuda")
+    y1, aux = layer(x)
+    y2, _ = layer(x)
+    assert torch.equal(y1, y2)
+    ref = moe_reference(layer, x)
+    torch.testing.assert_close(y1, ref.y, rtol=1e-4, atol=1e-4)
+    assert aux.stats["dropped_tokens"] == ref.dropped
