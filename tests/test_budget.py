@@ -31,7 +31,7 @@ from labcore.budget import (
     small_base_config,
 )
 from labcore.layers.base import ConfigError
-from labcore.layers.moe import MoEConfig
+from labcore.layers.moe import MoE, MoEConfig
 from labcore.layers.pkm import PKMConfig
 from labcore.layers.ultramem import UltraMemConfig
 from labcore.model import LM, ModelConfig, SparsePlan
@@ -77,6 +77,9 @@ def counted_flops_per_token(cfg: ModelConfig, B: int = 2, T_run: int = T) -> flo
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         lm(torch.randint(0, cfg.vocab_size, (B, T_run)))
     flops = counter.get_total_flops() / (B * T_run)
+    for _, layer in lm.sparse_layers():  # the weighted K-way combine is elementwise (uncounted)
+        if isinstance(layer, MoE):
+            flops += 2 * layer.cfg.top_k * layer.cfg.d_model
     for _, layer in lm.memory_layers():
         c = layer.cfg
         d_v = c.d_v
