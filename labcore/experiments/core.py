@@ -164,8 +164,8 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float, float, int]:
 
 
 def summarize(df: pd.DataFrame, metrics: Sequence[str], by: str | Sequence[str] = "variant") -> pd.DataFrame:
-    """Per group: ``<metric>_mean``, ``_std``, ``_ci95`` (half-width) and ``n`` for each metric, in
-    the order the groups first appear."""
+    """Per group: ``n`` (rows in the group) and, for each metric, ``<metric>_mean``, ``_std``,
+    ``_ci95`` (half-width) and ``_n`` (finite values), in the order the groups first appear."""
     by = [by] if isinstance(by, str) else list(by)
     missing = [m for m in list(metrics) + by if m not in df.columns]
     if missing:
@@ -174,10 +174,10 @@ def summarize(df: pd.DataFrame, metrics: Sequence[str], by: str | Sequence[str] 
     for key, g in df.groupby(by, sort=False):
         key = key if isinstance(key, tuple) else (key,)
         row = dict(zip(by, key))
+        row["n"] = len(g)  # rows (seeds) in the group; a metric's own count is <metric>_n
         for m in metrics:
             mean, std, ci, n = mean_ci(g[m].tolist())
-            row.update({f"{m}_mean": mean, f"{m}_std": std, f"{m}_ci95": ci})
-            row["n"] = n
+            row.update({f"{m}_mean": mean, f"{m}_std": std, f"{m}_ci95": ci, f"{m}_n": n})
         out.append(row)
     return pd.DataFrame(out)
 

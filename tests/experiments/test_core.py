@@ -73,6 +73,10 @@ def test_summarize_groups_in_order_and_rejects_unknown_columns():
     assert list(s["variant"]) == ["A", "B", "C"]
     assert s.loc[1, "val_loss_mean"] == pytest.approx(df[df.variant == "B"].val_loss.mean())
     assert (s["n"] == 5).all()
+    df.loc[df.variant == "A", "val_loss"] = float("nan")     # a metric missing for one variant
+    s = summarize(df, ["val_loss", "seed"])
+    assert list(s["n"]) == [5, 5, 5] and list(s["val_loss_n"]) == [0, 5, 5]
+    assert s.loc[0, "seed_mean"] == 2.0
     with pytest.raises(KeyError, match="nope"):
         summarize(df, ["nope"])
 
