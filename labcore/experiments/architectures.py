@@ -20,7 +20,7 @@ import torch
 
 from labcore.bench.inference import moe_ultramem_ratio, run_inference_bench
 from labcore.budget import equal_budget_family, model_budget
-from labcore.experiments.common import LabParams, lab_run
+from labcore.experiments.common import LabParams, lab_run, save_outputs
 from labcore.experiments.core import Variant, paired_deltas, run_variants, summarize
 from labcore.experiments.figures import deltas_figure, variants_figure
 from labcore.layers.base import check_float
@@ -83,13 +83,7 @@ def run(P: ArchitecturesParams) -> ArchitecturesResult:
                                                "latency_ms", "batch", "model",
                                                "Sparse-layer decode latency vs batch size (this machine)"),
         }
-        for name, fig in figures.items():
-            rd.save_figure(fig, name)
-        rd.write_summary(table.assign(notebook=NOTEBOOK))
-        ratio = moe_ultramem_ratio(inference, scope="layer")
-        rd.write_key_table("1_budget", budget)
-        rd.write_key_table("2_means", summary)
-        rd.write_key_table("3_deltas_vs_dense", deltas)
-        rd.write_key_table("4_moe_over_ultramem_latency", ratio)
-        rd.write_key_table("5_inference", inference)
+        save_outputs(rd, NOTEBOOK, table, figures, {
+            "budget": budget, "means": summary, "deltas_vs_dense": deltas,
+            "moe_over_ultramem_latency": moe_ultramem_ratio(inference, scope="layer"), "inference": inference})
     return ArchitecturesResult(budget, table, summary, deltas, inference, figures)

@@ -109,3 +109,15 @@ def lab_run(params: LabParams, notebook: str) -> Iterator[RunDir]:
         run.fail(e)
         raise
     run.finish()
+
+
+def save_outputs(run: RunDir, notebook: str, table: Any, figures: dict[str, Any],
+                 key_tables: dict[str, Any]) -> None:
+    """Write an ablation's results into its run directory: every figure (HTML + PNG), the tidy
+    per-(variant, seed) table as summary.parquet, and the headline tables (in the given order,
+    numbered so the report lists them that way)."""
+    for name, fig in figures.items():
+        run.save_figure(fig, name)
+    run.write_summary(table.assign(notebook=notebook))
+    for i, (name, t) in enumerate(key_tables.items(), start=1):
+        run.write_key_table(f"{i}_{name}", t)

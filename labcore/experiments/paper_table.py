@@ -36,7 +36,7 @@ from typing import Any
 
 import pandas as pd
 
-from labcore.experiments.common import LabParams, lab_run
+from labcore.experiments.common import LabParams, lab_run, save_outputs
 from labcore.experiments.core import Variant, paired_deltas, run_variants, summarize
 from labcore.experiments.figures import deltas_figure, history_lines, variants_figure
 from labcore.layers.base import check_int
@@ -142,12 +142,7 @@ def run(P: PaperTableParams) -> PaperTableResult:
             "val_loss_per_row": variants_figure(table, "val_loss", order, "Validation loss along Table 2"),
             "deltas_vs_paper": deltas_figure(deltas, PAPER_VAL_DELTAS,
                                              "Δ val loss per change: lab (paired by seed) vs paper"),
-            "train_loss": history_lines(history[history.get("kind") == "train"] if "kind" in history
-                                        else history, "loss", "Training loss per row"),
+            "train_loss": history_lines(history, "loss", "Training loss per row"),
         }
-        for name, fig in figures.items():
-            rd.save_figure(fig, name)
-        rd.write_summary(table.assign(notebook=NOTEBOOK))
-        rd.write_key_table("1_deltas_vs_previous_row", deltas)
-        rd.write_key_table("2_means", summary)
+        save_outputs(rd, NOTEBOOK, table, figures, {"deltas_vs_previous_row": deltas, "means": summary})
     return PaperTableResult(table, summary, deltas, history, figures)

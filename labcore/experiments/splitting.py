@@ -23,7 +23,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from labcore.experiments.common import LabParams, lab_run
+from labcore.experiments.common import LabParams, lab_run, save_outputs
 from labcore.experiments.core import Variant, paired_deltas, run_variants, summarize
 from labcore.experiments.figures import deltas_figure, variants_figure
 from labcore.layers.base import check_int
@@ -138,11 +138,6 @@ def run(P: SplittingParams) -> SplittingResult:
             "latency": _cost_figure(cost, "latency_ms", "Decode-step latency of the whole model (this machine)"),
             "memory_access": _cost_figure(cost, "memory_bytes", "Memory bytes read per decode step (cost model)"),
         }
-        for name, fig in figures.items():
-            rd.save_figure(fig, name)
-        rd.write_summary(table.assign(notebook=NOTEBOOK))
-        rd.write_key_table("1_means", summary)
-        rd.write_key_table("2_deltas", deltas)
-        rd.write_key_table("3_decode_cost", cost)
+        save_outputs(rd, NOTEBOOK, table, figures, {"means": summary, "deltas": deltas, "decode_cost": cost})
     return SplittingResult(table, summary, deltas, cost, figures)
 

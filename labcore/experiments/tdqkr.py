@@ -27,7 +27,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from labcore.experiments.common import LabParams, lab_run
+from labcore.experiments.common import LabParams, lab_run, save_outputs
 from labcore.experiments.core import Variant, paired_deltas, run_variants, summarize
 from labcore.experiments.figures import deltas_figure, history_lines, variants_figure
 from labcore.layers.base import check_int
@@ -146,9 +146,5 @@ def run(P: TDQKRParams) -> TDQKRResult:
             "lambda2": history_lines(history, "lambda2_mean" if lam else "val_loss",
                                      "λ₂ of the summed Tucker core during training"),
         }
-        for name, fig in figures.items():
-            rd.save_figure(fig, name)
-        rd.write_summary(table.assign(notebook=NOTEBOOK))
-        rd.write_key_table("1_means", summary)
-        rd.write_key_table("2_deltas_vs_additive", deltas)
+        save_outputs(rd, NOTEBOOK, table, figures, {"means": summary, "deltas_vs_additive": deltas})
     return TDQKRResult(table, summary, deltas, history, figures)

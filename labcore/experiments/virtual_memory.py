@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from labcore.experiments.common import LabParams, lab_run
+from labcore.experiments.common import LabParams, lab_run, save_outputs
 from labcore.experiments.core import Variant, paired_deltas, run_variants, summarize
 from labcore.experiments.figures import deltas_figure, variants_figure, xy_figure
 from labcore.layers.base import check_int, is_perfect_square
@@ -87,9 +87,5 @@ def run(P: VirtualMemoryParams) -> VirtualMemoryResult:
             "deltas_vs_paper": deltas_figure(deltas, PAPER_VAL_DELTAS, "Δ val loss vs E=1: lab vs paper"),
             "coverage": variants_figure(table, "coverage", title="Virtual-slot coverage on validation batches"),
         }
-        for name, fig in figures.items():
-            rd.save_figure(fig, name)
-        rd.write_summary(table.assign(notebook=NOTEBOOK))
-        rd.write_key_table("1_deltas_vs_E1", deltas)
-        rd.write_key_table("2_means", summary)
+        save_outputs(rd, NOTEBOOK, table, figures, {"deltas_vs_E1": deltas, "means": summary})
     return VirtualMemoryResult(table, summary, deltas, figures)
