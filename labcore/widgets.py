@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,7 +201,8 @@ class ExplorerParams:
     """Parameters of ``notebooks/06_results_explorer.ipynb``.
 
     results_root: a results directory (a sweep's root, or any folder of run directories); relative
-    paths resolve against the repository root (``labcore.results.repo_path``). notebook / metric:
+    paths resolve against the repository root (``labcore.results.repo_path``); "" means the sweep
+    this notebook runs in (``LABCORE_SWEEP_DIR``, set by ``labcore sweep``). notebook / metric:
     initial selections ("" = the first available). out_dir: where the explorer saves its figure
     and a per-notebook summary. smoke, seed: as in every notebook (nothing random here).
     """
@@ -217,7 +219,9 @@ class ExplorerParams:
         check_bool(o, "smoke", self.smoke)
         check_str(o, "out_dir", self.out_dir)
         check_int(o, "seed", self.seed, min_value=0)
-        check_str(o, "results_root", self.results_root)
+        if not isinstance(self.results_root, str):
+            raise ConfigError(f"{o}.results_root={self.results_root!r} is not allowed: must be a path string "
+                              "(\"\" for the sweep this notebook runs in)")
         for name in ("notebook", "metric"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"{o}.{name}={getattr(self, name)!r} is not allowed: must be a string "
@@ -231,6 +235,11 @@ def load_results(results_root: str | Path) -> pd.DataFrame:
     gives an empty table (the explorer then says so)."""
     from labcore.results import collect
 
+    if results_root == "":  # "this sweep": the runner tells the kernel where its results are
+        if not os.environ.get("LABCORE_SWEEP_DIR"):
+            raise ValueError("results_root='' means the sweep this notebook runs in, but LABCORE_SWEEP_DIR "
+                             "is not set (not run by `labcore sweep`); pass a results directory, e.g. runs/quick")
+        results_root = os.environ["LABCORE_SWEEP_DIR"]
     root = repo_path(results_root)
     if not root.is_dir():
         raise FileNotFoundError(f"results_root={str(results_root)!r}: no such directory ({root}); pass a "

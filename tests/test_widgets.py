@@ -247,3 +247,19 @@ def test_explorer_notebook_runs_headless_on_a_results_fixture(results, tmp_path)
         fixture.TDQKR: 6, fixture.COMPARE: 9}
     saved = json.loads((run.figures_dir / "explorer.json").read_text())
     assert saved["layout"]["title"]["text"].startswith(fixture.COMPARE)   # the initial selection
+
+
+def test_explorer_empty_results_root_means_this_sweep(tmp_path, monkeypatch):
+    from labcore.results import RunDir
+    from labcore.widgets import ExplorerParams, load_results
+
+    ExplorerParams(results_root="")                       # allowed: resolved at load time
+    monkeypatch.delenv("LABCORE_SWEEP_DIR", raising=False)
+    with pytest.raises(ValueError, match="LABCORE_SWEEP_DIR"):
+        load_results("")
+    run = RunDir(tmp_path / "sw" / "nb-1").start({"x": 1}, notebook="nb", seed=0)
+    run.write_summary({"val_loss": 1.5})
+    run.finish()
+    monkeypatch.setenv("LABCORE_SWEEP_DIR", str(tmp_path / "sw"))
+    df = load_results("")
+    assert list(df["val_loss"]) == [1.5]

@@ -22,7 +22,8 @@ process pool or dask). It is idempotent and safe to run twice for the same run i
 
 Kernel environment: ``OMP_NUM_THREADS``/``MKL_NUM_THREADS``/``OPENBLAS_NUM_THREADS``/
 ``LABCORE_NUM_THREADS`` = the threads this run may use (torch takes its intra-op thread count from
-``OMP_NUM_THREADS``); ``LABCORE_RUN_ID``, ``LABCORE_SWEEP``, ``LABCORE_ATTEMPT``, ``LABCORE_WORKER``
+``OMP_NUM_THREADS``); ``LABCORE_SWEEP_DIR`` = this sweep's results directory (what a results
+explorer inside the sweep reads); ``LABCORE_RUN_ID``, ``LABCORE_SWEEP``, ``LABCORE_ATTEMPT``, ``LABCORE_WORKER``
 (read by :class:`labcore.results.RunDir`); and ``CUDA_VISIBLE_DEVICES`` decided as follows:
 
 * local process pool: the GPU slot the driver assigned (``--gpus``), if any;
@@ -147,6 +148,7 @@ def _kernel_env(task: RunTask, worker: str) -> dict[str, str]:
     threads = str(_threads_for(task))
     env = {k: threads for k in THREAD_ENV}
     env.update({"LABCORE_RUN_ID": task.run.run_id, "LABCORE_SWEEP": task.run.sweep,
+                "LABCORE_SWEEP_DIR": str(Path(task.results_root).resolve() / task.run.sweep),
                 "LABCORE_ATTEMPT": str(task.attempt), "LABCORE_WORKER": worker,
                 "PYDEVD_DISABLE_FILE_VALIDATION": "1"})
     cuda = _cuda_devices_for(task)
