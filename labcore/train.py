@@ -79,6 +79,7 @@ from labcore.data import Dataset, data_config_from_dict, knowledge_recall, load_
 from labcore.data.knowledge import recall_items
 from labcore.data.recall import associative_recall_accuracy
 from labcore.layers.base import ConfigError, LayerAux, check_choice, check_float, check_int
+from labcore.results import write_atomic
 
 CHECKPOINT_FORMAT = 1
 
@@ -335,19 +336,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _json_safe(x: Any) -> Any:
     if isinstance(x, float) and not math.isfinite(x):
         return str(x)
@@ -370,7 +358,7 @@ class History:
 
     def truncate(self, step: int) -> None:
         self.rows = [r for r in self.rows if r.get("step", 0) <= step]
-        _atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def append(self, row: dict[str, Any]) -> None:
         if self._f is None:
@@ -684,7 +672,7 @@ def train(model_cfg: Any, train_cfg: TrainConfig | Mapping[str, Any], data: Any,
             {"kind": "eval", "step": cfg.steps, **evaluate(model, ds, cfg, device)}
         last_row = next((r for r in reversed(history.rows) if r.get("kind") == "train"), {})
     final = {"train_loss": last_row.get("loss"), **{k: v for k, v in final_eval.items() if k != "kind"}}
-    _atomic_write_text(run_dir / "train.json", json.dumps(_json_safe({
+    write_atomic(run_dir / "train.json", json.dumps(_json_safe({
         "status": "done", "train": cfg.to_dict(), "model": model_dict, "data": ds.manifest,
         "final": final, "resumed_from": resumed_from, "checkpoint": str(last_ckpt) if last_ckpt else None,
     }), indent=1, default=str) + "\n")

@@ -60,8 +60,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -74,6 +72,7 @@ from torch import nn
 from labcore.layers.base import ConfigError, check_choice, check_int, set_detailed_aux
 from labcore.profiling.ceilings import measure_copy_bandwidth
 from labcore.profiling.timer import Timer
+from labcore.results import write_atomic
 
 PAIRS = ("pkm", "ultramem", "moe8", "moe64")
 ROWS = PAIRS + ("gather",)
@@ -347,24 +346,11 @@ def format_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_outputs(df: pd.DataFrame, *, json_path: str | None = None, csv_path: str | None = None) -> None:
     if json_path:
-        _atomic_write_text(Path(json_path), json.dumps(df.to_dict(orient="records"), indent=2, default=str))
+        write_atomic(Path(json_path), json.dumps(df.to_dict(orient="records"), indent=2, default=str))
     if csv_path:
-        _atomic_write_text(Path(csv_path), df.to_csv(index=False))
+        write_atomic(Path(csv_path), df.to_csv(index=False))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from labcore.data.tokenizer import ByteTokenizer
+from labcore.results import write_atomic
 
 FORMAT_VERSION = 1
 TOKEN_DTYPE = np.dtype("<u2")  # uint16 little-endian; the byte tokenizer needs 259 ids
@@ -155,23 +156,6 @@ def sha256_file(path: Path) -> str:
 
 def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=True) + "\n"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory + os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def config_params(cfg: Any) -> dict[str, Any]:
@@ -300,8 +284,8 @@ def write_dataset_dir(path: Path, cfg: Any) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         for name, data in files.items():
-            atomic_write_bytes(tmp / name, data)
-        atomic_write_bytes(tmp / "manifest.json", canonical_json(manifest).encode())  # last
+            write_atomic(tmp / name, data)
+        write_atomic(tmp / "manifest.json", canonical_json(manifest).encode())  # last
         if path.exists():
             shutil.rmtree(path)
         try:

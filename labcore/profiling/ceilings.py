@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 
 from labcore.layers.base import check_int
 from labcore.profiling.timer import resolve_device, time_fn
+from labcore.results import write_atomic
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
@@ -142,19 +142,6 @@ def _read_cache(path: Path) -> dict:
         return {}
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def get_ceilings(device: torch.device | str | None = "cpu", dtype: torch.dtype | str = torch.float32, *,
                  force: bool = False, cache: bool = True, copy_bytes: int | None = None,
                  matmul_n: int | None = None) -> Ceilings:
@@ -182,5 +169,5 @@ def get_ceilings(device: torch.device | str | None = "cpu", dtype: torch.dtype |
     if cache:
         data = _read_cache(path)
         data[key] = dataclasses.asdict(ceilings)
-        _write_json_atomic(path, data)
+        write_atomic(path, json.dumps(data, indent=2, sort_keys=True))
     return ceilings
