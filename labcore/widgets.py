@@ -83,7 +83,22 @@ TOUR_PANELS: dict[str, tuple[str, ...]] = {
 }
 
 
-class TourControls:
+class _Guarded:
+    """Re-entrancy guard for widget callbacks: while ``_hold()`` is active, ``_busy`` is True and
+    callbacks triggered by programmatic value changes return early."""
+
+    _busy = False
+
+    @contextlib.contextmanager
+    def _hold(self) -> Iterator[None]:
+        self._busy = True
+        try:
+            yield
+        finally:
+            self._busy = False
+
+
+class TourControls(_Guarded):
     """Sliders over :class:`labcore.tour.TourParams` wired to the tour's figures.
 
     ``controls`` maps a TourParams field to its widget; ``panes`` maps a figure name
@@ -123,7 +138,6 @@ class TourControls:
         self.status = W.HTML()
         self.record: TourRecord | None = None
         self.refreshes = 0
-        self._busy = False
         for w in self.controls.values():
             w.observe(self._on_change, names="value")
         self.refresh()
@@ -134,14 +148,6 @@ class TourControls:
         """The TourParams the controls currently describe (validated)."""
         values = {name: w.value for name, w in self.controls.items()}
         return dataclasses.replace(self.base, **values)
-
-    @contextlib.contextmanager
-    def _hold(self) -> Iterator[None]:
-        self._busy = True
-        try:
-            yield
-        finally:
-            self._busy = False
 
     def _clamp(self) -> None:
         """Dependent limits: top-K <= n keys per side, token < batch size."""
@@ -269,7 +275,7 @@ def axis_columns(df: pd.DataFrame) -> list[str]:
     return varying + rest + ids + other
 
 
-class ResultsExplorer:
+class ResultsExplorer(_Guarded):
     """Dropdowns (notebook, metric, x, colour) over a results table, drawing ``metric_figure``.
 
     Changing the notebook re-derives the other dropdowns' options from that notebook's rows
@@ -288,7 +294,6 @@ class ResultsExplorer:
         self.pane = FigurePane()
         self.message = W.HTML()
         self.redraws = 0
-        self._busy = False
         with self._hold():
             if notebook:
                 self._set(self.notebook, notebook)
@@ -303,14 +308,6 @@ class ResultsExplorer:
             raise ValueError(f"ResultsExplorer: {dd.description}={value!r} is not available; "
                              f"choose one of {list(dd.options)}")
         dd.value = value
-
-    @contextlib.contextmanager
-    def _hold(self) -> Iterator[None]:
-        self._busy = True
-        try:
-            yield
-        finally:
-            self._busy = False
 
     def subset(self) -> pd.DataFrame:
         """The rows of the selected notebook (all rows when the table has no notebook column)."""
