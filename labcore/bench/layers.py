@@ -3,8 +3,11 @@
 ``python -m labcore.bench layers`` (or ``labcore bench layers``) times the forward pass of each pair on
 the same input, B x T = 4 x 256 tokens, D = 256, float32, eval mode, under ``torch.inference_mode``,
 with ``torch.set_num_threads(2)``. Each side is warmed up, then the two are timed in alternating
-rounds (so a noisy neighbour slows both alike); the reported time is the median over all samples,
-with its interquartile range, and the ratio is ``peer median / labcore median`` (> 1: labcore faster).
+rounds (``repeats`` calls of one side, then of the other). The reported times are the medians over
+all samples, with their interquartile ranges. The ratio (> 1: labcore faster) is *paired*: the
+median over rounds of ``peer round median / labcore round median``, with the quartiles of those
+per-round ratios beside it. On a shared 2-core VM whose speed drifts by 1.5x within a minute, the
+ratio of overall medians mixes slow and fast periods; pairing each round with its neighbour does not.
 
 =====================  ==============================================  =========================  ======
 pair                   labcore                                         peer                       target
@@ -60,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -71,7 +75,7 @@ from torch import nn
 
 from labcore.layers.base import ConfigError, check_choice, check_int, set_detailed_aux
 from labcore.profiling.ceilings import measure_copy_bandwidth
-from labcore.profiling.timer import Timer
+from labcore.profiling.timer import Timer, Timing, quantile
 from labcore.results import write_atomic
 
 PAIRS = ("pkm", "ultramem", "moe8", "moe64")
@@ -112,6 +116,20 @@ def time_pair(fns: dict[str, Callable[[], object]], *, warmup: int, repeats: int
     return {name: t.timing() for name, t in timers.items()}
 
 
+def paired_ratio(num: Timing, den: Timing, repeats: int) -> tuple[float, float, float]:
+    """Median and quartiles over rounds of ``median(num round) / median(den round)``, where round r
+    is samples ``r*repeats .. (r+1)*repeats - 1`` of each (as :func:`time_pair` takes them)."""
+    check_int("paired_ratio", "repeats", repeats, min_value=1)
+    if len(num.samples) != len(den.samples) or len(num.samples) % repeats:
+        raise ValueError(f"paired_ratio: {len(num.samples)} and {len(den.samples)} samples are not the same "
+                         f"whole number of rounds of repeats={repeats}")
+    ratios = []
+    for r in range(0, len(num.samples), repeats):
+        ratios.append(statistics.median(num.samples[r:r + repeats]) / statistics.median(den.samples[r:r + repeats]))
+    q = sorted(ratios)
+    return statistics.median(q), quantile(q, 0.25), quantile(q, 0.75)
+
+
 @dataclass(frozen=True)
 class Row:
     pair: str
@@ -121,10 +139,12 @@ class Row:
     labcore_iqr_ms: float
     peer_ms: float | None
     peer_iqr_ms: float | None
-    speedup: float | None          # peer median / labcore median
+    speedup: float | None          # median over rounds of peer / labcore (paired_ratio)
     target: float | None
     meets_target: bool | None
     max_abs_diff: float | None = None  # output agreement (same weights), when comparable
+    speedup_q1: float | None = None    # quartiles of the per-round ratios
+    speedup_q3: float | None = None
     bytes: float | None = None         # gather rows only
     gbytes_per_s: float | None = None
     copy_gbytes_per_s: float | None = None
@@ -189,7 +209,7 @@ def _first(out):
 
 
 def run_layer_bench(pairs: Sequence[str] = ROWS, *, batch: int = 4, seq: int = 256, d_model: int = 256,
-                    threads: int | None = 2, warmup: int = 3, repeats: int = 5, rounds: int = 3,
+                    threads: int | None = 2, warmup: int = 3, repeats: int = 5, rounds: int = 9,
                     seed: int = 0, log: Callable[[str], None] | None = print) -> pd.DataFrame:
     """Run the listed pairs (``PAIRS`` and/or ``"gather"``); one table row per pair."""
     for p in pairs:
@@ -230,13 +250,13 @@ def run_layer_bench(pairs: Sequence[str] = ROWS, *, batch: int = 4, seq: int = 2
                 if name.startswith("moe"):  # same weights: outputs must agree before timing
                     diff = float((_first(ours(x)) - _first(peer(x))).abs().max())
                 t = time_pair({"ours": lambda o=ours: o(x), "peer": lambda p=peer: p(x)}, **kw)
-                sp = t["peer"].median_s / t["ours"].median_s
+                sp, q1, q3 = paired_ratio(t["peer"], t["ours"], repeats)
                 rows.append(Row(pair=name, labcore=ours_desc, peer=peer_desc,
                                 labcore_ms=t["ours"].median_s * 1e3, labcore_iqr_ms=t["ours"].iqr_s * 1e3,
                                 peer_ms=t["peer"].median_s * 1e3, peer_iqr_ms=t["peer"].iqr_s * 1e3,
                                 speedup=sp, target=TARGETS[name], meets_target=sp >= TARGETS[name],
-                                max_abs_diff=diff))
-                say(f"[{name}] labcore {t['ours']}  peer {t['peer']}  ratio {sp:.2f}x")
+                                max_abs_diff=diff, speedup_q1=q1, speedup_q3=q3))
+                say(f"[{name}] labcore {t['ours']}  peer {t['peer']}  ratio {sp:.2f}x (rounds IQR {q1:.2f}-{q3:.2f})")
                 del ours, peer
             if "gather" in pairs:
                 rows.extend(_gather_rows(x, seed=seed, say=say, **kw))
@@ -330,7 +350,7 @@ def format_table(df: pd.DataFrame) -> str:
     if df.empty:
         return "(no rows)"
     lines = [f"{'pair':<9} {'labcore ms':>11} {'(IQR)':>8} {'peer ms':>9} {'(IQR)':>8} {'ratio':>7} "
-             f"{'target':>7}  {'ok':<3} {'GB/s':>6} {'copy GB/s':>9} {'of copy':>7}  what"]
+             f"{'(IQR)':>11} {'target':>7}  {'ok':<3} {'GB/s':>6} {'copy GB/s':>9} {'of copy':>7}  what"]
     lines.append("-" * len(lines[0]))
 
     def f(v, fmt):
@@ -340,6 +360,7 @@ def format_table(df: pd.DataFrame) -> str:
         ok = "-" if r.meets_target is None or pd.isna(r.meets_target) else ("yes" if r.meets_target else "NO")
         lines.append(f"{r.pair:<9} {r.labcore_ms:>11.3f} {r.labcore_iqr_ms:>8.3f} {f(r.peer_ms, '9.3f'):>9} "
                      f"{f(r.peer_iqr_ms, '8.3f'):>8} {f(r.speedup, '6.2f') + 'x' if r.speedup is not None and not pd.isna(r.speedup) else '-':>7} "
+                     f"{(f(r.speedup_q1, '.2f') + '-' + f(r.speedup_q3, '.2f')) if r.speedup is not None and not pd.isna(r.speedup) else '-':>11} "
                      f"{f(r.target, '6.1f') + 'x' if r.target is not None and not pd.isna(r.target) else '-':>7}  {ok:<3} "
                      f"{f(r.gbytes_per_s, '6.2f'):>6} {f(r.copy_gbytes_per_s, '9.2f'):>9} "
                      f"{f(r.frac_of_copy, '7.0%'):>7}  {r.labcore} vs {r.peer}")
@@ -364,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per round")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (labcore, peer, ...)")
+    ap.add_argument("--rounds", type=int, default=9, help="alternating rounds (labcore, peer, ...)")
     ap.add_argument("--json", default=None, help="write the table as JSON records here")
     ap.add_argument("--csv", default=None, help="write the table as CSV here")
     args = ap.parse_args(argv)
@@ -377,10 +398,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(f"labcore bench layers: {args.batch}x{args.seq} tokens, D={args.d_model}, float32, eval, "
           f"{args.threads} threads; median of {args.rounds}x{args.repeats} runs after {args.warmup} warm-up; "
-          "ratio = peer / labcore")
+          "ratio = median over rounds of peer / labcore (IQR over rounds)")
     print(format_table(df))
     write_outputs(df, json_path=args.json, csv_path=args.csv)
     return 0
 
 
-__all__ = ["PAIRS", "ROWS", "TARGETS", "format_table", "main", "run_layer_bench", "time_pair"]
+__all__ = ["PAIRS", "ROWS", "TARGETS", "format_table", "main", "paired_ratio", "run_layer_bench", "time_pair"]

@@ -62,7 +62,7 @@ class Timing:
         return f"{self.median_s * 1e3:.3f} ms (IQR {self.iqr_s * 1e3:.3f} ms, n={len(self.samples)})"
 
 
-def _quantile(sorted_x: Sequence[float], q: float) -> float:
+def quantile(sorted_x: Sequence[float], q: float) -> float:
     """Quantile with linear interpolation between order statistics (numpy's default method)."""
     pos = q * (len(sorted_x) - 1)
     lo = int(pos)
@@ -75,7 +75,7 @@ def summarize(samples: Sequence[float]) -> Timing:
     if len(samples) == 0:
         raise ValueError("summarize: samples is empty; need at least one timing sample")
     s = sorted(float(x) for x in samples)
-    return Timing(median_s=statistics.median(s), iqr_s=_quantile(s, 0.75) - _quantile(s, 0.25),
+    return Timing(median_s=statistics.median(s), iqr_s=quantile(s, 0.75) - quantile(s, 0.25),
                   samples=tuple(float(x) for x in samples))
 
 

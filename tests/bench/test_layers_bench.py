@@ -17,6 +17,21 @@ def test_time_pair_warms_up_then_alternates_rounds():
     assert len(t["a"].samples) == 6 and len(t["b"].samples) == 6
 
 
+def test_paired_ratio_pairs_each_round():
+    """A machine that gets 2x slower after round 1: per-round ratios stay 2, the ratio of the
+    overall medians does not."""
+    from labcore.profiling.timer import summarize
+    peer = summarize([2.0, 2.0, 2.2, 8.0, 8.0, 8.8, 8.0, 8.0, 8.8])  # rounds of repeats=3
+    ours = summarize([1.0, 1.0, 1.1, 4.0, 4.0, 4.4, 4.4, 4.0, 4.0])
+    med, q1, q3 = lb.paired_ratio(peer, ours, repeats=3)
+    assert (med, q1, q3) == pytest.approx((2.0, 2.0, 2.0))
+    peer2 = summarize([3.0, 3.0, 3.0, 1.0, 1.0, 1.0])
+    ours2 = summarize([1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    assert lb.paired_ratio(peer2, ours2, repeats=3) == pytest.approx((2.0, 1.5, 2.5))  # rounds: 3, 1
+    with pytest.raises(ValueError, match="repeats=4"):
+        lb.paired_ratio(peer2, ours2, repeats=4)
+
+
 def test_bad_input():
     with pytest.raises(ConfigError, match="pairs='nope'"):
         lb.run_layer_bench(["nope"], log=None)

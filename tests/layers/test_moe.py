@@ -8,7 +8,15 @@ import torch
 
 import labcore.layers.moe as moe_module
 from labcore.layers.base import ConfigError, LayerAux
-from labcore.layers.moe import ROUTERS, MoE, MoEConfig, expert_blocks, expert_capacity, moe_reference
+from labcore.layers.moe import (
+    ROUTERS,
+    MoE,
+    MoEConfig,
+    expert_blocks,
+    expert_capacity,
+    moe_reference,
+    plan_padded_groups,
+)
 
 D, I, E, K = 16, 8, 6, 2
 
@@ -31,7 +39,7 @@ def grads(layer, x, out):
 
 @pytest.mark.parametrize("router", ROUTERS)
 @pytest.mark.parametrize("capacity_factor", [None, 0.6])
-@pytest.mark.parametrize("impl", ["auto", "loop"])
+@pytest.mark.parametrize("impl", ["auto", "padded_bmm", "grouped_mm", "loop"])
 def test_fast_path_matches_reference(router, capacity_factor, impl):
     layer = make(router=router, capacity_factor=capacity_factor, routed_scaling=1.7, n_shared_experts=1,
                  shared_gate=True, expert_impl=impl)
@@ -59,7 +67,7 @@ def test_shared_variants_match_reference(shared):
         assert layer.shared.w_gate.weight.shape == (want, D)
 
 
-@pytest.mark.parametrize("impl", ["auto", "loop"])
+@pytest.mark.parametrize("impl", ["auto", "padded_bmm", "grouped_mm", "loop"])
 def test_wide_experts_match_reference(impl):
     """I > D: the routing weight scales the (rows, D) output instead of the (rows, I) activation."""
     layer = make(d_expert=24, expert_impl=impl, capacity_factor=0.9)
@@ -71,23 +79,59 @@ def test_wide_experts_match_reference(impl):
         torch.testing.assert_close(gf, gr, rtol=1e-5, atol=1e-5)
 
 
-def test_float64_uses_loop_and_matches_reference_tightly():
-    layer = make(capacity_factor=1.0).double()
+def test_impl_resolution_on_cpu():
+    x32, x64 = torch.randn(30, D), torch.randn(30, D, dtype=torch.float64)
+    layer, layer64 = make(), make().double()
+    with torch.no_grad():  # inference: auto -> padded_bmm (bmm has float64 kernels too)
+        assert layer._resolve_impl(x32) == "padded_bmm"
+        assert layer64._resolve_impl(x64) == "padded_bmm"
+    with torch.inference_mode():
+        assert layer._resolve_impl(x32) == "padded_bmm"
+    # training (an autograd graph is recorded): auto -> grouped_mm, or loop where it has no kernel
+    assert layer._resolve_impl(x32) == "grouped_mm"
+    assert layer64._resolve_impl(x64) == "loop"
+    assert make(expert_impl="padded_bmm")._resolve_impl(x32) == "padded_bmm"
+    assert make(expert_impl="grouped_mm")._resolve_impl(x32) == "grouped_mm"
+    with torch.no_grad():
+        assert make(expert_impl="loop")._resolve_impl(x32) == "loop"
+    with pytest.raises(RuntimeError, match="grouped_mm"):  # no float64 grouped_mm kernel
+        make(expert_impl="grouped_mm").double()(x64)
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_inference_path_matches_reference(router):
+    """auto under inference_mode (the padded_bmm path) equals the reference and the training path."""
+    layer = make(router=router, capacity_factor=0.8, n_shared_experts=1)
+    x = torch.randn(4, 16, D)
+    train_y = layer(x)[0]
+    with torch.inference_mode():
+        y, aux = layer(x)
+    ref = moe_reference(layer, x)
+    torch.testing.assert_close(y, ref.y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, train_y, rtol=1e-6, atol=1e-6)
+    assert torch.equal(aux.indices, ref.indices) and aux.stats["dropped_tokens"] == ref.dropped
+
+
+@pytest.mark.parametrize("impl", ["auto", "loop"])
+def test_float64_matches_reference_tightly(impl):
+    layer = make(capacity_factor=1.0, expert_impl=impl).double()
     x = torch.randn(30, D, dtype=torch.float64)
-    assert not layer._use_grouped_mm(x)
-    y, aux = layer(x)
-    torch.testing.assert_close(y, moe_reference(layer, x).y, rtol=1e-12, atol=1e-12)
-    with pytest.raises(RuntimeError, match="grouped_mm"):
-        make(expert_impl="grouped_mm").double()(x)
+    torch.testing.assert_close(layer(x)[0], moe_reference(layer, x).y, rtol=1e-12, atol=1e-12)
 
 
-def test_grouped_mm_equals_expert_loop():
+def test_expert_paths_agree():
+    """padded_bmm (CPU default), grouped_mm and the one-expert loop: same outputs and gradients."""
     torch.manual_seed(3)
-    a = make(expert_impl="grouped_mm")
-    b = make(expert_impl="loop")
-    b.load_state_dict(a.state_dict())
-    x = torch.randn(64, D)
-    torch.testing.assert_close(a(x)[0], b(x)[0], rtol=1e-6, atol=1e-6)
+    layers = {impl: make(expert_impl=impl) for impl in ("padded_bmm", "grouped_mm", "loop")}
+    for layer in layers.values():
+        layer.load_state_dict(layers["loop"].state_dict())
+    x = torch.randn(64, D, requires_grad=True)
+    outs = {impl: layer(x)[0] for impl, layer in layers.items()}
+    want = grads(layers["loop"], x, outs["loop"])
+    for impl in ("padded_bmm", "grouped_mm"):
+        torch.testing.assert_close(outs[impl], outs["loop"], rtol=1e-6, atol=1e-6)
+        for ga, gb in zip(grads(layers[impl], x, outs[impl]), want):
+            torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)
 
 
 def test_expert_blocks_hand_example():
@@ -100,11 +144,13 @@ def test_expert_blocks_hand_example():
     assert expert_blocks(3, 0, [0, 0, 0], 4) == []
 
 
+@pytest.mark.parametrize("impl", ["padded_bmm", "grouped_mm"])
 @pytest.mark.parametrize("block_rows", [1, 5, 13])
-def test_cpu_blocks_match_reference(monkeypatch, block_rows):
-    """Small CPU blocks (several grouped GEMMs per product) give the same outputs and gradients."""
+def test_cpu_blocks_match_reference(monkeypatch, block_rows, impl):
+    """Small CPU blocks (several GEMM groups per product) give the same outputs and gradients."""
     monkeypatch.setattr(moe_module, "CPU_BLOCK_BYTES", block_rows * 2 * I * 4)
-    layer = make(capacity_factor=1.2)
+    monkeypatch.setattr(moe_module, "PADDED_BLOCK_BYTES", block_rows * 2 * I * 4 // torch.get_num_threads())
+    layer = make(capacity_factor=1.2, expert_impl=impl)
     x = torch.randn(3, 8, D, requires_grad=True)
     y, aux = layer(x)
     ref = moe_reference(layer, x)
@@ -112,6 +158,76 @@ def test_cpu_blocks_match_reference(monkeypatch, block_rows):
     assert aux.stats["dropped_tokens"] == ref.dropped
     for gf, gr in zip(grads(layer, x, y), grads(layer, x, ref.y)):
         torch.testing.assert_close(gf, gr, rtol=1e-5, atol=1e-5)
+
+
+def test_padded_groups_hand_example():
+    sizes = [3, 0, 4, 4, 0, 5, 1]
+    # one thread, no fixed cost: padding only costs, so every expert is its own group ...
+    assert plan_padded_groups(sizes, 100, threads=1, overhead_rows=0) == [
+        (0, 1, 3), (2, 3, 4), (3, 4, 4), (5, 6, 5), (6, 7, 1)]
+    # ... a fixed cost per group merges neighbours of equal size, never across an empty expert ...
+    assert plan_padded_groups(sizes, 100, threads=1, overhead_rows=2) == [
+        (0, 1, 3), (2, 4, 4), (5, 6, 5), (6, 7, 1)]  # [4, 4]: 8 + 2 < 2 * (4 + 2); [5, 1]: 10 + 2 > 6 + 4
+    assert plan_padded_groups(sizes, 100, threads=1, overhead_rows=5) == [
+        (0, 1, 3), (2, 4, 4), (5, 7, 5)]  # [5, 1]: 10 + 5 < 6 + 10
+    # ... two threads: a pair costs R * 2, a single 1.15 R: [4, 4] pairs, [5, 1] stays split
+    assert plan_padded_groups(sizes, 100, threads=2, overhead_rows=0) == [
+        (0, 1, 3), (2, 4, 4), (5, 6, 5), (6, 7, 1)]
+    # ... and the row cap: a group's n * R <= max_rows (a lone expert may exceed it)
+    assert plan_padded_groups(sizes, 7, threads=2, overhead_rows=0) == [
+        (0, 1, 3), (2, 3, 4), (3, 4, 4), (5, 6, 5), (6, 7, 1)]
+    assert plan_padded_groups([0, 0], 8, threads=2) == []
+
+
+def _brute_force_plan_cost(sizes, max_rows, threads, max_group, overhead):
+    """Cheapest cost over every split of the experts into runs (slow, obviously right)."""
+    import itertools
+    E, best = len(sizes), math.inf
+    for cuts in itertools.product([False, True], repeat=max(E - 1, 0)):
+        runs, cur = [], [0]
+        for e, cut in enumerate(cuts, start=1):
+            if cut:
+                runs.append(cur)
+                cur = []
+            cur.append(e)
+        runs.append(cur)
+        total, ok = 0.0, True
+        for run in runs:
+            # empty experts split a run: sub-runs of experts with rows
+            parts, part = [], []
+            for e in run:
+                if sizes[e] == 0:
+                    parts, part = parts + ([part] if part else []), []
+                else:
+                    part.append(e)
+            parts += [part] if part else []
+            for g in parts:
+                n, R = len(g), max(sizes[e] for e in g)
+                if n > max_group or (n > 1 and n * R > max_rows):
+                    ok = False
+                total += R * (1.15 if n == 1 and threads > 1 else -(-n // threads) * threads) + overhead
+        if ok:
+            best = min(best, total)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_padded_groups_are_optimal_and_cover_every_row(seed):
+    g = torch.Generator().manual_seed(seed)
+    E = int(torch.randint(1, 9, (), generator=g))
+    sizes = torch.randint(0, 12, (E,), generator=g).tolist()
+    sizes = [0 if torch.rand((), generator=g) < 0.2 else s for s in sizes]
+    threads, overhead = int(torch.randint(1, 4, (), generator=g)), int(torch.randint(0, 12, (), generator=g))
+    max_rows, max_group = int(torch.randint(4, 40, (), generator=g)), int(torch.randint(1, 6, (), generator=g))
+    groups = plan_padded_groups(sizes, max_rows, threads, max_group=max_group, overhead_rows=overhead)
+    covered = [e for e0, e1, _ in groups for e in range(e0, e1)]
+    assert covered == [e for e in range(E) if sizes[e] > 0]  # every expert with rows once, in order
+    cost = 0.0
+    for e0, e1, R in groups:
+        n = e1 - e0
+        assert R == max(sizes[e0:e1]) and n <= max_group and (n == 1 or n * R <= max_rows)
+        cost += R * (1.15 if n == 1 and threads > 1 else -(-n // threads) * threads) + overhead
+    assert cost == pytest.approx(_brute_force_plan_cost(sizes, max_rows, threads, max_group, overhead))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,3 +498,8 @@ def test_cuda_path_matches_reference_and_is_deterministic(capacity_factor):
     ref = moe_reference(layer, x)
     torch.testing.assert_close(y1, ref.y, rtol=1e-4, atol=1e-4)
     assert aux.stats["dropped_tokens"] == ref.dropped
+    with torch.inference_mode():  # auto never picks the CPU-only padded path on a GPU
+        assert layer._resolve_impl(x) in ("grouped_mm", "loop")
+        assert torch.equal(layer(x)[0], y1)
+    with pytest.raises(RuntimeError, match="CPU only"):
+        make(expert_impl="padded_bmm").cuda()(x)
