@@ -297,9 +297,13 @@ CPU_BLOCK_BYTES = 1 << 20  # ~ one core's L2: size of the (rows, 2I) activation 
 # 1 MiB/thread) 1.10x HF, pairs 1.30x, groups of 4 (4 MiB, spilling the 2 x 1 MiB of L2) 1.12x; at
 # E=64, K=8, I=128 caps of 1-8 MiB/thread are alike.
 PADDED_BLOCK_BYTES = 3 << 19  # 1.5 MiB
-# Fixed cost of one padded_bmm group (gather, two bmm calls, SiLU, scatter: ~7 ops of ~8 us), priced
-# as FLOPs: ~60 us at ~100 GFLOP/s (2 threads); an expert row costs 6*D*I FLOPs.
-GROUP_OVERHEAD_FLOPS = 6e6
+# Fixed cost of one padded_bmm group (gather, two bmm calls, SiLU, scatter, Python: ~150 us
+# measured with 1-row experts), priced as FLOPs at ~100 GFLOP/s (2 threads); a row costs 6*D*I.
+GROUP_OVERHEAD_FLOPS = 15e6
+# A single-expert GEMM split over the threads loses ~15 % below this size (both products of the
+# expert's rows; M=128, D=256, I=128 is 25 MFLOP) and nothing measurable above (E=8, I=512,
+# ~270 rows: 210 MFLOP, where pairing experts in one bmm lost ~10 % to 2-thread GEMMs).
+SPLIT_GEMM_FLOPS = 64e6
 
 
 def expert_blocks(n_experts: int, n_rows: int, sizes: list[int] | None,
@@ -323,53 +327,53 @@ def expert_blocks(n_experts: int, n_rows: int, sizes: list[int] | None,
     return [b for b in blocks if b[3] > b[2]]  # blocks without rows do no work
 
 
-def plan_padded_groups(sizes: list[int], max_rows: int, threads: int = 1,
-                       max_group: int | None = None, overhead_rows: int = 32) -> list[tuple[int, int, int]]:
+def plan_padded_groups(sizes: list[int], max_rows: int, threads: int = 1, max_group: int | None = None,
+                       overhead_rows: float = 32, split_rows: float = math.inf) -> list[tuple[int, int, int]]:
     """Group consecutive experts for the ``padded_bmm`` path: ``(e0, e1, R)`` per group, experts
-    e0..e1-1 (all with rows; ``sizes[e]`` rows each) padded to ``R = max(sizes[e0:e1])`` rows, so
-    that the group is one ``bmm`` over ``(e1 - e0, R, .)``. Experts without rows are in no group.
+    e0..e1-1 (``sizes[e]`` rows each) padded to ``R = max(sizes[e0:e1])`` rows, so that the group
+    is one ``bmm`` over ``(e1 - e0, R, .)``. Every expert with rows is in exactly one group; an
+    expert without rows is in a group only where padding it is cheaper than starting a new group
+    (few tokens: most experts are empty, and a group costs far more than a few padded rows).
 
     Dynamic programming over the experts in order minimises the modelled time, in units of one
     row computed by the whole machine::
 
-        cost(group of n experts) = R * n_eff + overhead_rows
-        n_eff = ceil(n / threads) * threads   (n > 1: each thread runs whole GEMMs, so an odd
-                                               group leaves a thread idle for one GEMM)
-        n_eff = 1.15                          (n = 1, threads > 1: one GEMM split over the
-                                               threads, ~15 % slower per row at M=128, D=256 on
-                                               2 threads; with one thread n_eff = n)
+        cost(group of n experts) = R * n_eff(n) + overhead_rows          (0 if R == 0: no group)
+        n_eff(n) = ceil(n / threads) * threads     n > 1: each thread runs whole GEMMs, so an odd
+                                                   group leaves a thread idle for one GEMM
+        n_eff(1) = 1.15 if R < split_rows else 1   one GEMM split over the threads: ~15 % slower
+                                                   per row for small GEMMs (M=128, D=256, 2I=256
+                                                   on 2 threads), as fast for large ones
+                                                   (threads = 1: n_eff(n) = n)
 
-    ``overhead_rows`` prices the fixed work of a group (about seven small ops) in rows. A group
-    holds at most ``max_group`` experts (default ``max(8, 2 * threads)``) and ``n * R <= max_rows``
-    rows (a single expert may exceed it)."""
+    ``overhead_rows`` prices the fixed work of a group (gather, two bmm, SiLU, scatter) in rows.
+    A group holds at most ``max_group`` experts (default ``max(8, 2 * threads)``) and
+    ``n * R <= max_rows`` rows (a single expert may exceed it)."""
     E = len(sizes)
     max_group = max(8, 2 * threads) if max_group is None else max_group
-    n_eff = [0.0] + [-(-n // threads) * threads for n in range(1, max_group + 1)]  # n_eff[n]
-    if threads > 1:
-        n_eff[1] = 1.15
-    best = [0.0] * (E + 1)  # best[e]: cost of experts 0..e-1
-    start = list(range(E + 1))  # start[e]: first expert of the group ending at e; e itself = expert e-1 is empty
+    n_eff = [0.0] + [float(-(-n // threads) * threads) for n in range(1, max_group + 1)]  # n_eff[n], n > 1
+    best = [0.0] + [math.inf] * E  # best[e]: cost of experts 0..e-1
+    start = [0] * (E + 1)  # start[e]: first expert of the last group ending at e; -1: expert e-1 left out
     for e1 in range(1, E + 1):
-        if sizes[e1 - 1] == 0:
-            best[e1] = best[e1 - 1]
-            continue
-        best[e1], R = math.inf, 0
+        if sizes[e1 - 1] == 0:  # leave an empty expert out of every group
+            best[e1], start[e1] = best[e1 - 1], -1
+        R = 0
         for e0 in range(e1 - 1, max(e1 - max_group, 0) - 1, -1):
-            c = sizes[e0]
-            if c == 0:
-                break
-            if c > R:
-                R = c
+            if sizes[e0] > R:
+                R = sizes[e0]
             n = e1 - e0
+            if R == 0:
+                continue  # only empty experts so far: covered by leaving them out
             if n > 1 and n * R > max_rows:
                 break
-            cost = best[e0] + R * n_eff[n] + overhead_rows
+            single = 1.15 if threads > 1 and R < split_rows else 1.0
+            cost = best[e0] + R * (single if n == 1 else n_eff[n]) + overhead_rows
             if cost < best[e1]:
                 best[e1], start[e1] = cost, e0
     groups, e1 = [], E
     while e1 > 0:
         e0 = start[e1]
-        if e0 == e1:  # expert e1-1 has no rows
+        if e0 < 0:
             e1 -= 1
             continue
         groups.append((e0, e1, max(sizes[e0:e1])))
@@ -436,8 +440,9 @@ class MoE(nn.Module):
         sizes = group_sizes.tolist()
         threads = torch.get_num_threads()
         max_rows = max(1, threads * PADDED_BLOCK_BYTES // (2 * I * x.element_size()))
-        overhead_rows = max(1, round(GROUP_OVERHEAD_FLOPS / (6 * D * I)))  # fixed cost of a group, in rows
-        groups = plan_padded_groups(sizes, max_rows, threads, overhead_rows=overhead_rows)
+        row_flops = 6 * D * I  # both products of one expert row
+        groups = plan_padded_groups(sizes, max_rows, threads, overhead_rows=GROUP_OVERHEAD_FLOPS / row_flops,
+                                    split_rows=SPLIT_GEMM_FLOPS / row_flops)
         # Padded layout: group (e0, e1, R) owns (e1 - e0) * R consecutive rows, expert e0 + i the
         # i-th R of them. shift[e] = (padded row of expert e's first assignment) - (its sorted row).
         first = [0] * E

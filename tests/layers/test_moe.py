@@ -165,69 +165,71 @@ def test_padded_groups_hand_example():
     # one thread, no fixed cost: padding only costs, so every expert is its own group ...
     assert plan_padded_groups(sizes, 100, threads=1, overhead_rows=0) == [
         (0, 1, 3), (2, 3, 4), (3, 4, 4), (5, 6, 5), (6, 7, 1)]
-    # ... a fixed cost per group merges neighbours of equal size, never across an empty expert ...
+    # ... a fixed cost per group merges neighbours of similar size ...
     assert plan_padded_groups(sizes, 100, threads=1, overhead_rows=2) == [
         (0, 1, 3), (2, 4, 4), (5, 6, 5), (6, 7, 1)]  # [4, 4]: 8 + 2 < 2 * (4 + 2); [5, 1]: 10 + 2 > 6 + 4
     assert plan_padded_groups(sizes, 100, threads=1, overhead_rows=5) == [
         (0, 1, 3), (2, 4, 4), (5, 7, 5)]  # [5, 1]: 10 + 5 < 6 + 10
-    # ... two threads: a pair costs R * 2, a single 1.15 R: [4, 4] pairs, [5, 1] stays split
+    # ... two threads: a pair costs R * 2, a single 1.15 R: [4, 4] pairs, [5, 1] stays split ...
     assert plan_padded_groups(sizes, 100, threads=2, overhead_rows=0) == [
         (0, 1, 3), (2, 4, 4), (5, 6, 5), (6, 7, 1)]
+    # ... unless single GEMMs are large enough to split well (R >= split_rows: cost R, a tie)
+    assert plan_padded_groups([4, 4], 100, threads=2, overhead_rows=0, split_rows=3) == [(0, 1, 4), (1, 2, 4)]
     # ... and the row cap: a group's n * R <= max_rows (a lone expert may exceed it)
     assert plan_padded_groups(sizes, 7, threads=2, overhead_rows=0) == [
         (0, 1, 3), (2, 3, 4), (3, 4, 4), (5, 6, 5), (6, 7, 1)]
+    # few tokens, many empty experts: one group pads the empty ones (6 rows + 10 < 3 * 11.15) ...
+    assert plan_padded_groups([1, 0, 0, 1, 0, 1, 0, 0], 100, threads=2, overhead_rows=10) == [(0, 6, 1)]
+    # ... within max_group experts per group
+    assert plan_padded_groups([1, 0, 0, 1, 0, 1, 0, 0], 100, threads=2, overhead_rows=10, max_group=4) == [
+        (0, 4, 1), (5, 6, 1)]
     assert plan_padded_groups([0, 0], 8, threads=2) == []
 
 
-def _brute_force_plan_cost(sizes, max_rows, threads, max_group, overhead):
-    """Cheapest cost over every split of the experts into runs (slow, obviously right)."""
+def _plan_cost(groups, sizes, threads, overhead, split_rows):
+    cost = 0.0
+    for e0, e1 in groups:
+        n, R = e1 - e0, max(sizes[e0:e1])
+        if R:
+            single = 1.15 if threads > 1 and R < split_rows else 1.0
+            cost += R * (single if n == 1 else -(-n // threads) * threads) + overhead
+    return cost
+
+
+def _brute_force_plan_cost(sizes, max_rows, threads, max_group, overhead, split_rows):
+    """Cheapest cost over every split of the experts into consecutive runs (slow, obviously right);
+    a run of empty experts is no group and costs nothing."""
     import itertools
     E, best = len(sizes), math.inf
     for cuts in itertools.product([False, True], repeat=max(E - 1, 0)):
-        runs, cur = [], [0]
-        for e, cut in enumerate(cuts, start=1):
-            if cut:
-                runs.append(cur)
-                cur = []
-            cur.append(e)
-        runs.append(cur)
-        total, ok = 0.0, True
-        for run in runs:
-            # empty experts split a run: sub-runs of experts with rows
-            parts, part = [], []
-            for e in run:
-                if sizes[e] == 0:
-                    parts, part = parts + ([part] if part else []), []
-                else:
-                    part.append(e)
-            parts += [part] if part else []
-            for g in parts:
-                n, R = len(g), max(sizes[e] for e in g)
-                if n > max_group or (n > 1 and n * R > max_rows):
-                    ok = False
-                total += R * (1.15 if n == 1 and threads > 1 else -(-n // threads) * threads) + overhead
+        bounds = [0] + [e for e, cut in enumerate(cuts, start=1) if cut] + [E]
+        runs = list(zip(bounds[:-1], bounds[1:]))
+        ok = all(max(sizes[a:b]) == 0 or (b - a <= max_group and (b - a == 1 or (b - a) * max(sizes[a:b]) <= max_rows))
+                 for a, b in runs)
         if ok:
-            best = min(best, total)
+            best = min(best, _plan_cost(runs, sizes, threads, overhead, split_rows))
     return best
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(16))
 def test_padded_groups_are_optimal_and_cover_every_row(seed):
     g = torch.Generator().manual_seed(seed)
-    E = int(torch.randint(1, 9, (), generator=g))
+    E = int(torch.randint(1, 10, (), generator=g))
     sizes = torch.randint(0, 12, (E,), generator=g).tolist()
-    sizes = [0 if torch.rand((), generator=g) < 0.2 else s for s in sizes]
-    threads, overhead = int(torch.randint(1, 4, (), generator=g)), int(torch.randint(0, 12, (), generator=g))
+    sizes = [0 if torch.rand((), generator=g) < 0.3 else s for s in sizes]
+    threads, overhead = int(torch.randint(1, 4, (), generator=g)), float(torch.randint(0, 12, (), generator=g))
     max_rows, max_group = int(torch.randint(4, 40, (), generator=g)), int(torch.randint(1, 6, (), generator=g))
-    groups = plan_padded_groups(sizes, max_rows, threads, max_group=max_group, overhead_rows=overhead)
-    covered = [e for e0, e1, _ in groups for e in range(e0, e1)]
+    split_rows = [math.inf, 6.0][seed % 2]
+    groups = plan_padded_groups(sizes, max_rows, threads, max_group=max_group, overhead_rows=overhead,
+                                split_rows=split_rows)
+    covered = [e for e0, e1, _ in groups for e in range(e0, e1) if sizes[e] > 0]
     assert covered == [e for e in range(E) if sizes[e] > 0]  # every expert with rows once, in order
-    cost = 0.0
+    assert all(a0 < a1 <= b0 for (a0, a1, _), (b0, _, _) in zip(groups, groups[1:]))  # disjoint, in order
     for e0, e1, R in groups:
         n = e1 - e0
-        assert R == max(sizes[e0:e1]) and n <= max_group and (n == 1 or n * R <= max_rows)
-        cost += R * (1.15 if n == 1 and threads > 1 else -(-n // threads) * threads) + overhead
-    assert cost == pytest.approx(_brute_force_plan_cost(sizes, max_rows, threads, max_group, overhead))
+        assert R == max(sizes[e0:e1]) > 0 and n <= max_group and (n == 1 or n * R <= max_rows)
+    cost = _plan_cost([(e0, e1) for e0, e1, _ in groups], sizes, threads, overhead, split_rows)
+    assert cost == pytest.approx(_brute_force_plan_cost(sizes, max_rows, threads, max_group, overhead, split_rows))
 
 
 # ---------------------------------------------------------------------------------------------
