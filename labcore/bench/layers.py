@@ -182,10 +182,10 @@ def _ultramem_pair(D: int):
             "ultra_mem.UltraMem 0.1.2 (num_memories=65536, dim_values=128, no prenorm/conv/ReLU)")
 
 
-def _moe_pair(D: int, n_experts: int, top_k: int, d_expert: int):
+def _moe_pair(D: int, n_experts: int, top_k: int, d_expert: int, impl: str = "auto"):
     from labcore.layers.moe import MoE, MoEConfig
 
-    ours = MoE(MoEConfig(d_model=D, d_expert=d_expert, n_experts=n_experts, top_k=top_k)).eval()
+    ours = MoE(MoEConfig(d_model=D, d_expert=d_expert, n_experts=n_experts, top_k=top_k, expert_impl=impl)).eval()
     _need("transformers", "transformers>=5.0")
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -195,7 +195,8 @@ def _moe_pair(D: int, n_experts: int, top_k: int, d_expert: int):
     hf_cfg = MixtralConfig(hidden_size=D, intermediate_size=d_expert, num_local_experts=n_experts,
                            num_experts_per_tok=top_k, experts_implementation="eager")
     peer = moe_to_hf(ours, MixtralSparseMoeBlock(hf_cfg)).eval()
-    return (ours, peer, f"MoE(E={n_experts}, K={top_k}, I={d_expert})",
+    impl_note = "" if impl == "auto" else f", {impl}"
+    return (ours, peer, f"MoE(E={n_experts}, K={top_k}, I={d_expert}{impl_note})",
             f"HF MixtralSparseMoeBlock eager (E={n_experts}, K={top_k}, I={d_expert})")
 
 
@@ -210,10 +211,16 @@ def _first(out):
 
 def run_layer_bench(pairs: Sequence[str] = ROWS, *, batch: int = 4, seq: int = 256, d_model: int = 256,
                     threads: int | None = 2, warmup: int = 3, repeats: int = 5, rounds: int = 9,
-                    seed: int = 0, log: Callable[[str], None] | None = print) -> pd.DataFrame:
-    """Run the listed pairs (``PAIRS`` and/or ``"gather"``); one table row per pair."""
+                    seed: int = 0, moe_impl: str = "auto",
+                    log: Callable[[str], None] | None = print) -> pd.DataFrame:
+    """Run the listed pairs (``PAIRS`` and/or ``"gather"``); one table row per pair. ``moe_impl``:
+    labcore's ``MoEConfig.expert_impl`` in the MoE pairs (compare the expert paths against the
+    same peer)."""
+    from labcore.layers.moe import EXPERT_IMPLS
+
     for p in pairs:
         check_choice("run_layer_bench", "pairs", p, ROWS)
+    check_choice("run_layer_bench", "moe_impl", moe_impl, EXPERT_IMPLS)
     for name, v in (("batch", batch), ("seq", seq), ("d_model", d_model), ("repeats", repeats),
                     ("rounds", rounds)):
         check_int("run_layer_bench", name, v, min_value=1)
@@ -234,8 +241,8 @@ def run_layer_bench(pairs: Sequence[str] = ROWS, *, batch: int = 4, seq: int = 2
         builders = {
             "pkm": lambda: _pkm_pair(d_model),
             "ultramem": lambda: _ultramem_pair(d_model),
-            "moe8": lambda: _moe_pair(d_model, 8, 2, 512),
-            "moe64": lambda: _moe_pair(d_model, 64, 8, 128),
+            "moe8": lambda: _moe_pair(d_model, 8, 2, 512, moe_impl),
+            "moe64": lambda: _moe_pair(d_model, 64, 8, 128, moe_impl),
         }
         with torch.inference_mode():
             for name in [p for p in pairs if p in PAIRS]:
@@ -386,13 +393,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per round")
     ap.add_argument("--rounds", type=int, default=9, help="alternating rounds (labcore, peer, ...)")
+    ap.add_argument("--moe-impl", default="auto",
+                    help="labcore MoE expert path: auto, padded_bmm, grouped_mm or loop (default auto)")
     ap.add_argument("--json", default=None, help="write the table as JSON records here")
     ap.add_argument("--csv", default=None, help="write the table as CSV here")
     args = ap.parse_args(argv)
     pairs = [p.strip() for p in args.only.split(",") if p.strip()]
     try:
         df = run_layer_bench(pairs, batch=args.batch, seq=args.seq, d_model=args.d_model, threads=args.threads,
-                             warmup=args.warmup, repeats=args.repeats, rounds=args.rounds)
+                             warmup=args.warmup, repeats=args.repeats, rounds=args.rounds, moe_impl=args.moe_impl)
     except ConfigError as e:
         ap.error(str(e))
     print()

@@ -84,9 +84,9 @@ No Python loop over tokens::
     tok = order // K            token of each sorted assignment          (M,)
 
 then one of three expert paths (``MoEConfig.expert_impl``; "auto" picks ``padded_bmm`` for CPU
-inference, i.e. when no autograd graph is recorded, and ``grouped_mm`` otherwise -- in training its
-backward is faster, fewer and unpadded groups: 113 vs 130 ms forward+backward at E=64, K=8, I=128,
-4x256 tokens, 2 threads):
+inference, i.e. when no autograd graph is recorded, and ``grouped_mm`` otherwise -- in training one
+grouped GEMM per product back-propagates faster than padded groups: 82 vs 130 ms forward+backward
+at E=64, K=8, I=128, 4x256 tokens, 2 threads):
 
 ``padded_bmm`` (CPU). Consecutive experts are grouped (``plan_padded_groups``) and every expert of
 a group is padded to the group's largest row count R, so that a group is one batched GEMM::
@@ -101,13 +101,14 @@ a group is padded to the group's largest row count R, so that a group is one bat
 Padding rows read token 0 and add into an extra row N_tok that is dropped, with weight 0. Why pad:
 the CPU ``bmm`` hands each thread whole GEMMs (MKL's batched GEMM), which at these sizes runs ~20 %
 faster than splitting every small per-expert GEMM across the threads as ``grouped_mm`` and
-``F.linear`` do. The planner keeps the padding small (8.5 % extra rows at E=64, K=8 with random
+``F.linear`` do. The planner keeps the padding small (11 % extra rows at E=64, K=8 with random
 routing) by grouping experts of similar size, prefers groups of a multiple of the thread count,
 and caps a group at ``threads x PADDED_BLOCK_BYTES`` (1.5 MiB) of ``(rows, 2I)`` activation so the
-gather, both products and the scatter run in cache. Measured against HF Mixtral in alternating
-rounds (4x256 tokens, D=256, 2 threads): E=64, K=8, I=128 1.70x (``grouped_mm`` blocks 1.49x);
-E=8, K=2, I=512 1.20x (``grouped_mm`` 1.11x). One bmm over all experts padded to the largest was
-1.6x slower than ``grouped_mm`` (25 % wasted rows).
+gather, both products and the scatter run in cache. ``python -m labcore.bench layers`` (HF Mixtral
+eager, 4x256 tokens, D=256, 2 threads; six runs): E=64, K=8, I=128 1.65-1.90x (``grouped_mm``
+blocks: 1.28-1.56x); E=8, K=2, I=512, where the experts' GEMMs are large and mostly run alone,
+1.05-1.23x. One bmm over all experts padded to the largest was 1.6x slower than ``grouped_mm``
+(25 % wasted rows).
 
 ``grouped_mm`` (GPU; CPU on request). ``torch.nn.functional.grouped_mm`` multiplies each expert's
 consecutive sorted rows by that expert's matrix, no padding::
@@ -121,7 +122,8 @@ consecutive sorted rows by that expert's matrix, no padding::
 
 It has kernels for float32/bfloat16/float16 with 16-byte aligned strides (CUDA sm80+, CPU in
 torch >= 2.10; a one-expert block uses ``F.linear``). One block of all experts on a GPU (no host
-sync); on CPU, blocks whose ``(M_b, 2I)`` activation is about ``CPU_BLOCK_BYTES``. On CUDA, where
+sync) and in training; in CPU inference, blocks whose ``(M_b, 2I)`` activation is about
+``CPU_BLOCK_BYTES``. On CUDA, where
 ``index_add_`` uses atomics, rows are instead copied to token-major slots and summed over K in a
 fixed order, so results stay deterministic.
 
@@ -410,14 +412,17 @@ class MoE(nn.Module):
             nn.init.normal_(self.shared_gate.weight, mean=0.0, std=std)
 
     # -- the experts on rows grouped by expert ------------------------------------------------
+    def _records_grad(self, x: Tensor) -> bool:
+        """Whether this forward records an autograd graph (training) rather than only computing."""
+        return torch.is_grad_enabled() and (x.requires_grad or self.gate_up_proj.requires_grad)
+
     def _resolve_impl(self, x: Tensor) -> str:
         """The expert path for input ``x``: "padded_bmm", "grouped_mm" or "loop" (see
         ``MoEConfig.expert_impl``); raises if a requested path cannot run here."""
         impl, cpu = self.cfg.expert_impl, x.device.type == "cpu"
         if impl == "loop":
             return impl
-        records_grad = torch.is_grad_enabled() and (x.requires_grad or self.gate_up_proj.requires_grad)
-        if impl == "padded_bmm" or (impl == "auto" and cpu and not records_grad):
+        if impl == "padded_bmm" or (impl == "auto" and cpu and not self._records_grad(x)):
             if not cpu:
                 raise RuntimeError(f"MoE: expert_impl='padded_bmm' runs on CPU only (device={x.device}): it "
                                    "combines with index_add_, which is not deterministic on CUDA; use "
@@ -482,9 +487,12 @@ class MoE(nn.Module):
         ``tok[a]`` of ``x (N_tok, D)`` with weight ``w[a]``; expert e owns ``group_sizes[e]``
         consecutive assignments. Yields ``(r0, r1, out)``, ``out (r1 - r0, D)`` = ``w_a f_e(x_tok_a)``
         for assignments r0..r1-1, one block of consecutive experts at a time (``expert_blocks``):
-        with ``grouped`` (the ``grouped_mm`` path) all experts at once on a GPU, on CPU blocks whose
-        ``(rows, 2I)`` activation is about ``CPU_BLOCK_BYTES``, so gather, both products and the
-        scatter stay in cache; else (the ``loop`` path) one expert per block.
+        with ``grouped`` (the ``grouped_mm`` path) all experts at once on a GPU and in training, in
+        CPU inference blocks whose ``(rows, 2I)`` activation is about ``CPU_BLOCK_BYTES``, so gather,
+        both products and the scatter stay in cache; else (the ``loop`` path) one expert per block.
+        (In training every block's slice of the expert weights back-propagates a full-size
+        gradient, so blocks cost more than they save: E=64, K=8, I=128, 4x256 tokens, 2 threads,
+        forward + backward 114 ms in 1 MiB blocks, 82 ms in one block.)
 
         The weight multiplies the ``(rows, I)`` activation before the down projection when I <= D
         (the same product, since W_down is linear), else the ``(rows, D)`` output."""
@@ -492,7 +500,7 @@ class MoE(nn.Module):
         w = w.to(x.dtype).unsqueeze(1)  # (M, 1)
         if not grouped:
             max_rows = 0  # one expert per block
-        elif x.device.type == "cpu":
+        elif x.device.type == "cpu" and not self._records_grad(x):
             max_rows = max(1, CPU_BLOCK_BYTES // (2 * I * x.element_size()))
         else:
             max_rows = None  # one block: no host sync, one grouped GEMM per product

@@ -39,6 +39,22 @@ def test_bad_input():
         lb.run_layer_bench(["gather"], batch=0, log=None)
     with pytest.raises(ConfigError, match="d_model=255"):
         lb.run_layer_bench(["gather"], d_model=255, log=None)
+    with pytest.raises(ConfigError, match="moe_impl='triton'"):
+        lb.run_layer_bench(["moe8"], moe_impl="triton", log=None)
+
+
+def test_moe_impl_reaches_the_layer(monkeypatch):
+    from labcore.layers.moe import MoE
+
+    def refuse(*a, **k):
+        raise AssertionError("padded_bmm path used")
+
+    monkeypatch.setattr(MoE, "padded_experts", refuse)
+    kw = dict(batch=1, seq=8, warmup=0, repeats=1, rounds=1, threads=1, log=None)
+    df = lb.run_layer_bench(["moe8"], moe_impl="grouped_mm", **kw)
+    assert "grouped_mm" in df["labcore"].iloc[0] and df["max_abs_diff"].iloc[0] < 1e-5
+    with pytest.raises(AssertionError, match="padded_bmm path used"):  # auto: the padded path in inference
+        lb.run_layer_bench(["moe8"], **kw)
 
 
 def test_missing_peer_skips_row_with_message(monkeypatch):

@@ -152,12 +152,26 @@ def test_cpu_blocks_match_reference(monkeypatch, block_rows, impl):
     monkeypatch.setattr(moe_module, "PADDED_BLOCK_BYTES", block_rows * 2 * I * 4 // torch.get_num_threads())
     layer = make(capacity_factor=1.2, expert_impl=impl)
     x = torch.randn(3, 8, D, requires_grad=True)
-    y, aux = layer(x)
+    with torch.no_grad():  # inference: the blocked paths
+        y, aux = layer(x)
     ref = moe_reference(layer, x)
     torch.testing.assert_close(y, ref.y, rtol=1e-5, atol=1e-5)
     assert aux.stats["dropped_tokens"] == ref.dropped
+    y, aux = layer(x)  # training: padded_bmm still blocked, grouped_mm in one block
     for gf, gr in zip(grads(layer, x, y), grads(layer, x, ref.y)):
         torch.testing.assert_close(gf, gr, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_mm_blocks_only_in_cpu_inference(monkeypatch):
+    calls = []
+    real = moe_module.expert_blocks
+    monkeypatch.setattr(moe_module, "expert_blocks", lambda *a: calls.append(a[3]) or real(*a))
+    layer = make(expert_impl="grouped_mm")
+    x = torch.randn(40, D)
+    layer(x)
+    with torch.inference_mode():
+        layer(x)
+    assert calls[0] is None and calls[1] == moe_module.CPU_BLOCK_BYTES // (2 * I * 4)
 
 
 def test_padded_groups_hand_example():
