@@ -151,7 +151,7 @@ Where labcore differs from public code
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -436,6 +436,17 @@ class MoE(nn.Module):
                                "use expert_impl='auto' or 'loop'")
         return "grouped_mm" if ok else "loop"
 
+    def _swiglu_down(self, h: Tensor, w: Tensor, down: Callable[[Tensor], Tensor]) -> Tensor:
+        """``w * down(SiLU(h_gate) * h_up)`` for pre-activations ``h (..., 2I)`` (gate half first)
+        and row weights ``w (..., 1)``; ``down`` applies W_down. ``w`` multiplies the narrower of
+        the ``(..., I)`` activation and the ``(..., D)`` output (the same product, W_down being
+        linear)."""
+        I = self.cfg.d_expert
+        a = F.silu(h[..., :I]).mul_(h[..., I:])  # (..., I)  SiLU(W_gate x) * W_up x
+        if I <= self.cfg.d_model:
+            return down(a.mul_(w))
+        return down(a).mul_(w)  # (..., D)
+
     def padded_experts(self, x: Tensor, tok: Tensor, group_sizes: Tensor, w: Tensor) -> Tensor:
         """The ``padded_bmm`` path (CPU): ``y (N_tok, D)``, row t = sum over the kept assignments a
         of token t of ``w[a] f_e(x_t)``. Inputs as in ``experts``: assignments sorted by expert,
@@ -462,21 +473,16 @@ class MoE(nn.Module):
         pos = torch.tensor(shift, device=x.device)[expert_of_row] + torch.arange(M, device=x.device)  # (M,)
         tok_in = tok.new_zeros(P).index_copy_(0, pos, tok)  # (P,) padding rows read token 0 ...
         tok_out = tok.new_full((P,), N).index_copy_(0, pos, tok)  # (P,) ... and add into row N, dropped
-        w_pad = w.to(x.dtype).new_zeros(P).index_copy(0, pos, w.to(x.dtype)).unsqueeze(1)  # (P, 1) weight 0 on padding
-        scale_act = I <= D  # multiply w into the narrower of (rows, I) and (rows, D)
+        w = w.to(x.dtype)
+        w_pad = w.new_zeros(P).index_copy(0, pos, w).unsqueeze(1)  # (P, 1) weight 0 on padding
         y = x.new_zeros(N + 1, D)  # (N_tok + 1, D)
         p = 0
         for e0, e1, R in groups:
             n, rows = e1 - e0, (e1 - e0) * R
             xg = x.index_select(0, tok_in[p:p + rows]).view(n, R, D)  # (n, R, D)
-            wg = w_pad[p:p + rows].view(n, R, 1)  # (n, R, 1)
             h = torch.bmm(xg, self.gate_up_proj[e0:e1].transpose(1, 2))  # (n, R, 2I)
-            a = F.silu(h[..., :I]).mul_(h[..., I:])  # (n, R, I)  SiLU(W_gate x) * W_up x
-            if scale_act:
-                a = a.mul_(wg)
-            out = torch.bmm(a, self.down_proj[e0:e1].transpose(1, 2))  # (n, R, D)
-            if not scale_act:
-                out = out.mul_(wg)
+            out = self._swiglu_down(h, w_pad[p:p + rows].view(n, R, 1),  # (n, R, D)
+                                    lambda a, e0=e0, e1=e1: torch.bmm(a, self.down_proj[e0:e1].transpose(1, 2)))
             y.index_add_(0, tok_out[p:p + rows], out.view(rows, D))  # (rows, D) into (N_tok + 1, D)
             p += rows
         return y[:N]  # (N_tok, D)
@@ -492,12 +498,10 @@ class MoE(nn.Module):
         both products and the scatter stay in cache; else (the ``loop`` path) one expert per block.
         (In training every block's slice of the expert weights back-propagates a full-size
         gradient, so blocks cost more than they save: E=64, K=8, I=128, 4x256 tokens, 2 threads,
-        forward + backward 114 ms in 1 MiB blocks, 82 ms in one block.)
-
-        The weight multiplies the ``(rows, I)`` activation before the down projection when I <= D
-        (the same product, since W_down is linear), else the ``(rows, D)`` output."""
+        forward + backward 114 ms in 1 MiB blocks, 82 ms in one block.)"""
         I = self.cfg.d_expert
         w = w.to(x.dtype).unsqueeze(1)  # (M, 1)
+        # (the lambdas below run at once; default arguments bind this iteration's experts)
         if not grouped:
             max_rows = 0  # one expert per block
         elif x.device.type == "cpu" and not self._records_grad(x):
@@ -505,24 +509,16 @@ class MoE(nn.Module):
         else:
             max_rows = None  # one block: no host sync, one grouped GEMM per product
         sizes = group_sizes.tolist() if max_rows is not None else None
-        scale_act = I <= self.cfg.d_model  # multiply w into the narrower of (rows, I) and (rows, D)
         for e0, e1, r0, r1 in expert_blocks(self.cfg.n_experts, tok.numel(), sizes, max_rows):
-            xb, wb = x.index_select(0, tok[r0:r1]), w[r0:r1]  # (M_b, D), (M_b, 1) rows of experts e0..e1-1
-            single = e1 - e0 == 1  # one expert: plain matrix products
-            if single:
+            xb = x.index_select(0, tok[r0:r1])  # (M_b, D) rows of experts e0..e1-1
+            if e1 - e0 == 1:  # one expert: plain matrix products
                 h = F.linear(xb, self.gate_up_proj[e0])  # (M_b, 2I)
+                out = self._swiglu_down(h, w[r0:r1], lambda a, e=e0: F.linear(a, self.down_proj[e]))  # (M_b, D)
             else:
                 offs = group_sizes[e0:e1].cumsum(0).to(torch.int32)  # (E_b,) end row of each expert
                 h = F.grouped_mm(xb, self.gate_up_proj[e0:e1].transpose(1, 2), offs=offs)  # (M_b, 2I)
-            a = F.silu(h[:, :I]).mul_(h[:, I:])  # (M_b, I)  SiLU(W_gate x) * W_up x
-            if scale_act:
-                a = a.mul_(wb)
-            if single:
-                out = F.linear(a, self.down_proj[e0])  # (M_b, D)
-            else:
-                out = F.grouped_mm(a, self.down_proj[e0:e1].transpose(1, 2), offs=offs)  # (M_b, D)
-            if not scale_act:
-                out = out.mul_(wb)
+                out = self._swiglu_down(h, w[r0:r1], lambda a, e0=e0, e1=e1, offs=offs: F.grouped_mm(
+                    a, self.down_proj[e0:e1].transpose(1, 2), offs=offs))  # (M_b, D)
             yield r0, r1, out
 
     # -- forward ------------------------------------------------------------------------------
