@@ -80,7 +80,7 @@ The fast path (``MoE.forward``)
 No Python loop over tokens::
 
     a = t*K + j                 assignment ids, token-major             (N_tok*K,)
-    order = stable argsort of idx[a]   grouped by expert, token order inside a group   (M,)
+    order = argsort of idx[a]   grouped by expert (stable with a capacity: token order)   (M,)
     tok = order // K            token of each sorted assignment          (M,)
 
 then one of three expert paths (``MoEConfig.expert_impl``; "auto" picks ``padded_bmm`` for CPU
@@ -533,12 +533,15 @@ class MoE(nn.Module):
         probs = logits.softmax(dim=-1)  # (N_tok, E)
         weights, idx = route(cfg, logits, probs)  # (N_tok, K), (N_tok, K)
 
-        # Group the N_tok*K assignments by expert; a stable sort keeps token order inside a group.
+        # Group the N_tok*K assignments by expert. With a capacity, a stable sort keeps token order
+        # inside a group (earlier tokens win); dropless, any order will do (a token meets an expert
+        # at most once, so each token's outputs are still added in expert order) and the unstable
+        # sort is 2x faster.
         flat_e = idx.reshape(-1)  # (N_tok*K,) expert of assignment a = t*K + j
-        order = flat_e.argsort(stable=True)  # (N_tok*K,) assignment ids, grouped by expert
+        capacity = expert_capacity(cfg, N)
+        order = flat_e.argsort(stable=capacity is not None)  # (N_tok*K,) assignment ids, grouped by expert
         counts = torch.bincount(flat_e, minlength=E)  # (E,) demand per expert
         group_sizes, dropped = counts, 0
-        capacity = expert_capacity(cfg, N)
         if capacity is not None:
             start = counts.cumsum(0) - counts  # (E,) first sorted position of each expert
             rank = torch.arange(order.numel(), device=x.device) - start[flat_e[order]]  # queue position
