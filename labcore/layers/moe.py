@@ -105,10 +105,12 @@ faster than splitting every small per-expert GEMM across the threads as ``groupe
 routing) by grouping experts of similar size, prefers groups of a multiple of the thread count,
 and caps a group at ``threads x PADDED_BLOCK_BYTES`` (1.5 MiB) of ``(rows, 2I)`` activation so the
 gather, both products and the scatter run in cache. ``python -m labcore.bench layers`` (HF Mixtral
-eager, 4x256 tokens, D=256, 2 threads; six runs): E=64, K=8, I=128 1.65-1.90x (``grouped_mm``
-blocks: 1.28-1.56x); E=8, K=2, I=512, where the experts' GEMMs are large and mostly run alone,
-1.05-1.23x. One bmm over all experts padded to the largest was 1.6x slower than ``grouped_mm``
-(25 % wasted rows).
+eager, 4x256 tokens, D=256, 2 threads, 18 runs on a 2-vCPU VM whose speed drifts): E=64, K=8,
+I=128 median 1.53x, range 1.30-1.90x (``grouped_mm`` blocks: 1.34-1.56x); E=8, K=2, I=512, where
+the experts' GEMMs are large and mostly run alone, 1.03-1.23x. Both sides run the same 1.6 GFLOP
+of expert GEMMs, ~15 ms of labcore's ~20 ms here; the rest is routing, gather, SiLU and scatter.
+One bmm over all experts padded to the largest was 1.6x slower than ``grouped_mm`` (25 % wasted
+rows).
 
 ``grouped_mm`` (GPU; CPU on request). ``torch.nn.functional.grouped_mm`` multiplies each expert's
 consecutive sorted rows by that expert's matrix, no padding::
