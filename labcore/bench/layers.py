@@ -74,6 +74,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from labcore.layers.base import ConfigError, check_choice, check_int, set_detailed_aux
+from labcore.layers.moe import EXPERT_IMPLS
 from labcore.profiling.ceilings import measure_copy_bandwidth
 from labcore.profiling.timer import Timer, Timing, quantile
 from labcore.results import write_atomic
@@ -216,8 +217,6 @@ def run_layer_bench(pairs: Sequence[str] = ROWS, *, batch: int = 4, seq: int = 2
     """Run the listed pairs (``PAIRS`` and/or ``"gather"``); one table row per pair. ``moe_impl``:
     labcore's ``MoEConfig.expert_impl`` in the MoE pairs (compare the expert paths against the
     same peer)."""
-    from labcore.layers.moe import EXPERT_IMPLS
-
     for p in pairs:
         check_choice("run_layer_bench", "pairs", p, ROWS)
     check_choice("run_layer_bench", "moe_impl", moe_impl, EXPERT_IMPLS)
@@ -394,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per round")
     ap.add_argument("--rounds", type=int, default=9, help="alternating rounds (labcore, peer, ...)")
     ap.add_argument("--moe-impl", default="auto",
-                    help="labcore MoE expert path: auto, padded_bmm, grouped_mm or loop (default auto)")
+                    help=f"labcore MoE expert path: one of {', '.join(EXPERT_IMPLS)} (default auto)")
     ap.add_argument("--json", default=None, help="write the table as JSON records here")
     ap.add_argument("--csv", default=None, help="write the table as CSV here")
     args = ap.parse_args(argv)
