@@ -19,8 +19,11 @@ HF block                    labcore router               parameters (HF name -> 
 ``GraniteMoeMoE``           ``topk_softmax``             ``router.weight`` -> ``router.weight``
 ==========================  ===========================  =====================================================
 
-All of them store the experts fused, exactly like labcore: ``experts.gate_up_proj`` (E, 2I, D), gate
-rows first, and ``experts.down_proj`` (E, D, I); these copy over unchanged.
+All of them store the experts fused in the ``nn.Linear`` layout: ``experts.gate_up_proj`` (E, 2I, D),
+gate rows first, and ``experts.down_proj`` (E, D, I). labcore stores the same tensors transposed in
+their last two dimensions (``x @ W``: (E, D, 2I), gate columns first, and (E, I, D); see the MoE
+module docstring for why), so the converters copy ``W.transpose(1, 2)``. ``HF_TRANSPOSED`` names
+the labcore parameters concerned: everything else copies over as it is.
 
 Caveats
 -------
@@ -90,11 +93,15 @@ def moe_config_from_hf(block: nn.Module, **overrides: Any) -> MoEConfig:
     return MoEConfig(**fields)
 
 
+# labcore parameters stored as the transpose (last two dimensions) of their HF counterparts
+HF_TRANSPOSED = frozenset({"gate_up_proj", "down_proj"})
+
+
 def _pairs(moe: MoE, block: nn.Module, kind: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(labcore tensor, HF tensor) for every parameter, in a fixed order."""
+    """(labcore tensor, HF tensor viewed in labcore's layout) for every parameter, in a fixed order."""
     pairs = [(moe.router.weight, _router_module(block, kind).weight),
-             (moe.gate_up_proj, block.experts.gate_up_proj),
-             (moe.down_proj, block.experts.down_proj)]
+             (moe.gate_up_proj, block.experts.gate_up_proj.transpose(1, 2)),  # (E, 2I, D) -> (E, D, 2I)
+             (moe.down_proj, block.experts.down_proj.transpose(1, 2))]  # (E, D, I) -> (E, I, D)
     if kind == "qwen2_moe":
         se = block.shared_expert
         pairs += [(moe.shared.w_gate.weight, se.gate_proj.weight), (moe.shared.w_up.weight, se.up_proj.weight),
@@ -104,7 +111,9 @@ def _pairs(moe: MoE, block: nn.Module, kind: str) -> list[tuple[torch.Tensor, to
 
 
 def hf_parameter_names(block: nn.Module) -> dict[str, str]:
-    """labcore parameter name -> HF parameter name for a supported block (see the module table)."""
+    """labcore parameter name -> HF parameter name for a supported block (see the module table).
+    The tensors of the names in ``HF_TRANSPOSED`` are each other's transpose in the last two
+    dimensions."""
     kind = _kind(block)
     r = "router.weight" if kind == "granitemoe" else "gate.weight"
     names = {"router.weight": r, "gate_up_proj": "experts.gate_up_proj", "down_proj": "experts.down_proj"}

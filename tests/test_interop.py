@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from labcore.interop import hf_parameter_names, moe_config_from_hf, moe_from_hf, moe_to_hf  # noqa: E402
+from labcore.interop import HF_TRANSPOSED, hf_parameter_names, moe_config_from_hf, moe_from_hf, moe_to_hf  # noqa: E402
 from labcore.layers.moe import MoE, MoEConfig  # noqa: E402
 
 D, I, E, K = 16, 8, 6, 2
@@ -76,6 +76,8 @@ def compare(moe: MoE, block, kind: str):
     gb = torch.autograd.grad(yb, [xb, *(theirs[names[n]] for n in names)], g)
     for label, a, b in zip(["input", *names], ga, gb):
         assert a.abs().sum() > 0, label
+        if label in HF_TRANSPOSED:  # labcore keeps these as x @ W, HF as nn.Linear weights
+            b = b.transpose(1, 2)
         torch.testing.assert_close(a, b, **TOL, msg=lambda m, label=label: f"{label}: {m}")
     return aux
 

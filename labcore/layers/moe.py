@@ -11,7 +11,7 @@ The layer (U2 eqs. 1-2, papers.md section 7.1)
     logits  l = x W_r^T                          W_r (E, D)       l (N_tok, E)       [U2 eq. 1]
     probs   p = softmax(l)                                        p (N_tok, E)
     route   (w, idx) = ROUTER(l)                 w, idx (N_tok, K)  (table below)
-    expert  f_e(x) = W_down[e] (SiLU(W_gate[e] x) * W_up[e] x)                       (SwiGLU)
+    expert  f_e(x) = (SiLU(x W_gate[e]) * x W_up[e]) W_down[e]   (SwiGLU; x a row vector)
     output  y = sum_{j<K} w_j * f_{idx_j}(x)  +  g(x) * f_shared(x)                  [U2 eq. 2]
 
 ``g(x) = sigmoid(w_g . x)`` with ``shared_gate=True`` (Qwen2-MoE's ``shared_expert_gate``), else 1.
@@ -20,9 +20,13 @@ With ``n_shared_experts`` = S the shared part is one SwiGLU MLP of hidden width
 S*I: DeepSeek's fused shared experts). Fine-grained experts (OLMoE's "granularity") are only a
 config: more, narrower experts and a larger K.
 
-Weights are stored fused like Hugging Face transformers 5.x, so they copy over without reshaping:
-``router.weight`` (E, D); ``gate_up_proj`` (E, 2I, D) with the I gate rows first, then the I up rows;
-``down_proj`` (E, D, I).
+Weights: ``router.weight`` (E, D) (an ``nn.Linear``); the experts fused in the ``x @ W`` layout,
+``gate_up_proj`` (E, D, 2I) = ``[W_gate | W_up]`` with the I gate columns first, then the I up columns,
+and ``down_proj`` (E, I, D). This is the transpose of Hugging Face transformers 5.x's fused experts
+(``nn.Linear`` layout, ``(E, 2I, D)`` and ``(E, D, I)``; ``labcore.interop`` transposes on copy)
+because the CPU GEMMs run faster with the weight as a plain row-major right operand: the
+``padded_bmm`` products 6-7 % faster, the E=64, K=8 forward ~4 % (measured, ``bmm`` of (8, 145, 256)
+rows by cold expert weights, 2 threads: 16.4 vs 17.6 ms per 8 groups); training alike.
 
 Router conventions (``MoEConfig.router``) -- the most common source of mismatch between MoE codes
 -------------------------------------------------------------------------------------------------
@@ -93,15 +97,15 @@ a group is padded to the group's largest row count R, so that a group is one bat
 
     per group of experts e0..e1-1 (n = e1 - e0 experts, R rows each after padding):
         X_g = x[tok_pad]                                    gather       (n, R, D)
-        H_g = bmm(X_g, [W_gate; W_up][e0:e1]^T)                          (n, R, 2I)
+        H_g = bmm(X_g, [W_gate | W_up][e0:e1])                           (n, R, 2I)
         A_g = w * SiLU(H_g[..., :I]) * H_g[..., I:]                      (n, R, I)
-        Y_g = bmm(A_g, W_down[e0:e1]^T)                                  (n, R, D)
+        Y_g = bmm(A_g, W_down[e0:e1])                                    (n, R, D)
         y.index_add_(0, tok_pad_out, Y_g)                   scatter-add  (N_tok + 1, D)
 
 Padding rows read token 0 and add into an extra row N_tok that is dropped, with weight 0. Why pad:
 the CPU ``bmm`` hands each thread whole GEMMs (MKL's batched GEMM), which at these sizes runs ~20 %
-faster than splitting every small per-expert GEMM across the threads as ``grouped_mm`` and
-``F.linear`` do. The planner keeps the padding small (11 % extra rows at E=64, K=8 with random
+faster than splitting every small per-expert GEMM across the threads as ``grouped_mm`` and a
+single matrix product do. The planner keeps the padding small (11 % extra rows at E=64, K=8 with random
 routing) by grouping experts of similar size, prefers groups of a multiple of the thread count,
 and caps a group at ``threads x PADDED_BLOCK_BYTES`` (1.5 MiB) of ``(rows, 2I)`` activation so the
 gather, both products and the scatter run in cache. ``python -m labcore.bench layers`` (HF Mixtral
@@ -117,19 +121,19 @@ consecutive sorted rows by that expert's matrix, no padding::
 
     per block of consecutive experts e0..e1-1 (rows r0..r1 of the sorted assignments):
         X_b = x[tok[r0:r1]]                                 gather       (M_b, D)
-        H_b = grouped_mm(X_b, [W_gate; W_up][e0:e1]^T)      per-expert   (M_b, 2I)
+        H_b = grouped_mm(X_b, [W_gate | W_up][e0:e1])       per-expert   (M_b, 2I)
         A_b = w * SiLU(H_b[:, :I]) * H_b[:, I:]                          (M_b, I)
-        Y_b = grouped_mm(A_b, W_down[e0:e1]^T)                           (M_b, D)
+        Y_b = grouped_mm(A_b, W_down[e0:e1])                             (M_b, D)
         y.index_add_(0, tok[r0:r1], Y_b)                    scatter-add  (N_tok, D)
 
 It has kernels for float32/bfloat16/float16 with 16-byte aligned strides (CUDA sm80+, CPU in
-torch >= 2.10; a one-expert block uses ``F.linear``). One block of all experts on a GPU (no host
-sync) and in training; in CPU inference, blocks whose ``(M_b, 2I)`` activation is about
+torch >= 2.10; a one-expert block uses a plain matrix product). One block of all experts on a GPU
+(no host sync) and in training; in CPU inference, blocks whose ``(M_b, 2I)`` activation is about
 ``CPU_BLOCK_BYTES``. On CUDA, where
 ``index_add_`` uses atomics, rows are instead copied to token-major slots and summed over K in a
 fixed order, so results stay deterministic.
 
-``loop``: the same, one expert per block with ``F.linear`` (any dtype and device).
+``loop``: the same, one expert per block with plain matrix products (any dtype and device).
 
 In all three, ``w`` multiplies the narrower of the ``(rows, I)`` activation and the ``(rows, D)``
 output (the same product, W_down being linear). Also tried on CPU and slower: combining through
@@ -393,8 +397,8 @@ class MoE(nn.Module):
         self.cfg = cfg
         D, I, E = cfg.d_model, cfg.d_expert, cfg.n_experts
         self.router = nn.Linear(D, E, bias=False)  # W_r, weight (E, D)
-        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))  # [W_gate; W_up] per expert
-        self.down_proj = nn.Parameter(torch.empty(E, D, I))  # W_down per expert
+        self.gate_up_proj = nn.Parameter(torch.empty(E, D, 2 * I))  # [W_gate | W_up] per expert, x @ W
+        self.down_proj = nn.Parameter(torch.empty(E, I, D))  # W_down per expert, a @ W
         self.shared: DenseFFN | None = None
         self.shared_gate: nn.Linear | None = None
         if cfg.shared_hidden:
@@ -430,7 +434,7 @@ class MoE(nn.Module):
                                    "combines with index_add_, which is not deterministic on CUDA; use "
                                    "expert_impl='auto', 'grouped_mm' or 'loop'")
             return "padded_bmm"
-        ok = _grouped_mm_ok(x, self.gate_up_proj.transpose(1, 2), self.down_proj.transpose(1, 2))
+        ok = _grouped_mm_ok(x, self.gate_up_proj, self.down_proj)
         ok = ok and self.cfg.d_expert * x.element_size() % 16 == 0  # the (M, I) activation rows
         if impl == "grouped_mm" and not ok:
             raise RuntimeError(f"MoE: expert_impl='grouped_mm' cannot run here (dtype={x.dtype}, "
@@ -482,9 +486,9 @@ class MoE(nn.Module):
         for e0, e1, R in groups:
             n, rows = e1 - e0, (e1 - e0) * R
             xg = x.index_select(0, tok_in[p:p + rows]).view(n, R, D)  # (n, R, D)
-            h = torch.bmm(xg, self.gate_up_proj[e0:e1].transpose(1, 2))  # (n, R, 2I)
-            out = self._swiglu_down(h, w_pad[p:p + rows].view(n, R, 1),  # (n, R, D)
-                                    lambda a, e0=e0, e1=e1: torch.bmm(a, self.down_proj[e0:e1].transpose(1, 2)))
+            h = torch.bmm(xg, self.gate_up_proj[e0:e1])  # (n, R, D) @ (n, D, 2I) -> (n, R, 2I)
+            out = self._swiglu_down(h, w_pad[p:p + rows].view(n, R, 1),  # (n, R, I) @ (n, I, D) -> (n, R, D)
+                                    lambda a, e0=e0, e1=e1: torch.bmm(a, self.down_proj[e0:e1]))
             y.index_add_(0, tok_out[p:p + rows], out.view(rows, D))  # (rows, D) into (N_tok + 1, D)
             p += rows
         return y[:N]  # (N_tok, D)
@@ -514,13 +518,13 @@ class MoE(nn.Module):
         for e0, e1, r0, r1 in expert_blocks(self.cfg.n_experts, tok.numel(), sizes, max_rows):
             xb = x.index_select(0, tok[r0:r1])  # (M_b, D) rows of experts e0..e1-1
             if e1 - e0 == 1:  # one expert: plain matrix products
-                h = F.linear(xb, self.gate_up_proj[e0])  # (M_b, 2I)
-                out = self._swiglu_down(h, w[r0:r1], lambda a, e=e0: F.linear(a, self.down_proj[e]))  # (M_b, D)
+                h = xb @ self.gate_up_proj[e0]  # (M_b, D) @ (D, 2I) -> (M_b, 2I)
+                out = self._swiglu_down(h, w[r0:r1], lambda a, e=e0: a @ self.down_proj[e])  # (M_b, D)
             else:
                 offs = group_sizes[e0:e1].cumsum(0).to(torch.int32)  # (E_b,) end row of each expert
-                h = F.grouped_mm(xb, self.gate_up_proj[e0:e1].transpose(1, 2), offs=offs)  # (M_b, 2I)
+                h = F.grouped_mm(xb, self.gate_up_proj[e0:e1], offs=offs)  # (M_b, 2I)
                 out = self._swiglu_down(h, w[r0:r1], lambda a, e0=e0, e1=e1, offs=offs: F.grouped_mm(
-                    a, self.down_proj[e0:e1].transpose(1, 2), offs=offs))  # (M_b, D)
+                    a, self.down_proj[e0:e1], offs=offs))  # (M_b, D)
             yield r0, r1, out
 
     # -- forward ------------------------------------------------------------------------------
@@ -633,9 +637,9 @@ def moe_reference(layer: MoE, x: Tensor) -> ReferenceOutput:
                 applied.append(w[j] * 0)
                 continue
             load[e] += 1
-            gate = layer.gate_up_proj[e, :I] @ xt  # (I,)
-            up = layer.gate_up_proj[e, I:] @ xt  # (I,)
-            yt = yt + w[j].to(xt.dtype) * (layer.down_proj[e] @ (F.silu(gate) * up))  # (D,)
+            gate = xt @ layer.gate_up_proj[e, :, :I]  # (D,) @ (D, I) -> (I,)
+            up = xt @ layer.gate_up_proj[e, :, I:]  # (I,)
+            yt = yt + w[j].to(xt.dtype) * ((F.silu(gate) * up) @ layer.down_proj[e])  # (I,) @ (I, D) -> (D,)
             applied.append(w[j])
         if layer.shared is not None:
             sh = layer.shared.w_out.weight @ (F.silu(layer.shared.w_gate.weight @ xt)
