@@ -69,7 +69,7 @@ Auxiliary losses (Switch eqs. 4-6 via papers.md section 7.1; ST-MoE z-loss)
     f_i = (number of top-K assignments to expert i) / (N_tok * K)         sum_i f_i = 1
     P_i = mean over tokens of p_i                                       sum_i P_i = 1
     L_balance = E * sum_i f_i P_i         (= 1 at perfectly uniform routing, its minimum)
-    L_z       = mean over tokens of (logsumexp_i l_i)^2
+    L_z       = mean over tokens of (logsumexp_i l_i)^2     (computed as l_j - log p_j, j = top-1)
     aux_loss  = balance_coef * L_balance + z_coef * L_z
 
 f is counted from the router's choices before capacity drops and carries no gradient; the
@@ -584,7 +584,11 @@ class MoE(nn.Module):
         f = counts.to(probs.dtype) / max(N * K, 1)  # (E,) fraction of assignments, no gradient
         P = probs.mean(dim=0)  # (E,) mean router probability
         balance = E * (f * P).sum()  # L_balance = E sum_i f_i P_i
-        z = torch.logsumexp(logits, dim=-1).pow(2).mean()  # L_z
+        # logsumexp_i l_i = l_j - log p_j for any expert j; j = the top-1 expert (p_j >= 1/E, so
+        # the log is accurate) reuses the softmax instead of a second pass over the (N_tok, E) logits
+        top1 = idx[:, :1]  # (N_tok, 1) argmax of l (and of p) under every router
+        lse = (logits.gather(1, top1) - probs.gather(1, top1).log()).squeeze(1)  # (N_tok,)
+        z = lse.pow(2).mean()  # L_z
         aux_loss = cfg.balance_coef * balance + cfg.z_coef * z
 
         stats = {"dropped_tokens": float(dropped)}

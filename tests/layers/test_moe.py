@@ -396,6 +396,25 @@ def test_z_loss_value_and_balance_formula_on_random_input():
     assert aux.aux_loss.item() == pytest.approx(0.3 * bal.item() + 0.7 * z.item(), rel=1e-5)
 
 
+def test_z_loss_equals_logsumexp_in_value_and_gradient_even_for_large_logits():
+    """labcore computes logsumexp as l_top1 - log p_top1 (reusing the softmax): same value and
+    gradient (p) as torch.logsumexp, also where exp(l) overflows float32."""
+    for scale, router in ((1.0, "softmax_topk_renorm"), (400.0, "topk_softmax"), (300.0, "softmax_topk")):
+        layer = make(n_experts=6, top_k=2, router=router)
+        with torch.no_grad():
+            layer.router.weight.mul_(scale)
+        x = torch.randn(17, D)
+        _, aux = layer(x)
+        logits = (x @ layer.router.weight.T).double()
+        assert logits.abs().max() > 89 or scale == 1.0  # exp overflows float32 beyond ~88.7
+        z_ref = (torch.logsumexp(logits, -1) ** 2).mean()
+        assert aux.losses["z"].item() == pytest.approx(z_ref.item(), rel=1e-5)
+        g = torch.autograd.grad(aux.losses["z"], layer.router.weight)[0]
+        w = layer.router.weight.detach().double().requires_grad_(True)
+        g_ref = torch.autograd.grad((torch.logsumexp(x.double() @ w.T, -1) ** 2).mean(), w)[0]
+        torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-6 * g_ref.abs().max().item())
+
+
 def test_aux_losses_are_differentiable():
     layer = make()
     x = torch.randn(20, D, requires_grad=True)
