@@ -109,8 +109,8 @@ single matrix product do. The planner keeps the padding small (11 % extra rows a
 routing) by grouping experts of similar size, prefers groups of a multiple of the thread count,
 and caps a group at ``threads x PADDED_BLOCK_BYTES`` (1.5 MiB) of ``(rows, 2I)`` activation so the
 gather, both products and the scatter run in cache. ``python -m labcore.bench layers`` (HF Mixtral
-eager, 4x256 tokens, D=256, 2 threads, 21 runs on a 2-vCPU VM whose speed drifts): E=64, K=8,
-I=128 median 1.54x, range 1.37-1.81x, 16 of 21 runs >= 1.5x (``grouped_mm`` blocks: 1.34-1.56x);
+eager, 4x256 tokens, D=256, 2 threads, 22 runs on a 2-vCPU VM whose speed drifts): E=64, K=8,
+I=128 median 1.55x, range 1.37-1.84x, 17 of 22 runs >= 1.5x (``grouped_mm`` blocks: 1.34-1.56x);
 E=8, K=2, I=512, where the experts' GEMMs are large and mostly run alone, 1.03-1.24x. Both sides
 run the same 1.6 GFLOP of expert GEMMs (labcore 11 % more with padding): ~14-15 ms of labcore's
 ~18-20 ms in the VM's fast state, near what MKL reaches on these shapes with cold weights; the
