@@ -1,0 +1,265 @@
+"""Compiled CPU kernels for the memory layers' retrieval (a C++ extension built on first use).
+
+``topk_rows(x, k)`` is an exact per-row top-k of a float32 matrix, the step that dominates PKM's and
+UltraMem's search on CPU (per-side top-k over n sub-keys, then the top-K of the candidate grid;
+docs/mechanisms.md §1.1 and §4). The C++ source is ``csrc/topk_rows.cpp``; its header comment
+describes the algorithm (per-lane maxima give a threshold, the survivors are compacted and ranked).
+
+Contract of ``topk_rows`` (the same with or without the extension)
+-----------------------------------------------------------------
+* x: float32 CPU tensor (..., n); k in [0, n] (anything else: ``ConfigError``).
+* Returns values (..., k) and int64 indices (..., k); values are bitwise the selected entries of
+  x, in descending order when ``sorted`` (otherwise in no particular order).
+* Order: IEEE totalOrder of the float bits, -NaN < -inf < ... < -0.0 < +0.0 < ... < +inf < +NaN,
+  as ``labcore.layers.pkm.exact_topk`` (a NaN ranks above +inf only when its sign bit is clear).
+  For finite data and +inf/-inf the selected set equals ``torch.topk``'s up to ties (an entry
+  equal to the k-th largest may be swapped for another equal one; -0.0 and +0.0 count as equal in
+  ``torch.topk`` but +0.0 ranks first here).
+* Gradients flow to x (the values are gathered from x) when autograd records.
+
+Build and fallback
+------------------
+The extension is compiled with ``torch.utils.cpp_extension.load`` (g++ and ninja) into
+``$LABCORE_EXT_DIR`` (default ``~/.cache/labcore/torch_extensions/<torch version>``) the first time
+it is needed, or ahead of time by ``python -m labcore.layers.fast.compiled --build`` (``make
+setup`` runs it). If the compiler, ninja or the build is missing, one warning line says why and
+every call uses ``reference_topk_rows``, a few PyTorch lines with the same contract; nothing
+crashes. ``LABCORE_COMPILED=0`` disables the extension (for tests and A/B benchmarks).
+
+``python -m labcore.layers.fast.compiled --bench`` times ``topk_rows`` against
+``labcore.layers.pkm.exact_topk`` and ``torch.topk`` on the PKM and UltraMem search shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from labcore.layers.base import ConfigError
+
+EXT_NAME = "labcore_topk_rows"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = (CSRC / "topk_rows.cpp",)
+ENV_DISABLE = "LABCORE_COMPILED"
+ENV_DIR = "LABCORE_EXT_DIR"
+ISAS = {"auto": -1, "portable": 0, "avx512": 1}
+
+_lock = threading.Lock()
+_state: dict[str, object] = {"module": None, "tried": False, "reason": None}
+
+
+def build_dir() -> Path:
+    """Where the extension is built and cached (one directory per torch version)."""
+    root = os.environ.get(ENV_DIR)
+    if root:
+        return Path(root)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "labcore" / "torch_extensions" / torch.__version__.replace("+", "_")
+
+
+def disabled() -> bool:
+    """True when ``LABCORE_COMPILED`` is set to 0 / false / no / off."""
+    return os.environ.get(ENV_DISABLE, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def _compile(verbose: bool = False) -> ModuleType:
+    """Build (or reuse the cached build of) the extension and import it. Raises on failure."""
+    from torch.utils import cpp_extension  # heavy-ish import, only needed when building/loading
+
+    out = build_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    # torch looks for ``ninja`` on PATH; the pip wheel installs it next to this interpreter.
+    env_path = os.environ.get("PATH", "")
+    bindir = str(Path(sys.executable).parent)
+    if bindir not in env_path.split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + env_path
+    try:
+        return cpp_extension.load(name=EXT_NAME, sources=[str(s) for s in SOURCES],
+                                  extra_cflags=["-O3"], build_directory=str(out), verbose=verbose)
+    finally:
+        os.environ["PATH"] = env_path
+
+
+def _load() -> ModuleType | None:
+    """The extension module, or None (after one warning line saying why). Thread-safe, tried once."""
+    if disabled():
+        return None
+    if _state["tried"]:
+        return _state["module"]  # type: ignore[return-value]
+    with _lock:
+        if not _state["tried"]:
+            try:
+                _state["module"] = _compile()
+            except Exception as exc:  # compiler, ninja, headers or the build missing: fall back
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
+                _state["reason"] = f"{type(exc).__name__}: {first}"
+                warnings.warn(f"labcore compiled top-k unavailable ({_state['reason']}); using the PyTorch "
+                              f"path (set {ENV_DISABLE}=0 to silence)", RuntimeWarning, stacklevel=3)
+            _state["tried"] = True
+    return _state["module"]  # type: ignore[return-value]
+
+
+def available() -> bool:
+    """True when the compiled extension is enabled and built (builds it on the first call)."""
+    return _load() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why the extension is not used (None when it is)."""
+    if disabled():
+        return f"disabled by {ENV_DISABLE}={os.environ.get(ENV_DISABLE)}"
+    return None if _load() is not None else str(_state["reason"])
+
+
+def isa() -> str:
+    """The instruction set ``topk_rows`` uses: "avx512", "portable" or "pytorch" (no extension)."""
+    mod = _load()
+    if mod is None:
+        return "pytorch"
+    return "avx512" if mod.has_avx512() else "portable"
+
+
+def _ordered_int32(x: Tensor) -> Tensor:
+    """float32 -> int32 keys with the same order (IEEE totalOrder), no grad."""
+    b = x.detach().view(torch.int32)
+    return b ^ ((b >> 31) & 0x7FFFFFFF)
+
+
+def reference_topk_rows(x: Tensor, k: int, sorted: bool = True) -> tuple[Tensor, Tensor]:
+    """The readable PyTorch path with ``topk_rows``'s contract: rank the order-preserving int32 keys
+    of the float bits with ``torch.topk``, then gather the values from x."""
+    idx = _ordered_int32(x).topk(k, dim=-1, sorted=sorted).indices         # (..., k)
+    return x.gather(-1, idx), idx
+
+
+def _check(x: Tensor, k: int) -> None:
+    if not isinstance(x, Tensor) or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() < 1:
+        what = f"{x.dtype} {x.device.type} tensor of {x.dim()} dims" if isinstance(x, Tensor) else type(x).__name__
+        raise ConfigError(f"topk_rows: x={what}; expected a float32 CPU tensor (..., n)")
+    n = x.shape[-1]
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
+        raise ConfigError(f"topk_rows: k={k!r}; expected an int in [0, n={n}] (n = x.shape[-1])")
+
+
+def topk_rows(x: Tensor, k: int, sorted: bool = True, *, isa: str = "auto") -> tuple[Tensor, Tensor]:
+    """Exact top-k along the last dim of a float32 CPU tensor (..., n) -> values, indices (..., k).
+
+    See the module docstring for the contract. ``isa`` ("auto", "portable", "avx512") picks the
+    compiled path (tests use it to check both); without the extension it is ignored.
+    """
+    _check(x, k)
+    if isa not in ISAS:
+        raise ConfigError(f"topk_rows: isa={isa!r}; expected one of {sorted_names()}")
+    mod = _load()
+    if mod is None:
+        return reference_topk_rows(x, k, sorted)
+    lead, n = x.shape[:-1], x.shape[-1]
+    vals, idx = mod.topk_rows(x.detach().reshape(-1, n).contiguous(), k, sorted, ISAS[isa])
+    idx = idx.view(*lead, k)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return x.gather(-1, idx), idx
+    return vals.view(*lead, k), idx
+
+
+def sorted_names() -> list[str]:
+    return list(ISAS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark
+# ---------------------------------------------------------------------------------------------
+
+BENCH_CASES = (
+    # (name, rows per token, n, k): B tokens give B * rows-per-token rows
+    ("PKM per-side top-K (n=451, H=4, K=32)", 8, 451, 32),
+    ("PKM candidate top-K (C=119, H=4, K=32)", 4, 119, 32),
+    ("UltraMem per-side top-m (n_s=1276, H=2, m=32)", 4, 1276, 32),
+    ("UltraMem grid top-K (m^2=1024, H=2, K=32)", 2, 1024, 32),
+)
+
+
+def bench_topk(tokens: int = 4096, threads: int = 2, repeats: int = 7, seed: int = 0) -> list[dict]:
+    """Time ``topk_rows``, ``exact_topk`` and ``torch.topk`` on the PKM / UltraMem search shapes,
+    interleaved in one process (median of ``repeats`` rounds). Returns one dict per case (ms)."""
+    from labcore.layers.pkm import exact_topk  # the layer module imports this one later on
+
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    try:
+        for name, per_token, n, k in BENCH_CASES:
+            x = torch.randn(tokens * per_token, n, generator=gen)
+            fns = {"torch.topk": lambda x=x, k=k: x.topk(k, dim=-1),
+                   "exact_topk": lambda x=x, k=k: exact_topk(x, k, sorted=True)}
+            if available():
+                fns["topk_rows"] = lambda x=x, k=k: topk_rows(x, k)
+            times: dict[str, list[float]] = {f: [] for f in fns}
+            for f in fns.values():
+                f()                                                        # warm-up
+            for _ in range(repeats):
+                for label, f in fns.items():
+                    t0 = time.perf_counter()
+                    f()
+                    times[label].append(time.perf_counter() - t0)
+            med = {label: sorted(t)[len(t) // 2] * 1e3 for label, t in times.items()}
+            rows.append({"case": name, "rows": x.shape[0], "n": n, "k": k, **med})
+    finally:
+        torch.set_num_threads(old_threads)
+    return rows
+
+
+def _print_bench(rows: list[dict], tokens: int, threads: int) -> None:
+    print(f"top-k per row, B={tokens} tokens, {threads} threads, isa={isa()}, median ms")
+    have = "topk_rows" in rows[0]
+    head = f"{'case':48s} {'rows':>6s} {'torch.topk':>11s} {'exact_topk':>11s}"
+    if have:
+        head += f" {'topk_rows':>10s} {'vs exact':>9s} {'vs torch':>9s}"
+    print(head)
+    for r in rows:
+        line = f"{r['case']:48s} {r['rows']:6d} {r['torch.topk']:11.2f} {r['exact_topk']:11.2f}"
+        if have:
+            line += (f" {r['topk_rows']:10.2f} {r['exact_topk'] / r['topk_rows']:8.2f}x"
+                     f" {r['torch.topk'] / r['topk_rows']:8.2f}x")
+        print(line)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m labcore.layers.fast.compiled",
+                                description="Build or benchmark labcore's compiled top-k extension.")
+    p.add_argument("--build", action="store_true", help="compile the extension now (make setup runs this)")
+    p.add_argument("--bench", action="store_true", help="time topk_rows vs exact_topk vs torch.topk")
+    p.add_argument("--tokens", type=int, default=4096, help="tokens B for --bench (default 4096)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for --bench (default 2)")
+    p.add_argument("--repeats", type=int, default=7, help="timed rounds for --bench (default 7)")
+    a = p.parse_args(argv)
+    if a.build:
+        if disabled():
+            print(f"labcore compiled top-k: disabled by {ENV_DISABLE}; not built")
+        else:
+            try:
+                _compile(verbose=False)
+                _state["tried"] = False
+                print(f"labcore compiled top-k: built in {build_dir()} (isa={isa()})")
+            except Exception as exc:                                        # never fail setup
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
+                print(f"labcore compiled top-k: build failed ({type(exc).__name__}: {reason}); "
+                      f"the layers use the PyTorch path")
+    if a.bench:
+        _print_bench(bench_topk(a.tokens, a.threads, a.repeats), a.tokens, a.threads)
+    if not (a.build or a.bench):
+        p.print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

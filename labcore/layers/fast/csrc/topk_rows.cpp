@@ -1,0 +1,243 @@
+// Per-row exact top-k of a float32 matrix (R, n) -> values (R, k) and int64 indices (R, k).
+//
+// Order: every float32 is ranked by its order-preserving int32 key (sign-magnitude bits turned into
+// two's complement), i.e. IEEE 754 totalOrder:
+//     -NaN < -inf < ... < -0.0 < +0.0 < ... < +inf < +NaN
+// (the same contract as labcore.layers.pkm.exact_topk: a NaN ranks above +inf only when its sign bit
+// is clear). Ties are broken towards the lower index, so the result is deterministic.
+//
+// Algorithm for one row (exact):
+//   1. Threshold. Split the row into L interleaved lanes (element i goes to lane i mod L, L >= 2k,
+//      a multiple of 16) and take each lane's maximum key. The k-th largest of those L maxima, t, is
+//      the key of k distinct elements, so the k-th largest element of the row is >= t.
+//   2. Survivors. Every element with key >= t is copied out (key, index): about 1.2k..1.4k of them
+//      for continuous data, every element in the worst case (e.g. all equal).
+//   3. Select the k best survivors (nth_element) and, if asked, sort them (descending key, then
+//      ascending index). Values are read back from the row, so they are bitwise the input's.
+// Short rows (n < 2L) and k > 128 skip step 1 (t = smallest key: every element survives).
+//
+// Two implementations of steps 1-2, chosen at run time: AVX-512 (16 lanes per register; survivors
+// compacted with vpcompressd into a register, then stored) when the CPU and OS support it, and a
+// portable loop (auto-vectorised by the compiler) otherwise. Rows are spread over threads with
+// at::parallel_for.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define LABCORE_X86 1
+#endif
+
+namespace {
+
+constexpr int kMaxLanes = 128;
+
+inline int32_t order_key(int32_t bits) { return bits ^ ((bits >> 31) & 0x7fffffff); }
+
+// (key descending, index ascending) as one unsigned 64-bit number: larger = better.
+inline uint64_t pack(int32_t key, int64_t idx) {
+  return (uint64_t(uint32_t(key) ^ 0x80000000u) << 32) | uint64_t(0xffffffffu - uint32_t(idx));
+}
+inline int64_t unpack_index(uint64_t p) { return int64_t(0xffffffffu - uint32_t(p)); }
+
+// Lanes for the threshold pass (0: no threshold, every element survives).
+int lanes_for(int64_t n, int64_t k) {
+  if (k > kMaxLanes) return 0;
+  int64_t L = std::max<int64_t>(16, (2 * k + 15) / 16 * 16);
+  L = std::min<int64_t>(L, kMaxLanes);
+  if (L < k || n < 2 * L) return 0;
+  return int(L);
+}
+
+struct Scratch {
+  std::vector<int32_t> lanes, keys, index;
+  std::vector<uint64_t> cand;
+  explicit Scratch(int64_t n) : lanes(kMaxLanes), keys(n + 16), index(n + 16), cand(n + 16) {}
+};
+
+// Steps 3 + output: the k best of c survivors.
+void finish(uint64_t* cand, int64_t c, int64_t k, bool sorted, const float* row, float* out_v,
+            int64_t* out_i) {
+  if (c > k) std::nth_element(cand, cand + (k - 1), cand + c, std::greater<uint64_t>());
+  if (sorted) std::sort(cand, cand + k, std::greater<uint64_t>());
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t i = unpack_index(cand[j]);
+    out_i[j] = i;
+    out_v[j] = row[i];
+  }
+}
+
+int32_t kth_largest(int32_t* v, int L, int64_t k) {
+  std::nth_element(v, v + (k - 1), v + L, std::greater<int32_t>());
+  return v[k - 1];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Portable path
+// ---------------------------------------------------------------------------------------------
+void lane_max_portable(const int32_t* bits, int64_t n, int L, int32_t* lm) {
+  std::fill(lm, lm + L, INT32_MIN);
+  const int64_t full = n / L * L;
+  for (int64_t i = 0; i < full; i += L)
+    for (int j = 0; j < L; ++j) lm[j] = std::max(lm[j], order_key(bits[i + j]));
+  for (int64_t i = full; i < n; ++i) lm[i - full] = std::max(lm[i - full], order_key(bits[i]));
+}
+
+void row_portable(const float* row, int64_t n, int64_t k, bool sorted, float* out_v, int64_t* out_i,
+                  Scratch& s) {
+  const int32_t* bits = reinterpret_cast<const int32_t*>(row);
+  int32_t t = INT32_MIN;
+  if (const int L = lanes_for(n, k)) {
+    lane_max_portable(bits, n, L, s.lanes.data());
+    t = kth_largest(s.lanes.data(), L, k);
+  }
+  uint64_t* cand = s.cand.data();
+  int64_t c = 0;
+  for (int64_t i = 0; i < n; ++i) {  // branch-free compaction
+    const int32_t key = order_key(bits[i]);
+    cand[c] = pack(key, i);
+    c += key >= t;
+  }
+  finish(cand, c, k, sorted, row, out_v, out_i);
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512 path
+// ---------------------------------------------------------------------------------------------
+#ifdef LABCORE_X86
+#define LABCORE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+
+LABCORE_AVX512 inline __m512i key512(__m512i bits) {
+  const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+  return _mm512_xor_si512(bits, _mm512_and_si512(_mm512_srai_epi32(bits, 31), magnitude));
+}
+
+template <int V>
+LABCORE_AVX512 int32_t threshold_avx512(const int32_t* bits, int64_t n, int64_t k, int32_t* lm) {
+  constexpr int L = 16 * V;
+  __m512i acc[V];
+  for (int v = 0; v < V; ++v) acc[v] = _mm512_set1_epi32(INT32_MIN);
+  const int64_t full = n / L * L;
+  for (int64_t i = 0; i < full; i += L)
+    for (int v = 0; v < V; ++v)
+      acc[v] = _mm512_max_epi32(acc[v], key512(_mm512_loadu_si512(bits + i + 16 * v)));
+  for (int v = 0; v < V; ++v) {  // the tail (< L elements) joins the first lanes
+    const int64_t left = n - full - 16 * v;
+    if (left <= 0) break;
+    const __mmask16 m = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+    const __m512i x = key512(_mm512_maskz_loadu_epi32(m, bits + full + 16 * v));
+    acc[v] = _mm512_mask_max_epi32(acc[v], m, acc[v], x);
+  }
+  for (int v = 0; v < V; ++v) _mm512_storeu_si512(lm + 16 * v, acc[v]);
+  return kth_largest(lm, L, k);
+}
+
+LABCORE_AVX512 int32_t threshold_dispatch(const int32_t* bits, int64_t n, int64_t k, int L, int32_t* lm) {
+  switch (L / 16) {
+    case 1: return threshold_avx512<1>(bits, n, k, lm);
+    case 2: return threshold_avx512<2>(bits, n, k, lm);
+    case 3: return threshold_avx512<3>(bits, n, k, lm);
+    case 4: return threshold_avx512<4>(bits, n, k, lm);
+    case 5: return threshold_avx512<5>(bits, n, k, lm);
+    case 6: return threshold_avx512<6>(bits, n, k, lm);
+    case 7: return threshold_avx512<7>(bits, n, k, lm);
+    default: return threshold_avx512<8>(bits, n, k, lm);
+  }
+}
+
+LABCORE_AVX512 void row_avx512(const float* row, int64_t n, int64_t k, bool sorted, float* out_v,
+                               int64_t* out_i, Scratch& s) {
+  const int32_t* bits = reinterpret_cast<const int32_t*>(row);
+  int32_t t = INT32_MIN;
+  if (const int L = lanes_for(n, k)) t = threshold_dispatch(bits, n, k, L, s.lanes.data());
+  const __m512i tv = _mm512_set1_epi32(t);
+  const __m512i step = _mm512_set1_epi32(16);
+  __m512i iv = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int32_t* kb = s.keys.data();
+  int32_t* ib = s.index.data();
+  int64_t c = 0, i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512i key = key512(_mm512_loadu_si512(bits + i));
+    const __mmask16 m = _mm512_cmpge_epi32_mask(key, tv);
+    if (m) {  // compress in a register, then a plain store (buffers have 16 slack)
+      _mm512_storeu_si512(kb + c, _mm512_maskz_compress_epi32(m, key));
+      _mm512_storeu_si512(ib + c, _mm512_maskz_compress_epi32(m, iv));
+      c += __builtin_popcount(unsigned(m));
+    }
+    iv = _mm512_add_epi32(iv, step);
+  }
+  if (i < n) {
+    const __mmask16 tail = __mmask16((1u << (n - i)) - 1);
+    const __m512i key = key512(_mm512_maskz_loadu_epi32(tail, bits + i));
+    const __mmask16 m = _mm512_mask_cmpge_epi32_mask(tail, key, tv);
+    _mm512_storeu_si512(kb + c, _mm512_maskz_compress_epi32(m, key));
+    _mm512_storeu_si512(ib + c, _mm512_maskz_compress_epi32(m, iv));
+    c += __builtin_popcount(unsigned(m));
+  }
+  uint64_t* cand = s.cand.data();
+  for (int64_t j = 0; j < c; ++j) cand[j] = pack(kb[j], ib[j]);
+  finish(cand, c, k, sorted, row, out_v, out_i);
+}
+#endif
+
+bool cpu_has_avx512() {
+#ifdef LABCORE_X86
+  __builtin_cpu_init();  // libgcc also checks that the OS saves the AVX-512 state (XCR0)
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+// isa: -1 = best available, 0 = portable, 1 = AVX-512 (error when unsupported).
+std::vector<at::Tensor> topk_rows(const at::Tensor& x, int64_t k, bool sorted, int64_t isa) {
+  TORCH_CHECK(x.device().is_cpu(), "topk_rows: x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "topk_rows: x must be float32, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 2, "topk_rows: x must be 2-D (R, n), got ", x.dim(), " dims");
+  TORCH_CHECK(x.is_contiguous(), "topk_rows: x must be contiguous");
+  const int64_t R = x.size(0), n = x.size(1);
+  TORCH_CHECK(0 <= k && k <= n, "topk_rows: k=", k, " must be in [0, n=", n, "]");
+  TORCH_CHECK(n < INT32_MAX, "topk_rows: rows longer than 2^31 - 1 are not supported, n=", n);
+  TORCH_CHECK(isa >= -1 && isa <= 1, "topk_rows: isa=", isa, " must be -1 (auto), 0 or 1");
+  const bool has512 = cpu_has_avx512();
+  TORCH_CHECK(isa != 1 || has512, "topk_rows: isa=1 (AVX-512) requested but the CPU lacks it");
+  const bool use512 = isa == 1 || (isa == -1 && has512);
+  at::Tensor values = at::empty({R, k}, x.options());
+  at::Tensor indices = at::empty({R, k}, x.options().dtype(at::kLong));
+  if (R == 0 || k == 0) return {values, indices};
+  const float* xp = x.data_ptr<float>();
+  float* vp = values.data_ptr<float>();
+  int64_t* ip = indices.data_ptr<int64_t>();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1));
+  at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+    Scratch s(n);
+    for (int64_t r = begin; r < end; ++r) {
+#ifdef LABCORE_X86
+      if (use512) {
+        row_avx512(xp + r * n, n, k, sorted, vp + r * k, ip + r * k, s);
+        continue;
+      }
+#endif
+      row_portable(xp + r * n, n, k, sorted, vp + r * k, ip + r * k, s);
+    }
+  });
+  (void)use512;
+  return {values, indices};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("topk_rows", &topk_rows, "per-row exact top-k of a float32 (R, n) matrix",
+        py::arg("x"), py::arg("k"), py::arg("sorted"), py::arg("isa"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("has_avx512", &cpu_has_avx512, "whether the CPU (and OS) support the AVX-512 path");
+}
