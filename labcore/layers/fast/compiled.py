@@ -33,7 +33,9 @@ crashes. ``LABCORE_COMPILED=0`` disables the extension (for tests and A/B benchm
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import shutil
 import sys
 import threading
 import time
@@ -73,20 +75,37 @@ def disabled() -> bool:
 
 def _compile(verbose: bool = False) -> ModuleType:
     """Build (or reuse the cached build of) the extension and import it. Raises on failure."""
-    from torch.utils import cpp_extension  # heavy-ish import, only needed when building/loading
+    from torch.utils import cpp_extension  # only needed when building/loading (imports setuptools)
 
     out = build_dir()
     out.mkdir(parents=True, exist_ok=True)
     # torch looks for ``ninja`` on PATH; the pip wheel installs it next to this interpreter.
     env_path = os.environ.get("PATH", "")
     bindir = str(Path(sys.executable).parent)
-    if bindir not in env_path.split(os.pathsep):
-        os.environ["PATH"] = bindir + os.pathsep + env_path
+    path = env_path if bindir in env_path.split(os.pathsep) else bindir + os.pathsep + env_path
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx, path=path) is None:
+        raise RuntimeError(f"C++ compiler {cxx!r} not found (install g++ or set CXX)")
+    if shutil.which("ninja", path=path) is None:
+        raise RuntimeError("ninja not found (pip install ninja)")
+    torch_log = logging.getLogger("torch.utils.cpp_extension")  # its multi-line compiler-ABI warning
+    level = torch_log.level
+    os.environ["PATH"] = path
+    torch_log.setLevel(logging.ERROR)
     try:
         return cpp_extension.load(name=EXT_NAME, sources=[str(s) for s in SOURCES],
                                   extra_cflags=["-O3"], build_directory=str(out), verbose=verbose)
     finally:
         os.environ["PATH"] = env_path
+        torch_log.setLevel(level)
+
+
+def _one_line(exc: BaseException) -> str:
+    """A one-line reason: the first compiler error line of a failed build, else the last line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [""]
+    pick = next((ln for ln in lines if "error" in ln.lower() and "building extension" not in ln.lower()),
+                lines[-1])
+    return f"{type(exc).__name__}: {pick[:200]}"
 
 
 def _load() -> ModuleType | None:
@@ -100,8 +119,7 @@ def _load() -> ModuleType | None:
             try:
                 _state["module"] = _compile()
             except Exception as exc:  # compiler, ninja, headers or the build missing: fall back
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
-                _state["reason"] = f"{type(exc).__name__}: {first}"
+                _state["reason"] = _one_line(exc)
                 warnings.warn(f"labcore compiled top-k unavailable ({_state['reason']}); using the PyTorch "
                               f"path (set {ENV_DISABLE}=0 to silence)", RuntimeWarning, stacklevel=3)
             _state["tried"] = True
@@ -251,8 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                 _state["tried"] = False
                 print(f"labcore compiled top-k: built in {build_dir()} (isa={isa()})")
             except Exception as exc:                                        # never fail setup
-                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
-                print(f"labcore compiled top-k: build failed ({type(exc).__name__}: {reason}); "
+                print(f"labcore compiled top-k: build failed ({_one_line(exc)}); "
                       f"the layers use the PyTorch path")
     if a.bench:
         _print_bench(bench_topk(a.tokens, a.threads, a.repeats), a.tokens, a.threads)

@@ -50,8 +50,9 @@ inline int64_t unpack_index(uint64_t p) { return int64_t(0xffffffffu - uint32_t(
 // Lanes for the threshold pass (0: no threshold, every element survives).
 int lanes_for(int64_t n, int64_t k) {
   if (k > kMaxLanes) return 0;
-  int64_t L = std::max<int64_t>(16, (2 * k + 15) / 16 * 16);
-  L = std::min<int64_t>(L, kMaxLanes);
+  int64_t L = std::min<int64_t>(kMaxLanes, std::max<int64_t>(16, (2 * k + 15) / 16 * 16));
+  const int64_t least = std::max<int64_t>(16, (k + 15) / 16 * 16);  // fewer lanes for short rows
+  while (L > least && n < 2 * L) L -= 16;
   if (L < k || n < 2 * L) return 0;
   return int(L);
 }
@@ -61,6 +62,8 @@ struct Scratch {
   std::vector<uint64_t> cand;
   explicit Scratch(int64_t n) : lanes(kMaxLanes), keys(n + 16), index(n + 16), cand(n + 16) {}
 };
+
+constexpr int64_t kRankMax = 256;  // up to this many survivors: rank by counting (AVX-512 path)
 
 // Steps 3 + output: the k best of c survivors.
 void finish(uint64_t* cand, int64_t c, int64_t k, bool sorted, const float* row, float* out_v,
@@ -136,7 +139,35 @@ LABCORE_AVX512 int32_t threshold_avx512(const int32_t* bits, int64_t n, int64_t 
     acc[v] = _mm512_mask_max_epi32(acc[v], m, acc[v], x);
   }
   for (int v = 0; v < V; ++v) _mm512_storeu_si512(lm + 16 * v, acc[v]);
-  return kth_largest(lm, L, k);
+  // k-th largest of the L maxima = the largest lm[j] with #{i : lm[i] >= lm[j]} >= k
+  int32_t t = INT32_MIN;
+  for (int j = 0; j < L; ++j) {
+    const __m512i b = _mm512_set1_epi32(lm[j]);
+    int cnt = 0;
+    for (int v = 0; v < V; ++v) cnt += __builtin_popcount(unsigned(_mm512_cmpge_epi32_mask(acc[v], b)));
+    if (cnt >= k && lm[j] > t) t = lm[j];
+  }
+  return t;
+}
+
+// The k best of c <= kRankMax survivors, in order: a survivor's rank is the number of larger ones
+// (packed values are distinct), counted 8 at a time. cand has zero padding to a multiple of 8
+// (0 is below every packed value since indices are < 2^31).
+LABCORE_AVX512 void finish_rank512(uint64_t* cand, int64_t c, int64_t k, const float* row, float* out_v,
+                                   int64_t* out_i) {
+  const int64_t vecs = (c + 7) / 8;
+  for (int64_t j = c; j < vecs * 8; ++j) cand[j] = 0;
+  for (int64_t j = 0; j < c; ++j) {
+    const __m512i b = _mm512_set1_epi64(int64_t(cand[j]));
+    int64_t rank = 0;
+    for (int64_t v = 0; v < vecs; ++v)
+      rank += __builtin_popcount(unsigned(_mm512_cmpgt_epu64_mask(_mm512_loadu_si512(cand + 8 * v), b)));
+    if (rank < k) {
+      const int64_t i = unpack_index(cand[j]);
+      out_i[rank] = i;
+      out_v[rank] = row[i];
+    }
+  }
 }
 
 LABCORE_AVX512 int32_t threshold_dispatch(const int32_t* bits, int64_t n, int64_t k, int L, int32_t* lm) {
@@ -183,7 +214,10 @@ LABCORE_AVX512 void row_avx512(const float* row, int64_t n, int64_t k, bool sort
   }
   uint64_t* cand = s.cand.data();
   for (int64_t j = 0; j < c; ++j) cand[j] = pack(kb[j], ib[j]);
-  finish(cand, c, k, sorted, row, out_v, out_i);
+  if (c <= kRankMax)
+    finish_rank512(cand, c, k, row, out_v, out_i);  // always sorted
+  else
+    finish(cand, c, k, sorted, row, out_v, out_i);
 }
 #endif
 
