@@ -12,13 +12,16 @@
 //      the key of k distinct elements, so the k-th largest element of the row is >= t.
 //   2. Survivors. Every element with key >= t is copied out (key, index): about 1.2k..1.4k of them
 //      for continuous data, every element in the worst case (e.g. all equal).
-//   3. Select the k best survivors (nth_element) and, if asked, sort them (descending key, then
-//      ascending index). Values are read back from the row, so they are bitwise the input's.
+//   3. Rank the survivors (descending key, then ascending index) and keep the k best. Values are
+//      read back from the row, so they are bitwise the input's.
 // Short rows (n < 2L) and k > 128 skip step 1 (t = smallest key: every element survives).
 //
-// Two implementations of steps 1-2, chosen at run time: AVX-512 (16 lanes per register; survivors
-// compacted with vpcompressd into a register, then stored) when the CPU and OS support it, and a
-// portable loop (auto-vectorised by the compiler) otherwise. Rows are spread over threads with
+// Two implementations, chosen at run time. AVX-512 (when the CPU and OS support it): 16 lanes per
+// register; the k-th largest lane maximum and the survivors' ranks are found by counting, for every
+// element at once, how many others are larger (compare + masked add, no branches; survivors compacted
+// with vpcompressd into a register, then stored); more than 256 survivors (ties) use nth_element +
+// sort. Portable (any CPU): the same steps with scalar loops (the lane maxima auto-vectorised),
+// nth_element for the threshold and nth_element + sort for the survivors. Rows are spread over threads with
 // at::parallel_for.
 #include <torch/extension.h>
 
@@ -139,33 +142,47 @@ LABCORE_AVX512 int32_t threshold_avx512(const int32_t* bits, int64_t n, int64_t 
     acc[v] = _mm512_mask_max_epi32(acc[v], m, acc[v], x);
   }
   for (int v = 0; v < V; ++v) _mm512_storeu_si512(lm + 16 * v, acc[v]);
-  // k-th largest of the L maxima = the largest lm[j] with #{i : lm[i] >= lm[j]} >= k
-  int32_t t = INT32_MIN;
+  // k-th largest of the L maxima = the largest lane value v with #{j : lm[j] >= v} >= k; the counts
+  // are accumulated per lane (L x V independent compare + masked add, no scalar loop)
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512i cnt[V];
+  for (int v = 0; v < V; ++v) cnt[v] = _mm512_setzero_si512();
   for (int j = 0; j < L; ++j) {
     const __m512i b = _mm512_set1_epi32(lm[j]);
-    int cnt = 0;
-    for (int v = 0; v < V; ++v) cnt += __builtin_popcount(unsigned(_mm512_cmpge_epi32_mask(acc[v], b)));
-    if (cnt >= k && lm[j] > t) t = lm[j];
+    for (int v = 0; v < V; ++v) cnt[v] = _mm512_mask_add_epi32(cnt[v], _mm512_cmple_epi32_mask(acc[v], b), cnt[v], one);
   }
-  return t;
+  const __m512i kv = _mm512_set1_epi32(int32_t(k));
+  __m512i best = _mm512_set1_epi32(INT32_MIN);
+  for (int v = 0; v < V; ++v) best = _mm512_mask_max_epi32(best, _mm512_cmpge_epi32_mask(cnt[v], kv), best, acc[v]);
+  return _mm512_reduce_max_epi32(best);
 }
 
 // The k best of c <= kRankMax survivors, in order: a survivor's rank is the number of larger ones
-// (packed values are distinct), counted 8 at a time. cand has zero padding to a multiple of 8
-// (0 is below every packed value since indices are < 2^31).
+// (packed values are distinct), counted for 8 survivors at a time. cand is zero-padded to a multiple of
+// 8 (0 is below every packed value since indices are < 2^31; a pad's rank is c >= k).
 LABCORE_AVX512 void finish_rank512(uint64_t* cand, int64_t c, int64_t k, const float* row, float* out_v,
                                    int64_t* out_i) {
   const int64_t vecs = (c + 7) / 8;
   for (int64_t j = c; j < vecs * 8; ++j) cand[j] = 0;
+  __m512i rank[kRankMax / 8];
+  __m512i cv[kRankMax / 8];
+  const __m512i one = _mm512_set1_epi64(1);
+  for (int64_t v = 0; v < vecs; ++v) {
+    rank[v] = _mm512_setzero_si512();
+    cv[v] = _mm512_loadu_si512(cand + 8 * v);
+  }
   for (int64_t j = 0; j < c; ++j) {
     const __m512i b = _mm512_set1_epi64(int64_t(cand[j]));
-    int64_t rank = 0;
     for (int64_t v = 0; v < vecs; ++v)
-      rank += __builtin_popcount(unsigned(_mm512_cmpgt_epu64_mask(_mm512_loadu_si512(cand + 8 * v), b)));
-    if (rank < k) {
+      rank[v] = _mm512_mask_add_epi64(rank[v], _mm512_cmpgt_epu64_mask(b, cv[v]), rank[v], one);
+  }
+  alignas(64) int64_t r[kRankMax];
+  for (int64_t v = 0; v < vecs; ++v) _mm512_store_si512(r + 8 * v, rank[v]);
+  for (int64_t j = 0; j < c; ++j) {
+    if (r[j] < k) {
       const int64_t i = unpack_index(cand[j]);
-      out_i[rank] = i;
-      out_v[rank] = row[i];
+      out_i[r[j]] = i;
+      out_v[r[j]] = row[i];
     }
   }
 }
