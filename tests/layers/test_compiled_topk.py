@@ -318,3 +318,81 @@ def test_real_build_without_a_compiler_prints_one_line(tmp_path):
     assert r.stdout.strip() == "isa pytorch"
     lines = [ln for ln in r.stderr.splitlines() if "labcore compiled top-k unavailable" in ln]
     assert len(lines) == 1, r.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# side_topk: the fused product-key side search against the readable bmm + top-k
+# --------------------------------------------------------------------------------------------------
+
+def side_reference(q: torch.Tensor, keys: torch.Tensor, k: int):
+    """float64 scores (the exact order) and their top-k; plus the gap at the k-th place per row."""
+    s = torch.bmm(q.double(), keys.double().transpose(1, 2))                  # (G, T, n)
+    top = s.topk(min(k + 1, s.shape[-1]), dim=-1)
+    gap = (top.values[..., k - 1] - top.values[..., k]) if k < s.shape[-1] else torch.full(s.shape[:-1], 1.0)
+    return s, top.values[..., :k], top.indices[..., :k], gap
+
+
+SIDE_SHAPES = [  # (G, T, D, n, k): PKM (H*2 = 8 groups, D_k/2 = 64), UltraMem-like, odd sizes
+    (8, 67, 64, 451, 32), (4, 40, 64, 1276, 32), (2, 9, 64, 128, 8), (3, 37, 5, 33, 7), (1, 1, 3, 1, 1),
+    (2, 16, 17, 64, 64), (1, 8, 128, 500, 16), (5, 3, 7, 31, 31),
+]
+
+
+@needs_ext
+@isa_param
+@pytest.mark.parametrize("G,T,D,n,k", SIDE_SHAPES)
+def test_side_topk_matches_the_readable_search(isa, G, T, D, n, k):
+    g = gen(G * 100 + T + n)
+    q = torch.randn(G, T, D, generator=g)
+    keys = torch.randn(G, n, D, generator=g) / D ** 0.5
+    v, i = compiled.side_topk(q, keys, k, isa=isa)
+    assert v.shape == i.shape == (G, T, k) and i.dtype == torch.int64
+    s64, rv, ri, gap = side_reference(q, keys, k)
+    clear = gap > 1e-4                                # rows whose k-th place is not a float32 near-tie
+    assert clear.float().mean() > 0.9
+    assert torch.equal(i.sort(-1).values[clear], ri.sort(-1).values[clear])
+    torch.testing.assert_close(v.double(), rv, atol=1e-5, rtol=1e-5)                # sorted, close
+    torch.testing.assert_close(v.double(), s64.gather(-1, i), atol=1e-5, rtol=1e-5)  # right indices
+    readable_v, _ = compiled.reference_side_topk(q, keys, k)
+    torch.testing.assert_close(v, readable_v, atol=1e-5, rtol=1e-5)
+
+
+@needs_ext
+@isa_param
+def test_side_topk_unsorted_and_ties(isa):
+    q = torch.ones(2, 11, 4)
+    keys = torch.zeros(2, 40, 4)                      # every score is 0: ties towards the lower index
+    keys[1, 7] = 1.0
+    v, i = compiled.side_topk(q, keys, 5, isa=isa)
+    assert torch.equal(i[0], torch.arange(5).expand(11, 5))
+    assert torch.equal(i[1], torch.tensor([7, 0, 1, 2, 3]).expand(11, 5))
+    q = torch.randn(3, 20, 16, generator=gen(11))
+    keys = torch.randn(3, 100, 16, generator=gen(12))
+    vs, is_ = compiled.side_topk(q, keys, 10, isa=isa)
+    vu, iu = compiled.side_topk(q, keys, 10, sorted=False, isa=isa)
+    assert torch.equal(is_.sort(-1).values, iu.sort(-1).values)
+
+
+@needs_ext
+def test_side_topk_gradient_reaches_queries_and_keys():
+    q = torch.randn(2, 9, 8, generator=gen(13), requires_grad=True)
+    keys = torch.randn(2, 30, 8, generator=gen(14), requires_grad=True)
+    v, i = compiled.side_topk(q, keys, 4)
+    v.square().sum().backward()
+    q2, k2 = q.detach().clone().requires_grad_(), keys.detach().clone().requires_grad_()
+    s = torch.bmm(q2, k2.transpose(1, 2))
+    s.gather(-1, i).square().sum().backward()
+    torch.testing.assert_close(q.grad, q2.grad)
+    torch.testing.assert_close(keys.grad, k2.grad)
+
+
+def test_side_topk_bad_input_and_fallback(monkeypatch, fresh_state):
+    with pytest.raises(ConfigError, match=r"keys="):
+        compiled.side_topk(torch.randn(2, 3, 4), torch.randn(2, 5, 3), 2)
+    with pytest.raises(ConfigError, match=r"k=6"):
+        compiled.side_topk(torch.randn(2, 3, 4), torch.randn(2, 5, 4), 6)
+    monkeypatch.setenv(compiled.ENV_DISABLE, "0")
+    q, keys = torch.randn(2, 5, 4, generator=gen(15)), torch.randn(2, 20, 4, generator=gen(16))
+    v, i = compiled.side_topk(q, keys, 3)
+    ref = torch.bmm(q, keys.transpose(1, 2)).topk(3, dim=-1)
+    assert torch.equal(v, ref.values) and torch.equal(i, ref.indices)

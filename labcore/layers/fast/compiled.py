@@ -188,6 +188,45 @@ def topk_rows(x: Tensor, k: int, sorted: bool = True, *, isa: str = "auto") -> t
     return vals.view(*lead, k), idx
 
 
+def reference_side_topk(q: Tensor, keys: Tensor, k: int, sorted: bool = True) -> tuple[Tensor, Tensor]:
+    """The readable product-key side search: scores = q @ keys^T (G, T, n), then their top-k."""
+    return reference_topk_rows(torch.bmm(q, keys.transpose(1, 2)), k, sorted)   # (G, T, k)
+
+
+def side_topk(q: Tensor, keys: Tensor, k: int, sorted: bool = True, *, isa: str = "auto") -> tuple[Tensor, Tensor]:
+    """Product-key side search (docs/mechanisms.md §1.1, U2 eq. 3): the top-k of q[g, t] . keys[g, j]
+    over the n sub-keys j, for queries q (G, T, D) and sub-keys keys (G, n, D) (G = heads x sides).
+
+    Compiled: scores are computed for 8 queries at a time into a cache-resident buffer and ranked
+    there, so the (G, T, n) score matrix is never written. The scores are summed in a different
+    order than ``torch.bmm``'s, so they agree to float32 rounding and a near-tie at the k-th place
+    may be resolved differently. Returns values (G, T, k) (descending when ``sorted``) and int64
+    sub-key indices (G, T, k). With autograd recording, the values are recomputed from q and keys
+    at the selected indices, so gradients reach both.
+    """
+    ok = (isinstance(q, Tensor) and isinstance(keys, Tensor) and q.dim() == 3 and keys.dim() == 3
+          and q.dtype == keys.dtype == torch.float32 and q.device.type == keys.device.type == "cpu"
+          and keys.shape[0] == q.shape[0] and keys.shape[2] == q.shape[2])
+    if not ok:
+        desc = lambda t: f"{tuple(t.shape)} {t.dtype} {t.device.type}" if isinstance(t, Tensor) else type(t).__name__  # noqa: E731
+        raise ConfigError(f"side_topk: q={desc(q)}, keys={desc(keys)}; expected float32 CPU tensors "
+                          f"q (G, T, D) and keys (G, n, D)")
+    n = keys.shape[1]
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
+        raise ConfigError(f"side_topk: k={k!r}; expected an int in [0, n={n}] (n = keys.shape[1])")
+    if isa not in ISAS:
+        raise ConfigError(f"side_topk: isa={isa!r}; expected one of {sorted_names()}")
+    mod = _load()
+    if mod is None:
+        return reference_side_topk(q, keys, k, sorted)
+    vals, idx = mod.side_topk(q.detach(), keys.detach().contiguous(), k, sorted, ISAS[isa])
+    if torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad):
+        sel = keys.unsqueeze(1).expand(-1, q.shape[1], -1, -1).gather(               # (G, T, k, D)
+            2, idx.unsqueeze(-1).expand(-1, -1, -1, q.shape[2]))
+        vals = (sel * q.unsqueeze(2)).sum(-1)                                       # (G, T, k)
+    return vals, idx
+
+
 def sorted_names() -> list[str]:
     return list(ISAS)
 

@@ -41,6 +41,7 @@
 namespace {
 
 constexpr int kMaxLanes = 128;
+constexpr int kTile = 8;  // queries per score tile (side_topk)
 
 inline int32_t order_key(int32_t bits) { return bits ^ ((bits >> 31) & 0x7fffffff); }
 
@@ -112,6 +113,19 @@ void row_portable(const float* row, int64_t n, int64_t k, bool sorted, float* ou
     c += key >= t;
   }
   finish(cand, c, k, sorted, row, out_v, out_i);
+}
+
+
+void scores_tile_portable(const float* q, const float* kT, int64_t D, int64_t np, float* s) {
+  for (int t = 0; t < kTile; ++t) {
+    float* st = s + t * np;
+    std::fill(st, st + np, 0.0f);
+    for (int64_t d = 0; d < D; ++d) {
+      const float qd = q[t * D + d];
+      const float* kd = kT + d * np;
+      for (int64_t j = 0; j < np; ++j) st[j] += qd * kd[j];
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -236,6 +250,33 @@ LABCORE_AVX512 void row_avx512(const float* row, int64_t n, int64_t k, bool sort
   else
     finish(cand, c, k, sorted, row, out_v, out_i);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Fused product-key side search: scores of a tile of 8 queries against all n sub-keys, kept in a
+// per-thread buffer (8 x n_pad floats, cache-resident), then each row's top-k. The score matrix
+// (G, T, n) is never materialised.
+// ---------------------------------------------------------------------------------------------
+
+// s[t][j] = sum_d q[t][d] * kT[d][j] for t < 8, j < np (np a multiple of 32); FMAs in order d = 0..D-1.
+LABCORE_AVX512 void scores_tile_avx512(const float* q, const float* kT, int64_t D, int64_t np, float* s) {
+  for (int64_t j0 = 0; j0 < np; j0 += 32) {
+    __m512 acc[kTile][2];
+    for (int t = 0; t < kTile; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; ++d) {
+      const __m512 k0 = _mm512_loadu_ps(kT + d * np + j0);
+      const __m512 k1 = _mm512_loadu_ps(kT + d * np + j0 + 16);
+      for (int t = 0; t < kTile; ++t) {
+        const __m512 qb = _mm512_set1_ps(q[t * D + d]);
+        acc[t][0] = _mm512_fmadd_ps(qb, k0, acc[t][0]);
+        acc[t][1] = _mm512_fmadd_ps(qb, k1, acc[t][1]);
+      }
+    }
+    for (int t = 0; t < kTile; ++t) {
+      _mm512_storeu_ps(s + t * np + j0, acc[t][0]);
+      _mm512_storeu_ps(s + t * np + j0 + 16, acc[t][1]);
+    }
+  }
+}
 #endif
 
 bool cpu_has_avx512() {
@@ -284,11 +325,70 @@ std::vector<at::Tensor> topk_rows(const at::Tensor& x, int64_t k, bool sorted, i
   return {values, indices};
 }
 
+
+// Product-key side search: q (G, T, D), keys (G, n, D) -> the top-k of q[g, t] . keys[g, j] over j.
+std::vector<at::Tensor> side_topk(const at::Tensor& q, const at::Tensor& keys, int64_t k, bool sorted,
+                                  int64_t isa) {
+  TORCH_CHECK(q.device().is_cpu() && keys.device().is_cpu(), "side_topk: tensors must be on the CPU");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && keys.scalar_type() == at::kFloat, "side_topk: float32 only");
+  TORCH_CHECK(q.dim() == 3 && keys.dim() == 3, "side_topk: q (G, T, D) and keys (G, n, D) expected");
+  const int64_t G = q.size(0), T = q.size(1), D = q.size(2), n = keys.size(1);
+  TORCH_CHECK(keys.size(0) == G && keys.size(2) == D, "side_topk: keys ", keys.sizes(), " do not match q ",
+              q.sizes());
+  TORCH_CHECK(0 <= k && k <= n, "side_topk: k=", k, " must be in [0, n=", n, "]");
+  TORCH_CHECK(isa >= -1 && isa <= 1, "side_topk: isa=", isa, " must be -1 (auto), 0 or 1");
+  const bool has512 = cpu_has_avx512();
+  TORCH_CHECK(isa != 1 || has512, "side_topk: isa=1 (AVX-512) requested but the CPU lacks it");
+  const bool use512 = isa == 1 || (isa == -1 && has512);
+  at::Tensor values = at::empty({G, T, k}, q.options());
+  at::Tensor indices = at::empty({G, T, k}, q.options().dtype(at::kLong));
+  if (G == 0 || T == 0 || k == 0) return {values, indices};
+  const int64_t np = (n + 31) / 32 * 32;
+  at::Tensor kT = at::zeros({G, D, np}, keys.options());                     // (G, D, n_pad), zero pad
+  kT.narrow(2, 0, n).copy_(keys.transpose(1, 2));
+  const at::Tensor qc = q.contiguous();
+  const float* qp = qc.data_ptr<float>();
+  const float* kp = kT.data_ptr<float>();
+  float* vp = values.data_ptr<float>();
+  int64_t* ip = indices.data_ptr<int64_t>();
+  const int64_t tiles = (T + kTile - 1) / kTile;
+  at::parallel_for(0, G * tiles, 1, [&](int64_t begin, int64_t end) {
+    Scratch s(np);
+    std::vector<float> qbuf(kTile * D), sbuf(kTile * np);
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t g = w / tiles, t0 = (w % tiles) * kTile, rows = std::min<int64_t>(kTile, T - t0);
+      std::fill(qbuf.begin(), qbuf.end(), 0.0f);
+      std::copy(qp + (g * T + t0) * D, qp + (g * T + t0 + rows) * D, qbuf.begin());
+      const float* kg = kp + g * D * np;
+#ifdef LABCORE_X86
+      if (use512) scores_tile_avx512(qbuf.data(), kg, D, np, sbuf.data());
+      else
+#endif
+        scores_tile_portable(qbuf.data(), kg, D, np, sbuf.data());
+      for (int64_t t = 0; t < rows; ++t) {
+        const int64_t r = g * T + t0 + t;
+#ifdef LABCORE_X86
+        if (use512) {
+          row_avx512(sbuf.data() + t * np, n, k, sorted, vp + r * k, ip + r * k, s);
+          continue;
+        }
+#endif
+        row_portable(sbuf.data() + t * np, n, k, sorted, vp + r * k, ip + r * k, s);
+      }
+    }
+  });
+  (void)use512;
+  return {values, indices};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("topk_rows", &topk_rows, "per-row exact top-k of a float32 (R, n) matrix",
         py::arg("x"), py::arg("k"), py::arg("sorted"), py::arg("isa"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("side_topk", &side_topk, "product-key side search: top-k of q @ keys^T without the score matrix",
+        py::arg("q"), py::arg("keys"), py::arg("k"), py::arg("sorted"), py::arg("isa"),
         py::call_guard<py::gil_scoped_release>());
   m.def("has_avx512", &cpu_has_avx512, "whether the CPU (and OS) support the AVX-512 path");
 }
