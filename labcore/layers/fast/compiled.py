@@ -26,8 +26,13 @@ setup`` runs it). If the compiler, ninja or the build is missing, one warning li
 every call uses ``reference_topk_rows``, a few PyTorch lines with the same contract; nothing
 crashes. ``LABCORE_COMPILED=0`` disables the extension (for tests and A/B benchmarks).
 
+``side_topk(q, keys, k)`` is the product-key side search fused: the top-k of q @ keys^T per query,
+with the scores computed in cache-resident tiles and never written as a (G, T, n) matrix.
+
 ``python -m labcore.layers.fast.compiled --bench`` times ``topk_rows`` against
-``labcore.layers.pkm.exact_topk`` and ``torch.topk`` on the PKM and UltraMem search shapes.
+``labcore.layers.pkm.exact_topk`` and ``torch.topk`` on the PKM and UltraMem search shapes, and
+``side_topk`` against the readable ``torch.bmm`` + top-k (``bench_topk`` / ``bench_side`` return
+the numbers for the benchmark package).
 """
 
 from __future__ import annotations
@@ -276,6 +281,66 @@ def bench_topk(tokens: int = 4096, threads: int = 2, repeats: int = 9, seed: int
     return rows
 
 
+SIDE_CASES = (
+    # (name, groups G = heads x 2 sides, D per side, n, k)
+    ("PKM side search (H=4, D_k/2=64, n=451, K=32)", 8, 64, 451, 32),
+    ("UltraMem-like side search (G=4, D=64, n=1276, m=32)", 4, 64, 1276, 32),
+)
+
+
+def bench_side(tokens: int = 4096, threads: int = 2, repeats: int = 9, seed: int = 0,
+               chunk: int = 512) -> list[dict]:
+    """Time the product-key side search: the readable path (``torch.bmm`` scores in token chunks of
+    ``chunk``, then ``exact_topk``), the same with ``topk_rows``, and the fused ``side_topk``,
+    interleaved, best of ``repeats`` rounds (ms)."""
+    from labcore.layers.pkm import exact_topk
+
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    try:
+        for name, G, D, n, k in SIDE_CASES:
+            q = torch.randn(G, tokens, D, generator=gen)
+            keys = torch.randn(G, n, D, generator=gen) / D ** 0.5
+            kt = keys.transpose(1, 2)
+
+            def readable(q=q, kt=kt, k=k):
+                return [exact_topk(torch.bmm(qc, kt), k, sorted=True) for qc in q.split(chunk, dim=1)]
+
+            fns = {"bmm+exact_topk": readable}
+            if available():
+                fns["bmm+topk_rows"] = lambda q=q, kt=kt, k=k: [topk_rows(torch.bmm(qc, kt), k)
+                                                                for qc in q.split(chunk, dim=1)]
+                fns["side_topk"] = lambda q=q, keys=keys, k=k: side_topk(q, keys, k)
+            times: dict[str, list[float]] = {f: [] for f in fns}
+            for f in fns.values():
+                f()
+            for _ in range(repeats):
+                for label, f in fns.items():
+                    t0 = time.perf_counter()
+                    f()
+                    times[label].append(time.perf_counter() - t0)
+            rows.append({"case": name, "rows": G * tokens, **{lb: min(t) * 1e3 for lb, t in times.items()}})
+    finally:
+        torch.set_num_threads(old_threads)
+    return rows
+
+
+def _print_side(rows: list[dict]) -> None:
+    have = "side_topk" in rows[0]
+    head = f"{'side search (scores + top-k)':52s} {'rows':>6s} {'bmm+exact_topk':>15s}"
+    if have:
+        head += f" {'bmm+topk_rows':>14s} {'side_topk':>10s} {'fused vs readable':>18s}"
+    print(head)
+    for r in rows:
+        line = f"{r['case']:52s} {r['rows']:6d} {r['bmm+exact_topk']:15.2f}"
+        if have:
+            line += (f" {r['bmm+topk_rows']:14.2f} {r['side_topk']:10.2f}"
+                     f" {r['bmm+exact_topk'] / r['side_topk']:17.2f}x")
+        print(line)
+
+
 def _print_bench(rows: list[dict], tokens: int, threads: int) -> None:
     print(f"top-k per row, B={tokens} tokens, {threads} threads, isa={isa()}, best of repeats, ms")
     have = "topk_rows" in rows[0]
@@ -295,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m labcore.layers.fast.compiled",
                                 description="Build or benchmark labcore's compiled top-k extension.")
     p.add_argument("--build", action="store_true", help="compile the extension now (make setup runs this)")
-    p.add_argument("--bench", action="store_true", help="time topk_rows vs exact_topk vs torch.topk")
+    p.add_argument("--bench", action="store_true",
+                   help="time topk_rows vs exact_topk vs torch.topk, side_topk vs bmm + top-k")
     p.add_argument("--tokens", type=int, default=4096, help="tokens B for --bench (default 4096)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for --bench (default 2)")
     p.add_argument("--repeats", type=int, default=9, help="timed rounds for --bench (default 9)")
@@ -313,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"the layers use the PyTorch path")
     if a.bench:
         _print_bench(bench_topk(a.tokens, a.threads, a.repeats), a.tokens, a.threads)
+        _print_side(bench_side(a.tokens, a.threads, a.repeats))
     if not (a.build or a.bench):
         p.print_help()
     return 0
