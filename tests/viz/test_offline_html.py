@@ -34,16 +34,20 @@ def _notebook(*, plotly_figure: bool = True, widget: bool = False) -> nbformat.N
         "display(Latex(...))", execution_count=1,
         outputs=[nbformat.v4.new_output("display_data", data={"text/latex": LATEX_OUTPUT,
                                                               "text/plain": "<IPython.core.display.Latex>"})]))
+    nb.cells.append(nbformat.v4.new_code_cell(
+        "Markdown(...)", execution_count=2,
+        outputs=[nbformat.v4.new_output("execute_result", execution_count=2, data={
+            "text/markdown": "Recall: $y_1$", "text/plain": "<IPython.core.display.Markdown>"})]))
     if plotly_figure:
         fig = go.Figure(go.Scatter(y=Y, name="curve"))
         data = json.loads(pio.to_json(fig, validate=False))  # what plotly's mimetype renderer sends
         nb.cells.append(nbformat.v4.new_code_cell(
-            "fig", execution_count=2,
+            "fig", execution_count=3,
             outputs=[nbformat.v4.new_output("display_data", data={PLOTLY_MIME: data})]))
     if widget:
         view = {"model_id": "abc", "version_major": 2, "version_minor": 0}
         nb.cells.append(nbformat.v4.new_code_cell(
-            "slider", execution_count=3,
+            "slider", execution_count=4,
             outputs=[nbformat.v4.new_output("display_data", data={
                 "application/vnd.jupyter.widget-view+json": view, "text/plain": "IntSlider(value=3)"})]))
         nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {
@@ -107,14 +111,15 @@ def test_math_is_rendered_to_mathml(site):
     assert "$" not in text and "\\sum" not in text and "\\begin" not in text, text
     soup = BeautifulSoup(page, "html.parser")
     maths = soup.find_all("math")
-    assert [m.get("display") for m in maths] == ["inline", "block", "block", "block"]
-    inline, display, env, latex_out = maths
+    assert [m.get("display") for m in maths] == ["inline", "block", "block", "block", "inline"]
+    inline, display, env, latex_out, markdown_out = maths
     assert inline.find("msup") is not None and [t.get_text() for t in inline.find("msup").children] == ["x", "2"]
     assert "\u2211" in display.get_text()                    # the summation sign
     assert [t.get_text() for t in display.find_all("mi")] == ["i", "a", "i"]
     assert env.get_text() == "E=mc2"
     assert latex_out.find_parent(class_="jp-OutputArea-output") is not None  # the text/latex output
     assert "\u03b1" in latex_out.get_text() and "\u03b2" in latex_out.get_text()
+    assert markdown_out.find("msub") is not None and markdown_out.get_text() == "y1"  # text/markdown output
 
 
 def test_tex_that_cannot_be_converted_is_shown_as_source():
@@ -216,6 +221,6 @@ def test_page_renders_offline_in_chromium(site):
     assert any(u.endswith("/assets/plotly.min.js") for u in requested), requested
     assert all(u.startswith("file:") for u in requested), requested
     assert "$" not in text and "\\sum" not in text, text
-    assert [d for d, _, _ in math_boxes] == ["inline", "block", "block", "block"]
+    assert [d for d, _, _ in math_boxes] == ["inline", "block", "block", "block", "inline"]
     assert all(w > 0 and h > 0 for _, w, h in math_boxes), math_boxes
     assert n_traces == 1
