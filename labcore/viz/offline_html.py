@@ -174,12 +174,15 @@ def _ensure_plotly_js(assets_dir: Path) -> None:
         write_atomic(dst, get_plotlyjs())
 
 
-def notebook_to_offline_html(nb: nbformat.NotebookNode, assets_dir: str | Path, *,
+def notebook_to_offline_html(nb: nbformat.NotebookNode | str | Path, assets_dir: str | Path, *,
                              page_dir: str | Path) -> str:
-    """Render an executed notebook (never re-executed) as one HTML page that makes no network
-    request. ``page_dir`` is the folder the page will be written to; the page loads
-    ``<assets_dir>/plotly.min.js`` by a path relative to it (written there if the notebook has
-    plotly figures and the file is missing). Returns the page's text; writes nothing else."""
+    """Render an executed notebook (a node or an .ipynb path; never re-executed) as one HTML page
+    that makes no network request. ``page_dir`` is the folder the page will be written to; the page
+    loads ``<assets_dir>/plotly.min.js`` by a path relative to it (written there if the notebook has
+    plotly figures and the file is missing). Returns the page's text; writes nothing else. The
+    input notebook is not modified."""
+    if isinstance(nb, str | Path):
+        nb = nbformat.read(nb, as_version=4)
     nb, has_plotly = _offline_outputs(nb)
     resources: dict[str, Any] = {"offline_math_css": _MATH_CSS, "offline_plotly_src": ""}
     if has_plotly:

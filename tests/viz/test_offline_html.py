@@ -167,8 +167,13 @@ def test_widgets_fall_back_to_text_and_input_is_not_modified(site, tmp_path):
     assert "widget-state" not in page
     nb = _notebook(widget=True)
     before = nbformat.writes(nb)
-    notebook_to_offline_html(nb, tmp_path / "assets", page_dir=tmp_path)
+    page = notebook_to_offline_html(nb, tmp_path / "assets", page_dir=tmp_path)
     assert nbformat.writes(nb) == before
+    nbformat.write(nb, tmp_path / "executed.ipynb")                    # a path works the same
+    from_file = notebook_to_offline_html(tmp_path / "executed.ipynb", tmp_path / "assets", page_dir=tmp_path)
+    assert _rendered_text(from_file) == _rendered_text(page)
+    assert from_file.count("<math") == page.count("<math") == 5
+    assert from_file.count('class="plotly-graph-div"') == page.count('class="plotly-graph-div"') == 1
 
 
 # ----------------------------------------------------------------------------------------------
