@@ -175,16 +175,20 @@ def _ensure_plotly_js(assets_dir: Path) -> None:
 
 
 def notebook_to_offline_html(nb: nbformat.NotebookNode | str | Path, assets_dir: str | Path, *,
-                             page_dir: str | Path) -> str:
+                             page_dir: str | Path, title: str | None = None) -> str:
     """Render an executed notebook (a node or an .ipynb path; never re-executed) as one HTML page
     that makes no network request. ``page_dir`` is the folder the page will be written to; the page
     loads ``<assets_dir>/plotly.min.js`` by a path relative to it (written there if the notebook has
-    plotly figures and the file is missing). Returns the page's text; writes nothing else. The
-    input notebook is not modified."""
+    plotly figures and the file is missing). The page title is the notebook's metadata title, else
+    ``title``, else the file name (stem). Returns the page's text; writes nothing else. The input
+    notebook is not modified."""
+    name = title or "Notebook"
     if isinstance(nb, str | Path):
+        name = title or Path(nb).stem
         nb = nbformat.read(nb, as_version=4)
     nb, has_plotly = _offline_outputs(nb)
-    resources: dict[str, Any] = {"offline_math_css": _MATH_CSS, "offline_plotly_src": ""}
+    resources: dict[str, Any] = {"offline_math_css": _MATH_CSS, "offline_plotly_src": "",
+                                 "metadata": {"name": name}}
     if has_plotly:
         assets_dir = Path(assets_dir)
         _ensure_plotly_js(assets_dir)

@@ -172,6 +172,10 @@ def test_widgets_fall_back_to_text_and_input_is_not_modified(site, tmp_path):
     nbformat.write(nb, tmp_path / "executed.ipynb")                    # a path works the same
     from_file = notebook_to_offline_html(tmp_path / "executed.ipynb", tmp_path / "assets", page_dir=tmp_path)
     assert _rendered_text(from_file) == _rendered_text(page)
+    assert "<title>executed</title>" in from_file and "<title>Notebook</title>" in page
+    titled = notebook_to_offline_html(tmp_path / "executed.ipynb", tmp_path / "assets", page_dir=tmp_path,
+                                      title="run <1>")
+    assert "<title>run &lt;1&gt;</title>" in titled
     assert from_file.count("<math") == page.count("<math") == 5
     assert from_file.count('class="plotly-graph-div"') == page.count('class="plotly-graph-div"') == 1
 
