@@ -10,19 +10,19 @@
   ``<code class="lab-math-error">``;
 - no CDN script at all: require.js, MathJax, mermaid and the ipywidgets embed manager are dropped
   from the page head (widget outputs fall back to their text form);
-- plotly figures (``application/vnd.plotly.v1+json`` outputs, what plotly's notebook renderer
-  sends) are drawn by one local plotly.js, ``<assets_dir>/plotly.min.js``, loaded through a
+- plotly figures (``application/vnd.plotly.v1+json`` outputs, what plotly's default renderer
+  sends from a kernel) are drawn by one local plotly.js, ``<assets_dir>/plotly.min.js``, loaded through a
   relative ``<script src>``; it is copied from the installed plotly package when missing.
 
-Why MathML through ``latex2mathml``: it is a small pure-Python dependency (about 0.5 MB installed,
-well under a millisecond per formula), so ``make setup`` already provides it and nothing runs or
-downloads at report time. The alternatives cost more: KaTeX or MathJax at build time need node
-at report time plus an npm install step (KaTeX's HTML output also needs its CSS and fonts copied
-beside the page; MathJax's SVG output is self-contained but its package is tens of MB and slower
-per formula), ``ziamath`` (SVG in pure Python) is larger and far slower per formula for the same
-TeX parser, and bundling a client-side renderer leaves raw TeX in the page until a script runs.
-The price: MathML covers common TeX (fractions, scripts, sums, matrices, ``align``/``cases``)
-but not every MathJax macro, and its look depends on the browser's math font.
+Why MathML through ``latex2mathml``: it is a small pure-Python dependency, fast per formula, so
+``make setup`` already provides it and nothing runs or downloads at report time. The alternatives
+cost more: KaTeX or MathJax at build time need node at report time plus an npm install step
+(KaTeX's HTML output also needs its CSS and fonts copied beside the page; MathJax's SVG output is
+self-contained but its package is large and slower per formula), ``ziamath`` (SVG in pure Python)
+is larger and much slower per formula on the same TeX parser, and bundling a client-side renderer
+leaves raw TeX in the page until a script runs. The price: MathML covers common TeX (fractions,
+scripts, sums, matrices, ``align``/``cases``) but not every MathJax macro, and its look depends
+on the reader's math font (the page asks for STIX Two Math, Latin Modern Math or Cambria Math).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import functools
 import html
 import os
 import re
-import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -162,12 +161,9 @@ def _ensure_plotly_js(assets_dir: Path) -> None:
         return
     import plotly
 
-    src = Path(plotly.__file__).parent / "package_data" / PLOTLY_JS
-    if src.exists():
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.tmp")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
+    packaged = Path(plotly.__file__).parent / "package_data" / PLOTLY_JS
+    if packaged.exists():
+        write_atomic(dst, packaged.read_bytes())
     else:  # a plotly build without the packaged file
         from plotly.offline import get_plotlyjs
 
