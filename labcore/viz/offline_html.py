@@ -128,12 +128,15 @@ def _latex_output_html(latex: str) -> str:
         renderer=_MathMLRenderer(escape=True)).render(latex) + "</div>"
 
 
-def _plotly_output_html(fig: Any) -> str:
+def _plotly_output_html(bundle: dict) -> str:
+    """The plotly mimetype bundle ({"data", "layout", "frames"?, "config"?}) as a div + script that
+    calls the page's Plotly."""
     import plotly.io as pio  # heavy import: only for notebooks that have figures
 
+    fig = {k: v for k, v in bundle.items() if k != "config"}
     # the height plotly's own notebook renderer uses (a notebook output has no height to fill)
-    return pio.to_html(fig, include_plotlyjs=False, include_mathjax=False, full_html=False,
-                       validate=False, default_width="100%", default_height="525px")
+    return pio.to_html(fig, config=bundle.get("config"), include_plotlyjs=False, include_mathjax=False,
+                       full_html=False, validate=False, default_width="100%", default_height="525px")
 
 
 def _offline_outputs(nb: nbformat.NotebookNode) -> tuple[nbformat.NotebookNode, bool]:

@@ -41,6 +41,7 @@ def _notebook(*, plotly_figure: bool = True, widget: bool = False) -> nbformat.N
     if plotly_figure:
         fig = go.Figure(go.Scatter(y=Y, name="curve"))
         data = json.loads(pio.to_json(fig, validate=False))  # what plotly's mimetype renderer sends
+        data["config"] = {"displaylogo": False}                # fig.show(config=...) adds this
         nb.cells.append(nbformat.v4.new_code_cell(
             "fig", execution_count=3,
             outputs=[nbformat.v4.new_output("display_data", data={PLOTLY_MIME: data})]))
@@ -146,6 +147,7 @@ def test_plotly_figure_uses_the_local_plotly_js(site):
     script = divs[0].find_next("script").get_text()
     assert re.search(r'Plotly\.newPlot\(\s*"' + re.escape(divs[0]["id"]) + '"', script)
     assert '"y":[1,3,2]' in script.replace(" ", "")
+    assert '"displaylogo":false' in script.replace(" ", "")
 
 
 def test_existing_plotly_js_is_kept_and_no_figure_needs_none(tmp_path):
