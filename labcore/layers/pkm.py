@@ -84,6 +84,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from labcore.layers.base import (
@@ -296,22 +297,21 @@ class PKM(nn.Module):
         x2d = F.dropout(x2d, c.input_dropout, self.training)
         q = self.norm(self.query(x2d))                                      # (N_tok, H*D_k)
         q = F.dropout(q, c.query_dropout, self.training)
-        return q.view(-1, c.heads, 2, c.half)                               # (N_tok, H, 2, D_k/2)
+        return rearrange(q, "t (h s d) -> t h s d", s=2, d=c.half)          # (N_tok, H, 2, D_k/2)
 
     def retrieve(self, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Queries (N_tok, H, 2, D_k/2) -> slots (N_tok, H, K), raw scores and softmax weights.
 
         Each head's K entries come in no particular order (the final top-K is unsorted).
         """
-        c = self.cfg
-        H, n, K, half = c.heads, c.n_keys, c.top_k, c.half
-        n_tok = q.shape[0]
+        n, K = self.cfg.n_keys, self.cfg.top_k
         # sub-key scores, one matmul per (head, half): (H*2, N_tok, D_k/2) @ (H*2, D_k/2, n)
-        qs = q.reshape(n_tok, H * 2, half).transpose(0, 1)                  # (H*2, N_tok, D_k/2)
-        sub = torch.bmm(qs, self.keys.view(H * 2, n, half).transpose(1, 2))  # (H*2, N_tok, n)  K_row q_row, K_col q_col
+        qs = rearrange(q, "t h s d -> (h s) t d")                           # (H*2, N_tok, D_k/2)
+        keys = rearrange(self.keys, "h s n d -> (h s) d n")                 # (H*2, D_k/2, n)
+        sub = torch.bmm(qs, keys)                                           # (H*2, N_tok, n)  K_row q_row, K_col q_col
         s_half, i_half = exact_topk(sub, K, sorted=True)                    # U2 eq. 3: (H*2, N_tok, K), descending
-        s_half = s_half.view(H, 2, n_tok, K)                                # [:, 0] rows, [:, 1] columns
-        i_half = i_half.view(H, 2, n_tok, K)
+        s_half = rearrange(s_half, "(h s) t k -> h s t k", s=2)             # [:, 0] rows, [:, 1] columns
+        i_half = rearrange(i_half, "(h s) t k -> h s t k", s=2)             # (H, 2, N_tok, K)
         # U2 eq. 4 on the pruned grid: S[i, j] = s_row[i] + s_col[j], then I = TopK(S)
         scores, i_row, i_col = pruned_pair_topk(s_half[:, 0], s_half[:, 1], i_half[:, 0], i_half[:, 1],
                                                 self.cand_row, self.cand_col, K)  # (H, N_tok, K) each
@@ -327,12 +327,11 @@ class PKM(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, LayerAux]:
         c = self.cfg
         x2d, lead = flatten_tokens(x, c.d_model, "PKM")                    # (N_tok, D)
-        n_tok = x2d.shape[0]
         q = self.make_query(x2d)                                            # (N_tok, H, 2, D_k/2)
         # the search, in token chunks whose (H*2, N_c, n) sub-key scores stay in cache; per token
         slots, scores, weights = in_token_chunks(self.retrieve, q, c.heads * 2 * c.n_keys)  # (N_tok, H, K)
-        slots = slots.reshape(n_tok, c.heads * c.top_k)                     # (N_tok, H*K), heads summed
-        weights = weights.reshape(n_tok, c.heads * c.top_k)                 # (N_tok, H*K)
+        slots = rearrange(slots, "t h k -> t (h k)")                        # (N_tok, H*K), heads summed
+        weights = rearrange(weights, "t h k -> t (h k)")                    # (N_tok, H*K)
         o = self.read(slots, weights)                                       # (N_tok, D_v)
         o = F.dropout(o, c.value_dropout, self.training)
         y = self.value_proj(o) if self.value_proj is not None else o        # (N_tok, D)
