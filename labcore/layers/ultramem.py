@@ -101,14 +101,8 @@ query projection std 1/sqrt(D_k); keys std 1/sqrt(D_k); value projector std 1/sq
 Uniform[0, 1).
 "paper" (secondary sources): values N(0, E / (2*K*H*L)), L = ``n_model_layers``, so the memory
 output variance matches an MLP's ~1/(2L); q/k norm gains g (query and key alike) chosen so that the
-mean selected score is ~1. How: with normalised q and keys, each rank component of a side score is
-g^2 * (q_hat . k_hat) ~ g^2 * sqrt(D_k) * z, z ~ N(0, 1) (LayerNorm: D_k / sqrt(D_k - 1) instead of
-sqrt(D_k), the vectors have zero mean). A Monte-Carlo run (``calib_samples`` draws of S_row, S_col
-as independent standard normals, run through exactly this layer's search with its own initial
-cores, u, t, m and K; a fixed generator seeded by ``cfg.seed``) gives mu = mean selected score at
-unit scale. Tucker scores are quadratic in the side scale sigma = g^2 sqrt(D_k), additive ones
-linear, so sigma = mu^(-1/2) (tucker) or 1/mu (additive). The other parameters follow the release.
-Needs ``qk_norm``.
+mean selected score is ~1 (a Monte-Carlo calibration through this layer's own search:
+:meth:`UltraMem.calibrated_gain`). The other parameters follow the release. Needs ``qk_norm``.
 
 Differences from the paper / the release / the community port (docs/implementations.md "UltraMem")
 ----------------------------------------------------------------------------------------------------
@@ -464,16 +458,15 @@ class UltraMem(nn.Module):
     def _side_scores_q(self, q: Tensor) -> Tensor:
         """Queries (N_tok, Hq, 2, D_k) -> S (2, N_tok, H, R, n_s): S_row = K_row q_row, S_col = K_col q_col."""
         c = self.cfg
-        H, Dk, ns, R, n_tok = c.heads, c.k_dim, c.n_side, c.key_rank, q.shape[0]
-        kk = self._key_matrix()
+        kk = self._key_matrix()                                             # normalised keys, see _key_matrix
         if c.share_query:
             # one matmul per side for all heads: (2, N_tok, D_k) @ (2, D_k, H*R*n_s)
             s = torch.bmm(q[:, 0].transpose(0, 1), kk.transpose(1, 2))      # (2, N_tok, H*R*n_s)
-            return s.view(2, n_tok, H, R, ns)                               # (2, N_tok, H, R, n_s)
+            return rearrange(s, "s t (h r n) -> s t h r n", h=c.heads, r=c.key_rank)  # (2, N_tok, H, R, n_s)
         # one matmul per (head, side): (H*2, N_tok, D_k) @ (H*2, D_k, R*n_s)
-        qq = q.permute(1, 2, 0, 3).reshape(H * 2, n_tok, Dk)                # (H*2, N_tok, D_k)
+        qq = rearrange(q, "t h s d -> (h s) t d")                           # (H*2, N_tok, D_k)
         s = torch.bmm(qq, kk.transpose(1, 2))                               # (H*2, N_tok, R*n_s)
-        return s.view(H, 2, n_tok, R, ns).permute(1, 2, 0, 3, 4)            # (2, N_tok, H, R, n_s)
+        return rearrange(s, "(h s) t (r n) -> s t h r n", s=2, r=c.key_rank)  # (2, N_tok, H, R, n_s)
 
     def search(self, s_row: Tensor, s_col: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Side scores -> virtual slots (N_tok, H, K), summed scores (N_tok, H, K) and per-core
@@ -608,7 +601,16 @@ class UltraMem(nn.Module):
 
     @torch.no_grad()
     def calibrated_gain(self) -> float:
-        """Paper init: the q/k norm gain g making the mean selected score ~1 (module doc)."""
+        """Paper init: the q/k norm gain g making the mean selected score ~1.
+
+        With normalised q and keys, each rank component of a side score is g^2 * (q_hat . k_hat)
+        ~ g^2 * sqrt(D_k) * z, z ~ N(0, 1) (LayerNorm: D_k / sqrt(D_k - 1) instead of sqrt(D_k),
+        the vectors have zero mean). A Monte-Carlo run (``calib_samples`` draws of S_row, S_col as
+        independent standard normals, run through exactly this layer's search with its own initial
+        cores, u, t, m and K; a fixed generator seeded by ``cfg.seed``) gives mu = mean selected
+        score at unit scale. Tucker scores are quadratic in the side scale sigma = g^2 sqrt(D_k),
+        additive ones linear, so sigma = mu^(-1/2) (tucker) or 1/mu (additive).
+        """
         c = self.cfg
         gen = torch.Generator().manual_seed(c.seed + 1)
         shape = (c.calib_samples, c.heads, c.key_rank, c.n_side)
