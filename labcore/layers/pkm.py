@@ -57,12 +57,12 @@ Initialisation (XLM / PKM notebook): sub-keys Uniform(-1/sqrt(D_k/2), 1/sqrt(D_k
 N(0, D_v^-1/2) (std); query projection as ``nn.Linear``. XLM draws each sub-key set with a fixed
 numpy seed 2h+j, so all its memories start with identical keys; labcore uses the torch RNG.
 
-Query BatchNorm (the PKM authors' best setting: slot usage 25.8% -> 80.3%, arXiv 1907.05242 as
-reported in docs/mechanisms.md §4) normalises each of the H*D_k query features over the *tokens of the batch*:
-it couples the tokens, is not causal (a token's query depends on later tokens in training mode),
-breaks with padding, and eval mode uses running statistics. Use "layernorm" for causal LMs.
-Tokens are flattened to (N_tok, H*D_k) before ``BatchNorm1d``, so statistics are per feature over
-all B*T tokens.
+Query BatchNorm (the PKM authors' best setting; slot usage 25.8% -> 80.3% as a secondary source
+reports arXiv 1907.05242, docs/mechanisms.md §4) normalises each of the H*D_k query features over
+the *tokens of the batch*: it couples the tokens, is not causal (a token's query depends on later
+tokens in training mode), breaks with padding, and eval mode uses running statistics. Use
+"layernorm" for causal LMs. Tokens are flattened to (N_tok, H*D_k) before ``BatchNorm1d``, so
+statistics are per feature over all B*T tokens.
 
 Public-code bugs avoided (docs/implementations.md "PKM")
 --------------------------------------------------------

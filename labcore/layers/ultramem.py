@@ -52,7 +52,7 @@ never candidates: at init, with symmetric scores, that is about half of the exac
 
 PKM is the special case R = 2, S_row = [s_row; 1], S_col = [s_col; 1], C = [[0, 1], [1, 0]]
 (score = s_row[i]·1 + 1·s_col[j]; with S_col = [1; s_col] the core must be the identity,
-docs/mechanisms.md §1.1). labcore implements it directly as ``scoring="additive"`` (one key set per
+docs/mechanisms.md §1.3). labcore implements it directly as ``scoring="additive"`` (one key set per
 side, R = 1; exact product-key top-K: the top-K sums lie in the top-K rows x top-K cols).
 
 MCS, multi-core scoring (``n_cores = h``; docs/mechanisms.md §1.5). ONE selection by the summed
