@@ -13,6 +13,7 @@ import torch
 
 from labcore.layers.base import ConfigError
 from labcore.layers.fast import compiled
+from labcore.layers.fast.topk import ordered_int32
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,7 +36,7 @@ def gen(seed: int) -> torch.Generator:
 
 def expected_values(x: torch.Tensor, k: int) -> torch.Tensor:
     """The k largest values of each row in IEEE totalOrder, descending (sorting is tie-free on values)."""
-    keys = compiled._ordered_int32(x)
+    keys = ordered_int32(x)
     order = keys.sort(dim=-1, descending=True, stable=True).indices[..., :k]
     return x.gather(-1, order)
 
@@ -47,7 +48,7 @@ def check_topk(x: torch.Tensor, k: int, v: torch.Tensor, i: torch.Tensor, sorted
     assert v.dtype == torch.float32 and i.dtype == torch.int64
     bits = lambda t: t.contiguous().view(torch.int32)  # noqa: E731
     want = expected_values(x, k)
-    got = v if sorted else v.gather(-1, compiled._ordered_int32(v).sort(dim=-1, descending=True, stable=True).indices)
+    got = v if sorted else v.gather(-1, ordered_int32(v).sort(dim=-1, descending=True, stable=True).indices)
     assert torch.equal(bits(got), bits(want))
     assert torch.equal(bits(x.gather(-1, i)), bits(v))
     if k > 1:

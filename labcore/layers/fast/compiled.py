@@ -11,7 +11,7 @@ Contract of ``topk_rows`` (the same with or without the extension)
 * Returns values (..., k) and int64 indices (..., k); values are bitwise the selected entries of
   x, in descending order when ``sorted`` (otherwise in no particular order).
 * Order: IEEE totalOrder of the float bits, -NaN < -inf < ... < -0.0 < +0.0 < ... < +inf < +NaN,
-  as ``labcore.layers.pkm.exact_topk`` (a NaN ranks above +inf only when its sign bit is clear).
+  as ``labcore.layers.fast.topk.exact_topk`` (a NaN ranks above +inf only when its sign bit is clear).
   For finite data and +inf/-inf the selected set equals ``torch.topk``'s up to ties (an entry
   equal to the k-th largest may be swapped for another equal one; -0.0 and +0.0 count as equal in
   ``torch.topk`` but +0.0 ranks first here).
@@ -30,7 +30,7 @@ crashes. ``LABCORE_COMPILED=0`` disables the extension (for tests and A/B benchm
 with the scores computed in cache-resident tiles and never written as a (G, T, n) matrix.
 
 ``python -m labcore.layers.fast.compiled --bench`` times ``topk_rows`` against
-``labcore.layers.pkm.exact_topk`` and ``torch.topk`` on the PKM and UltraMem search shapes, and
+``labcore.layers.fast.topk.exact_topk`` and ``torch.topk`` on the PKM and UltraMem search shapes, and
 ``side_topk`` against the readable ``torch.bmm`` + top-k (``bench_topk`` / ``bench_side`` return
 the numbers for the benchmark package).
 """
@@ -52,6 +52,7 @@ import torch
 from torch import Tensor
 
 from labcore.layers.base import ConfigError
+from labcore.layers.fast.topk import exact_topk, ordered_int32
 
 EXT_NAME = "labcore_topk_rows"
 CSRC = Path(__file__).resolve().parent / "csrc"
@@ -151,16 +152,10 @@ def isa() -> str:
     return "avx512" if mod.has_avx512() else "portable"
 
 
-def _ordered_int32(x: Tensor) -> Tensor:
-    """float32 -> int32 keys with the same order (IEEE totalOrder), no grad."""
-    b = x.detach().view(torch.int32)
-    return b ^ ((b >> 31) & 0x7FFFFFFF)
-
-
 def reference_topk_rows(x: Tensor, k: int, sorted: bool = True) -> tuple[Tensor, Tensor]:
     """The readable PyTorch path with ``topk_rows``'s contract: rank the order-preserving int32 keys
     of the float bits with ``torch.topk``, then gather the values from x."""
-    idx = _ordered_int32(x).topk(k, dim=-1, sorted=sorted).indices         # (..., k)
+    idx = ordered_int32(x).topk(k, dim=-1, sorted=sorted).indices         # (..., k)
     return x.gather(-1, idx), idx
 
 
@@ -253,8 +248,6 @@ def bench_topk(tokens: int = 4096, threads: int = 2, repeats: int = 9, seed: int
     """Time ``topk_rows``, ``exact_topk`` and ``torch.topk`` on the PKM / UltraMem search shapes,
     interleaved in one process (best of ``repeats`` rounds: the machine may be shared, and the minimum
     is the least disturbed run). Returns one dict per case (ms)."""
-    from labcore.layers.pkm import exact_topk  # the layer module imports this one later on
-
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(seed)
@@ -293,8 +286,6 @@ def bench_side(tokens: int = 4096, threads: int = 2, repeats: int = 9, seed: int
     """Time the product-key side search: the readable path (``torch.bmm`` scores in token chunks of
     ``chunk``, then ``exact_topk``), the same with ``topk_rows``, and the fused ``side_topk``,
     interleaved, best of ``repeats`` rounds (ms)."""
-    from labcore.layers.pkm import exact_topk
-
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(seed)
