@@ -21,7 +21,8 @@
 // element at once, how many others are larger (compare + masked add, no branches; survivors compacted
 // with vpcompressd into a register, then stored); more than 256 survivors (ties) use nth_element +
 // sort. Portable (any CPU): the same steps with scalar loops (the lane maxima auto-vectorised),
-// nth_element for the threshold and nth_element + sort for the survivors. Rows are spread over threads with
+// nth_element for the threshold and nth_element + sort for the survivors. Compiling with
+// -DLABCORE_NO_AVX512 leaves the AVX-512 code out. Rows are spread over threads with
 // at::parallel_for.
 #include <torch/extension.h>
 
@@ -33,7 +34,7 @@
 #include <functional>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
+#if (defined(__x86_64__) || defined(_M_X64)) && !defined(LABCORE_NO_AVX512)
 #include <immintrin.h>
 #define LABCORE_X86 1
 #endif
