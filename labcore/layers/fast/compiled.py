@@ -20,7 +20,7 @@ Contract of ``topk_rows`` (the same with or without the extension)
 Build and fallback
 ------------------
 The extension is compiled with ``torch.utils.cpp_extension.load`` (g++ and ninja) into
-``$LABCORE_EXT_DIR`` (default ``~/.cache/labcore/torch_extensions/<torch version>``) the first time
+``$LABCORE_EXT_DIR`` (default ``~/.cache/labcore/torch_extensions/torch<version>-py<version>``) the first time
 it is needed, or ahead of time by ``python -m labcore.layers.fast.compiled --build`` (``make
 setup`` runs it). If the compiler, ninja or the build is missing, one warning line says why and
 every call uses ``reference_topk_rows``, a few PyTorch lines with the same contract; nothing
@@ -66,12 +66,13 @@ _state: dict[str, object] = {"module": None, "tried": False, "reason": None}
 
 
 def build_dir() -> Path:
-    """Where the extension is built and cached (one directory per torch version)."""
+    """Where the extension is built and cached (one directory per torch and Python version)."""
     root = os.environ.get(ENV_DIR)
     if root:
         return Path(root)
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "labcore" / "torch_extensions" / torch.__version__.replace("+", "_")
+    tag = f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info.major}{sys.version_info.minor}"
+    return cache / "labcore" / "torch_extensions" / tag
 
 
 def disabled() -> bool:
