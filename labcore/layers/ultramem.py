@@ -51,9 +51,9 @@ negative (a large positive product) are never candidates: at init, with symmetri
 about half of the exact top-K (recall ~0.5 at m = K; the tests measure it); training shapes the
 keys around the search it is given. ``proxy_search="two_sided"`` also keeps the m MOST NEGATIVE
 proxies per side, I- and J-, and rescores the 2 m^2 cells (I+ x J+) U (I- x J-) exactly; with a
-rank-1 summed core (lambda_1 p_i q_j) a positive score needs proxies of equal sign, so for m >= K
-and positive top-K scores this search is exact, at twice the candidate-scoring cost
-(docs/mechanisms.md §1.3). :meth:`UltraMem.search_recall` measures either against the full grid.
+rank-1 summed core every cell scores lambda_1 p_i q_j (p = u^T S_row, q = t^T S_col), so a
+positive score needs proxies of equal sign, and for m >= K and positive top-K scores this search is
+exact, at twice the candidate-scoring cost (docs/mechanisms.md §1.3). :meth:`UltraMem.search_recall` measures either against the full grid.
 
 PKM is the special case R = 2, S_row = [s_row; 1], S_col = [s_col; 1], C = [[0, 1], [1, 0]]
 (score = s_row[i]·1 + 1·s_col[j]; with S_col = [1; s_col] the core must be the identity,
@@ -123,7 +123,8 @@ Differences from the paper / the release / the community port (docs/implementati
   the shuffle, labcore skips it for E = 1 (a relabelling of the rows: no effect on what the layer
   can compute, and it keeps PKM's slot = i_row * n + i_col); the release never adds the Tucker aux
   loss (the line is commented out), labcore makes it a switch; labcore adds ``candidate_m``
-  (release: m = K) and the "additive" / "softmax" / no-``value_proj`` settings for the ablation.
+  (release: m = K), ``proxy_search="two_sided"`` (release: the largest proxies only) and the
+  "additive" / "softmax" / no-``value_proj`` settings for the ablation.
 * Community port (PyPI ``ultra-mem`` 0.1.2, lucidrains): runs an independent top-k per core
   (different algorithm; labcore selects once by the summed grid), overwrites colliding IVE slots
   with ``scatter`` instead of summing them, computes the key LayerNorm and then scores with the

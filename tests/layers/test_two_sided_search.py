@@ -289,3 +289,19 @@ def test_cost_counts_both_candidate_quadrants():
     two = UltraMemConfig(**base, proxy_search="two_sided").cost().flops_per_token
     assert two - signed == 2 * 2 * (3 * 4 + 9 * 2)
     assert UltraMemConfig(**base, proxy_search="two_sided").cost().params == UltraMemConfig(**base).cost().params
+
+
+@pytest.mark.gpu
+def test_cuda_two_sided_matches_readable_and_cpu():
+    layer = with_summed_core(make(11, proxy_search="two_sided", expansion=4, candidate_m=4, top_k=7),
+                             [2.0, 1.2], 3)                                 # 2m > n_s = 6: overlapping quadrants
+    x = torch.randn(3, 5, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y_cpu, aux_cpu = layer(x)
+    gpu = layer.to("cuda")
+    y, aux = gpu(x.cuda())
+    y_ref, slots_ref, _ = ultramem_reference(gpu, x.cuda(), exact=False)
+    assert torch.equal(aux.indices, slots_ref)
+    assert torch.equal(aux.indices.cpu(), aux_cpu.indices)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(y.cpu(), y_cpu, rtol=1e-10, atol=1e-12)
+    assert gpu.search_recall(x.cuda()) == pytest.approx(layer.to("cpu").search_recall(x), abs=1e-7)
