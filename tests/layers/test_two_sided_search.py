@@ -264,6 +264,20 @@ def test_search_recall_in_token_chunks(monkeypatch):
     assert layer.search_recall(x) == pytest.approx(whole, abs=1e-7)
 
 
+def test_paper_init_calibrates_through_the_two_sided_search():
+    """Paper init: the q/k gains make the mean selected score ~1 through THIS layer's search; the
+    two-sided search finds higher scores, so its calibrated gain is smaller than the signed one."""
+    kw = dict(d_model=32, n_keys=16, heads=2, k_dim=32, top_k=8, d_value=16, init="paper")
+    gains = {}
+    for mode in ("signed", "two_sided"):
+        torch.manual_seed(17)
+        layer = UltraMem(UltraMemConfig(**kw, proxy_search=mode)).eval()
+        _, aux = layer(torch.randn(512, 32))
+        assert 0.75 < aux.stats["mean_score"] < 1.33
+        gains[mode] = float(layer.query_gain.detach()[0])
+    assert gains["two_sided"] < gains["signed"]
+
+
 # ---------------------------------------------------------------------------------------------
 # config and cost
 # ---------------------------------------------------------------------------------------------
