@@ -125,6 +125,27 @@ def test_overlapping_quadrants_never_select_a_cell_twice():
             torch.testing.assert_close(scores[tok, h], want_scores)
 
 
+def test_all_equal_proxies_select_distinct_cells():
+    """Proxies that are all exactly 0 (side scores orthogonal to u and t, here C = diag(2, 1),
+    u = t = e_1, S = [0; a]) make I+ and I- the same rows, so the two quadrants are the same cells;
+    the search must still return K distinct cells, the top-K of the m x m grid (both top-k paths)."""
+    for dtype in (torch.float32, torch.float64):
+        gen = torch.Generator().manual_seed(0)
+        n_s, m, K = 9, 3, 6
+        s = torch.zeros(2, 5, 1, 2, n_s, dtype=dtype)
+        s[:, :, :, 1] = torch.randn(2, 5, 1, n_s, generator=gen, dtype=dtype)  # component 2 only
+        core = torch.diag(torch.tensor([2.0, 1.0], dtype=dtype)).unsqueeze(0)   # (1, 2, 2)
+        uv = torch.tensor([[[1.0, 0.0]], [[1.0, 0.0]]], dtype=dtype)         # (2, 1, 2): u = t = e_1
+        cells, scores, _ = two_sided_tucker_search(s, uv, core, m, K)
+        slots = cells[0] * n_s + cells[1]
+        assert bool((slots.sort(-1).values.diff(dim=-1) > 0).all())         # distinct within each row
+        proxy = torch.einsum("r,stnrj->stnj", uv[0, 0], s)
+        assert bool((proxy == 0).all())
+        rows, cols = proxy[0].topk(m).indices, proxy[1].topk(m).indices     # (5, 1, m) = I+ = I-
+        sub = s[1, :, :, 1].gather(-1, cols)[..., None, :] * s[0, :, :, 1].gather(-1, rows)[..., :, None]
+        torch.testing.assert_close(scores, sub.flatten(-2).topk(K).values)  # top-K of ONE m x m grid
+
+
 def test_tucker_search_rejects_unknown_proxy_search():
     s, uv, core = rank1_case(0, (2,), 1, 2, 5)
     with pytest.raises(ValueError, match="proxy_search='both'"):
