@@ -26,7 +26,8 @@ subject_len + 3`` tokens and its answer is the last token::
 Held-out phrasings: for each fact, ``held_out_phrasings`` of its phrasings (chosen at random per fact)
 never occur in the training data; the others do. Every phrasing is trained on the facts that do not
 hold it out, so the model can learn what the word means, and a held-out row asks for a stored fact in
-a phrasing never seen *with that subject* (the knowledge-extraction test of Allen-Zhu & Li 3.1).
+a phrasing never seen *with that subject* (the knowledge-extraction test of Allen-Zhu & Li,
+"Physics of Language Models 3.1", arXiv 2309.14316).
 
 Token ids (all below 256, so rows are streams of the byte tokenizer's ids, BOS = 257, and any model
 with ``vocab_size >= 259`` reads them)::
