@@ -285,3 +285,23 @@ def test_registered_once():
     pool = nn.Embedding(36, D)
     built = registry.build(small_cfg(), values=pool)
     assert isinstance(built, MemoryPlus) and built.values is pool
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu():
+    layer = build(dtype=torch.float32, qk_norm=True, output_gate=True).train()
+    x = torch.randn(4, 8, D, requires_grad=True)
+    y_cpu, aux_cpu = layer(x)
+    (y_cpu * y_cpu).sum().backward()
+    grads_cpu = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    layer.zero_grad()
+    layer.cuda()
+    y_gpu, aux_gpu = layer(x.detach().cuda())
+    (y_gpu * y_gpu).sum().backward()
+    torch.testing.assert_close(y_gpu.cpu(), y_cpu.detach(), atol=1e-5, rtol=1e-4)
+    s_cpu, w_cpu = per_head_sorted(aux_cpu.indices, aux_cpu.scores, 3)
+    s_gpu, w_gpu = per_head_sorted(aux_gpu.indices.cpu(), aux_gpu.scores.cpu(), 3)
+    assert torch.equal(s_gpu, s_cpu)
+    torch.testing.assert_close(w_gpu, w_cpu, atol=1e-6, rtol=1e-5)
+    for n, p in layer.named_parameters():
+        torch.testing.assert_close(p.grad.cpu(), grads_cpu[n], atol=1e-4, rtol=1e-3, msg=n)

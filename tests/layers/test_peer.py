@@ -271,3 +271,22 @@ def test_matches_peer_pytorch_on_copied_weights(shared_keys):
     default = lucid_module.PEER(D, heads=3, num_experts=36, num_experts_per_head=4, dim_key=4).double()
     default.load_state_dict(peer_pytorch_state(ours))
     assert not torch.allclose(default(x), y_ours)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu():
+    layer = build(dtype=torch.float32, query_norm="batchnorm").train()
+    x = torch.randn(4, 8, D, requires_grad=True)
+    y_cpu, aux_cpu = layer(x)
+    (y_cpu * y_cpu).sum().backward()
+    grads_cpu = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    layer.zero_grad()
+    layer.cuda()
+    xg = x.detach().cuda().requires_grad_(True)
+    y_gpu, aux_gpu = layer(xg)
+    (y_gpu * y_gpu).sum().backward()
+    torch.testing.assert_close(y_gpu.cpu(), y_cpu.detach(), atol=1e-5, rtol=1e-4)
+    assert torch.equal(aux_gpu.indices.cpu(), aux_cpu.indices)
+    assert torch.equal(aux_gpu.counts.cpu(), aux_cpu.counts)
+    for n, p in layer.named_parameters():
+        torch.testing.assert_close(p.grad.cpu(), grads_cpu[n], atol=1e-4, rtol=1e-3, msg=n)
