@@ -22,7 +22,8 @@ The mechanism
 ``gate=False`` (and ``output_gate=False``, ``qk_norm=False``) *is* PKM: the read is done by a
 :class:`~labcore.layers.pkm.PKM` held as ``self.memory`` (composition, PKM's code is not copied) and
 the test loads a PKM's weights into it and compares outputs. With the gate on the value width must
-be D (the released layer asserts it; the gate acts on the D_v-wide read before W_o).
+be D (Meta's configs use D_v = D and the UltraMem release's Memory+ asserts it; PKM would otherwise
+project the read to D before the gate could act on it).
 
 qk-norm (``qk_norm``; the paper uses it "when needed", for large memories on small models; not in
 the released code): each sub-query and each sub-key is LayerNorm-ed over its D_k/2 features before
@@ -35,16 +36,16 @@ tensor its search reads) is LayerNorm(raw keys) * g, with a learned gain g of sh
 Value learning rate (``value_lr``): the released configs train the values with a fixed learning rate
 (1e-3), independent of the model's schedule. The layer records it on the value table (attribute
 :data:`FIXED_LR_ATTR`, read with :func:`fixed_lr`), next to its optimiser role "memory_values"
-(``labcore.layers.base.tag_param``); the optimiser gives such a parameter a group with that
-constant learning rate. Layers sharing one value pool must agree on it.
+(``labcore.layers.base.tag_param``). The layer only records it: giving such a parameter its own
+optimiser group at that constant learning rate is ``labcore.optim``'s job. Layers sharing one value
+pool must agree on it.
 
 Shared value pool: ``MemoryPlus(cfg, values=pool)`` with ``pool`` an ``nn.Embedding(n^2, D_v)``
 (used as is, like PKM's ``values=``); ``layer.values`` is the table, so the LM can hand the first
 layer's table to the others.
 
 Initialisation: PKM's (sub-keys Uniform(+-1/sqrt(D_k/2)), values N(0, D_v^-1/2)); W_s, W_o, W_g as
-``nn.Linear`` without bias (the paper does not say; biases would be redundant with the
-normalisations around the block).
+``nn.Linear`` without bias (the paper does not say; bias-free like labcore's dense FFN default).
 
 Known public-code issue (docs/implementations.md): the Memory+ baseline in the UltraMem release
 computes normalised keys and then scores the *raw* keys; here the normalised keys are the ones
