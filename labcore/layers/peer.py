@@ -50,9 +50,12 @@ query projection as ``nn.Linear``. Both expert tables are tagged "memory_values"
 table they are read sparsely, so they get the value group's learning rate and no weight decay
 (docs/mechanisms.md §1.6); the paper trains them with the rest of the model.
 
-Cost: every token gathers H*K rows of the down table and runs a batched dot product with them, so
-training keeps an (N_tok, H*K, D) activation for backward (as PEER-pytorch does); the up side is one
-fused ``F.embedding_bag(mode="sum", per_sample_weights=g*σ(u^T x))``. The search ranks only the
+Speed (both tested against autograd of the plain gather, forward and gradients): the readable
+version of the two expert products gathers an (N_tok, H*K, D) tensor of rows and keeps it for
+backward (as PEER-pytorch does). :func:`expert_down` (u_i^T x) and :func:`expert_up`
+(Σ w_i v_i, an ``F.embedding_bag`` with per-sample weights) are one operation and its transpose:
+the gather-dot runs in cache-sized token chunks, the scatter of gradients onto table rows is
+torch's embedding-bag backward, and nothing of size N_tok*H*K*D is kept. The search ranks only the
 rank pairs (i+1)(j+1) <= K of the two sorted half-lists (the same exact argument as in
 ``labcore.layers.pkm``): the pair of ranks (i, j) is beaten by the (i+1)(j+1)-1 pairs with smaller
 ranks on both sides, so no other pair can be in the top K.
@@ -240,6 +243,100 @@ def _pruned_pairs(k: int) -> tuple[Tensor, Tensor]:
             torch.tensor([p[1] for p in pairs], dtype=torch.long))
 
 
+EXPERT_CHUNK_BYTES = 8 << 20
+"""Tokens are processed in chunks whose gathered down vectors (chunk, H*K, D) take at most this many
+bytes: the gather then stays in cache instead of filling freshly mapped memory."""
+
+
+def _chunks(n_tok: int, per_token: int, element_size: int) -> list[slice]:
+    size = max(1, EXPERT_CHUNK_BYTES // max(1, per_token * element_size))
+    return [slice(i, min(i + size, n_tok)) for i in range(0, n_tok, size)]
+
+
+def _gather_dot(x2d: Tensor, experts: Tensor, table: Tensor) -> Tensor:
+    """out[t, s] = table[experts[t, s]] . x2d[t]: (N_tok, D), (N_tok, S), (N, D) -> (N_tok, S)."""
+    n_tok, S = experts.shape
+    out = x2d.new_empty(n_tok, S)
+    for sl in _chunks(n_tok, S * table.shape[1], table.element_size()):
+        out[sl] = torch.bmm(F.embedding(experts[sl], table), x2d[sl, :, None]).squeeze(-1)  # (c, S)
+    return out
+
+
+def _scatter_outer(x2d: Tensor, experts: Tensor, weights: Tensor, table: Tensor) -> Tensor:
+    """grad[i] = Σ_{(t, s): experts[t, s] = i} weights[t, s] x2d[t], shaped like ``table``.
+
+    This is the table gradient of ``F.embedding_bag(experts, table, per_sample_weights=weights)`` for
+    the upstream gradient ``x2d``, so torch's own embedding-bag backward computes it (without the
+    (N_tok, S, D) product an ``index_add_`` would need).
+    """
+    with torch.enable_grad():
+        leaf = table.detach().requires_grad_(True)
+        out = F.embedding_bag(experts, leaf, mode="sum", per_sample_weights=weights.detach().to(table.dtype))
+        (grad,) = torch.autograd.grad(out, leaf, x2d.detach().to(table.dtype))
+    return grad
+
+
+class _ExpertDown(torch.autograd.Function):
+    """h[t, s] = u[experts[t, s]] . x[t], saving only the indices (not the (N_tok, S, D) gather).
+
+    Backward: grad_x[t] = Σ_s grad_h[t, s] u[experts[t, s]] (an ``embedding_bag``) and
+    grad_u = the scatter of grad_h[t, s] x[t] onto the rows experts[t, s].
+    """
+
+    @staticmethod
+    def forward(ctx, x2d: Tensor, experts: Tensor, table: Tensor) -> Tensor:
+        ctx.save_for_backward(x2d, experts, table)
+        return _gather_dot(x2d, experts, table)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_h: Tensor):
+        x2d, experts, table = ctx.saved_tensors
+        grad_x = grad_table = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.embedding_bag(experts, table, mode="sum", per_sample_weights=grad_h.to(table.dtype))
+        if ctx.needs_input_grad[2]:
+            grad_table = _scatter_outer(x2d, experts, grad_h, table)
+        return grad_x, None, grad_table
+
+
+class _ExpertUp(torch.autograd.Function):
+    """y[t] = Σ_s w[t, s] v[experts[t, s]] (an ``embedding_bag``): the transpose of _ExpertDown.
+
+    Backward: grad_w[t, s] = v[experts[t, s]] . grad_y[t] (the gather-dot, chunked) and grad_v = the
+    scatter of w[t, s] grad_y[t]; torch's own embedding_bag backward for per-sample weights
+    materialises the (N_tok, S, D) gather instead.
+    """
+
+    @staticmethod
+    def forward(ctx, weights: Tensor, experts: Tensor, table: Tensor) -> Tensor:
+        ctx.save_for_backward(weights, experts, table)
+        return F.embedding_bag(experts, table, mode="sum", per_sample_weights=weights.to(table.dtype))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y: Tensor):
+        weights, experts, table = ctx.saved_tensors
+        grad_w = grad_table = None
+        if ctx.needs_input_grad[0]:
+            grad_w = _gather_dot(grad_y, experts, table).to(weights.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_table = _scatter_outer(grad_y, experts, weights, table)
+        return grad_w, None, grad_table
+
+
+def expert_down(x2d: Tensor, experts: Tensor, table: Tensor) -> Tensor:
+    """u_i^T x for the selected experts: x2d (N_tok, D), experts (N_tok, S), table (N, D) -> (N_tok, S).
+    Equal to ``torch.bmm(table[experts], x2d[:, :, None]).squeeze(-1)``, gradients included."""
+    return _ExpertDown.apply(x2d, experts, table)
+
+
+def expert_up(weights: Tensor, experts: Tensor, table: Tensor) -> Tensor:
+    """Σ_s w[t, s] v[experts[t, s]]: weights, experts (N_tok, S), table (N, D) -> (N_tok, D). Equal to
+    ``(weights[:, :, None] * table[experts]).sum(1)``, gradients included."""
+    return _ExpertUp.apply(weights, experts, table)
+
+
 class PEER(nn.Module):
     """PEER layer: ``y, aux = peer(x)`` with x (B, T, D) or (N_tok, D).
 
@@ -316,11 +413,9 @@ class PEER(nn.Module):
         experts, scores = self.retrieve(self.make_query(x2d))                   # (N_tok, H, K)
         g = F.softmax(scores, dim=-1, dtype=_softmax_dtype(scores)).type_as(scores)  # router weights over K
         experts, g = experts.reshape(n_tok, S), g.reshape(n_tok, S)             # (N_tok, H*K), heads summed
-        u = self.down(experts)                                                  # (N_tok, H*K, D)
-        h = torch.bmm(u, x2d.unsqueeze(-1)).squeeze(-1)                         # u_i^T x: (N_tok, H*K)
+        h = expert_down(x2d, experts, self.down.weight)                         # u_i^T x: (N_tok, H*K)
         w = g * self.act(h)                                                     # g_i σ(u_i^T x)
-        table = self.up.weight
-        y = F.embedding_bag(experts, table, mode="sum", per_sample_weights=w.to(table.dtype))  # Σ w_i v_i
+        y = expert_up(w, experts, self.up.weight)                               # Σ_i w_i v_i: (N_tok, D)
         aux = self._aux(x2d, y, experts, scores, g, h)
         return y.view(*lead, c.d_model), aux                                    # (B, T, D) or (N_tok, D)
 

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from labcore.layers import peer as peer_module
 from labcore.layers import registry
 from labcore.layers.base import ConfigError, param_role, set_detailed_aux
-from labcore.layers.peer import PEER, PEERConfig, peer_reference
+from labcore.layers.peer import PEER, PEERConfig, expert_down, expert_up, peer_reference
 
 D = 16
 
@@ -78,6 +79,50 @@ def test_gradients_match_reference(query_norm, shared_keys):
     # every trainable tensor takes part: the selected experts' u and v rows get gradient
     assert fast["down.weight"].abs().sum() > 0 and fast["up.weight"].abs().sum() > 0
     assert fast["keys"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("chunk_bytes", [8 << 20, 3 * 5 * 8])        # one chunk; 1 token per chunk
+def test_expert_down_matches_plain_gather(monkeypatch, chunk_bytes):
+    """The chunked, gather-free-backward u_i^T x equals autograd through table[experts] @ x."""
+    monkeypatch.setattr(peer_module, "EXPERT_CHUNK_BYTES", chunk_bytes)
+    torch.manual_seed(0)
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    experts = torch.randint(0, 9, (7, 3))
+    experts[0] = torch.tensor([4, 4, 2])                               # a repeat within a token
+    r = torch.randn(7, 3, dtype=torch.float64)
+    h_plain = torch.bmm(table[experts], x[:, :, None]).squeeze(-1)
+    gx_plain, gt_plain = torch.autograd.grad((h_plain * r).sum(), (x, table))
+    h = expert_down(x, experts, table)
+    gx, gt = torch.autograd.grad((h * r).sum(), (x, table))
+    torch.testing.assert_close(h, h_plain, atol=1e-14, rtol=0)
+    torch.testing.assert_close(gx, gx_plain, atol=1e-13, rtol=0)
+    torch.testing.assert_close(gt, gt_plain, atol=1e-13, rtol=0)
+    assert torch.autograd.gradcheck(lambda a, b: expert_down(a, experts, b), (x, table))
+    # only what needs a gradient gets one
+    h = expert_down(x.detach(), experts, table)
+    (gt_only,) = torch.autograd.grad(h.sum(), (table,))
+    assert gt_only.shape == table.shape
+
+
+@pytest.mark.parametrize("chunk_bytes", [8 << 20, 3 * 5 * 8])
+def test_expert_up_matches_plain_gather(monkeypatch, chunk_bytes):
+    """Σ_s w[t, s] table[experts[t, s]] equals autograd through the plain weighted gather."""
+    monkeypatch.setattr(peer_module, "EXPERT_CHUNK_BYTES", chunk_bytes)
+    torch.manual_seed(1)
+    w = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    experts = torch.randint(0, 9, (7, 3))
+    experts[2] = torch.tensor([1, 1, 1])
+    r = torch.randn(7, 5, dtype=torch.float64)
+    y_plain = (w[:, :, None] * table[experts]).sum(1)
+    gw_plain, gt_plain = torch.autograd.grad((y_plain * r).sum(), (w, table))
+    y = expert_up(w, experts, table)
+    gw, gt = torch.autograd.grad((y * r).sum(), (w, table))
+    torch.testing.assert_close(y, y_plain, atol=1e-14, rtol=0)
+    torch.testing.assert_close(gw, gw_plain, atol=1e-13, rtol=0)
+    torch.testing.assert_close(gt, gt_plain, atol=1e-13, rtol=0)
+    assert torch.autograd.gradcheck(lambda a, b: expert_up(a, experts, b), (w, table))
 
 
 def test_float32_matches_reference():
