@@ -66,6 +66,7 @@ from labcore.layers.base import (
     ConfigError,
     LayerAux,
     LayerCost,
+    check_bool,
     check_choice,
     check_float,
     check_int,
@@ -82,11 +83,6 @@ FIXED_LR_ATTR = "_labcore_fixed_lr"
 def fixed_lr(p: nn.Parameter) -> float | None:
     """The constant learning rate recorded on ``p`` (Memory+ values), or None."""
     return getattr(p, FIXED_LR_ATTR, None)
-
-
-def _check_bool(owner: str, name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{owner}.{name}={value!r} is not allowed: must be one of True, False")
 
 
 @dataclass(frozen=True)
@@ -136,7 +132,7 @@ class MemoryPlusConfig:
         if self.value_init_std is not None:
             check_float(o, "value_init_std", self.value_init_std, min_value=0.0, min_inclusive=False)
         for name in ("query_bias", "gate", "output_gate", "qk_norm"):
-            _check_bool(o, name, getattr(self, name))
+            check_bool(o, name, getattr(self, name))
         for name in ("input_dropout", "query_dropout", "value_dropout"):
             value = getattr(self, name)
             check_float(o, name, value, min_value=0.0, max_value=1.0)

@@ -92,6 +92,7 @@ from labcore.layers.base import (
     ConfigError,
     LayerAux,
     LayerCost,
+    check_bool,
     check_choice,
     check_float,
     check_int,
@@ -103,13 +104,6 @@ from labcore.layers.registry import LayerSpec, register
 
 QUERY_NORMS = ("layernorm", "batchnorm", "none")
 ACTIVATIONS = ("gelu", "relu")
-
-
-def check_bool(owner: str, name: str, value: object) -> None:
-    """Raise ConfigError unless ``value`` is a bool (``check_choice(..., (True, False))`` lets 1 and 0
-    through, since 1 == True)."""
-    if not isinstance(value, bool):
-        raise ConfigError(f"{owner}.{name}={value!r} is not allowed: must be one of True, False")
 
 
 @dataclass(frozen=True)

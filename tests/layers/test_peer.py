@@ -231,8 +231,8 @@ def test_parameter_roles_and_layout():
     ("k_dim", 7, "even"),
     ("query_norm", "rmsnorm", "'layernorm', 'batchnorm', 'none'"),
     ("activation", "silu", "'gelu', 'relu'"),
-    ("shared_keys", 1, "True, False"),
-    ("query_bias", "yes", "True, False"),
+    ("shared_keys", 1, "True or False"),
+    ("query_bias", "yes", "True or False"),
     ("expert_init_std", 0.0, r"\(0"),
     ("norm_eps", -1e-5, r"\(0"),
 ])
