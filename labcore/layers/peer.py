@@ -35,9 +35,10 @@ Switches
                 training mode), "layernorm" (per sub-query LayerNorm with gain/bias (H, 2, D_k/2), as
                 PKM's causal replacement; the default, like PKM's), "none".
 ``activation``  σ = "gelu" (exact erf GELU; Meta's PEER variant and PEER-pytorch) or "relu".
-``shared_keys`` True (the paper: "different heads share the same pool of experts with the same set
-                of product keys", §2 "multi-head retrieval"): one sub-key tensor (1, 2, n, D_k/2);
-                False: per-head sub-keys (H, 2, n, D_k/2) as in PKM and PEER-pytorch.
+``shared_keys`` True (the paper, §2 "multi-head retrieval": the H query networks differ, the pool
+                of experts and its product keys are shared by all heads): one sub-key tensor
+                (1, 2, n, D_k/2); False: per-head sub-keys (H, 2, n, D_k/2) as in PKM and
+                PEER-pytorch.
 
 Layout: ``query.weight`` (H*D_k, D) rows (head, half, d) (PKM's); ``keys`` (1 or H, 2, n, D_k/2);
 ``down.weight`` (N, D) the u_i; ``up.weight`` (N, D) the v_i. aux.indices / aux.scores are one bag
@@ -62,7 +63,7 @@ ranks on both sides, so no other pair can be in the top K.
 
 Comparison with PyPI ``PEER-pytorch`` 0.2.2 (lucidrains; tests/layers/test_peer.py loads its weights)
 -----------------------------------------------------------------------------------------------------
-Same outputs (float64, copied weights) with ``PEER(dim=D, heads=H, num_experts=N,
+Same outputs and gradients (float64, copied weights) with ``PEER(dim=D, heads=H, num_experts=N,
 num_experts_per_head=K, dim_key=D_k/2, non_competing_scores=False)`` and here ``query_norm="none"``,
 ``query_bias=False``, ``activation="gelu"``. Where it differs:
 
