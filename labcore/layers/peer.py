@@ -43,7 +43,7 @@ Switches
 Layout: ``query.weight`` (H*D_k, D) rows (head, half, d) (PKM's); ``keys`` (1 or H, 2, n, D_k/2);
 ``down.weight`` (N, D) the u_i; ``up.weight`` (N, D) the v_i. aux.indices / aux.scores are one bag
 of H*K (expert, router weight g) pairs per token, head-major (columns h*K .. h*K+K-1 are head h's,
-in descending score order within a head).
+in no particular order within a head).
 
 Initialisation (not specified in the paper): sub-keys Uniform(+-1/sqrt(D_k/2)) as PKM; u_i and v_i
 N(0, ``expert_init_std``^2), default std D^-1/2 (so u_i^T x has unit scale for a unit-scale x); the
@@ -56,10 +56,11 @@ version of the two expert products gathers an (N_tok, H*K, D) tensor of rows and
 backward (as PEER-pytorch does). :func:`expert_down` (u_i^T x) and :func:`expert_up`
 (Σ w_i v_i, an ``F.embedding_bag`` with per-sample weights) are one operation and its transpose:
 the gather-dot runs in cache-sized token chunks, the scatter of gradients onto table rows is
-torch's embedding-bag backward, and nothing of size N_tok*H*K*D is kept. The search ranks only the
-rank pairs (i+1)(j+1) <= K of the two sorted half-lists (the same exact argument as in
-``labcore.layers.pkm``): the pair of ranks (i, j) is beaten by the (i+1)(j+1)-1 pairs with smaller
-ranks on both sides, so no other pair can be in the top K.
+torch's embedding-bag backward, and nothing of size N_tok*H*K*D is kept. The search is PKM's, from
+``labcore.layers.fast`` (docs/performance.md): integer-ranked top-K per side, then only the rank
+pairs (i+1)(j+1) <= K of the two sorted half-lists (the pair of ranks (i, j) is beaten by the
+(i+1)(j+1)-1 pairs with smaller ranks on both sides, so no other pair can be in the top K), in
+cache-sized token chunks.
 
 Comparison with PyPI ``PEER-pytorch`` 0.2.2 (lucidrains; tests/layers/test_peer.py loads its weights)
 -----------------------------------------------------------------------------------------------------
@@ -101,6 +102,9 @@ from labcore.layers.base import (
     tag_param,
     zero_loss,
 )
+from labcore.layers.fast.search import in_token_chunks, pruned_candidates, pruned_pair_topk
+from labcore.layers.fast.topk import exact_topk
+from labcore.layers.pkm import SubQueryLayerNorm
 from labcore.layers.registry import LayerSpec, register
 
 QUERY_NORMS = ("layernorm", "batchnorm", "none")
@@ -211,31 +215,9 @@ class PEERConfig:
                          units_per_token=H * self.top_k, flops_per_token=sum(self.flops_by_part().values()))
 
 
-class _SubQueryNorm(nn.Module):
-    """LayerNorm of each (head, half) sub-query over its D_k/2 features, gain/bias per feature."""
-
-    def __init__(self, heads: int, half: int, eps: float):
-        super().__init__()
-        self.half, self.eps = half, eps
-        self.weight = tag_param(nn.Parameter(torch.ones(heads, 2, half)), "no_decay")
-        self.bias = tag_param(nn.Parameter(torch.zeros(heads, 2, half)), "no_decay")
-
-    def forward(self, q: Tensor) -> Tensor:  # q: (N_tok, H*D_k) -> (N_tok, H*D_k)
-        n_tok = q.shape[0]
-        q = F.layer_norm(q.view(n_tok, -1, 2, self.half), (self.half,), eps=self.eps)  # (N_tok, H, 2, D_k/2)
-        return (q * self.weight + self.bias).view(n_tok, -1)
-
-
 def _softmax_dtype(x: Tensor) -> torch.dtype:
     """float32 for half-precision scores (a softmax over K in fp16/bf16 loses the small weights)."""
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-
-
-def _pruned_pairs(k: int) -> tuple[Tensor, Tensor]:
-    """Rank pairs (i, j) with (i+1)(j+1) <= k: the only ones that can be in the top k of sums."""
-    pairs = [(i, j) for i in range(k) for j in range(k) if (i + 1) * (j + 1) <= k]
-    return (torch.tensor([p[0] for p in pairs], dtype=torch.long),
-            torch.tensor([p[1] for p in pairs], dtype=torch.long))
 
 
 EXPERT_CHUNK_BYTES = 8 << 20
@@ -352,7 +334,7 @@ class PEER(nn.Module):
         if cfg.query_bias:
             tag_param(self.query.bias, "no_decay")
         if cfg.query_norm == "layernorm":
-            self.norm: nn.Module = _SubQueryNorm(H, half, cfg.norm_eps)
+            self.norm: nn.Module = SubQueryLayerNorm(H, half, cfg.norm_eps)
         elif cfg.query_norm == "batchnorm":
             self.norm = nn.BatchNorm1d(H * Dk, eps=cfg.norm_eps)                # per feature over tokens
             tag_param(self.norm.weight, "no_decay")
@@ -368,7 +350,7 @@ class PEER(nn.Module):
             nn.init.normal_(table.weight, mean=0.0, std=cfg.expert_std)
             tag_param(table.weight, "memory_values")
         self.act = F.gelu if cfg.activation == "gelu" else F.relu
-        cand_row, cand_col = _pruned_pairs(cfg.top_k)
+        cand_row, cand_col = pruned_candidates(cfg.top_k)
         self.register_buffer("cand_row", cand_row, persistent=False)           # (C,)
         self.register_buffer("cand_col", cand_col, persistent=False)           # (C,)
         self.detailed_aux = True     # per-call O(N) diagnostics (aux.counts, coverage, KL)
@@ -388,24 +370,25 @@ class PEER(nn.Module):
         return self.norm(self.query(x2d)).view(-1, c.heads, 2, c.half)
 
     def retrieve(self, q: Tensor) -> tuple[Tensor, Tensor]:
-        """Queries (N_tok, H, 2, D_k/2) -> experts (N_tok, H, K) and their scores, descending per head."""
+        """Queries (N_tok, H, 2, D_k/2) -> experts (N_tok, H, K) and their raw scores (each head's K
+        in no particular order)."""
         c = self.cfg
         H, n, K = c.heads, c.n_keys, c.top_k
         keys = self.keys.expand(H, 2, n, c.half)                                # shared: a view
-        sub = torch.einsum("thsd,hsnd->thsn", q, keys)                          # (N_tok, H, 2, n)
-        s_half, i_half = sub.topk(K, dim=-1)                                    # (N_tok, H, 2, K) sorted
-        # s_row[i] + s_col[j] on the pruned rank pairs (i+1)(j+1) <= K
-        cand = s_half[:, :, 0, self.cand_row] + s_half[:, :, 1, self.cand_col]  # (N_tok, H, C)
-        scores, best = cand.topk(K, dim=-1)                                     # (N_tok, H, K) sorted
-        i_row = i_half[:, :, 0].gather(-1, self.cand_row[best])                 # (N_tok, H, K)
-        i_col = i_half[:, :, 1].gather(-1, self.cand_col[best])                 # (N_tok, H, K)
+        sub = torch.einsum("thsd,hsnd->thsn", q, keys)                          # (N_tok, H, 2, n) K_row q_row, K_col q_col
+        s_half, i_half = exact_topk(sub, K, sorted=True)                        # (N_tok, H, 2, K), descending
+        # I_h = TopK over the pairs (i, j) of s_row[i] + s_col[j] (only rank pairs (i+1)(j+1) <= K can win)
+        scores, i_row, i_col = pruned_pair_topk(s_half[:, :, 0], s_half[:, :, 1], i_half[:, :, 0],
+                                                i_half[:, :, 1], self.cand_row, self.cand_col, K)  # (N_tok, H, K)
         return i_row * n + i_col, scores                                        # expert = i_row*n + i_col
 
     def forward(self, x: Tensor) -> tuple[Tensor, LayerAux]:
         c = self.cfg
         x2d, lead = flatten_tokens(x, c.d_model, "PEER")                        # (N_tok, D)
         n_tok, S = x2d.shape[0], c.heads * c.top_k
-        experts, scores = self.retrieve(self.make_query(x2d))                   # (N_tok, H, K)
+        q = self.make_query(x2d)                                                # (N_tok, H, 2, D_k/2)
+        # the search, in token chunks whose (N_c, H, 2, n) sub-key scores stay in cache; per token
+        experts, scores = in_token_chunks(self.retrieve, q, c.heads * 2 * c.n_keys)  # (N_tok, H, K)
         g = F.softmax(scores, dim=-1, dtype=_softmax_dtype(scores)).type_as(scores)  # router weights over K
         experts, g = experts.reshape(n_tok, S), g.reshape(n_tok, S)             # (N_tok, H*K), heads summed
         h = expert_down(x2d, experts, self.down.weight)                         # u_i^T x: (N_tok, H*K)
@@ -418,7 +401,7 @@ class PEER(nn.Module):
     def _aux(self, x2d: Tensor, y: Tensor, experts: Tensor, scores: Tensor, g: Tensor, h: Tensor) -> LayerAux:
         """The aux record; ``detailed_aux=False`` drops the O(N) parts (counts, coverage, KL)."""
         c = self.cfg
-        vals = {"top1_score": scores[..., 0].float().mean(),                   # best raw score per head
+        vals = {"top1_score": scores.amax(-1).float().mean(),                  # best raw score per head
                 "top1_weight": g.view(-1, c.heads, c.top_k).amax(-1).float().mean(),
                 "active_fraction": (h > 0).float().mean()}                      # selected neurons with u^T x > 0
         counts = None
