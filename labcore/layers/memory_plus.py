@@ -203,8 +203,8 @@ class QKNormPKM(PKM):
     """A PKM whose search reads normalised sub-keys: ``keys`` is ``key_norm(raw keys)``.
 
     PKM's search reads ``self.keys`` (its documented (H, 2, n, D_k/2) sub-key tensor); here that
-    attribute is a view computed from the raw parameter (still registered, and saved, as ``keys``),
-    so PKM's code runs unchanged on the normalised keys.
+    attribute is computed from the raw parameter on each read (the parameter is still registered,
+    and saved, as ``keys``), so PKM's code runs unchanged on the normalised keys.
     """
 
     def __init__(self, cfg: PKMConfig, values: nn.Embedding | None = None):
