@@ -66,9 +66,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from labcore.config import ConfigError, check_choice, check_int
 from labcore.data.cache import Built, Generator, register
 from labcore.data.tokenizer import N_BYTES, SPECIALS, ByteTokenizer
-from labcore.layers.base import ConfigError, check_choice, check_int
 
 EVAL_SPLITS = ("stored", "held_out", "all")
 IGNORE_INDEX = -100  # labcore.model.LM's cross-entropy ignores these targets

@@ -32,10 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from labcore.config import ConfigError
 from labcore.data.cache import load_dataset
 from labcore.data.facts import FactsConfig, FactSet, answer_mask, inputs_targets
 from labcore.experiments.knowledge_metrics import answer_scores, bits_per_param, evaluate_facts
-from labcore.layers.base import ConfigError
 from labcore.model import LM, ModelConfig
 from labcore.optim import refresh_all
 from labcore.train import TrainConfig, build_optimizer, resolve_device, set_step_lr, value_lr_schedule

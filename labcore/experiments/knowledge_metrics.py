@@ -32,8 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from labcore.config import ConfigError
 from labcore.data.facts import FactsEval, inputs_targets
-from labcore.layers.base import ConfigError
 
 
 @dataclass(frozen=True)

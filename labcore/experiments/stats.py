@@ -38,7 +38,7 @@ from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestPower
 
-from labcore.layers.base import ConfigError
+from labcore.config import ConfigError
 
 ALPHA = 0.05
 POWER = 0.8

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from labcore.config import ConfigError
 from labcore.data import load_dataset
 from labcore.data.facts import FactsConfig, FactSet, answer_mask, inputs_targets, make_facts
 from labcore.data.tokenizer import SPECIALS
@@ -16,7 +17,6 @@ from labcore.experiments.knowledge_metrics import (
     evaluate_facts,
     stored_bits,
 )
-from labcore.layers.base import ConfigError
 from labcore.model import LM, ModelConfig
 
 CFG = FactsConfig(n_subjects=40, n_relations=3, n_objects=20, n_phrasings=3, held_out_phrasings=1,

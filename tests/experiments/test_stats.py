@@ -9,6 +9,7 @@ from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestPower
 
+from labcore.config import ConfigError
 from labcore.experiments.stats import (
     compare,
     holm,
@@ -19,7 +20,6 @@ from labcore.experiments.stats import (
     t_quantile_975,
     verdict,
 )
-from labcore.layers.base import ConfigError
 
 
 def test_t_quantiles_match_tables():
