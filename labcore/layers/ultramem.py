@@ -53,7 +53,8 @@ keys around the search it is given. ``proxy_search="two_sided"`` also keeps the 
 proxies per side, I- and J-, and rescores the 2 m^2 cells (I+ x J+) U (I- x J-) exactly; with a
 rank-1 summed core every cell scores lambda_1 p_i q_j (p = u^T S_row, q = t^T S_col), so a
 positive score needs proxies of equal sign, and for m >= K and positive top-K scores this search is
-exact, at twice the candidate-scoring cost (docs/mechanisms.md §1.3). :meth:`UltraMem.search_recall` measures either against the full grid.
+exact, at twice the candidate-scoring cost (docs/mechanisms.md §1.3). :meth:`UltraMem.search_recall`
+measures either search against the full grid.
 
 PKM is the special case R = 2, S_row = [s_row; 1], S_col = [s_col; 1], C = [[0, 1], [1, 0]]
 (score = s_row[i]·1 + 1·s_col[j]; with S_col = [1; s_col] the core must be the identity,
