@@ -7,8 +7,8 @@ and stays close to dense. ``labcore bench inference`` measures that on this mach
 
 The four models
 ---------------
-:func:`labcore.budget.equal_budget_family` sizes them from one dense base (default the lab's small
-model, :func:`labcore.budget.small_base_config`): all four at equal forward FLOPs per token (equal
+:func:`labcore.lm.budget.equal_budget_family` sizes them from one dense base (default the lab's small
+model, :func:`labcore.lm.budget.small_base_config`): all four at equal forward FLOPs per token (equal
 *activated* compute) and MoE / PKM / UltraMem at equal *total* parameters, ``(1 + ratio)`` times the
 dense model's (``ratio`` = 12 as in the paper's "x12").
 
@@ -134,7 +134,7 @@ def _activation_values_per_token(cfg) -> float:
 
 def estimate_bytes(cfg, batch: int, dtype_bytes: int) -> int:
     """Parameters + activations of one model at batch ``batch`` (an over-estimate, not exact)."""
-    from labcore.budget import model_budget
+    from labcore.lm.budget import model_budget
 
     params = model_budget(cfg, context_len=1, dtype_bytes=dtype_bytes).total_params
     return int(params * dtype_bytes + batch * _activation_values_per_token(cfg) * max(dtype_bytes, 4))
@@ -183,8 +183,8 @@ def check_fits(configs: Mapping[str, Any], max_batch: int, device: torch.device,
 
 def default_configs(base=None, ratio: float = 12.0, models: Sequence[str] = MODELS, tol: float = 0.02,
                     **family_kwargs: Any) -> dict[str, Any]:
-    """The equal-budget family (labcore.budget.equal_budget_family) restricted to ``models``."""
-    from labcore.budget import equal_budget_family, small_base_config
+    """The equal-budget family (labcore.lm.budget.equal_budget_family) restricted to ``models``."""
+    from labcore.lm.budget import equal_budget_family, small_base_config
 
     check_float("run_inference_bench", "ratio", ratio, min_value=0.0, min_inclusive=False)
     base = small_base_config() if base is None else base
@@ -198,7 +198,7 @@ def _layer_cost(layer_cfg) -> LayerCost:
 
 def _model_parts(cfg) -> dict[str, LayerCost]:
     """The model as cost-model parts: the dense trunk (read once per step) + each sparse layer."""
-    from labcore.budget import model_budget
+    from labcore.lm.budget import model_budget
 
     budget = model_budget(cfg, context_len=1, dtype_bytes=4)
     parts: dict[str, LayerCost] = {}
@@ -360,8 +360,8 @@ def run_inference_bench(batch_sizes: Sequence[int] = DEFAULT_BATCHES, models: Se
 
 def _bench_one(name: str, cfg, batch_sizes: Sequence[int], *, scopes, dev, dt, b, ceil, warmup, repeats,
                context_len, overlap, seed, say) -> list[dict]:
-    from labcore.budget import describe_plan, model_budget
-    from labcore.model import LM
+    from labcore.lm.budget import describe_plan, model_budget
+    from labcore.lm.model import LM
 
     torch.manual_seed(seed)
     lm = LM(cfg).to(device=dev, dtype=dt).eval()
@@ -617,7 +617,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides = {k: v for k, v in (("d_model", args.d_model), ("n_layers", args.n_layers),
                                        ("d_ff", args.d_ff), ("vocab_size", args.vocab_size)) if v is not None}
         if overrides:
-            from labcore.budget import small_base_config
+            from labcore.lm.budget import small_base_config
 
             base = small_base_config(**overrides)
         df = run_inference_bench(args.batch_sizes, tuple(m.strip() for m in args.models.split(",") if m.strip()),

@@ -1,13 +1,13 @@
 """Training-throughput benchmark: dense, MoE, PKM and UltraMem LMs at equal budget, same run.
 
 ``python -m labcore.bench.training`` (or ``labcore bench training``) builds the equal-budget family
-of :func:`labcore.budget.equal_budget_family` from one dense base (the four models have equal
+of :func:`labcore.lm.budget.equal_budget_family` from one dense base (the four models have equal
 forward FLOPs per token; the three sparse ones equal total parameters, ``ratio`` x the dense model's
-on top of it, the paper's "x12"), and times full training steps exactly as :func:`labcore.train.train`
+on top of it, the paper's "x12"), and times full training steps exactly as :func:`labcore.lm.train.train`
 runs them::
 
     refresh_all(model); zero_grad; loss = CE + aux_loss (autocast policy of TrainConfig); backward;
-    AdamW step over labcore.optim's parameter groups
+    AdamW step over labcore.lm.optim's parameter groups
 
 on batches of the knowledge data set (B x T tokens). The four models are timed in alternating rounds
 (``rounds`` x ``repeats`` steps each, after ``warmup`` untimed steps) so that a noisy neighbour slows
@@ -140,8 +140,8 @@ class Runner:
     """One architecture: its model, optimiser, sampler and hook timer; ``step()`` times one step."""
 
     def __init__(self, name: str, model_cfg, bcfg: TrainBenchConfig, data, device: torch.device) -> None:
-        from labcore.model import LM
-        from labcore.train import TrainConfig, autocast_dtype, build_optimizer, value_lr_schedule
+        from labcore.lm.model import LM
+        from labcore.lm.train import TrainConfig, autocast_dtype, build_optimizer, value_lr_schedule
 
         self.name = name
         torch.manual_seed(bcfg.seed)
@@ -158,8 +158,8 @@ class Runner:
         self.s = 0
 
     def step(self, record: bool) -> None:
-        from labcore.optim import refresh_all
-        from labcore.train import set_step_lr
+        from labcore.lm.optim import refresh_all
+        from labcore.lm.train import set_step_lr
 
         (x, y), = self.sampler.next()
         x, y = x.to(self.device), y.to(self.device)
@@ -193,8 +193,8 @@ def _iqr(x: Sequence[float]) -> float:
 
 def run(bcfg: TrainBenchConfig, archs: Sequence[str] = ARCHS) -> pd.DataFrame:
     """Build the family, time every architecture in alternating rounds, return one row each."""
-    from labcore.budget import equal_budget_family, model_budget, small_base_config
     from labcore.data import KnowledgeConfig, load_dataset
+    from labcore.lm.budget import equal_budget_family, model_budget, small_base_config
 
     device = torch.device(bcfg.device)
     torch.set_num_threads(bcfg.threads)

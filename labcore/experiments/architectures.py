@@ -2,7 +2,7 @@
 
 The paper's comparison (papers.md §2.1, §7): all four models have the same forward FLOPs per token,
 and MoE, PKM and UltraMem the same total parameters (``ratio`` x the dense model's parameters in
-sparse parts, the paper's "x12"). :func:`labcore.budget.equal_budget_family` sizes them within 2%.
+sparse parts, the paper's "x12"). :func:`labcore.lm.budget.equal_budget_family` sizes them within 2%.
 This notebook trains each for several seeds on the knowledge task (quality: validation loss and
 knowledge recall), and measures inference cost vs batch size with ``labcore bench inference``
 (decode-step latency, memory bytes read, the MoE/UltraMem latency ratio; papers.md §7.2 explains
@@ -19,11 +19,11 @@ import pandas as pd
 import torch
 
 from labcore.bench.inference import moe_ultramem_ratio, run_inference_bench
-from labcore.budget import equal_budget_family, model_budget
 from labcore.experiments.common import LabParams, lab_run, save_outputs
 from labcore.experiments.core import Variant, paired_deltas, run_variants, summarize
 from labcore.experiments.figures import deltas_figure, variants_figure
 from labcore.layers.base import check_float
+from labcore.lm.budget import equal_budget_family, model_budget
 from labcore.plots import latency_vs_batch_figure
 
 NOTEBOOK = "04_architectures"

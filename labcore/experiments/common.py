@@ -18,9 +18,9 @@ from typing import Any
 from labcore.data.knowledge import KnowledgeConfig
 from labcore.data.tokenizer import ByteTokenizer
 from labcore.layers.base import check_choice, check_float, check_int
-from labcore.model import ModelConfig, SparsePlan
+from labcore.lm.model import ModelConfig, SparsePlan
+from labcore.lm.train import TrainConfig
 from labcore.results import RunDir, free_run_dir, repo_path
-from labcore.train import TrainConfig
 
 VOCAB_SIZE = ByteTokenizer().vocab_size
 

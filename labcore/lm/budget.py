@@ -3,7 +3,7 @@
 The UltraMem paper compares models at *equal compute* (forward FLOPs per token) and, among the sparse
 ones, at *equal total parameters*: Dense-151M vs MoE-151M-2in32 vs UltraMem-151M-x12, where "x12"
 means the sparse parameters are about 12 times the dense model's (total about 13x; papers.md §2.1).
-This module counts those quantities for any :class:`~labcore.model.ModelConfig` without building the
+This module counts those quantities for any :class:`~labcore.lm.model.ModelConfig` without building the
 model, and sizes MoE / PKM / UltraMem plans so that such comparisons hold within a tolerance.
 
 What is counted (per token; L blocks, D model dim, V vocabulary, C context length)
@@ -70,7 +70,7 @@ from labcore.layers.base import ConfigError, LayerCost, check_float, check_int
 from labcore.layers.moe import MoEConfig
 from labcore.layers.pkm import PKMConfig
 from labcore.layers.ultramem import UltraMemConfig
-from labcore.model import ModelConfig, SparsePlan, spread_placements
+from labcore.lm.model import ModelConfig, SparsePlan, spread_placements
 
 # ----------------------------------------------------------------------------------------------
 # The budget record.
@@ -397,7 +397,7 @@ def match_ultramem(base: ModelConfig, target_total_params: int, *, placements: t
     forward FLOPs, both within ``tol``.
 
     Placements: given, or ``n_memories`` memories with skip ``span`` spread by
-    :func:`~labcore.model.spread_placements` (defaults: one memory per 5 blocks, at least one, span 3
+    :func:`~labcore.lm.model.spread_placements` (defaults: one memory per 5 blocks, at least one, span 3
     or less to fit: the release's 20-block layout 2:5/6:9/10:13/14:17). ``d_ff`` is searched in
     multiples of ``multiple_of``. ``ultramem_kwargs`` go to UltraMemConfig (heads, k_dim, top_k,
     d_value, expansion, ...); its ``n_model_layers`` is set by the model (number of memories).

@@ -103,7 +103,7 @@ def apply_value_lr(optimizer: Optimizer, schedule: ValueLRSchedule | None, step:
     for i, group in enumerate(optimizer.param_groups):
         if "base_lr" not in group:
             raise ValueError(f"apply_value_lr: optimizer.param_groups[{i}] has no 'base_lr'; build the "
-                             "optimizer from labcore.optim.build_param_groups(...)")
+                             "optimizer from labcore.lm.optim.build_param_groups(...)")
         factor = value_factor if group.get("lr_role") == VALUE_ROLE else 1.0
         group["lr"] = group["base_lr"] * lr_scale * factor
 

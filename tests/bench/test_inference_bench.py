@@ -12,7 +12,7 @@ from labcore.layers.base import ConfigError
 from labcore.layers.moe import MoEConfig
 from labcore.layers.pkm import PKMConfig
 from labcore.layers.ultramem import UltraMemConfig
-from labcore.model import ModelConfig, SparsePlan
+from labcore.lm.model import ModelConfig, SparsePlan
 from labcore.profiling.ceilings import Ceilings
 
 CEIL = Ceilings(copy_bytes_per_s=1e9, matmul_flops_per_s=1e10, dtype="float32", device="cpu", fingerprint={},
@@ -76,7 +76,7 @@ def test_config_that_does_not_fit_is_refused_before_allocating(monkeypatch):
 
 def test_estimate_covers_parameters_and_grows_with_batch():
     cfg = tiny_configs()["moe"]
-    from labcore.budget import model_budget
+    from labcore.lm.budget import model_budget
 
     p = model_budget(cfg, context_len=1).total_params
     assert inf.estimate_bytes(cfg, 1, 4) > 4 * p
@@ -121,7 +121,7 @@ def test_bytes_match_direct_counts(result):
     assert row.loc[("moe", "layer", 1), "bytes_accessed"] == 4 * (8 * 32 + 2 * unit)
     assert row.loc[("moe", "layer", 1), "bytes_predicted"] == pytest.approx(4 * (8 * 32 + 2 * unit))
     # whole dense model at B=1: every parameter once (tied embedding = head)
-    from labcore.budget import model_budget
+    from labcore.lm.budget import model_budget
 
     assert row.loc[("dense", "model", 1), "bytes_accessed"] == 4 * model_budget(cfgs["dense"]).total_params
     # touched bytes never exceed reading everything, and the model scope includes the layer
@@ -213,7 +213,7 @@ def test_cli_rejects_bad_batch(capsys):
 
 
 def test_default_family_wiring():
-    from labcore.budget import small_base_config
+    from labcore.lm.budget import small_base_config
 
     base = small_base_config(d_model=64, n_layers=5, n_heads=2, d_ff=128, vocab_size=64, max_seq_len=8)
     cfgs = inf.default_configs(base, ratio=4.0, tol=0.05)

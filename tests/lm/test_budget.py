@@ -1,4 +1,4 @@
-"""Tests of labcore.budget: budgets checked against built models (parameters exactly, FLOPs with
+"""Tests of labcore.lm.budget: budgets checked against built models (parameters exactly, FLOPs with
 torch.utils.flop_counter), and the equal-budget matchers checked by building and counting.
 
 FLOP counting method: ``FlopCounterMode`` counts matrix products (mm/addmm/bmm) only. Attention runs
@@ -20,7 +20,11 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from labcore.budget import (
+from labcore.layers.base import ConfigError
+from labcore.layers.moe import MoE, MoEConfig
+from labcore.layers.pkm import PKMConfig
+from labcore.layers.ultramem import UltraMemConfig
+from labcore.lm.budget import (
     Budget,
     equal_budget_family,
     format_budget_table,
@@ -30,11 +34,7 @@ from labcore.budget import (
     model_budget,
     small_base_config,
 )
-from labcore.layers.base import ConfigError
-from labcore.layers.moe import MoE, MoEConfig
-from labcore.layers.pkm import PKMConfig
-from labcore.layers.ultramem import UltraMemConfig
-from labcore.model import LM, ModelConfig, SparsePlan
+from labcore.lm.model import LM, ModelConfig, SparsePlan
 
 V, D, L, T = 61, 32, 4, 16
 

@@ -1,4 +1,4 @@
-"""Tests of labcore.model: wiring of the plan (skip-layer, full, shared pool), causality, loss, ties,
+"""Tests of labcore.lm.model: wiring of the plan (skip-layer, full, shared pool), causality, loss, ties,
 layer splitting and config validation. Tiny sizes; every test seeded by conftest."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from labcore.layers.base import ConfigError, param_role
 from labcore.layers.moe import MoEConfig
 from labcore.layers.pkm import PKMConfig
 from labcore.layers.ultramem import UltraMemConfig
-from labcore.model import (
+from labcore.lm.model import (
     LM,
     ModelConfig,
     SparsePlan,
@@ -353,7 +353,7 @@ def test_from_dict_round_trip_and_yaml_forms():
 
 @pytest.mark.parametrize("name", ["moe_some_blocks", "pkm_skip", "ultramem_skip_shared"])
 def test_every_parameter_gets_a_gradient_and_a_few_steps_fit_a_batch(name):
-    from labcore.optim import build_param_groups, refresh_all
+    from labcore.lm.optim import build_param_groups, refresh_all
 
     lm = LM(cfg_with(PLANS[name]))
     groups = build_param_groups(lm, lr=2e-2, weight_decay=0.0)

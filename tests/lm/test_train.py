@@ -15,8 +15,8 @@ from labcore.layers.base import ConfigError, LayerAux
 from labcore.layers.moe import MoEConfig
 from labcore.layers.pkm import PKMConfig
 from labcore.layers.ultramem import UltraMemConfig
-from labcore.model import LM, ModelConfig, SparsePlan
-from labcore.train import (
+from labcore.lm.model import LM, ModelConfig, SparsePlan
+from labcore.lm.train import (
     NonFiniteLossError,
     TrainConfig,
     cli_main,
@@ -332,7 +332,7 @@ torch.set_num_threads({threads})  # same reduction order as the parent: bit-exac
 sys.path.insert(0, {tests!r})
 from test_train import model_cfg, tcfg
 from labcore.data import KnowledgeConfig, load_dataset
-from labcore.train import train
+from labcore.lm.train import train
 data = load_dataset(KnowledgeConfig(n_people=20, bios_per_person=2, seed=0), False)
 def die(step, row):
     if step == {kill_at}:
