@@ -1,6 +1,6 @@
 """Inference-cost lab: decode-step latency and memory access of Dense, MoE, PKM and UltraMem vs batch size.
 
-The UltraMem paper's Figure 1 (papers.md §2.2): at equal compute, an MoE with ~12x the parameters
+The UltraMem paper's Figure 1 (docs/mechanisms.md §2.2): at equal compute, an MoE with ~12x the parameters
 of a dense model decodes 2-6x slower, because a decode step of B tokens touches almost all experts
 (whole experts are the unit of sparsity), while UltraMem touches only ~B*H*K value rows of millions
 and stays close to dense. ``labcore bench inference`` measures that on this machine.
@@ -36,7 +36,7 @@ latency_s, latency_iqr_s   median and interquartile range of the step's wall tim
 predicted_s                roofline of the cost model, max(bytes / copy bandwidth, FLOPs / matmul peak),
                            with this machine's measured ceilings (labcore.profiling.ceilings)
 bytes_accessed             bytes the step actually touched: dense parameters once + the distinct
-                           experts / value rows counted from ``aux.indices`` (papers.md §7.2's quantity,
+                           experts / value rows counted from ``aux.indices`` (docs/mechanisms.md §7.2's quantity,
                            the paper's "memory access")
 bytes_predicted            the cost model's expectation of the same (eq. 7.2b)
 bytes_streamed             bytes a non-deduplicating gather reads: dense + every selected unit, repeats
@@ -53,7 +53,7 @@ gather_s, gather_*         the gather inside the read alone (one ``F.embedding_b
                            scores, top-k search, IVE bookkeeping, projection) is compute
 overlap_*                  GPU only, UltraMem model: the skip-layer overlap (below); NaN elsewhere
 
-Skip-layer overlap (papers.md §1.2). An UltraMem memory placed at "k:v" reads block k's FFN input
+Skip-layer overlap (docs/mechanisms.md §1.2). An UltraMem memory placed at "k:v" reads block k's FFN input
 and is added after block v, so its (memory-bound) lookup may run concurrently with the (compute-bound)
 blocks k..v. On a GPU the bench times the memory alone, blocks k..v alone, and both launched on two
 CUDA streams; ``overlap_frac = (t_mem + t_dense - t_both) / min(t_mem, t_dense)`` is 1 for perfect

@@ -1,11 +1,11 @@
 """04_architectures: Dense vs MoE vs PKM vs UltraMem at equal budget.
 
-The paper's comparison (papers.md §2.1, §7): all four models have the same forward FLOPs per token,
+The paper's comparison (docs/mechanisms.md §2.1, §7): all four models have the same forward FLOPs per token,
 and MoE, PKM and UltraMem the same total parameters (``ratio`` x the dense model's parameters in
 sparse parts, the paper's "x12"). :func:`labcore.lm.budget.equal_budget_family` sizes them within 2%.
 This notebook trains each for several seeds on the knowledge task (quality: validation loss and
 knowledge recall), and measures inference cost vs batch size with ``labcore bench inference``
-(decode-step latency, memory bytes read, the MoE/UltraMem latency ratio; papers.md §7.2 explains
+(decode-step latency, memory bytes read, the MoE/UltraMem latency ratio; docs/mechanisms.md §7.2 explains
 why MoE reads more as B grows: a handful of tokens already touches almost every expert, while
 memory layers touch B·H·K value rows out of N).
 """

@@ -18,7 +18,7 @@ Data flow of one block (pre-norm; ``x`` is the residual stream, shape ``(B, T, D
 The model: ``x_0 = Embed(idx)``; ``x_{i+1} = Block_i(x_i)`` for i = 0..L-1; ``logits = Head(RMSNorm(x_L))``
 with the head tied to the embedding matrix by default (``logits = RMSNorm(x_L) @ W_embᵀ``).
 
-Memory placements "k:v": the skip-layer (papers.md §1.2)
+Memory placements "k:v": the skip-layer (docs/mechanisms.md §1.2)
 -------------------------------------------------------
 
 A placement ``"k:v"`` (0 <= k <= v < L) means: the memory reads ``u_k``, the normalized tensor fed to
@@ -33,14 +33,14 @@ block k's FFN, and its output is added to the residual stream *after* block v. F
 one such memory in every block (the UltraMemV2 layout). Memory layers never replace the FFN: each
 block keeps its own FFN, so a memory model has the dense model's trunk plus the memories.
 
-The paper's layout (papers.md §1.2). PKM puts one big memory in parallel with (or instead of) one FFN.
+The paper's layout (docs/mechanisms.md §1.2). PKM puts one big memory in parallel with (or instead of) one FFN.
 UltraMem splits the big memory into several smaller ones spread over the depth, each connected by a
 skip-layer link, so the memory-bound lookup of memory j can run while the compute-bound blocks k..v
 run ("asynchronous execution"). The released 227M/1.2B UltraMem (20 blocks, d = 768) uses
 ``2:5/6:9/10:13/14:17``: four memories, each skipping three blocks; :func:`split_memory` produces such
 layouts for any depth. Table 2 row "+split big mem & skip": val loss -0.015, FLOPs 346.96M -> 323.32M.
 
-Shared value pool (Memory Layers at Scale, papers.md §5): with ``shared_values=True`` all memory
+Shared value pool (Memory Layers at Scale, docs/mechanisms.md §5): with ``shared_values=True`` all memory
 layers read ONE value table (each keeps its own query network and keys). The plan carries a single
 memory config, so every memory has identical sizes; the first memory's table is built (with that
 layer's own init) and handed to the others through the layers' ``values=`` argument.
@@ -55,7 +55,7 @@ Choices made here (documented, not from a paper)
   :meth:`ModelConfig.memory_layer_config`): the variances of all memory outputs add up in the
   residual stream, so with L = number of memories the summed memory variance stays the same when
   one big memory is split into several (the layer-splitting ablation compares them at equal total
-  output variance). The paper's own L is not readable (papers.md §1.6, secondary sources).
+  output variance). The paper's own L is not readable (docs/mechanisms.md §1.6, secondary sources).
 - Parameter roles (for ``labcore.lm.optim.build_param_groups``): norm gains are 1-D, hence "no_decay"
   (the trunk has no biases); the token embedding is tagged "default" (decayed). It is tied to the LM
   head, a linear map, so it is decayed like the other matrices (nanoGPT's convention; OLMo does not

@@ -7,7 +7,7 @@ Parameter roles (``labcore.layers.base.param_role``) decide the groups, never mo
 * ``"memory_values"``: value tables of PKM / UltraMem, their own group with the value learning
   rate (``value_lr``, default ``lr``) and its own weight decay (default 0).
 
-Value learning-rate decay (UltraMem, papers.md §1.6; implementations.md "UltraMem")::
+Value learning-rate decay (UltraMem, docs/mechanisms.md §1.6; docs/implementations.md "UltraMem")::
 
     lr_values(step) = lr(step) * factor(step),   factor(step) = 1 + (M - 1) * max(0, 1 - step / T)
 

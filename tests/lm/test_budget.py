@@ -226,7 +226,7 @@ def test_matcher_errors_are_clear():
         match_pkm(CONFIGS["moe_all"], 10**6)
     with pytest.raises(ConfigError, match=r"match_moe: cannot match .*closest: params off by"):
         match_moe(BASE, 30 * 70_000, multiple_of=1)  # the router would eat the FLOP budget
-    with pytest.raises(ConfigError, match=r"match_ultramem: cannot match .*closest.*lower k_dim"):
+    with pytest.raises(ConfigError, match=r"match_memory\(.ultramem.\): cannot match .*closest.*lower k_dim"):
         match_ultramem(BASE, 400_000, k_dim=64, heads=4, top_k=8)  # key scores cost more than the FFNs
     with pytest.raises(ConfigError, match=r"tol=0"):
         match_moe(BASE, 400_000, tol=0)

@@ -4,7 +4,7 @@
 
     lr_s      = lr * (s + 1) / W                                          s < W (linear warmup)
               = lr * (r + (1 - r) * 0.5 * (1 + cos(pi * p)))             p = (s - W) / (S - 1 - W)   (cosine to r * lr)
-    lr_values = lr_s * (1 + (M - 1) * max(0, 1 - s / T_v))               value-LR decay (papers.md §1.6)
+    lr_values = lr_s * (1 + (M - 1) * max(0, 1 - s / T_v))               value-LR decay (docs/mechanisms.md §1.6)
 
 (s the 0-based step, W warmup_steps, S steps, r min_lr_ratio, M value_lr_multiplier, T_v
 value_lr_end_step; :class:`~labcore.lm.optim.ValueLRSchedule` holds the value factor.)
