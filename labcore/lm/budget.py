@@ -425,6 +425,12 @@ def small_base_config(**overrides: Any) -> ModelConfig:
     return ModelConfig(**fields)
 
 
+def family_names() -> tuple[str, ...]:
+    """Names in the equal-budget family, in registration order: "dense", "moe", then every layer
+    registered with role "memory" ("pkm", "ultramem", ...)."""
+    return ("dense", "moe", *(s.name for s in specs("memory")))
+
+
 def equal_budget_family(base: ModelConfig, ratio: float = 12.0, *, context_len: int | None = None,
                         tol: float = 0.02, multiple_of: int = 8, names: Sequence[str] | None = None,
                         **layer_kwargs: Mapping[str, Any]) -> dict[str, ModelConfig]:
@@ -443,11 +449,11 @@ def equal_budget_family(base: ModelConfig, ratio: float = 12.0, *, context_len: 
     """
     fn = "equal_budget_family"
     check_float(fn, "ratio", ratio, min_value=0.0, min_inclusive=False)
-    registered = ["dense", "moe", *(s.name for s in specs("memory"))]  # the FFN kinds, then every memory
+    registered = family_names()
     wanted = registered if names is None else list(names)
     for n in (*wanted, *layer_kwargs):
         if n not in registered:
-            raise ConfigError(f"{fn}: layer {n!r} is not allowed: must be one of {registered}")
+            raise ConfigError(f"{fn}: layer {n!r} is not allowed: must be one of {list(registered)}")
     dense_total = model_budget(base, context_len=context_len).total_params
     target = round((1 + ratio) * dense_total)
     common = {"context_len": context_len, "tol": tol, "multiple_of": multiple_of}
