@@ -21,6 +21,7 @@ from labcore.lm.model import (
     split_memory,
     spread_placements,
 )
+from labcore.lm.optim import build_param_groups, refresh_all
 
 V, D, L, T_MAX = 61, 32, 4, 16
 
@@ -353,8 +354,6 @@ def test_from_dict_round_trip_and_yaml_forms():
 
 @pytest.mark.parametrize("name", ["moe_some_blocks", "pkm_skip", "ultramem_skip_shared"])
 def test_every_parameter_gets_a_gradient_and_a_few_steps_fit_a_batch(name):
-    from labcore.lm.optim import build_param_groups, refresh_all
-
     lm = LM(cfg_with(PLANS[name]))
     groups = build_param_groups(lm, lr=2e-2, weight_decay=0.0)
     grouped = [p for g in groups for p in g["params"]]
