@@ -7,8 +7,9 @@ and stays close to dense. ``labcore bench inference`` measures that on this mach
 
 The models
 ----------
-One per registered layer (``labcore.layers.registry``: "dense", "moe", "pkm", "ultramem", and any
-memory registered later; :func:`model_names`). :func:`labcore.lm.budget.equal_budget_family` sizes them from one dense base (default the lab's small
+"dense", "moe" and the memories of the equal-budget family (``labcore.layers.registry``: "pkm",
+"ultramem" and any memory whose spec says how the family sizes it; :func:`model_names`; any other
+registered memory on request). :func:`labcore.lm.budget.equal_budget_family` sizes them from one dense base (default the lab's small
 model, :func:`labcore.lm.budget.small_base_config`): all four at equal forward FLOPs per token (equal
 *activated* compute) and the sparse ones at equal *total* parameters, ``(1 + ratio)`` times the
 dense model's (``ratio`` = 12 as in the paper's "x12").
@@ -115,10 +116,11 @@ MEMORY_FIT_FRACTION = 0.8  # refuse configs whose estimate exceeds this share of
 
 
 
-def model_names() -> tuple[str, ...]:
-    """The models the bench knows, in registration order: "dense", "moe", then every registered
-    memory ("pkm", "ultramem", ...), as :func:`labcore.lm.budget.family_names`."""
-    return family_names()
+def model_names(every_memory: bool = False) -> tuple[str, ...]:
+    """The bench's default models, in registration order: "dense", "moe", then the memories of the
+    equal-budget family ("pkm", "ultramem", ...; :func:`labcore.lm.budget.family_names`); with
+    ``every_memory``, every registered memory (the names the bench accepts)."""
+    return family_names(every_memory)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,9 +166,9 @@ def validate(batch_sizes: Sequence[int], models: Sequence[str], device: torch.de
         check_int("run_inference_bench", "batch_sizes", b, min_value=1)
     if len(models) == 0:
         raise ConfigError("run_inference_bench.models=() is not allowed: must list at least one of "
-                          + ", ".join(model_names()))
+                          + ", ".join(model_names(every_memory=True)))
     for m in models:
-        check_choice("run_inference_bench", "models", m, model_names())
+        check_choice("run_inference_bench", "models", m, model_names(every_memory=True))
     check_choice("run_inference_bench", "dtype", dtype, tuple(DTYPES))
     check_int("run_inference_bench", "repeats", repeats, min_value=1)
     check_int("run_inference_bench", "warmup", warmup, min_value=0)
@@ -324,7 +326,8 @@ def run_inference_bench(batch_sizes: Sequence[int] = DEFAULT_BATCHES, models: Se
                         log: Callable[[str], None] | None = print) -> pd.DataFrame:
     """Measure decode-step latency and memory access vs batch size; return the tidy table.
 
-    ``models``: names from :func:`model_names` (default: all of them, or the keys of ``configs``).
+    ``models``: names from ``model_names(every_memory=True)`` (default: :func:`model_names`, or the
+    keys of ``configs``).
     ``configs`` (name -> ModelConfig) replaces the equal-budget family built from
     ``base`` and ``ratio`` (``family_kwargs`` go to equal_budget_family). ``context_len`` > 0 adds the
     KV cache of that length to the *prediction* only (nothing here reads a KV cache). ``ceilings``:
@@ -351,10 +354,10 @@ def run_inference_bench(batch_sizes: Sequence[int] = DEFAULT_BATCHES, models: Se
         missing = [m for m in models if m not in configs]
         if missing:
             raise ConfigError(f"run_inference_bench: configs lacks {missing}; it has {sorted(configs)}")
-        unknown = [m for m in configs if m not in model_names()]
+        unknown = [m for m in configs if m not in model_names(every_memory=True)]
         if unknown:
             raise ConfigError(f"run_inference_bench: configs has unknown model name(s) {unknown}; allowed: "
-                              + ", ".join(model_names()))
+                              + ", ".join(model_names(every_memory=True)))
     dt = DTYPES[dt_name]
     b = torch.tensor([], dtype=dt).element_size()
     check_fits({m: configs[m] for m in models}, max(batch_sizes), dev, b)
@@ -501,7 +504,7 @@ def inference_figure(df: pd.DataFrame, scope: str = "model"):
     d = df[df["scope"] == scope].sort_values(["model", "batch"])
     fig = make_subplots(rows=1, cols=3, subplot_titles=(
         f"(a) decode-step latency ({scope})", f"(b) memory access ({scope})", "(c) MoE / UltraMem latency"))
-    for name in [m for m in model_names() if m in set(d["model"])]:
+    for name in [m for m in model_names(every_memory=True) if m in set(d["model"])]:
         g = d[d["model"] == name]
         color, label = get(name).color, get(name).label
         fig.add_trace(go.Scatter(x=g["batch"], y=g["latency_s"] * 1e3, mode="lines+markers", name=f"{label}",
@@ -559,7 +562,7 @@ def format_table(df: pd.DataFrame) -> str:
     lines = []
     for scope in [s for s in ("layer", "model") if s in set(df["scope"])]:
         d = df[df["scope"] == scope]
-        models = [m for m in model_names() if m in set(d["model"])]
+        models = [m for m in model_names(every_memory=True) if m in set(d["model"])]
         head = f"{scope:<6}{'B':>6} " + " ".join(f"{get(m).label + ' ms':>12} {'MB':>9}" for m in models)
         if "moe" in models and "ultramem" in models:
             head += f" {'MoE/UM':>7}"

@@ -28,7 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  description="Decode-step latency and memory access vs batch size (Figure 1).")
     ap.add_argument("--batch-sizes", type=_int_list, default=list(DEFAULT_BATCHES),
                     help="comma-separated batch sizes (default 1,2,4,...,4096)")
-    ap.add_argument("--models", default=",".join(model_names()), help=f"subset of {','.join(model_names())}")
+    ap.add_argument("--models", default=",".join(model_names()),
+                    help=f"subset of {','.join(model_names(every_memory=True))}")
     ap.add_argument("--ratio", type=float, default=12.0, help="sparse/dense parameter ratio (default 12)")
     ap.add_argument("--d-model", type=int, default=None, help="base model D (default: small_base_config)")
     ap.add_argument("--n-layers", type=int, default=None, help="base model L")

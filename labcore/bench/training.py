@@ -252,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--ratio", type=float, help="sparse / dense parameters (default 12, the paper's x12)")
     ap.add_argument("--device", choices=("cpu", "cuda"))
     ap.add_argument("--archs", default=",".join(family_names()),
-                    help="comma-separated subset of " + ",".join(family_names()))
+                    help="comma-separated subset of " + ",".join(family_names(every_memory=True)))
     ap.add_argument("--json", type=Path, help="also write the table (and the config) to this JSON file")
     args = ap.parse_args(argv)
     fields = dict(QUICK) if args.quick else {}
@@ -261,9 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             fields[k] = v
     bcfg = TrainBenchConfig(**fields)
     archs = [a.strip() for a in args.archs.split(",") if a.strip()]
-    bad = [a for a in archs if a not in family_names()]
+    bad = [a for a in archs if a not in family_names(every_memory=True)]
     if bad or not archs:
-        ap.error(f"--archs={args.archs!r} is not allowed: must be a comma-separated subset of {','.join(family_names())}")
+        ap.error(f"--archs={args.archs!r} is not allowed: must be a comma-separated subset of {','.join(family_names(every_memory=True))}")
     t0 = time.perf_counter()
     df = run(bcfg, archs)
     print(f"training throughput, equal budget (ratio x{bcfg.ratio:g}), B x T = {bcfg.batch_size} x {bcfg.seq_len}, "

@@ -7,22 +7,30 @@ ffn.py       FFNConfig / DenseFFN        SwiGLU MLP, the dense baseline (registe
 moe.py       MoEConfig / MoE             top-k routed SwiGLU experts (3 router conventions)
 pkm.py       PKMConfig / PKM             product-key memory (Lample et al. 2019)
 ultramem.py  UltraMemConfig / UltraMem   TDQKR, multi-core scoring, IVE and every Table 2 switch
+memory_plus  MemoryPlusConfig /          Memory Layers at Scale: PKM read, SiLU-gated output
+  .py        MemoryPlus                  projection, optional qk-norm (arXiv 2412.09764)
+peer.py      PEERConfig / PEER           single-neuron experts chosen by product keys (arXiv 2407.04153)
 base.py      ConfigError, LayerAux,      the shared contract: validation, the aux record, costs,
              LayerCost, tag_param        parameter roles for optimiser groups
 registry.py  LayerSpec, register, ...    the one registry: each layer file ends with its
                                          ``register(LayerSpec(...))``; everything else iterates it
 ===========  ==========================  ===========================================================
 
-Importing this package registers the four layers above, in that order. :func:`build` turns any
+Importing this package registers the layers above, in that order. :func:`build` turns any
 registered config into its layer; :func:`spec_for` / :func:`get` give a layer's spec.
 """
 
 from __future__ import annotations
 
-from labcore.layers import ffn, moe, pkm, ultramem  # noqa: F401  (each registers itself, in this order)
+# isort: off
+# Each file registers its layer when imported; this order is the order of tables, legends and families.
+from labcore.layers import ffn, moe, pkm, ultramem, memory_plus, peer  # noqa: F401
+# isort: on
 from labcore.layers.base import ConfigError, LayerAux, LayerCost
 from labcore.layers.ffn import DenseFFN, FFNConfig
+from labcore.layers.memory_plus import MemoryPlus, MemoryPlusConfig
 from labcore.layers.moe import MoE, MoEConfig
+from labcore.layers.peer import PEER, PEERConfig
 from labcore.layers.pkm import PKM, PKMConfig
 from labcore.layers.registry import (
     LAYERS,
@@ -39,5 +47,5 @@ from labcore.layers.registry import (
 from labcore.layers.ultramem import UltraMem, UltraMemConfig
 
 __all__ = ["ConfigError", "LayerAux", "LayerCost", "DenseFFN", "FFNConfig", "MoE", "MoEConfig", "PKM",
-           "PKMConfig", "UltraMem", "UltraMemConfig", "LAYERS", "LayerSpec", "build", "get", "memory_spec",
+           "PKMConfig", "UltraMem", "UltraMemConfig", "MemoryPlus", "MemoryPlusConfig", "PEER", "PEERConfig", "LAYERS", "LayerSpec", "build", "get", "memory_spec",
            "names", "register", "spec_for", "specs", "unregister"]

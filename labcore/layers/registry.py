@@ -24,13 +24,15 @@ product-key memories, ``n_experts`` for MoE); budget matchers solve for it. ``mi
 smallest allowed value for the other config fields given as a dict (``d_model`` included).
 
 Memories may also say how the equal-budget family sizes them (``labcore.lm.budget``):
-``family_kwargs(D)`` gives the config fields used at model width D, and ``layout(L)`` the number of
-memories and their span for an L-block model (None: one memory beside the middle block's FFN).
+``family_kwargs(D)`` gives the config fields used at model width D (a memory without it is left out
+of the default family, of the benchmarks' default model lists and of the architecture notebook, and
+can still be named there), and ``layout(L)`` the number of memories and their span for an L-block
+model (None: one memory beside the middle block's FFN).
 ``value_read(layer, aux)`` lets the inference benchmark replay one forward's value read and the
 gather inside it (None: those columns stay empty).
 
 The registration order is the order of tables, figure legends and the equal-budget family:
-``labcore.layers`` imports ffn ("dense"), moe, pkm, ultramem, then any later file.
+``labcore.layers`` imports ffn ("dense"), moe, pkm, ultramem, memory_plus, peer.
 """
 
 from __future__ import annotations

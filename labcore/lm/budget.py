@@ -425,10 +425,11 @@ def small_base_config(**overrides: Any) -> ModelConfig:
     return ModelConfig(**fields)
 
 
-def family_names() -> tuple[str, ...]:
-    """Names in the equal-budget family, in registration order: "dense", "moe", then every layer
-    registered with role "memory" ("pkm", "ultramem", ...)."""
-    return ("dense", "moe", *(s.name for s in specs("memory")))
+def family_names(every_memory: bool = False) -> tuple[str, ...]:
+    """Names in the equal-budget family, in registration order: "dense", "moe", then every memory
+    whose spec has ``family_kwargs`` ("pkm", "ultramem", ...); with ``every_memory``, every layer
+    registered with role "memory" (the names :func:`equal_budget_family` accepts)."""
+    return ("dense", "moe", *(s.name for s in specs("memory") if every_memory or s.family_kwargs is not None))
 
 
 def equal_budget_family(base: ModelConfig, ratio: float = 12.0, *, context_len: int | None = None,
@@ -436,8 +437,9 @@ def equal_budget_family(base: ModelConfig, ratio: float = 12.0, *, context_len: 
                         **layer_kwargs: Mapping[str, Any]) -> dict[str, ModelConfig]:
     """The dense ``base`` and, for every registered sparse layer (MoE and each memory type, in
     registration order), a config at equal forward FLOPs per token (all of them) and equal total
-    parameters (the sparse ones), within ``tol``. Keys are the registered names ("dense", "moe",
-    "pkm", "ultramem", ...); ``names`` restricts the family to some of them.
+    parameters (the sparse ones), within ``tol``. Keys are the registered names; by default
+    :func:`family_names` ("dense", "moe", "pkm", "ultramem", ...); ``names`` picks others, any
+    registered memory included.
 
     ``ratio`` = sparse / dense parameters as in the paper's "x12": the sparse models' total is
     ``(1 + ratio) * dense total``. ``layer_kwargs``: per registered name, keyword arguments for its
@@ -449,8 +451,8 @@ def equal_budget_family(base: ModelConfig, ratio: float = 12.0, *, context_len: 
     """
     fn = "equal_budget_family"
     check_float(fn, "ratio", ratio, min_value=0.0, min_inclusive=False)
-    registered = family_names()
-    wanted = registered if names is None else list(names)
+    registered = family_names(every_memory=True)
+    wanted = family_names() if names is None else list(names)
     for n in (*wanted, *layer_kwargs):
         if n not in registered:
             raise ConfigError(f"{fn}: layer {n!r} is not allowed: must be one of {list(registered)}")

@@ -19,7 +19,7 @@ from labcore.layers import (
 from labcore.layers.base import ConfigError
 from labcore.layers.pkm import PKM
 from labcore.layers.registry import LAYERS, LayerSpec, get, names, register, spec_for, unregister
-from labcore.lm.budget import describe_plan, equal_budget_family, match_memory, model_budget
+from labcore.lm.budget import describe_plan, equal_budget_family, family_names, match_memory, model_budget
 from labcore.lm.model import LM, ModelConfig, SparsePlan
 from labcore.profiling.ceilings import Ceilings
 
@@ -47,11 +47,14 @@ def test_build_and_contract(cfg):
     assert cfg.cost().total_params == sum(p.numel() for p in layer.parameters())
 
 
-def test_the_four_layers_register_in_order_with_distinct_colours():
-    assert names() == ("dense", "moe", "pkm", "ultramem")
-    assert names("memory") == ("pkm", "ultramem") and names("ffn") == ("dense", "moe")
-    assert [get(n).label for n in names()] == ["Dense", "MoE", "PKM", "UltraMem"]
-    assert len({get(n).color for n in names()}) == 4
+def test_the_layers_register_in_order_with_distinct_colours_and_the_family_is_opt_in():
+    assert names() == ("dense", "moe", "pkm", "ultramem", "memory_plus", "peer")
+    assert names("memory") == ("pkm", "ultramem", "memory_plus", "peer") and names("ffn") == ("dense", "moe")
+    assert [get(n).label for n in names()[:4]] == ["Dense", "MoE", "PKM", "UltraMem"]
+    assert len({get(n).color for n in names()}) == len(names())
+    # Memories without family_kwargs are left out of the default family, but can be named.
+    assert family_names() == ("dense", "moe", "pkm", "ultramem")
+    assert family_names(every_memory=True) == ("dense", "moe", *names("memory"))
 
 
 def test_unknown_configs_names_and_specs_are_rejected():
