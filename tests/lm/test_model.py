@@ -314,8 +314,10 @@ def test_split_memory_rejects_non_square_with_nearest():
     (lambda: cfg_with(SparsePlan(kind="moe", moe=MoEConfig(d_model=D, d_expert=8, n_experts=2, top_k=1),
                                  moe_blocks=(0, 4))), r"moe_blocks=\(0, 4\).*block 4"),
     (lambda: ModelConfig.from_dict({**cfg_with().to_dict(), "n_layer": 3}), r"unknown key.*n_layer"),
-    (lambda: SparsePlan.from_dict({"kind": "memory", "memory": {"type": "peer"}, "placements": "0:0"}),
-     r"type='peer'"),
+    (lambda: SparsePlan.from_dict({"kind": "memory", "memory": {"type": "nosuch"}, "placements": "0:0"}),
+     r"type='nosuch' is not allowed: must be a registered memory layer \(one of \['pkm', 'ultramem'"),
+    (lambda: SparsePlan.from_dict({"kind": "memory", "memory": {"type": "moe"}, "placements": "0:0"}),
+     r"type='moe' is not allowed: must be a registered memory"),
 ])
 def test_bad_configs_raise_naming_the_field(make, match):
     with pytest.raises(ConfigError, match=match):
