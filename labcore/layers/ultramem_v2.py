@@ -89,9 +89,10 @@ Initialisation (``init``; docs/mechanisms.md §3.2)
 D_k^-0.4; query projection and keys std 1/sqrt(D_k); cores Uniform[0, 1); value projection std
 1/sqrt(its input width); pre-value projection std 1/sqrt(D).
 "paper" (U2 App. A): the q/k norm gains are set by simulation so that the mean selected score is
-~1 (:meth:`UltraMemV2Config.paper_calibration`, a Monte-Carlo run of this search on unit-scale side
-scores with cores drawn from their init distribution), sigma_s^2 is the variance of the selected
-scores at that scale, the memory linears (W, W_pre) use the paper's small init std sqrt(2/(5D)),
+~1 (:meth:`UltraMemV2.calibrated_gain`, a Monte-Carlo run of this search with the layer's own
+cores on unit-scale side scores), sigma_s^2 is the variance of the selected scores at that scale
+(:meth:`UltraMemV2Config.paper_calibration`, the same simulation with cores drawn from their init
+distribution, so that it depends on the config alone and layers sharing a pool agree), the memory linears (W, W_pre) use the paper's small init std sqrt(2/(5D)),
 and the value / pre-value std sigma_V makes the memory output variance equal an FFN's,
 sigma_mem^2 = sigma_ffn^2 (U2 eqs. 22, 25, 26)::
 
@@ -392,36 +393,47 @@ class UltraMemV2Config:
 # ---------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=64)
-def _paper_calibration(cfg: UltraMemV2Config) -> tuple[float, float]:
-    """(q/k norm gain g, sigma_s^2): the paper init's "simulation" (U2 App. A).
-
-    Draws ``calib_samples`` unit-scale side scores (independent standard normals, the shape of
-    S_row and S_col) and Tucker cores from their init distribution Uniform[0, 1) (a generator
-    seeded by ``cfg.seed``), runs exactly this layer's search on them (rank-1 proxy of the summed
-    core, m candidates, top K) and measures the mean mu and variance of the selected summed scores.
-    Scores are quadratic in the side-score scale sigma = g^2 * std(q_hat . k_hat), so
-    sigma = mu^(-1/2) makes the mean selected score 1, and sigma_s^2 = var / mu^2 is the variance
-    of the selected scores at that scale. std(q_hat . k_hat) = sqrt(D_k) for rmsnorm and
-    D_k / sqrt(D_k - 1) for layernorm (zero-mean vectors), as in ``UltraMem.calibrated_gain``.
-    """
+def _selected_moments(cfg: UltraMemV2Config, core: Tensor, uv: Tensor) -> tuple[float, float]:
+    """Mean and variance of the selected summed scores at unit scale: ``calib_samples`` draws of
+    S_row and S_col as independent standard normals (a generator seeded by ``cfg.seed``) run
+    through exactly this layer's search with the summed core ``core`` (H, R, R) and the proxy
+    vectors ``uv`` (2, H, R) (m candidates, top K)."""
     c = cfg
     gen = torch.Generator().manual_seed(c.seed + 1)
-    f64 = torch.float64
-    core = torch.rand((c.n_cores, c.heads, c.rank, c.rank), generator=gen, dtype=f64).sum(0)  # (H, R, R)
-    U, _, Vh = torch.linalg.svd(core)
-    uv = torch.stack((U[..., :, 0], Vh[..., 0, :]))                        # (u, t): (2, H, R)
-    z = torch.randn((2, c.calib_samples, c.heads, c.rank, c.n_side), generator=gen, dtype=f64)
-    scores = tucker_search(z, uv, core, c.m, c.top_k)[1]                    # (samples, H, K)
+    z = torch.randn((2, c.calib_samples, c.heads, c.rank, c.n_side), generator=gen, dtype=torch.float64)
+    scores = tucker_search(z, uv.to(torch.float64), core.to(torch.float64), c.m, c.top_k)[1]  # (samples, H, K)
     mu = scores.mean().item()
     if not mu > 0:
         raise RuntimeError(f"UltraMemV2 paper init: mean selected score at unit scale is {mu}; cannot "
                            "calibrate the q/k norm gains")
-    var_s = scores.var(unbiased=False).item() / mu**2
-    dot_std = math.sqrt(c.k_dim)
-    if c.norm_type == "layernorm" and c.k_dim > 1:
-        dot_std = c.k_dim / math.sqrt(c.k_dim - 1)
-    return math.sqrt(mu**-0.5 / dot_std), var_s
+    return mu, scores.var(unbiased=False).item()
+
+
+def _gain_for(cfg: UltraMemV2Config, mu: float) -> float:
+    """q/k norm gain g making the mean selected score 1 when it is ``mu`` at unit side-score scale.
+
+    Scores are quadratic in the side-score scale sigma = g^2 * std(q_hat . k_hat), so sigma =
+    mu^(-1/2); std(q_hat . k_hat) = sqrt(D_k) for rmsnorm and D_k / sqrt(D_k - 1) for layernorm
+    (zero-mean vectors), as in ``UltraMem.calibrated_gain``."""
+    dot_std = math.sqrt(cfg.k_dim)
+    if cfg.norm_type == "layernorm" and cfg.k_dim > 1:
+        dot_std = cfg.k_dim / math.sqrt(cfg.k_dim - 1)
+    return math.sqrt(mu**-0.5 / dot_std)
+
+
+@functools.lru_cache(maxsize=64)
+def _paper_calibration(cfg: UltraMemV2Config) -> tuple[float, float]:
+    """(g, sigma_s^2) of the paper init's "simulation" (U2 App. A) on cores drawn from their init
+    distribution, Uniform[0, 1) (seeded by ``cfg.seed``), and their rank-1 proxy. sigma_s^2 =
+    var / mu^2 is the variance of the selected scores at the scale where their mean is 1 (the
+    search's selection does not depend on the scale). A function of the config alone, so that every
+    layer sharing a pool agrees on the value std; the layer's own gain uses its own cores
+    (:meth:`UltraMemV2.calibrated_gain`)."""
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    core = torch.rand((cfg.n_cores, cfg.heads, cfg.rank, cfg.rank), generator=gen, dtype=torch.float64).sum(0)
+    U, _, Vh = torch.linalg.svd(core)
+    mu, var = _selected_moments(cfg, core, torch.stack((U[..., :, 0], Vh[..., 0, :])))
+    return _gain_for(cfg, mu), var / mu**2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,8 +478,8 @@ def ring_window(layer_index: int, n_layers: int, pool_size: int, share_ratio: fl
                           f"n_layers={n_layers} (one home segment per layer)")
     n = math.isqrt(math.floor(pool_size * share_ratio + 1e-9))             # release: int(sqrt(P * ratio))
     if n < 1:
-        raise ConfigError(f"ring_window.share_ratio={share_ratio!r} is not allowed: must leave at least "
-                          f"one row (pool_size * share_ratio >= 1, pool_size={pool_size})")
+        raise ConfigError(f"ring_window.share_ratio={share_ratio!r} is not allowed: must be >= 1 / pool_size "
+                          f"= {1 / pool_size!r} (a window of at least one row)")
     return RingWindow(start=layer_index * (pool_size // n_layers), n_keys=n, pool_size=pool_size)
 
 
@@ -560,6 +572,11 @@ class UltraMemV2(nn.Module):
                                   "(a shared pool passes both)")
             values = nn.Embedding(c.n_slots, c.d_v)
             pre_values = nn.Embedding(c.n_slots, c.d_p) if c.pre_values else None
+        if c.pre_values and pre_values is None:
+            raise ConfigError("UltraMemV2: pre_values=None is not allowed with cfg.pre_values=True and a "
+                              "shared values pool: pass the pool's pre-value table too")
+        if not c.pre_values and pre_values is not None:
+            raise ConfigError("UltraMemV2: pre_values=<table> is not allowed with cfg.pre_values=False")
         for name, table, width in (("values", values, c.d_v), ("pre_values", pre_values, c.d_p)):
             if table is None:
                 continue
@@ -569,11 +586,6 @@ class UltraMemV2(nn.Module):
             if cols != width or rows < c.n_slots or rows != values.weight.shape[0]:
                 raise ConfigError(f"UltraMemV2: {name}.weight has shape {(rows, cols)}; must be (P, {width}) "
                                   f"with P >= n_keys**2 = {c.n_slots} rows, the same P for values and pre_values")
-        if c.pre_values and pre_values is None:
-            raise ConfigError("UltraMemV2: pre_values=None is not allowed with cfg.pre_values=True and a "
-                              "shared values pool: pass the pool's pre-value table too")
-        if not c.pre_values and pre_values is not None:
-            raise ConfigError("UltraMemV2: pre_values=<table> is not allowed with cfg.pre_values=False")
         check_int("UltraMemV2", "window_start", window_start, min_value=0, max_value=values.weight.shape[0] - 1)
         return values, pre_values
 
@@ -756,9 +768,17 @@ class UltraMemV2(nn.Module):
                 nn.init.normal_(self.pre_values.weight, std=std)
         self.refresh_retrieval()
         if self.query_gain is not None:
-            gain = c.paper_calibration()[0] if paper else c.k_dim ** -0.4
+            gain = self.calibrated_gain() if paper else c.k_dim ** -0.4
             self.query_gain.fill_(gain)
             self.key_gain.fill_(gain)
+
+    @torch.no_grad()
+    def calibrated_gain(self) -> float:
+        """Paper init: the q/k norm gain making the mean selected score ~1 with this layer's own
+        cores and proxy (:func:`_selected_moments`, :func:`_gain_for`)."""
+        core = self.cores.detach().sum(0).cpu()
+        uv = torch.stack((self.u, self.t)).cpu()
+        return _gain_for(self.cfg, _selected_moments(self.cfg, core, uv)[0])
 
     # the rank-1 proxy (u, t) of the summed core, refreshed once per optimiser step with the
     # release's sign smoothing: the same procedure (and the same attributes cores, u, t) as UltraMem
