@@ -389,7 +389,7 @@ def test_paper_init_eq26_and_mean_selected_score_near_one():
     assert float(layer.pre_proj.weight.detach().std()) == pytest.approx(small, rel=0.1)
     assert float(layer.values.weight.detach().std()) == pytest.approx(by_hand, rel=0.05)
     own_gain = layer.calibrated_gain()                                        # the layer's own cores
-    assert float(layer.query_gain[0]) == pytest.approx(own_gain) == float(layer.key_gain[-1])
+    assert float(layer.query_gain[0].detach()) == pytest.approx(own_gain) == float(layer.key_gain[-1].detach())
     assert own_gain == pytest.approx(gain, rel=0.3)                           # vs cores drawn from the init law
     _, aux = layer(torch.randn(512, 128))
     assert 0.85 < aux.stats["mean_score"] < 1.15                              # the calibration target is 1
