@@ -113,9 +113,9 @@ Differences from the release (docs/implementations.md "UltraMem")
 * For E = 1 the release still shuffles the rows of the window; labcore skips the shuffle (a
   relabelling of rows, as in UltraMem).
 * The balance loss enters the loss through ``aux.aux_loss`` (the release adds its gradient with a
-  backward hook on the output); the values are the same.
+  backward hook on the output); the gradients are the same.
 * The "paper" init reads eq. 26 as sigma_V^4 (values and pre-values share sigma_V and enter as a
-  product), as does a later revision of the release; the first release uses 0.02.
+  product; docs/mechanisms.md §3.2 [D]); the release initialises both with std 0.02 ("release").
 * Not implemented: the release's vertical (dimension-wise) memory parallelism and output dropout.
 
 Shapes: tokens are flattened to N_tok; keys (H, 2, R, n_s, D_k) as in UltraMem (rows side 0);
@@ -337,7 +337,8 @@ class UltraMemV2Config:
         per side per head), "proxies" (R * n_s per side per head), "candidates" (m*R^2 + m^2*R per
         head), "mcs" (S_row[:, i]^T [C^(1)..C^(h)]: h*R^2 per selected cell, h > 1), "pre_proj"
         (D*D_p), "pre_dot" (D_p per selected slot), "projection" (proj_in*D); with balance_loss
-        "balance_proxies" (the proxies again, per chunk). Not matrix products: "mcs_dot" (h*R per
+        "balance_proxies" (the proxies again; ``detailed_aux`` computes them for the report even
+        with the switch off, uncounted). Not matrix products: "mcs_dot" (h*R per
         cell), "pre_weight" (h per slot), "gather" (H*K*D_v MACs, an embedding bag). Not counted:
         norms, top-k comparisons, softmax of the balance loss, the per-call key normalisation.
         """
