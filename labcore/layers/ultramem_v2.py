@@ -157,7 +157,7 @@ from labcore.layers.base import (
 )
 from labcore.layers.fast import bags
 from labcore.layers.fast.caches import DerivedCache, reuse
-from labcore.layers.fast.search import in_token_chunks, tucker_search
+from labcore.layers.fast.search import PROXY_SEARCHES, in_token_chunks, tucker_search
 from labcore.layers.fast.topk import exact_topk
 from labcore.layers.registry import LayerSpec, register
 from labcore.layers.ultramem import UltraMem, _qk_norm
@@ -185,7 +185,8 @@ class UltraMemV2Config:
     value_lr_multiplier with value_lr_schedule "constant" (v2) | "decay" (v1).
     Sizes: d_model D; n_keys n (physical keys per side of the window, N = n^2); heads H; k_dim
     D_k per side; top_k K per head; d_value D_v (None: D // 4, U2 Table 10); rank R; n_cores h;
-    candidate_m m (None: K). Others as in UltraMem: qk_norm, norm_type, share_query, norm_eps, seed.
+    candidate_m m (None: K). Others as in UltraMem: proxy_search "signed" (the release) | "two_sided"
+    (labcore's: also the m most negative proxies), qk_norm, norm_type, share_query, norm_eps, seed.
     """
 
     d_model: int
@@ -206,6 +207,7 @@ class UltraMemV2Config:
     norm_type: str = "layernorm"
     share_query: bool = True
     candidate_m: int | None = None
+    proxy_search: str = "signed"
     balance_loss: bool = False
     balance_coef: float = 0.001
     init: str = "release"
@@ -229,6 +231,7 @@ class UltraMemV2Config:
         for name in ("query_per_rank", "pre_values", "pre_gelu", "qk_norm", "share_query", "balance_loss"):
             check_bool(o, name, getattr(self, name))
         check_choice(o, "projection", self.projection, PROJECTIONS)
+        check_choice(o, "proxy_search", self.proxy_search, PROXY_SEARCHES)
         check_choice(o, "init", self.init, INITS)
         check_choice(o, "norm_type", self.norm_type, NORM_TYPES)
         check_choice(o, "value_lr_schedule", self.value_lr_schedule, VALUE_LR_SCHEDULES)
@@ -335,7 +338,7 @@ class UltraMemV2Config:
 
         Matrix products (what ``FlopCounterMode`` counts): "query", "key_scores" (R * n_s * D_k MACs
         per side per head), "proxies" (R * n_s per side per head), "candidates" (m*R^2 + m^2*R per
-        head), "mcs" (S_row[:, i]^T [C^(1)..C^(h)]: h*R^2 per selected cell, h > 1), "pre_proj"
+        head, twice with ``proxy_search="two_sided"``), "mcs" (S_row[:, i]^T [C^(1)..C^(h)]: h*R^2 per selected cell, h > 1), "pre_proj"
         (D*D_p), "pre_dot" (D_p per selected slot), "projection" (proj_in*D); with balance_loss
         "balance_proxies" (the proxies again; ``detailed_aux`` computes them for the report even
         with the switch off, uncounted). Not matrix products: "mcs_dot" (h*R per
@@ -344,11 +347,12 @@ class UltraMemV2Config:
         """
         D, H, Hq, Dk, R, Rq = self.d_model, self.heads, self.q_heads, self.k_dim, self.rank, self.q_ranks
         h, ns, Dv, Dp, K, m = self.n_cores, self.n_side, self.d_v, self.d_p, self.top_k, self.m
+        quadrants = 2 if self.proxy_search == "two_sided" else 1            # I+ x J+ (, I- x J-)
         parts = {
             "query": 2 * D * Hq * 2 * Rq * Dk,
             "key_scores": 2 * H * 2 * R * ns * Dk,                          # U2 eq. 6
             "proxies": 2 * H * 2 * R * ns,
-            "candidates": 2 * H * (m * R * R + m * m * R),                  # U2 eq. 7 on I x J
+            "candidates": 2 * H * quadrants * (m * R * R + m * m * R),      # U2 eq. 7 on I x J
             "mcs": 2 * H * K * h * R * R if h > 1 else 0,
             "mcs_dot": 2 * H * K * h * R if h > 1 else 0,
             "pre_proj": 2 * D * Dp,
@@ -402,7 +406,8 @@ def _selected_moments(cfg: UltraMemV2Config, core: Tensor, uv: Tensor) -> tuple[
     c = cfg
     gen = torch.Generator().manual_seed(c.seed + 1)
     z = torch.randn((2, c.calib_samples, c.heads, c.rank, c.n_side), generator=gen, dtype=torch.float64)
-    scores = tucker_search(z, uv.to(torch.float64), core.to(torch.float64), c.m, c.top_k)[1]  # (samples, H, K)
+    scores = tucker_search(z, uv.to(torch.float64), core.to(torch.float64), c.m, c.top_k,
+                           c.proxy_search)[1]                               # (samples, H, K)
     mu = scores.mean().item()
     if not mu > 0:
         raise RuntimeError(f"UltraMemV2 paper init: mean selected score at unit scale is {mu}; cannot "
@@ -648,7 +653,7 @@ class UltraMemV2(nn.Module):
         """:meth:`search` on S (2, N_tok, H, R, n_s), plus the balance-loss sums when asked."""
         c = self.cfg
         core_sum, uv = self._search_params(s.dtype)                         # C (H, R, R), (u, t) (2, H, R)
-        cells, scores, vecs = tucker_search(s, uv, core_sum, c.m, c.top_k)  # (2, N_tok, H, K), ..., (2, N_tok, H, R, K)
+        cells, scores, vecs = tucker_search(s, uv, core_sum, c.m, c.top_k, c.proxy_search)  # (2, N_tok, H, K), ...
         slots = cells[0] * c.n_side + cells[1]                              # virtual slot v = i*n_s + j
         if c.n_cores == 1:
             per_core = scores.unsqueeze(-1)
@@ -863,8 +868,9 @@ class UltraMemV2(nn.Module):
 
 def ultramem_v2_reference(layer: UltraMemV2, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-token UltraMemV2, written out: for every token and head, each rank component's side
-    scores with its own query, the proxies u^T S_row and t^T S_col, their m best rows and columns,
-    every candidate cell scored with the summed core, the K best, per-core scores, the pre-value
+    scores with its own query, the proxies u^T S_row and t^T S_col, their m best rows and columns
+    (and the m most negative with ``proxy_search="two_sided"``), every candidate cell scored with
+    the summed core, the K best, per-core scores, the pre-value
     weight <P_pre[row], W_pre x>, a python loop adding w^(c) * V[row, chunk c] into the buffer
     (one buffer, or block p's with ``projection="per_block"``), then the projection; and the
     balance loss from the per-token proxies and picks.
@@ -906,7 +912,10 @@ def ultramem_v2_reference(layer: UltraMemV2, x: Tensor) -> tuple[Tensor, Tensor,
                 for j in picks[side]:
                     hits[side, j] += 1
             core = layer.cores[:, head].sum(0)                              # summed core (R, R)
-            cells = [(i, j) for i in picks[0] for j in picks[1]]
+            cells = [(i, j) for i in picks[0] for j in picks[1]]            # I+ x J+
+            if c.proxy_search == "two_sided":                               # U I- x J- (each cell once)
+                lows = [(-p).topk(m).indices.tolist() for p in proxies]
+                cells += [(i, j) for i in lows[0] for j in lows[1] if (i, j) not in cells]
             cand = torch.stack([S[0][:, i] @ core @ S[1][:, j] for i, j in cells])
             order = cand.topk(K).indices.tolist()                           # descending
             for o in order:

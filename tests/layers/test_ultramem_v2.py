@@ -65,6 +65,7 @@ SWITCHES = {
     "rank3-1core-m5": dict(rank=3, n_cores=1, candidate_m=5, top_k=4, expansion=4),
     "rmsnorm-balance": dict(norm_type="rmsnorm", balance_loss=True, balance_coef=0.5, expansion=4),
     "no-qk-norm": dict(qk_norm=False, heads=2, expansion=9),
+    "two-sided-search": dict(proxy_search="two_sided", expansion=4, heads=2, balance_loss=True),
 }
 
 
@@ -121,6 +122,7 @@ V1_CASES = {
     "E4-per_block": dict(expansion=4, projection="per_block"),
     "E4-per_block-1core-rmsnorm-m4": dict(expansion=4, projection="per_block", n_cores=1, norm_type="rmsnorm",
                                           candidate_m=4, heads=2),
+    "E4-per_block-two-sided": dict(expansion=4, projection="per_block", proxy_search="two_sided"),
 }
 
 
@@ -133,7 +135,7 @@ def test_v1_settings_compute_what_ultramem_computes(kw):
     v1_cfg = UltraMemConfig(d_model=c.d_model, n_keys=c.n_keys, heads=c.heads, k_dim=c.k_dim, top_k=c.top_k,
                             d_value=c.d_value, rank=c.rank, n_cores=c.n_cores, expansion=c.expansion,
                             share_query=c.share_query, candidate_m=c.candidate_m, norm_type=c.norm_type,
-                            seed=c.seed)
+                            proxy_search=c.proxy_search, seed=c.seed)
     torch.manual_seed(3)
     v1 = UltraMem(v1_cfg).to(F64)
     with torch.no_grad():
@@ -476,7 +478,7 @@ def test_refresh_retrieval_is_ultramems():
 # cost
 # ---------------------------------------------------------------------------------------------
 
-COST_CASES = [dict(), dict(expansion=4, heads=2, share_query=False, projection="per_block"),
+COST_CASES = [dict(), dict(expansion=4, heads=2, share_query=False, projection="per_block", proxy_search="two_sided"),
               dict(pre_values=False, d_pre=None, query_per_rank=False, n_cores=1, qk_norm=False)]
 
 
@@ -540,6 +542,7 @@ BAD = [
     (dict(n_keys=0), "n_keys=0"),
     (dict(d_model=-4), "d_model=-4"),
     (dict(projection="shared"), "projection='shared'"),
+    (dict(proxy_search="both"), "proxy_search='both'"),
     (dict(init="xavier"), "init='xavier'"),
     (dict(norm_type="batchnorm"), "norm_type='batchnorm'"),
     (dict(pre_values=False), "d_pre=4"),
