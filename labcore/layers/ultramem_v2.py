@@ -61,7 +61,8 @@ on each side's first-stage picks, summed over the two sides::
 
     L_bal = sum_{side} n_s * sum_j f_j p_j
     p_j = mean over (tokens, heads) of softmax_j(proxy),  proxy = u^T S_row (rows) or t^T S_col
-    f_j = fraction of the top-m picks of that side that land on key j (no gradient)
+    f_j = fraction of the top-m picks of that side that land on key j (no gradient; the m largest
+          proxies, the release's definition, also with ``proxy_search="two_sided"``)
 
 It is reported in ``aux.losses["balance"]`` whenever it is computed (``balance_loss`` or
 ``detailed_aux``) and added as ``balance_coef * L_bal`` to ``aux.aux_loss`` only with
