@@ -21,7 +21,7 @@ n      keys per side of the physical window (``n_keys``); N = n^2 physical rows 
 n_s    keys per side searched: sqrt(E) * n; the grid has n_s^2 = E*N virtual slots
 m      candidate rows / columns per side (``candidate_m``, default K)
 D_v    value width (``d_value``)              D_p  pre-value width (``d_pre``)
-P      rows of the value pool the layer reads from (N without a shared pool)
+N_pool rows of the value pool the layer reads from (N without a shared pool)
 
 The mechanism, for one token x (docs/mechanisms.md §3.1)
 --------------------------------------------------------
@@ -40,7 +40,7 @@ chunk c of the value vector (MCS). Slot v_k = i_k * n_s + j_k is a virtual slot;
 permutation P (seeded by ``cfg.seed``) maps it to a physical row and a block, as in UltraMem::
 
     P[v] = p * N + r,     physical row r in the window,  block p (U2 eq. 8)
-    pool row(v) = (r + window_start) mod P                 the layer's ring window in the pool
+    pool row(v) = (r + window_start) mod N_pool            the layer's ring window in the pool
 
 Pre-values (``pre_values``; U2 eqs. 13-15, release ``pre_vdim``): a second table P_pre (one row per
 pool row, width D_p) and a projection W_pre: D -> D_p give every selected slot an input-dependent
@@ -70,11 +70,11 @@ It is reported in ``aux.losses["balance"]`` whenever it is computed (``balance_l
 
 Shared pool with ring windows (release ``share_ratio``; U2 §4.2 "shared value tables")
 --------------------------------------------------------------------------------------
-All memory layers of a model may read one pool of P rows (values and pre-values alike). Layer l
+All memory layers of a model may read one pool of N_pool rows (values and pre-values alike). Layer l
 reads the N = n^2 rows starting at its ``window_start``, wrapping around the end of the pool, so
 neighbouring layers overlap. :func:`ring_window` computes (window_start, n) from (layer index,
-number of memory layers, P, share_ratio) exactly as the release does: window_start = l * P / L and
-n = floor(sqrt(P * share_ratio)). :func:`value_pool` builds the pool tables with this config's init.
+number of memory layers, N_pool, share_ratio) exactly as the release does: window_start =
+l * N_pool / L and n = floor(sqrt(N_pool * share_ratio)). :func:`value_pool` builds the pool tables with this config's init.
 The layer takes them as ``UltraMemV2(cfg, values=pool, pre_values=pre_pool, window_start=start)``.
 
 Value learning rate (U2 §4.2: a constant 1x ends better than UltraMem's decay on long runs)
@@ -468,9 +468,9 @@ class RingWindow:
 def ring_window(layer_index: int, n_layers: int, pool_size: int, share_ratio: float = 1.0) -> RingWindow:
     """The ring window of memory layer ``layer_index`` of ``n_layers`` in a pool of ``pool_size`` rows.
 
-    As the release (``olmo/ultramem_layer_v2.py``): the pool holds n_layers equal home segments of
-    P / L rows; layer l's window starts at its segment, start = l * P / L, and holds
-    n^2 rows with n = floor(sqrt(P * share_ratio)), wrapping around the end of the pool. With
+    As the release (``olmo/ultramem_layer_v2.py``): the pool holds L = n_layers equal home segments
+    of N_pool / L rows; layer l's window starts at its segment, start = l * N_pool / L, and holds
+    n^2 rows with n = floor(sqrt(N_pool * share_ratio)), wrapping around the end of the pool. With
     share_ratio = g / L every layer reads g segments (its own and the next g - 1), i.e. sqrt(g)
     times the keys per side of an unshared layer (U2 §4.2: "ring" sharing over g tables);
     share_ratio = 1 gives every layer the whole pool, rotated.
@@ -483,7 +483,7 @@ def ring_window(layer_index: int, n_layers: int, pool_size: int, share_ratio: fl
     if pool_size % n_layers:
         raise ConfigError(f"ring_window.pool_size={pool_size!r} is not allowed: must be a multiple of "
                           f"n_layers={n_layers} (one home segment per layer)")
-    n = math.isqrt(math.floor(pool_size * share_ratio + 1e-9))             # release: int(sqrt(P * ratio))
+    n = math.isqrt(math.floor(pool_size * share_ratio + 1e-9))             # release: int(sqrt(N_pool * ratio))
     if n < 1:
         raise ConfigError(f"ring_window.share_ratio={share_ratio!r} is not allowed: must be >= 1 / pool_size "
                           f"= {1 / pool_size!r} (a window of at least one row)")
@@ -526,8 +526,8 @@ class UltraMemV2Aux(LayerAux):
 class UltraMemV2(nn.Module):
     """UltraMemV2 layer: ``y, aux = layer(x)`` with x (B, T, D) or (N_tok, D); see the module doc.
 
-    ``values`` / ``pre_values``: an optional shared pool (``nn.Embedding(P, D_v)`` /
-    ``nn.Embedding(P, D_p)``, e.g. from :func:`value_pool`), used as is; the layer reads its
+    ``values`` / ``pre_values``: an optional shared pool (``nn.Embedding(N_pool, D_v)`` /
+    ``nn.Embedding(N_pool, D_p)``, e.g. from :func:`value_pool`), used as is; the layer reads its
     N = n_keys^2 rows from ``window_start`` on, wrapping around (:func:`ring_window`). Call
     :meth:`refresh_retrieval` once per optimiser step (``labcore.optim.refresh_all`` does).
     """
@@ -551,11 +551,11 @@ class UltraMemV2(nn.Module):
         self.register_buffer("t", torch.zeros(H, R))                       # rank-1 proxy, columns
         own_values = values is None
         self.values, self.pre_values = self._pool_tables(values, pre_values, window_start)
-        self.pool_size = self.values.num_embeddings                         # P
+        self.pool_size = self.values.num_embeddings                         # N_pool
         self.window_start = window_start
-        tag_param(self.values.weight, "memory_values")                     # V: (P, D_v)
+        tag_param(self.values.weight, "memory_values")                     # V: (N_pool, D_v)
         if self.pre_values is not None:
-            tag_param(self.pre_values.weight, "memory_values")             # P_pre: (P, D_p)
+            tag_param(self.pre_values.weight, "memory_values")             # P_pre: (N_pool, D_p)
         self.pre_proj = nn.Linear(c.d_model, c.d_p, bias=False) if c.pre_values else None  # W_pre
         self.value_proj = nn.Linear(c.proj_in, c.d_model, bias=False)       # W (U2 eq. 12) or [W_p] (eq. 9)
         if c.expansion > 1:                                                 # virtual -> (block, row) shuffle
@@ -591,8 +591,8 @@ class UltraMemV2(nn.Module):
                 raise TypeError(f"UltraMemV2: {name} must be an nn.Embedding, got {type(table).__name__}")
             rows, cols = table.weight.shape
             if cols != width or rows < c.n_slots or rows != values.weight.shape[0]:
-                raise ConfigError(f"UltraMemV2: {name}.weight has shape {(rows, cols)}; must be (P, {width}) "
-                                  f"with P >= n_keys**2 = {c.n_slots} rows, the same P for values and pre_values")
+                raise ConfigError(f"UltraMemV2: {name}.weight has shape {(rows, cols)}; must be (N_pool, {width}) "
+                                  f"with N_pool >= n_keys**2 = {c.n_slots} rows, the same N_pool for values and pre_values")
         check_int("UltraMemV2", "window_start", window_start, min_value=0, max_value=values.weight.shape[0] - 1)
         return values, pre_values
 
@@ -707,7 +707,7 @@ class UltraMemV2(nn.Module):
         return F.linear(pooled.view(n_tok, c.expansion * c.d_v), self._proj_weight())  # sum_p W_p^T pooled_p
 
     def value_chunks(self) -> Tensor:
-        """The pool viewed as (P*h, D_v/h): row r*h + c = V[r, chunk c] (no copy)."""
+        """The pool viewed as (N_pool*h, D_v/h): row r*h + c = V[r, chunk c] (no copy)."""
         c = self.cfg
         return self.values.weight.view(self.pool_size * c.n_cores, c.d_v // c.n_cores)
 
@@ -835,7 +835,7 @@ class UltraMemV2(nn.Module):
                            lambda: (self.cores.sum(0), torch.stack((self.u, self.t)).to(dtype)))
 
     def _virtual_rows(self) -> tuple[Tensor, Tensor]:
-        """(E*N,) block p and pool row of every virtual slot: P[v] = p*N + r, row = (r + start) mod P."""
+        """(E*N,) block p and pool row of every virtual slot: P[v] = p*N + r, row = (r + start) mod N_pool."""
         c = self.cfg
         v = self.perm if self.perm is not None else torch.arange(c.n_slots, device=self.values.weight.device)
         return v // c.n_slots, (v % c.n_slots + self.window_start) % self.pool_size
@@ -845,7 +845,7 @@ class UltraMemV2(nn.Module):
         return self.slot_rows
 
     def _block_key(self) -> Tensor:
-        """(E*N,) ``(p*P + row) * h``: :func:`labcore.layers.fast.bags.ive_key_table` of the shuffle
+        """(E*N,) ``(p*N_pool + row) * h``: :func:`labcore.layers.fast.bags.ive_key_table` of the shuffle
         shifted into the window, so that ``value_bags`` groups by block over the pool's rows."""
         def compute() -> Tensor:
             block, row = self._virtual_rows()
