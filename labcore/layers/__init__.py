@@ -7,6 +7,8 @@ ffn.py       FFNConfig / DenseFFN        SwiGLU MLP, the dense baseline (registe
 moe.py       MoEConfig / MoE             top-k routed SwiGLU experts (3 router conventions)
 pkm.py       PKMConfig / PKM             product-key memory (Lample et al. 2019)
 ultramem.py  UltraMemConfig / UltraMem   TDQKR, multi-core scoring, IVE and every Table 2 switch
+ultramem_v2  UltraMemV2Config /          UltraMemV2: one value projection, pre-value weights, key
+  .py        UltraMemV2                  balance loss, ring-shared value pools (arXiv 2508.18756)
 memory_plus  MemoryPlusConfig /          Memory Layers at Scale: PKM read, SiLU-gated output
   .py        MemoryPlus                  projection, optional qk-norm (arXiv 2412.09764)
 peer.py      PEERConfig / PEER           single-neuron experts chosen by product keys (arXiv 2407.04153)
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 # isort: off
 # Each file registers its layer when imported; this order is the order of tables, legends and families.
-from labcore.layers import ffn, moe, pkm, ultramem, memory_plus, peer  # noqa: F401
+from labcore.layers import ffn, moe, pkm, ultramem, ultramem_v2, memory_plus, peer  # noqa: F401
 # isort: on
 from labcore.layers.base import ConfigError, LayerAux, LayerCost
 from labcore.layers.ffn import DenseFFN, FFNConfig
@@ -45,7 +47,9 @@ from labcore.layers.registry import (
     unregister,
 )
 from labcore.layers.ultramem import UltraMem, UltraMemConfig
+from labcore.layers.ultramem_v2 import UltraMemV2, UltraMemV2Config
 
 __all__ = ["ConfigError", "LayerAux", "LayerCost", "DenseFFN", "FFNConfig", "MoE", "MoEConfig", "PKM",
-           "PKMConfig", "UltraMem", "UltraMemConfig", "MemoryPlus", "MemoryPlusConfig", "PEER", "PEERConfig", "LAYERS", "LayerSpec", "build", "get", "memory_spec",
+           "PKMConfig", "UltraMem", "UltraMemConfig", "UltraMemV2", "UltraMemV2Config", "MemoryPlus", "MemoryPlusConfig",
+           "PEER", "PEERConfig", "LAYERS", "LayerSpec", "build", "get", "memory_spec",
            "names", "register", "spec_for", "specs", "unregister"]

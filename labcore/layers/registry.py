@@ -32,7 +32,7 @@ model (None: one memory beside the middle block's FFN).
 gather inside it (None: those columns stay empty).
 
 The registration order is the order of tables, figure legends and the equal-budget family:
-``labcore.layers`` imports ffn ("dense"), moe, pkm, ultramem, memory_plus, peer.
+``labcore.layers`` imports ffn ("dense"), moe, pkm, ultramem, ultramem_v2, memory_plus, peer.
 """
 
 from __future__ import annotations

@@ -48,8 +48,9 @@ def test_build_and_contract(cfg):
 
 
 def test_the_layers_register_in_order_with_distinct_colours_and_the_family_is_opt_in():
-    assert names() == ("dense", "moe", "pkm", "ultramem", "memory_plus", "peer")
-    assert names("memory") == ("pkm", "ultramem", "memory_plus", "peer") and names("ffn") == ("dense", "moe")
+    assert names() == ("dense", "moe", "pkm", "ultramem", "ultramem_v2", "memory_plus", "peer")
+    assert names("memory") == ("pkm", "ultramem", "ultramem_v2", "memory_plus", "peer")
+    assert names("ffn") == ("dense", "moe")
     assert [get(n).label for n in names()[:4]] == ["Dense", "MoE", "PKM", "UltraMem"]
     assert len({get(n).color for n in names()}) == len(names())
     # Memories without family_kwargs are left out of the default family, but can be named.
