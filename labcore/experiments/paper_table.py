@@ -41,7 +41,7 @@ from labcore.experiments.core import Variant, paired_deltas, run_variants, summa
 from labcore.experiments.figures import deltas_figure, history_lines, variants_figure
 from labcore.experiments.params import PAPER_VAL_DELTAS, ROWS, PaperTableParams
 from labcore.layers.ultramem import UltraMemConfig
-from labcore.model import SparsePlan, spread_placements
+from labcore.lm.model import SparsePlan, spread_placements
 
 NOTEBOOK = "05_paper_table"
 

@@ -28,7 +28,7 @@ from labcore.experiments.core import Variant, paired_deltas, run_variants, summa
 from labcore.experiments.figures import deltas_figure, variants_figure
 from labcore.experiments.params import SplittingParams
 from labcore.layers.ultramem import UltraMemConfig
-from labcore.model import LM, ModelConfig, SparsePlan, spread_placements
+from labcore.lm.model import LM, ModelConfig, SparsePlan, spread_placements
 from labcore.plots import label
 from labcore.profiling.cost_model import layer_step_cost
 from labcore.profiling.timer import time_fn

@@ -32,7 +32,7 @@ from labcore.experiments.core import Variant, paired_deltas, run_variants, summa
 from labcore.experiments.figures import deltas_figure, history_lines, variants_figure
 from labcore.experiments.params import TDQKRParams
 from labcore.layers.ultramem import UltraMem, UltraMemConfig, ultramem_reference
-from labcore.model import SparsePlan
+from labcore.lm.model import SparsePlan
 
 NOTEBOOK = "01_tdqkr"
 PAPER_RANK_DELTAS = {"R=2": -0.008, "R=3": -0.0084, "R=4": -0.0082}
