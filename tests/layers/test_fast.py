@@ -26,7 +26,8 @@ from labcore.layers.fast.topk import block_size, exact_topk, ordered_int32, torc
 # ---------------------------------------------------------------------------------------------
 
 # exact_topk (the compiled topk_rows when built, see test_compiled_*.py) and the PyTorch path
-TOPKS = pytest.mark.parametrize("topk", [exact_topk, torch_exact_topk], ids=["exact_topk", "torch_exact_topk"])
+TOPKS = pytest.mark.parametrize("topk", [exact_topk, torch_exact_topk],
+                                ids=["exact_topk", "torch_exact_topk"])
 
 
 def test_ordered_int32_orders_like_the_floats():

@@ -247,9 +247,10 @@ BENCH_CASES = (
 
 
 def bench_topk(tokens: int = 4096, threads: int = 2, repeats: int = 9, seed: int = 0) -> list[dict]:
-    """Time ``topk_rows``, the PyTorch path ``torch_exact_topk`` (column "exact_topk") and ``torch.topk`` on the PKM / UltraMem search shapes,
-    interleaved in one process (best of ``repeats`` rounds: the machine may be shared, and the minimum
-    is the least disturbed run). Returns one dict per case (ms)."""
+    """Time ``topk_rows``, the PyTorch path ``torch_exact_topk`` (column "exact_topk") and
+    ``torch.topk`` on the PKM / UltraMem search shapes, interleaved in one process (best of
+    ``repeats`` rounds: the machine may be shared, and the minimum is the least disturbed run).
+    Returns one dict per case (ms)."""
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(seed)
@@ -299,7 +300,8 @@ def bench_side(tokens: int = 4096, threads: int = 2, repeats: int = 9, seed: int
             kt = keys.transpose(1, 2)
 
             def readable(q=q, kt=kt, k=k):
-                return [fast_topk.torch_exact_topk(torch.bmm(qc, kt), k, sorted=True) for qc in q.split(chunk, dim=1)]
+                return [fast_topk.torch_exact_topk(torch.bmm(qc, kt), k, sorted=True)
+                        for qc in q.split(chunk, dim=1)]
 
             fns = {"bmm+exact_topk": readable}
             if available():
