@@ -185,7 +185,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from labcore.report import write_report
+    from labcore.viz.report import write_report
 
     if not args.sweep_dir.is_dir():
         print(f"error: sweep directory {args.sweep_dir} does not exist", file=sys.stderr)

@@ -201,7 +201,7 @@ def test_repo_path_resolves_relative_paths_against_the_checkout(tmp_path):
 def test_key_tables_are_written_atomically_and_shown_first_in_the_report(tmp_path):
     import pandas as pd
 
-    from labcore.report import write_report
+    from labcore.viz.report import write_report
     from labcore.results import RunDir
 
     sweep = tmp_path / "sw"

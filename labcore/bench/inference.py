@@ -1,6 +1,6 @@
 """Inference-cost lab: decode-step latency and memory access of Dense, MoE, PKM and UltraMem vs batch size.
 
-The UltraMem paper's Figure 1 (papers.md §2.2): at equal compute, an MoE with ~12x the parameters
+The UltraMem paper's Figure 1 (docs/mechanisms.md §2.2): at equal compute, an MoE with ~12x the parameters
 of a dense model decodes 2-6x slower, because a decode step of B tokens touches almost all experts
 (whole experts are the unit of sparsity), while UltraMem touches only ~B*H*K value rows of millions
 and stays close to dense. ``labcore bench inference`` measures that on this machine.
@@ -36,7 +36,7 @@ latency_s, latency_iqr_s   median and interquartile range of the step's wall tim
 predicted_s                roofline of the cost model, max(bytes / copy bandwidth, FLOPs / matmul peak),
                            with this machine's measured ceilings (labcore.profiling.ceilings)
 bytes_accessed             bytes the step actually touched: dense parameters once + the distinct
-                           experts / value rows counted from ``aux.indices`` (papers.md §7.2's quantity,
+                           experts / value rows counted from ``aux.indices`` (docs/mechanisms.md §7.2's quantity,
                            the paper's "memory access")
 bytes_predicted            the cost model's expectation of the same (eq. 7.2b)
 bytes_streamed             bytes a non-deduplicating gather reads: dense + every selected unit, repeats
@@ -53,16 +53,16 @@ gather_s, gather_*         the gather inside the read alone (one ``F.embedding_b
                            scores, top-k search, IVE bookkeeping, projection) is compute
 overlap_*                  GPU only, UltraMem model: the skip-layer overlap (below); NaN elsewhere
 
-Skip-layer overlap (papers.md §1.2). An UltraMem memory placed at "k:v" reads block k's FFN input
+Skip-layer overlap (docs/mechanisms.md §1.2). An UltraMem memory placed at "k:v" reads block k's FFN input
 and is added after block v, so its (memory-bound) lookup may run concurrently with the (compute-bound)
 blocks k..v. On a GPU the bench times the memory alone, blocks k..v alone, and both launched on two
 CUDA streams; ``overlap_frac = (t_mem + t_dense - t_both) / min(t_mem, t_dense)`` is 1 for perfect
 overlap and 0 for none. On CPU it is not measured (one stream of execution; PyTorch CPU ops already
 use the cores), and the bench says so.
 
-Outputs: ``inference.parquet`` (the tidy table, atomic write) and ``inference.html`` (an interactive
-plotly figure: (a) latency vs B, (b) memory access vs B, both log-log, measured and predicted; (c) the
-MoE / UltraMem latency ratio per batch size), in ``out_dir``.
+Outputs: ``inference.parquet`` (the tidy table, atomic write) and ``inference.html`` (the interactive
+plotly figure of ``labcore.viz.bench.inference_figure``: (a) latency vs B, (b) memory access vs B,
+both log-log, measured and predicted; (c) the MoE / UltraMem latency ratio per batch size), in ``out_dir``.
 
 Bad input (non-positive batch size, unknown model name, unknown dtype, an unavailable device, or
 models that would not fit in memory: parameters + activations at the largest B, estimated before
@@ -88,6 +88,7 @@ from labcore.profiling.ceilings import DTYPES, Ceilings, dtype_name, get_ceiling
 from labcore.profiling.cost_model import layer_step_cost, model_step_cost, touched_bytes
 from labcore.profiling.memory import available_memory_bytes
 from labcore.profiling.timer import resolve_device, time_fn
+from labcore.viz.bench import inference_figure
 
 MODELS = ("dense", "moe", "pkm", "ultramem")
 DEFAULT_BATCHES = tuple(2**i for i in range(13))  # 1, 2, 4, ..., 4096
@@ -467,8 +468,6 @@ def _row(common: dict, scope: str, B: int, t, pred, accessed: float, extra: dict
 
 COLORS = {"dense": "#636efa", "moe": "#ef553b", "pkm": "#00cc96", "ultramem": "#ab63fa"}
 LABELS = {"dense": "Dense", "moe": "MoE", "pkm": "PKM", "ultramem": "UltraMem"}
-X_TITLE = "batch size B (sequences, one new token each)"
-Y_TITLES = ("latency per decode step (ms)", "memory accessed per step (MB)", "latency MoE / UltraMem (x)")
 
 
 def moe_ultramem_ratio(df: pd.DataFrame, scope: str = "model") -> pd.DataFrame:
@@ -482,45 +481,6 @@ def moe_ultramem_ratio(df: pd.DataFrame, scope: str = "model") -> pd.DataFrame:
         "latency_ratio": (moe.loc[common, "latency_s"] / um.loc[common, "latency_s"]).to_numpy(),
         "bytes_ratio": (moe.loc[common, "bytes_accessed"] / um.loc[common, "bytes_accessed"]).to_numpy(),
     })
-
-
-def inference_figure(df: pd.DataFrame, scope: str = "model"):
-    """Figure 1 on this machine: (a) latency vs B, (b) memory access vs B (measured solid, cost model
-    dashed), (c) MoE / UltraMem latency ratio per batch size."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    d = df[df["scope"] == scope].sort_values(["model", "batch"])
-    fig = make_subplots(rows=1, cols=3, subplot_titles=(
-        f"(a) decode-step latency ({scope})", f"(b) memory access ({scope})", "(c) MoE / UltraMem latency"))
-    for name in [m for m in MODELS if m in set(d["model"])]:
-        g = d[d["model"] == name]
-        color, label = COLORS[name], LABELS[name]
-        fig.add_trace(go.Scatter(x=g["batch"], y=g["latency_s"] * 1e3, mode="lines+markers", name=f"{label}",
-                                 legendgroup=name, line={"color": color},
-                                 error_y={"type": "data", "array": g["latency_iqr_s"] * 1e3, "visible": True}),
-                      row=1, col=1)
-        fig.add_trace(go.Scatter(x=g["batch"], y=g["predicted_s"] * 1e3, mode="lines", name=f"{label} (roofline)",
-                                 legendgroup=name, line={"color": color, "dash": "dash"}), row=1, col=1)
-        fig.add_trace(go.Scatter(x=g["batch"], y=g["bytes_accessed"] / 1e6, mode="lines+markers",
-                                 name=f"{label} memory access", legendgroup=name, line={"color": color},
-                                 showlegend=False), row=1, col=2)
-        fig.add_trace(go.Scatter(x=g["batch"], y=g["bytes_predicted"] / 1e6, mode="lines",
-                                 name=f"{label} memory access (cost model)", legendgroup=name,
-                                 line={"color": color, "dash": "dash"}, showlegend=False), row=1, col=2)
-    ratio = moe_ultramem_ratio(df, scope)
-    if len(ratio):
-        fig.add_trace(go.Scatter(x=ratio["batch"], y=ratio["latency_ratio"], mode="lines+markers+text",
-                                 name="MoE / UltraMem latency", text=[f"{r:.1f}x" for r in ratio["latency_ratio"]],
-                                 textposition="top center", line={"color": "black"}), row=1, col=3)
-    for col in (1, 2, 3):
-        fig.update_xaxes(type="log", title_text=X_TITLE, row=1, col=col)
-        fig.update_yaxes(title_text=Y_TITLES[col - 1], row=1, col=col, type="log" if col < 3 else "linear")
-    dev = d["device"].iloc[0] if len(d) else "?"
-    fig.update_layout(title=f"Decode-step cost vs batch size on {dev} (equal activated compute; "
-                            "MoE/PKM/UltraMem at equal total parameters; no KV cache)",
-                      height=480, width=1500, legend={"orientation": "h", "y": -0.25})
-    return fig
 
 
 def _atomic(path: Path, write: Callable[[str], None]) -> None:
@@ -541,7 +501,8 @@ def write_outputs(df: pd.DataFrame, out_dir: str | os.PathLike) -> tuple[Path, P
     out = Path(out_dir)
     pq, html = out / "inference.parquet", out / "inference.html"
     _atomic(pq, lambda p: df.to_parquet(p, index=False))
-    fig = inference_figure(df, "model" if (df["scope"] == "model").any() else "layer")
+    scope = "model" if (df["scope"] == "model").any() else "layer"
+    fig = inference_figure(df, moe_ultramem_ratio(df, scope), LABELS, COLORS, scope)
     _atomic(html, lambda p: fig.write_html(p, include_plotlyjs=True, full_html=True))
     return pq, html
 
@@ -643,6 +604,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = ["COLUMNS", "DEFAULT_BATCHES", "MODELS", "check_fits", "default_configs", "estimate_bytes",
-           "format_table", "inference_figure", "main", "measure_overlap", "moe_ultramem_ratio",
+           "format_table", "main", "measure_overlap", "moe_ultramem_ratio",
            "run_inference_bench", "write_outputs"]
 

@@ -22,9 +22,9 @@ from labcore.bench.inference import moe_ultramem_ratio, run_inference_bench
 from labcore.budget import equal_budget_family, model_budget
 from labcore.experiments.common import LabParams, lab_run, save_outputs
 from labcore.experiments.core import Variant, paired_deltas, run_variants, summarize
-from labcore.experiments.figures import deltas_figure, variants_figure
 from labcore.layers.base import check_float
-from labcore.plots import latency_vs_batch_figure
+from labcore.viz.figures import deltas_figure, variants_figure
+from labcore.viz.plots import latency_vs_batch_figure
 
 NOTEBOOK = "04_architectures"
 ARCHS = ("dense", "moe", "pkm", "ultramem")

@@ -38,10 +38,10 @@ import pandas as pd
 
 from labcore.experiments.common import LabParams, lab_run, save_outputs
 from labcore.experiments.core import Variant, paired_deltas, run_variants, summarize
-from labcore.experiments.figures import deltas_figure, history_lines, variants_figure
 from labcore.layers.base import check_int
 from labcore.layers.ultramem import UltraMemConfig
 from labcore.model import SparsePlan, spread_placements
+from labcore.viz.figures import deltas_figure, history_lines, variants_figure
 
 NOTEBOOK = "05_paper_table"
 

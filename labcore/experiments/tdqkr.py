@@ -29,10 +29,10 @@ import torch
 
 from labcore.experiments.common import LabParams, lab_run, save_outputs
 from labcore.experiments.core import Variant, paired_deltas, run_variants, summarize
-from labcore.experiments.figures import deltas_figure, history_lines, variants_figure
 from labcore.layers.base import check_int
 from labcore.layers.ultramem import UltraMem, UltraMemConfig, ultramem_reference
 from labcore.model import SparsePlan
+from labcore.viz.figures import deltas_figure, history_lines, variants_figure
 
 NOTEBOOK = "01_tdqkr"
 PAPER_RANK_DELTAS = {"R=2": -0.008, "R=3": -0.0084, "R=4": -0.0082}

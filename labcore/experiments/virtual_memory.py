@@ -22,10 +22,10 @@ import pandas as pd
 
 from labcore.experiments.common import LabParams, lab_run, save_outputs
 from labcore.experiments.core import Variant, paired_deltas, run_variants, summarize
-from labcore.experiments.figures import deltas_figure, variants_figure, xy_figure
 from labcore.layers.base import check_int, is_perfect_square
 from labcore.layers.ultramem import UltraMemConfig
 from labcore.model import SparsePlan
+from labcore.viz.figures import deltas_figure, variants_figure, xy_figure
 
 NOTEBOOK = "03_virtual_memory"
 PAPER_VAL_DELTAS = {"E=4": -0.017, "E=9": -0.025, "E=16": -0.027}

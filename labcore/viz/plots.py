@@ -1,207 +1,16 @@
-"""Plots: pure functions, a table or a tour record in, a plotly Figure out. No I/O, no state.
+"""Results figures: a ``labcore.results`` table in, a plotly Figure out. No I/O, no state.
 
-Every figure carries axis titles with units (counts, fractions, ms, tokens, "a.u." for raw scores)
-and uses the package notation (B, T, D, E, K, H, N, R, n). Two families:
-
-- tour figures (``labcore.tour`` records): MoE router probabilities, score grids of PKM / TDQKR
-  with the selected cells marked, the topology-bias bars, the IVE virtual grid coloured by block,
-  and load bars (tokens per expert, hits per value slot);
-- results figures (``labcore.results`` tables): metric vs a swept parameter, training history
-  lines, latency vs batch size on log axes.
-
-Static export (PNG/SVG via kaleido) is the caller's business: ``fig.write_image(path)``.
+Metric vs a swept parameter, training-history lines, latency vs batch size on log axes. Axis titles
+come from :func:`labcore.viz.style.label` (the column with its unit). The tour's drawings are in
+``labcore.viz.tour_plots``, the ablation notebooks' in ``labcore.viz.figures``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from labcore.tour import IVEMapping, MoERouting, PKMRetrieval, TDQKRRetrieval, TourRecord
-
-CHOSEN = "#d62728"      # selected experts / slots
-OTHER = "#9aa5b1"       # not selected
-EXACT = "#2ca02c"       # exact top-K (TDQKR)
-CANDIDATE = "#ffffff"   # candidate cells outline
-
-
-def _layout(fig: go.Figure, title: str, x: str, y: str, **kw) -> go.Figure:
-    fig.update_layout(title=dict(text=title), xaxis_title=x, yaxis_title=y, template="plotly_white",
-                      margin=dict(l=60, r=20, t=60, b=50), **kw)
-    return fig
-
-
-def _cells(slots: Sequence[int], n: int) -> tuple[np.ndarray, np.ndarray]:
-    s = np.asarray(slots, dtype=np.int64)
-    return s // n, s % n            # rows, cols of slot ids i*n + j
-
-
-# ----------------------------------------------------------------------------------------------
-# Tour figures.
-# ----------------------------------------------------------------------------------------------
-
-
-def router_figure(routing: MoERouting, title: str | None = None) -> go.Figure:
-    """Bar chart of the router's softmax probabilities p_e over all E experts; the K chosen in red."""
-    t = routing.table()
-    colors = [CHOSEN if c else OTHER for c in t["chosen"]]
-    text = [f"w={w:.2f}" if c else "" for c, w in zip(t["chosen"], t["weight"])]
-    fig = go.Figure(go.Bar(x=t["expert"], y=t["prob"], marker_color=colors, text=text, name="p_e",
-                           hovertemplate="expert %{x}<br>p=%{y:.3f}<extra></extra>"))
-    K, E = len(routing.chosen), len(routing.probs)
-    return _layout(fig, title or f"MoE router: top-{K} of E={E} experts ({routing.router})",
-                   "expert id e (index)", "router probability p_e (fraction)", xaxis=dict(dtick=1))
-
-
-def load_figure(counts: Sequence[int] | np.ndarray, unit: str = "expert", title: str | None = None,
-                y_title: str = "hits (count)") -> go.Figure:
-    """Bar chart of hits per unit (tokens per expert, or hits per value slot) with the uniform mean."""
-    c = np.asarray(counts)
-    fig = go.Figure(go.Bar(x=np.arange(len(c)), y=c, marker_color=OTHER, name=f"hits per {unit}"))
-    fig.add_hline(y=float(c.mean()), line_dash="dash", line_color=CHOSEN,
-                  annotation_text=f"uniform {c.mean():.2f}", annotation_position="top left")
-    touched = int((c > 0).sum())
-    return _layout(fig, title or f"Load: {touched} of {len(c)} {unit}s touched", f"{unit} id (index)", y_title)
-
-
-def score_grid_figure(grid: np.ndarray, selected: Sequence[int] = (), title: str = "score grid",
-                      candidates: np.ndarray | None = None, exact: Sequence[int] = (),
-                      score_title: str = "score (a.u.)") -> go.Figure:
-    """Heatmap of an (n, n) grid, rows i on y and columns j on x (slot id i*n + j).
-
-    selected: slot ids marked with red crosses (trace "selected"); candidates: (n, n) bool mask
-    drawn as open squares (trace "candidates"); exact: slot ids circled in green (trace "exact")."""
-    g = np.asarray(grid)
-    n = g.shape[0]
-    fig = go.Figure(go.Heatmap(z=g, x=np.arange(n), y=np.arange(n), colorscale="Viridis", name="grid",
-                               colorbar=dict(title=dict(text=score_title)),
-                               hovertemplate="row i=%{y}, col j=%{x}<br>score=%{z:.3f}<extra></extra>"))
-    if candidates is not None:
-        ci, cj = np.nonzero(np.asarray(candidates))
-        fig.add_trace(go.Scatter(x=cj, y=ci, mode="markers", name="candidates",
-                                 marker=dict(symbol="square-open", size=18, color=CANDIDATE, line=dict(width=2))))
-    if len(exact):
-        ei, ej = _cells(exact, n)
-        fig.add_trace(go.Scatter(x=ej, y=ei, mode="markers", name="exact top-K",
-                                 marker=dict(symbol="circle-open", size=14, color=EXACT, line=dict(width=3))))
-    if len(selected):
-        si, sj = _cells(selected, n)
-        fig.add_trace(go.Scatter(x=sj, y=si, mode="markers+text", name="selected",
-                                 text=[str(r) for r in range(len(si))], textposition="top right",
-                                 textfont=dict(color=CHOSEN),
-                                 marker=dict(symbol="x", size=11, color=CHOSEN)))
-    fig = _layout(fig, title, "column sub-key j (index)", "row sub-key i (index)",
-                  legend=dict(orientation="h", y=-0.15))
-    return _square_grid_axes(fig, n)
-
-
-def _square_grid_axes(fig: go.Figure, n: int) -> go.Figure:
-    """Cells as squares, row 0 on top, axes exactly around the n x n cells (markers do not widen them)."""
-    fig.update_yaxes(range=[n - 0.5, -0.5], scaleanchor="x", constrain="domain")
-    fig.update_xaxes(range=[-0.5, n - 0.5], constrain="domain")
-    return fig
-
-
-def pkm_figure(pkm: PKMRetrieval) -> go.Figure:
-    """PKM's additive grid s_row[i] + s_col[j] with the top-K slots marked."""
-    return score_grid_figure(pkm.grid, selected=pkm.slots,
-                             title=f"PKM: additive grid s_row[i] + s_col[j], n={pkm.n}, top-K={len(pkm.slots)}")
-
-
-def tdqkr_figure(td: TDQKRRetrieval, title: str | None = None) -> go.Figure:
-    """TDQKR's bilinear grid S_row^T C S_col: the m x m candidate cells of the rank-1 proxy (open
-    squares), the proxy search's selection (crosses) and the exact top-K (green circles)."""
-    m = len(td.rows)
-    t = title or (f"TDQKR: S_row^T C S_col, n={td.n}, R={td.core.shape[0]}, m={m}: "
-                  f"proxy finds {td.recall:.0%} of the exact top-{len(td.slots)}")
-    return score_grid_figure(td.grid, selected=td.slots, candidates=td.candidate_mask,
-                             exact=td.exact_slots, title=t)
-
-
-def topology_bias_figure(table: pd.DataFrame) -> go.Figure:
-    """Bars: fraction of queries whose 2nd-best slot shares a row/column with the best (with a
-    2-standard-error bar), per scoring, and the random-order baseline 2(n-1)/(n^2-1) as a line."""
-    fig = go.Figure(go.Bar(x=table["scoring"], y=table["fraction"], name="measured",
-                           error_y=dict(type="data", array=2 * table["stderr"]),
-                           marker_color=[CHOSEN if s == "additive" else OTHER for s in table["scoring"]],
-                           text=[f"{f:.1%}" for f in table["fraction"]], textposition="outside"))
-    base = float(table["random_baseline"].iloc[0])
-    fig.add_trace(go.Scatter(x=table["scoring"], y=[base] * len(table), mode="lines", name=(
-        f"random baseline 2(n-1)/(n^2-1) = {base:.3f}"), line=dict(dash="dash", color="#333333")))
-    n, q = int(table["n"].iloc[0]), int(table["n_queries"].iloc[0])
-    fig = _layout(fig, f"Topology bias: 2nd-best slot in the best slot's row or column (n={n}, {q} queries)",
-                  "scoring of the grid (method)", "queries sharing a row/column (fraction)",
-                  legend=dict(orientation="h", y=-0.2))
-    fig.update_yaxes(range=[0, 1.15])
-    return fig
-
-
-def ive_figure(mapping: IVEMapping, virtual_slots: Sequence[int] = (), title: str | None = None) -> go.Figure:
-    """The virtual grid (sqrt(E) n per side) coloured by projector block; hover shows the physical
-    row each virtual slot reads; the token's selected virtual slots are marked."""
-    side = mapping.side
-    block = mapping.block.reshape(side, side)            # (side, side)
-    phys = mapping.physical_row.reshape(side, side)
-    E = mapping.expansion
-    fig = go.Figure(go.Heatmap(z=block, customdata=phys, colorscale="Turbo", zmin=-0.5, zmax=E - 0.5,
-                               name="block", colorbar=dict(title=dict(text="block p (index)"), dtick=1),
-                               hovertemplate="virtual row %{y}, col %{x}<br>block p=%{z}"
-                                             "<br>physical row=%{customdata}<extra></extra>"))
-    if len(virtual_slots):
-        vi, vj = _cells(virtual_slots, side)
-        fig.add_trace(go.Scatter(x=vj, y=vi, mode="markers", name="selected",
-                                 text=[f"phys {p}" for p in mapping.physical_row[np.asarray(virtual_slots)]],
-                                 marker=dict(symbol="x", size=11, color="white", line=dict(width=1))))
-    shuffled = "shuffled" if mapping.shuffled else "not shuffled"
-    fig = _layout(fig, title or f"IVE: {E} x {mapping.n_physical} virtual slots -> blocks ({shuffled})",
-                  "virtual column j (index)", "virtual row i (index)", legend=dict(orientation="h", y=-0.15))
-    return _square_grid_axes(fig, side)
-
-
-def tour_figures(record: TourRecord) -> dict[str, go.Figure]:
-    """All figures of the tour for one record, by name (the panes of ``widgets.TourControls``)."""
-    p = record.params
-    return {
-        "moe": router_figure(record.moe),
-        "moe_load": load_figure(record.expert_counts, unit="expert", y_title="tokens routed (count)",
-                                title=f"MoE load over B={p.batch_size} tokens: "
-                                      f"{int((record.expert_counts > 0).sum())} of {p.n_experts} experts touched"),
-        "pkm": pkm_figure(record.pkm),
-        "pkm_load": load_figure(record.slot_counts, unit="value slot", y_title="hits (count)",
-                                title=f"PKM slot hits over B={p.batch_size} tokens: "
-                                      f"{int((record.slot_counts > 0).sum())} of {p.n_keys ** 2} slots touched"),
-        "tdqkr": tdqkr_figure(record.tdqkr),
-        "bias": topology_bias_figure(record.bias),
-        "ive": ive_figure(record.ive_map, record.ive.slots),
-        "ive_load": load_figure(record.physical_counts, unit="physical row", y_title="hits (count)",
-                                title=f"IVE physical-row hits over B={p.batch_size} tokens "
-                                      f"(each row serves E={p.expansion} virtual slots)"),
-    }
-
-
-# ----------------------------------------------------------------------------------------------
-# Results figures.
-# ----------------------------------------------------------------------------------------------
-
-UNITS = {"loss": "nats", "val_loss": "nats", "train_loss": "nats", "ppl": "perplexity", "step": "steps",
-         "tokens": "tokens", "latency_ms": "ms", "time_ms": "ms", "wall_s": "s", "batch_size": "tokens",
-         "params": "count", "flops": "FLOPs", "bytes": "bytes", "gb": "GB", "accuracy": "fraction",
-         "acc": "fraction", "coverage": "fraction", "recall": "fraction"}
-
-
-def label(column: str) -> str:
-    """Axis title for a table column: the column name with its unit when known, e.g. 'val_loss (nats)'."""
-    for key in (column, column.split("/")[-1], column.split(".")[-1]):
-        if key in UNITS:
-            return f"{column} ({UNITS[key]})"
-    for suffix, unit in (("_ms", "ms"), ("_s", "s"), ("_loss", "nats"), ("_frac", "fraction"),
-                         ("_fraction", "fraction"), ("_count", "count"), ("_gb", "GB")):
-        if column.endswith(suffix):
-            return f"{column} ({unit})"
-    return f"{column} (value)"
+from labcore.viz.style import label, layout
 
 
 def metric_figure(df: pd.DataFrame, x: str, y: str, color: str | None = None,
@@ -222,7 +31,7 @@ def metric_figure(df: pd.DataFrame, x: str, y: str, color: str | None = None,
             fig.add_trace(go.Scatter(x=mean.index.to_numpy(), y=mean.to_numpy(), mode="lines+markers", name=name))
         else:
             fig.add_trace(go.Bar(x=[str(v) for v in mean.index], y=mean.to_numpy(), name=name))
-    return _layout(fig, title or f"{y} vs {x}" + (f" by {color}" if color else ""), label(x), label(y),
+    return layout(fig, title or f"{y} vs {x}" + (f" by {color}" if color else ""), label(x), label(y),
                    barmode="group")
 
 

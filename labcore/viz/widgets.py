@@ -5,10 +5,10 @@ callback logic (set a control's ``.value`` in a test and read the new figure bac
 
 - :class:`TourControls` (``notebooks/00_tour.ipynb``): sliders for n, top-K, rank R, IVE expansion
   E, batch size B, the followed token and the seed; every change re-runs the tour
-  (``labcore.tour.run_tour``) and redraws its figures (``labcore.plots.tour_figures``).
+  (``labcore.viz.tour.run_tour``) and redraws its figures (``labcore.viz.tour_plots.tour_figures``).
 - :class:`ResultsExplorer` (``notebooks/06_results_explorer.ipynb``): dropdowns for notebook,
   metric, x and colour over a results table (``labcore.results.collect``); draws
-  ``labcore.plots.metric_figure``.
+  ``labcore.viz.plots.metric_figure``.
 
 How figures reach the page: :class:`FigurePane` puts a figure's plotly mime bundle
 (``application/vnd.plotly.v1+json``, rendered by JupyterLab's plotly extension) into an
@@ -33,9 +33,10 @@ import plotly.graph_objects as go
 import plotly.io as pio
 
 from labcore.layers.base import ConfigError, check_int
-from labcore.plots import metric_figure, tour_figures
-from labcore.results import repo_path
-from labcore.tour import TourParams, TourRecord, check_bool, check_str, run_tour
+from labcore.results import RunDir, collect, free_run_dir, repo_path
+from labcore.viz.plots import metric_figure
+from labcore.viz.tour import TourParams, TourRecord, check_bool, check_str, run_tour
+from labcore.viz.tour_plots import tour_figures
 
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
 
@@ -99,10 +100,10 @@ class _Guarded:
 
 
 class TourControls(_Guarded):
-    """Sliders over :class:`labcore.tour.TourParams` wired to the tour's figures.
+    """Sliders over :class:`labcore.viz.tour.TourParams` wired to the tour's figures.
 
     ``controls`` maps a TourParams field to its widget; ``panes`` maps a figure name
-    (``plots.tour_figures``) to its :class:`FigurePane`; ``record`` is the current tour record.
+    (``tour_plots.tour_figures``) to its :class:`FigurePane`; ``record`` is the current tour record.
     Changing any control re-runs the tour once (dependent limits, e.g. top-K <= n, are clamped
     first) and redraws every pane.
     """
@@ -239,8 +240,6 @@ def load_results(results_root: str | Path) -> pd.DataFrame:
 
     A missing directory is an error naming the parameter; an existing one without finished runs
     gives an empty table (the explorer then says so)."""
-    from labcore.results import collect
-
     if results_root == "":  # "this sweep": the runner tells the kernel where its results are
         if not os.environ.get("LABCORE_SWEEP_DIR"):
             raise ValueError("results_root='' means the sweep this notebook runs in, but LABCORE_SWEEP_DIR "
@@ -376,8 +375,6 @@ def notebook_counts(df: pd.DataFrame) -> pd.DataFrame:
 def save_explorer(explorer: ResultsExplorer, params: ExplorerParams, png: bool = True,
                   names: Sequence[str] = ("explorer",)) -> Path:
     """Save the explorer's current figure and the per-notebook counts as a run directory."""
-    from labcore.results import RunDir, free_run_dir
-
     path = free_run_dir(repo_path(params.out_dir))
     run = RunDir(path).start(params, notebook="06_results_explorer.ipynb", seed=params.seed)
     try:
