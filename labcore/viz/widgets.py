@@ -50,7 +50,6 @@ class FigurePane:
     def __init__(self, figure: go.Figure | None = None, height: str | None = None):
         self.widget = W.Output(layout=W.Layout(width="100%", min_height=height or "0px"))
         self.figure: go.Figure | None = None
-        self.updates = 0
         if figure is not None:
             self.show(figure)
 
@@ -62,7 +61,6 @@ class FigurePane:
         bundle = {PLOTLY_MIME: data, "text/plain": f"<Figure: {title}>"}
         self.figure = figure
         self.widget.outputs = ({"output_type": "display_data", "data": bundle, "metadata": {}},)
-        self.updates += 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,7 +136,6 @@ class TourControls(_Guarded):
         self.panes = {name: FigurePane() for name in TOUR_PANELS}
         self.status = W.HTML()
         self.record: TourRecord | None = None
-        self.refreshes = 0
         for w in self.controls.values():
             w.observe(self._on_change, names="value")
         self.refresh()
@@ -175,7 +172,6 @@ class TourControls(_Guarded):
         p = self.record.params
         self.status.value = (f"n={p.n_keys}, K={p.top_k}, R={p.rank}, E={p.expansion}, B={p.batch_size}, "
                              f"token {p.token}, seed {p.seed}")
-        self.refreshes += 1
 
     @property
     def figures(self) -> dict[str, go.Figure]:
@@ -292,7 +288,6 @@ class ResultsExplorer(_Guarded):
         self.color = W.Dropdown(options=[NONE], description="colour", layout=lay)
         self.pane = FigurePane()
         self.message = W.HTML()
-        self.redraws = 0
         with self._hold():
             if notebook:
                 self._set(self.notebook, notebook)
@@ -352,7 +347,6 @@ class ResultsExplorer(_Guarded):
                                 title=f"{self.notebook.value}: {y} vs {x}" + (f" by {color}" if color else ""))
             self.message.value = f"{len(sub)} rows, {sub['run_id'].nunique() if 'run_id' in sub else len(sub)} runs"
         self.pane.show(fig)
-        self.redraws += 1
 
     @property
     def figure(self) -> go.Figure:

@@ -1,4 +1,4 @@
-"""labcore.tour: each station of the tour against brute force and against labcore's real layers."""
+"""labcore.viz.tour: each station of the tour against brute force and against labcore's real layers."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from labcore.layers.base import ConfigError
-from labcore.tour import (
-    TOUR_SAVED_FIGURES,
+from labcore.viz.tour import (
     IVEMapping,
     TourParams,
     build_tour,
@@ -29,7 +28,6 @@ from labcore.tour import (
     rank1_proxy,
     route_token,
     run_tour,
-    save_tour,
     second_best_shares_line,
     tdqkr_grid,
     tdqkr_retrieve,
@@ -38,6 +36,7 @@ from labcore.tour import (
     topology_bias,
     topology_bias_table,
 )
+from labcore.viz.tour_plots import TOUR_SAVED_FIGURES, save_tour
 
 
 def _assert_same_selection(ids, weights, layer_ids, layer_weights, rtol=1e-5, atol=0.0):
@@ -436,7 +435,7 @@ def test_save_tour_writes_a_finished_run_and_never_overwrites(tmp_path):
 # The notebook
 # ----------------------------------------------------------------------------------------------
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 
 
 @pytest.mark.parametrize("name", ["00_tour.ipynb", "06_results_explorer.ipynb"])
@@ -444,7 +443,7 @@ def test_committed_notebook_is_clean_and_mirrors_its_schema(name):
     import nbformat
 
     from labcore.params import schema_mismatches
-    from labcore.widgets import ExplorerParams
+    from labcore.viz.widgets import ExplorerParams
 
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
