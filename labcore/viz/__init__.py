@@ -12,7 +12,9 @@
 ==================  =================================================================================
 
 Imports go one way: ``style`` <- ``plots``, ``figures``, ``bench``, ``tour_plots``; ``tour`` <-
-``tour_plots`` <- ``widgets``. Nothing here imports the modules whose results it draws
-(``labcore.bench``, ``labcore.experiments``); they import it. This file imports nothing, so that
-``import labcore.viz.report`` does not pull in ipywidgets.
+``tour_plots`` <- ``widgets``. The producers of tables (``labcore.bench``, the experiment modules)
+import viz to draw them; viz imports none of them (``figures`` uses the statistics of
+``labcore.experiments.core``), and ``tests/viz/test_imports.py`` checks that no import cycle runs
+through viz. This file imports nothing, so that ``import labcore.viz.report`` does not pull in
+ipywidgets.
 """
