@@ -35,7 +35,7 @@ One token ``x`` (D,) goes through five stations:
     PKM is the special case R = 2 (:func:`pkm_as_tucker`): ``S_row = [s_row; 1]``,
     ``S_col = [s_col; 1]``, ``C = [[0, 1], [1, 0]]`` gives ``s_row[i] * 1 + 1 * s_col[j]``.
     (Writing ``S_col = [1; s_col]`` with this C would give ``s_row[i] * s_col[j] + 1``, a product;
-    with ``[1; s_col]`` the core must be the identity.)
+    with ``[1; s_col]`` the core must be the identity; docs/mechanisms.md §1.3.)
     The swap core has two equal singular values, so a rank-1 proxy has no preferred direction.
     Multi-core scoring (§1.5) ranks by the SUM of the cores; pass an (h, R, R) stack to sum it.
 
