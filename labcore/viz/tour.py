@@ -2,10 +2,10 @@
 
 Everything here is small, explicit numpy so that each step of the mechanisms is visible; the
 functions return tidy frozen records (and ``.table()`` DataFrames) that ``labcore.viz.tour_plots``
-draws and ``notebooks/00_tour.ipynb`` explains. Tests compare these explicit computations with brute force
-and (when they are installed) with labcore's real layers. Notation as in ``labcore/__init__.py``;
-section numbers refer to ``docs/mechanisms.md`` and equation numbers to UltraMemV2
-(U2, arXiv 2508.18756, restating UltraMem).
+draws and ``notebooks/00_tour.ipynb`` explains. Tests compare these explicit computations with
+brute force and with labcore's real layers. Notation as in ``labcore/__init__.py``; section
+numbers refer to ``docs/mechanisms.md``, equation numbers to UltraMemV2 (U2, arXiv 2508.18756,
+restating UltraMem).
 
 One token ``x`` (D,) goes through five stations:
 

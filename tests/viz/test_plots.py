@@ -8,6 +8,7 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 import pandas as pd
+import plotly.io as pio
 import pytest
 
 from labcore.viz import plots, style, tour_plots
@@ -162,8 +163,6 @@ def test_label_units():
 
 def test_static_export_png_and_svg(record, tmp_path):
     """kaleido (Debian chromium) writes a PNG of the requested size and a well-formed SVG."""
-    import plotly.io as pio
-
     pio.defaults.mathjax = None
     fig = tour_plots.pkm_figure(record.pkm)
     png, svg = tmp_path / "pkm.png", tmp_path / "pkm.svg"

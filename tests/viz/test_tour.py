@@ -6,11 +6,18 @@ import itertools
 import math
 from pathlib import Path
 
+import nbformat
 import numpy as np
+import papermill
 import pytest
 import torch
 
+import labcore.layers.moe as moe_mod
+import labcore.layers.pkm as pkm_mod
+import labcore.layers.ultramem as um
 from labcore.layers.base import ConfigError
+from labcore.params import schema_mismatches
+from labcore.results import RunDir
 from labcore.viz.tour import (
     IVEMapping,
     TourParams,
@@ -37,6 +44,7 @@ from labcore.viz.tour import (
     topology_bias_table,
 )
 from labcore.viz.tour_plots import TOUR_SAVED_FIGURES, save_tour
+from labcore.viz.widgets import ExplorerParams
 
 
 def _assert_same_selection(ids, weights, layer_ids, layer_weights, rtol=1e-5, atol=0.0):
@@ -112,7 +120,6 @@ def test_expert_load_counts_each_tokens_choice():
 
 
 def test_route_token_agrees_with_labcore_moe_layer():
-    moe_mod = pytest.importorskip("labcore.layers.moe")
     torch.manual_seed(0)
     layer = moe_mod.MoE(moe_mod.MoEConfig(d_model=8, d_expert=4, n_experts=6, top_k=2, init_std=0.5))
     x = torch.randn(5, 8)
@@ -145,7 +152,6 @@ def test_pkm_product_key_search_is_exact():
 
 
 def test_pkm_retrieve_agrees_with_labcore_pkm_layer():
-    pkm_mod = pytest.importorskip("labcore.layers.pkm")
     torch.manual_seed(0)
     cfg = pkm_mod.PKMConfig(d_model=8, n_keys=6, heads=1, k_dim=8, top_k=3, query_norm="none")
     layer = pkm_mod.PKM(cfg).eval()
@@ -242,7 +248,6 @@ def test_tdqkr_multi_core_ranks_by_the_sum():
 
 
 def test_tdqkr_agrees_with_labcore_ultramem_layer():
-    um = pytest.importorskip("labcore.layers.ultramem")
     cfg = um.UltraMemConfig(d_model=8, n_keys=4, heads=1, k_dim=6, top_k=3, d_value=4, rank=2, n_cores=1,
                             expansion=4, qk_norm=False, seed=3)
     torch.manual_seed(0)
@@ -420,8 +425,6 @@ def test_run_tour_is_deterministic_and_consistent():
 
 
 def test_save_tour_writes_a_finished_run_and_never_overwrites(tmp_path):
-    from labcore.results import RunDir
-
     rec = run_tour(TourParams(smoke=True, n_keys=4, top_k=2, batch_size=8))
     path = save_tour(rec, tmp_path / "tour", png=False)
     run = RunDir(path)
@@ -440,11 +443,6 @@ NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 
 @pytest.mark.parametrize("name", ["00_tour.ipynb", "06_results_explorer.ipynb"])
 def test_committed_notebook_is_clean_and_mirrors_its_schema(name):
-    import nbformat
-
-    from labcore.params import schema_mismatches
-    from labcore.viz.widgets import ExplorerParams
-
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), "strip outputs"
@@ -457,11 +455,6 @@ def test_committed_notebook_is_clean_and_mirrors_its_schema(name):
 
 def test_tour_notebook_runs_headless_in_smoke_mode(tmp_path):
     """papermill, smoke mode: every cell runs, the run directory is finished, the widgets exist."""
-    import nbformat
-    import papermill
-
-    from labcore.results import RunDir
-
     out = tmp_path / "00_tour.out.ipynb"
     papermill.execute_notebook(str(NOTEBOOKS / "00_tour.ipynb"), str(out), kernel_name="python3",
                                parameters={"smoke": True, "out_dir": str(tmp_path / "run")},

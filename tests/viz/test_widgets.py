@@ -8,12 +8,15 @@ import importlib.util
 import json
 from pathlib import Path
 
+import nbformat
 import numpy as np
 import pandas as pd
+import papermill
 import plotly.graph_objects as go
 import pytest
 
 from labcore.layers.base import ConfigError
+from labcore.results import RunDir
 from labcore.viz.tour import TourParams, run_tour
 from labcore.viz.widgets import (
     PLOTLY_MIME,
@@ -219,7 +222,6 @@ def test_explorer_params_and_save(results, tmp_path):
     assert counts.set_index("notebook")["runs"].to_dict() == {fixture.TDQKR: 6, fixture.COMPARE: 9}
     ex = ResultsExplorer(df)
     path = save_explorer(ex, ExplorerParams(out_dir=str(tmp_path / "ex")), png=False)
-    from labcore.results import RunDir
     run = RunDir(path)
     assert run.is_done() and (run.figures_dir / "explorer.json").exists()
     assert run.summary()["rows"].sum() == 15
@@ -229,11 +231,6 @@ def test_explorer_params_and_save(results, tmp_path):
 
 @pytest.mark.slow   # ~10 s on an idle machine (a kernel start); the ui suite runs this notebook too
 def test_explorer_notebook_runs_headless_on_a_results_fixture(results, tmp_path):
-    import nbformat
-    import papermill
-
-    from labcore.results import RunDir
-
     root, _ = results
     nbdir = Path(__file__).resolve().parents[2] / "notebooks"
     out = tmp_path / "06.out.ipynb"
@@ -253,9 +250,6 @@ def test_explorer_notebook_runs_headless_on_a_results_fixture(results, tmp_path)
 
 
 def test_explorer_empty_results_root_means_this_sweep(tmp_path, monkeypatch):
-    from labcore.results import RunDir
-    from labcore.viz.widgets import ExplorerParams, load_results
-
     ExplorerParams(results_root="")                       # allowed: resolved at load time
     monkeypatch.delenv("LABCORE_SWEEP_DIR", raising=False)
     with pytest.raises(ValueError, match="LABCORE_SWEEP_DIR"):
