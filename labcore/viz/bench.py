@@ -1,4 +1,4 @@
-"""The inference benchmark's figure: the UltraMem paper's Figure 1 (docs/mechanisms.md §2.2) on this machine.
+"""The inference benchmark's figure: UltraMem's Figure 1 (docs/mechanisms.md §2.2) on this machine.
 
 A ``labcore.bench.inference`` table in, a plotly Figure out. The benchmark passes what the figure
 needs from it (the MoE / UltraMem ratio table, each model's label and colour): this module does not
@@ -30,12 +30,12 @@ def inference_figure(df: pd.DataFrame, ratio: pd.DataFrame, labels: Mapping[str,
     for name in [m for m in labels if m in set(d["model"])]:
         g = d[d["model"] == name]
         color, label = colors[name], labels[name]
-        fig.add_trace(go.Scatter(x=g["batch"], y=g["latency_s"] * 1e3, mode="lines+markers", name=f"{label}",
-                                 legendgroup=name, line={"color": color},
-                                 error_y={"type": "data", "array": g["latency_iqr_s"] * 1e3, "visible": True}),
-                      row=1, col=1)
-        fig.add_trace(go.Scatter(x=g["batch"], y=g["predicted_s"] * 1e3, mode="lines", name=f"{label} (roofline)",
-                                 legendgroup=name, line={"color": color, "dash": "dash"}), row=1, col=1)
+        iqr_ms = {"type": "data", "array": g["latency_iqr_s"] * 1e3, "visible": True}
+        fig.add_trace(go.Scatter(x=g["batch"], y=g["latency_s"] * 1e3, mode="lines+markers", name=label,
+                                 legendgroup=name, line={"color": color}, error_y=iqr_ms), row=1, col=1)
+        fig.add_trace(go.Scatter(x=g["batch"], y=g["predicted_s"] * 1e3, mode="lines",
+                                 name=f"{label} (roofline)", legendgroup=name,
+                                 line={"color": color, "dash": "dash"}), row=1, col=1)
         fig.add_trace(go.Scatter(x=g["batch"], y=g["bytes_accessed"] / 1e6, mode="lines+markers",
                                  name=f"{label} memory access", legendgroup=name, line={"color": color},
                                  showlegend=False), row=1, col=2)
@@ -44,7 +44,8 @@ def inference_figure(df: pd.DataFrame, ratio: pd.DataFrame, labels: Mapping[str,
                                  line={"color": color, "dash": "dash"}, showlegend=False), row=1, col=2)
     if len(ratio):
         fig.add_trace(go.Scatter(x=ratio["batch"], y=ratio["latency_ratio"], mode="lines+markers+text",
-                                 name="MoE / UltraMem latency", text=[f"{r:.1f}x" for r in ratio["latency_ratio"]],
+                                 name="MoE / UltraMem latency",
+                                 text=[f"{r:.1f}x" for r in ratio["latency_ratio"]],
                                  textposition="top center", line={"color": "black"}), row=1, col=3)
     for col in (1, 2, 3):
         fig.update_xaxes(type="log", title_text=X_TITLE, row=1, col=col)
