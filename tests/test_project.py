@@ -26,7 +26,8 @@ def _torch_pin() -> str:
 def _make_dry_run(*targets: str) -> subprocess.CompletedProcess:
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
-    return subprocess.run(["make", "-n", "-C", str(ROOT), *targets], capture_output=True, text=True, timeout=60)
+    return subprocess.run(["make", "-n", "-C", str(ROOT), *targets], capture_output=True, text=True,
+                          timeout=60)
 
 
 def _readme_make_targets() -> list[str]:

@@ -67,4 +67,5 @@ def test_cost_curves_one_log_log_line_per_variant():
     assert list(fig.data[1].x) == [1, 16, 256] and list(fig.data[1].y) == [1.5, 2.5, 5.0]
     assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type == "log"
     assert fig.layout.yaxis.title.text == "latency_ms (ms)"
-    assert fig.layout.xaxis.title.text.startswith("batch size B") and fig.layout.title.text == "decode latency"
+    assert fig.layout.xaxis.title.text.startswith("batch size B")
+    assert fig.layout.title.text == "decode latency"
