@@ -58,8 +58,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union  # noqa: UP035 - names resolvable from annotation text
 
+from labcore.config import ConfigError
+
 __all__ = [
-    "NotebookParamError",  # noqa: F822 - provided by the module __getattr__ below
+    "NotebookParamError",
     "NotebookParameter",
     "validate_notebook_params",
     "user_namespace",
@@ -74,26 +76,9 @@ __all__ = [
 IPYTHON_NAMES = frozenset({"In", "Out", "get_ipython", "exit", "quit", "open"})
 
 
-def __getattr__(name: str) -> Any:
-    # NotebookParamError subclasses labcore.layers.base.ConfigError, and base.py imports torch.
-    # The sweep driver and its workers use this module's type checks without ever needing torch,
-    # so the error class is built on first use (PEP 562 module __getattr__) and then cached.
-    if name == "NotebookParamError":
-        return _error_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _error_class() -> type:
-    cls = globals().get("_NotebookParamError")
-    if cls is None:
-        from labcore.layers.base import ConfigError
-
-        cls = type("NotebookParamError", (ConfigError,), {
-            "__doc__": "A notebook parameter is unknown or has a value its annotation does not allow "
-                       "(a ConfigError, hence a ValueError).",
-            "__module__": __name__})
-        globals()["_NotebookParamError"] = cls
-    return cls
+class NotebookParamError(ConfigError):
+    """A notebook parameter is unknown or has a value its annotation does not allow (a ConfigError,
+    hence a ValueError)."""
 
 
 class TypeMismatch(Exception):
@@ -311,7 +296,7 @@ def validate_notebook_params(schema_cls: type, namespace: Mapping[str, Any]) -> 
     unknown = sorted(set(given) - set(fields))
     if unknown:
         name = unknown[0]
-        raise _error_class()(
+        raise NotebookParamError(
             f"{owner}: {name!r}={given[name]!r} is not a parameter of this notebook"
             + (f" (also unknown: {', '.join(unknown[1:])})" if len(unknown) > 1 else "")
             + f"; known parameters: {', '.join(fields)}. (Helpers that are not parameters belong "
@@ -324,7 +309,7 @@ def validate_notebook_params(schema_cls: type, namespace: Mapping[str, Any]) -> 
         try:
             values[name] = check_value(hints.get(name, Any), given[name])
         except TypeMismatch as e:
-            raise _error_class()(
+            raise NotebookParamError(
                 f"{owner}.{name}={given[name]!r} ({type(given[name]).__name__}) is not allowed: "
                 f"must be {e.allowed}") from None
     return schema_cls(**values)

@@ -8,7 +8,9 @@ from typing import Any, Literal, Optional  # noqa: UP035
 
 import pytest
 
-from labcore.layers.base import ConfigError, check_int
+from labcore import params as params_module
+from labcore.config import ConfigError, check_int
+from labcore.experiments import params as lab_params
 from labcore.params import (
     NotebookParamError,
     TypeMismatch,
@@ -167,3 +169,70 @@ def test_schema_mismatches_detects_drift_between_cell_and_dataclass():
     assert any(p.startswith("n: default 3") for p in problems)
     assert any(p.startswith("seed:") for p in problems) and any(p.startswith("extra:") for p in problems)
     assert len(problems) == 3
+
+
+def test_notebook_param_error_is_a_plain_config_error_subclass():
+    assert issubclass(NotebookParamError, ConfigError) and issubclass(NotebookParamError, ValueError)
+    assert NotebookParamError.__module__ == "labcore.params"
+    assert params_module.NotebookParamError is NotebookParamError
+    with pytest.raises(ConfigError):  # what callers catch
+        validate_notebook_params(DemoParams, ipython_like_namespace(rnak=3))
+
+
+# ----------------------------------------------------------------------------------------------
+# The lab notebooks' params dataclasses (labcore.experiments.params): value checks.
+# ----------------------------------------------------------------------------------------------
+
+LAB_CLASSES = [lab_params.TDQKRParams, lab_params.SplittingParams, lab_params.VirtualMemoryParams,
+               lab_params.ArchitecturesParams, lab_params.PaperTableParams]
+
+
+@pytest.mark.parametrize("cls", LAB_CLASSES, ids=lambda c: c.__name__)
+def test_lab_params_defaults_are_valid_and_shared_checks_apply(cls):
+    p = cls()
+    assert p.steps >= 1 and p.effective() == p and p.seeds == [p.seed + i for i in range(p.n_seeds)]
+    assert cls(smoke=True).effective().steps <= 12
+    for name, bad, allowed in [("steps", -5, "an integer in [1, inf]"), ("smoke", 1, "True or False"),
+                               ("lr", 0.0, "a finite number in (0.0, 1.0]"),
+                               ("device", "tpu", "one of 'auto', 'cpu', 'cuda'"),
+                               ("out_dir", "", "a non-empty string")]:
+        with pytest.raises(ConfigError) as e:
+            cls(**{name: bad})
+        assert str(e.value) == f"{cls.__name__}.{name}={bad!r} is not allowed: must be {allowed}"
+    with pytest.raises(ConfigError, match=f"{cls.__name__}.d_model=40 .*multiple of 16"):
+        cls(d_model=40)
+
+
+@pytest.mark.parametrize("cls, kw, fragment", [
+    (lab_params.TDQKRParams, {"top_k": 17}, "TDQKRParams.top_k=17 is not allowed: must be an integer in [1, 16]"),
+    (lab_params.TDQKRParams, {"ranks": [2, 9]}, "TDQKRParams.ranks=[2, 9] is not allowed: must be a non-empty "
+                                                "list of integers in [1, 8]"),
+    (lab_params.TDQKRParams, {"cores": []}, "TDQKRParams.cores=[] is not allowed"),
+    (lab_params.TDQKRParams, {"aux_loss": "yes"}, "TDQKRParams.aux_loss='yes' is not allowed: must be True or False"),
+    (lab_params.SplittingParams, {"splits": [2]}, "SplittingParams.splits=[2] is not allowed with total_values=576"),
+    (lab_params.SplittingParams, {"splits": [4], "top_k": 13}, "12 keys per side < top_k"),
+    (lab_params.SplittingParams, {"spans": [4]}, "SplittingParams.spans=[4] is not allowed: must be a non-empty "
+                                                 "list of integers in [0, 3]"),
+    (lab_params.VirtualMemoryParams, {"expansions": [4, 9]}, "including 1 (the baseline)"),
+    (lab_params.VirtualMemoryParams, {"expansions": [1, 8]}, "VirtualMemoryParams.expansions=[1, 8] is not allowed"),
+    (lab_params.ArchitecturesParams, {"ratio": 100.0}, "ArchitecturesParams.ratio=100.0 is not allowed: must be a "
+                                                       "finite number in [0.5, 64.0]"),
+    (lab_params.ArchitecturesParams, {"batch_sizes": [0]}, "ArchitecturesParams.batch_sizes=[0] is not allowed"),
+    (lab_params.PaperTableParams, {"rows": ["+IVE"]}, "PaperTableParams.rows=['+IVE'] is not allowed: must start "
+                                                      "with 'PKM'"),
+    (lab_params.PaperTableParams, {"heads": 0}, "PaperTableParams.heads=0 is not allowed"),
+])
+def test_lab_params_reject_bad_values_naming_field_value_and_allowed(cls, kw, fragment):
+    with pytest.raises(ConfigError) as e:
+        cls(**kw)
+    assert fragment in str(e.value)
+
+
+def test_experiment_modules_re_export_the_params_classes():
+    from labcore.experiments import architectures, paper_table, splitting, tdqkr, virtual_memory
+
+    assert tdqkr.TDQKRParams is lab_params.TDQKRParams
+    assert splitting.SplittingParams is lab_params.SplittingParams
+    assert virtual_memory.VirtualMemoryParams is lab_params.VirtualMemoryParams
+    assert architectures.ArchitecturesParams is lab_params.ArchitecturesParams
+    assert paper_table.PaperTableParams is lab_params.PaperTableParams and paper_table.ROWS == lab_params.ROWS

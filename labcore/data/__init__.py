@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from labcore.config import ConfigError, from_dict
 from labcore.data.cache import (
     GENERATORS,
     BatchSampler,
@@ -43,7 +44,6 @@ from labcore.data.knowledge import (
 from labcore.data.recall import RecallConfig, associative_recall_accuracy
 from labcore.data.text import TextConfig, sample_path
 from labcore.data.tokenizer import ByteTokenizer
-from labcore.layers.base import ConfigError, config_from_dict
 
 
 def data_config_from_dict(d: Mapping[str, Any]) -> Any:
@@ -64,7 +64,7 @@ def data_config_from_dict(d: Mapping[str, Any]) -> Any:
         d["path"] = str(sample_path(d.pop("sample")))
     cls = GENERATORS[kind].config_cls
     try:
-        return config_from_dict(cls, d)
+        return from_dict(cls, d)
     except TypeError as e:  # e.g. a missing required field
         raise ConfigError(f"data ({kind}): {e}") from None
 

@@ -49,9 +49,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from labcore.config import ConfigError, check_choice, check_float, check_int
 from labcore.data.cache import Built, Generator, register
 from labcore.data.tokenizer import ByteTokenizer
-from labcore.layers.base import ConfigError, check_choice, check_float, check_int
 
 # ----------------------------------------------------------------------------------------------
 # Attribute values.

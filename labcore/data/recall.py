@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from labcore.config import ConfigError, check_int
 from labcore.data.cache import Built, Dataset, Generator, register
 from labcore.data.tokenizer import ByteTokenizer
-from labcore.layers.base import ConfigError, check_int
 
 LETTERS = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", dtype=np.uint8)
 DIGITS = np.frombuffer(b"0123456789", dtype=np.uint8)

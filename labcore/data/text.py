@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from labcore.config import ConfigError, check_float
 from labcore.data.cache import Built, Generator, register, sha256_file
 from labcore.data.tokenizer import ByteTokenizer
-from labcore.layers.base import ConfigError, check_float
 
 SAMPLES_DIR = Path(__file__).resolve().parents[2] / "data" / "samples"
 

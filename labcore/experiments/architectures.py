@@ -12,7 +12,7 @@ memory layers touch B·H·K value rows out of N).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -20,30 +20,14 @@ import torch
 
 from labcore.bench.inference import moe_ultramem_ratio, run_inference_bench
 from labcore.budget import equal_budget_family, model_budget
-from labcore.experiments.common import LabParams, lab_run, save_outputs
+from labcore.experiments.common import lab_run, save_outputs
 from labcore.experiments.core import Variant, paired_deltas, run_variants, summarize
-from labcore.layers.base import check_float
+from labcore.experiments.params import ArchitecturesParams
 from labcore.viz.figures import deltas_figure, variants_figure
 from labcore.viz.plots import latency_vs_batch_figure
 
 NOTEBOOK = "04_architectures"
 ARCHS = ("dense", "moe", "pkm", "ultramem")
-
-
-@dataclass(frozen=True)
-class ArchitecturesParams(LabParams):
-    out_dir: str = "runs/manual/04_architectures"  # run directory (the sweep runner sets it)
-    ratio: float = 12.0                                                     # sparse / dense parameters
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 16, 256, 4096])  # decode batches timed
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        o = type(self).__name__
-        check_float(o, "ratio", self.ratio, min_value=0.5, max_value=64.0)
-        if not self.batch_sizes or any(isinstance(b, bool) or not isinstance(b, int) or b < 1
-                                       for b in self.batch_sizes):
-            raise ValueError(f"{o}.batch_sizes={self.batch_sizes!r} is not allowed: must be a non-empty "
-                             f"list of integers >= 1")
 
 
 def family(P: ArchitecturesParams) -> dict[str, Any]:

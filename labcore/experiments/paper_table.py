@@ -31,47 +31,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 
-from labcore.experiments.common import LabParams, lab_run, save_outputs
+from labcore.experiments.common import lab_run, save_outputs
 from labcore.experiments.core import Variant, paired_deltas, run_variants, summarize
-from labcore.layers.base import check_int
+from labcore.experiments.params import PAPER_VAL_DELTAS, ROWS, PaperTableParams
 from labcore.layers.ultramem import UltraMemConfig
 from labcore.model import SparsePlan, spread_placements
 from labcore.viz.figures import deltas_figure, history_lines, variants_figure
 
 NOTEBOOK = "05_paper_table"
-
-# papers.md §1.8, validation-loss deltas of each row against the previous one.
-PAPER_VAL_DELTAS = {
-    "+rm softmax": -0.006, "+half vdim + proj": -0.022, "+share query": +0.003,
-    "+split big mem & skip": -0.015, "+query/key LN": +0.001, "+IVE": -0.017, "+TDQKR": -0.008,
-    "+MCS": -0.003, "+improved init": -0.003, "+value lr decay": -0.022,
-}
-ROWS = ("PKM", *PAPER_VAL_DELTAS)
-
-
-@dataclass(frozen=True)
-class PaperTableParams(LabParams):
-    out_dir: str = "runs/manual/05_paper_table"  # run directory (the sweep runner sets it)
-    n_keys: int = 16          # PKM row: physical keys per side n (N = n^2 values)
-    heads: int = 2            # memory query heads H
-    top_k: int = 8            # values selected per head K
-    rows: list[str] = field(default_factory=lambda: list(ROWS))  # which rows to walk (in table order)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        o = type(self).__name__
-        check_int(o, "n_keys", self.n_keys, min_value=4)
-        check_int(o, "heads", self.heads, min_value=1)
-        check_int(o, "top_k", self.top_k, min_value=1, max_value=self.n_keys)
-        unknown = [r for r in self.rows if r not in ROWS]
-        if unknown or not self.rows or self.rows[0] != "PKM":
-            raise ValueError(f"{o}.rows={self.rows!r} is not allowed: must start with 'PKM' and use "
-                             f"rows of {list(ROWS)}")
 
 
 def table2_variants(P: PaperTableParams) -> list[Variant]:

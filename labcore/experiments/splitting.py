@@ -16,15 +16,15 @@ N·[1 - (1 - m/N)^B] per memory, plus each memory's keys and projections read on
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 import torch
 
-from labcore.experiments.common import LabParams, lab_run, save_outputs
+from labcore.experiments.common import lab_run, save_outputs
 from labcore.experiments.core import Variant, paired_deltas, run_variants, summarize
-from labcore.layers.base import check_int
+from labcore.experiments.params import SplittingParams
 from labcore.layers.ultramem import UltraMemConfig
 from labcore.model import LM, ModelConfig, SparsePlan, spread_placements
 from labcore.profiling.cost_model import layer_step_cost
@@ -32,37 +32,6 @@ from labcore.profiling.timer import time_fn
 from labcore.viz.figures import cost_curves_figure, deltas_figure, variants_figure
 
 NOTEBOOK = "02_layer_splitting"
-
-
-@dataclass(frozen=True)
-class SplittingParams(LabParams):
-    out_dir: str = "runs/manual/02_layer_splitting"  # run directory (the sweep runner sets it)
-    total_values: int = 576                                          # physical values over all memories
-    splits: list[int] = field(default_factory=lambda: [1, 4])        # numbers of memories S
-    spans: list[int] = field(default_factory=lambda: [0, 1])         # skip spans (v - k)
-    top_k: int = 8                                                   # values per head K
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 16, 256])  # decode batch sizes timed
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        o = type(self).__name__
-        check_int(o, "total_values", self.total_values, min_value=16)
-        check_int(o, "top_k", self.top_k, min_value=1)
-        for name, lo in (("splits", 1), ("spans", 0), ("batch_sizes", 1)):
-            vals = getattr(self, name)
-            if not vals or any(isinstance(x, bool) or not isinstance(x, int) or x < lo for x in vals):
-                raise ValueError(f"{o}.{name}={vals!r} is not allowed: must be a non-empty list of "
-                                 f"integers >= {lo}")
-        for s in self.splits:
-            per, rem = divmod(self.total_values, s)
-            if rem or math.isqrt(per) ** 2 != per:
-                raise ValueError(f"{o}.splits={self.splits!r} is not allowed with total_values="
-                                 f"{self.total_values}: {self.total_values}/{s} is not a perfect square")
-            if math.isqrt(per) < self.top_k:
-                raise ValueError(f"{o}.splits: {s} memories of {per} values have {math.isqrt(per)} keys "
-                                 f"per side < top_k={self.top_k}")
-        if max(self.spans) >= self.n_layers:
-            raise ValueError(f"{o}.spans={self.spans!r} is not allowed: spans must be < n_layers={self.n_layers}")
 
 
 def split_variants(P: SplittingParams) -> list[Variant]:

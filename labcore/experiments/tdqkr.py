@@ -21,45 +21,21 @@ Paper (Table 3, with IVE): R = 2 / 3 / 4 -> -0.008 / -0.0084 / -0.0082 val loss 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 import torch
 
-from labcore.experiments.common import LabParams, lab_run, save_outputs
+from labcore.experiments.common import lab_run, save_outputs
 from labcore.experiments.core import Variant, paired_deltas, run_variants, summarize
-from labcore.layers.base import check_int
+from labcore.experiments.params import TDQKRParams
 from labcore.layers.ultramem import UltraMem, UltraMemConfig, ultramem_reference
 from labcore.model import SparsePlan
 from labcore.viz.figures import deltas_figure, history_lines, variants_figure
 
 NOTEBOOK = "01_tdqkr"
 PAPER_RANK_DELTAS = {"R=2": -0.008, "R=3": -0.0084, "R=4": -0.0082}
-
-
-@dataclass(frozen=True)
-class TDQKRParams(LabParams):
-    out_dir: str = "runs/manual/01_tdqkr"  # run directory (the sweep runner sets it)
-    n_keys: int = 16                                             # physical keys per side n
-    top_k: int = 8                                               # values per head K (= search m)
-    ranks: list[int] = field(default_factory=lambda: [1, 2, 4])  # Tucker ranks R to compare
-    cores: list[int] = field(default_factory=lambda: [2])        # multi-core h for R=2 (1 = off)
-    aux_loss: bool = True                                        # add an "R=2 +aux" variant
-    exact_search: bool = True                                    # add an "R=2 exact" variant (m = n)
-    recall_tokens: int = 64                                      # tokens scored by brute force
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        o = type(self).__name__
-        check_int(o, "n_keys", self.n_keys, min_value=4)
-        check_int(o, "top_k", self.top_k, min_value=1, max_value=self.n_keys)
-        check_int(o, "recall_tokens", self.recall_tokens, min_value=1, max_value=4096)
-        for name in ("ranks", "cores"):
-            vals = getattr(self, name)
-            if not vals or any(isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= 8 for r in vals):
-                raise ValueError(f"{o}.{name}={vals!r} is not allowed: must be a non-empty list of "
-                                 f"integers in [1, 8]")
 
 
 def tdqkr_variants(P: TDQKRParams) -> list[Variant]:

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 
-from labcore.experiments.common import LabParams, lab_run, save_outputs
+from labcore.experiments.common import lab_run, save_outputs
 from labcore.experiments.core import Variant, paired_deltas, run_variants, summarize
-from labcore.layers.base import check_int, is_perfect_square
+from labcore.experiments.params import VirtualMemoryParams
 from labcore.layers.ultramem import UltraMemConfig
 from labcore.model import SparsePlan
 from labcore.viz.figures import deltas_figure, variants_figure, xy_figure
@@ -30,25 +30,6 @@ from labcore.viz.figures import deltas_figure, variants_figure, xy_figure
 NOTEBOOK = "03_virtual_memory"
 PAPER_VAL_DELTAS = {"E=4": -0.017, "E=9": -0.025, "E=16": -0.027}
 PAPER_FLOPS_INCREASE = {"E=4": 0.066, "E=9": 0.149, "E=16": 0.264}
-
-
-@dataclass(frozen=True)
-class VirtualMemoryParams(LabParams):
-    out_dir: str = "runs/manual/03_virtual_memory"  # run directory (the sweep runner sets it)
-    n_keys: int = 16                                                 # physical keys per side n
-    top_k: int = 8                                                   # values per head K
-    expansions: list[int] = field(default_factory=lambda: [1, 4, 9, 16])  # E (perfect squares)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        o = type(self).__name__
-        check_int(o, "n_keys", self.n_keys, min_value=4)
-        check_int(o, "top_k", self.top_k, min_value=1, max_value=self.n_keys)
-        bad = [e for e in self.expansions if isinstance(e, bool) or not isinstance(e, int) or e < 1
-               or not is_perfect_square(e)]
-        if not self.expansions or bad or 1 not in self.expansions:
-            raise ValueError(f"{o}.expansions={self.expansions!r} is not allowed: must list perfect squares "
-                             f">= 1 including 1 (the baseline)")
 
 
 def ive_variants(P: VirtualMemoryParams) -> list[Variant]:

@@ -8,72 +8,25 @@ record and never reach into a layer's internals.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-# ----------------------------------------------------------------------------------------------
-# Config validation: one error format everywhere ("Cfg.field=value: must be ...").
-# ----------------------------------------------------------------------------------------------
+from labcore.config import (  # noqa: F401 - re-exported for the layer files
+    ConfigError,
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_str,
+    from_dict,
+    is_perfect_square,
+)
 
-
-class ConfigError(ValueError):
-    """A config field has a value that is not allowed. Subclass of ValueError."""
-
-
-def _fail(owner: str, name: str, value: Any, allowed: str) -> None:
-    raise ConfigError(f"{owner}.{name}={value!r} is not allowed: must be {allowed}")
-
-
-def check_int(owner: str, name: str, value: Any, *, min_value: int | None = 1,
-              max_value: int | None = None) -> None:
-    """Raise ConfigError unless ``value`` is an int (not bool) within [min_value, max_value]."""
-    lo = "-inf" if min_value is None else min_value
-    hi = "inf" if max_value is None else max_value
-    allowed = f"an integer in [{lo}, {hi}]"
-    if isinstance(value, bool) or not isinstance(value, int):
-        _fail(owner, name, value, allowed)
-    if (min_value is not None and value < min_value) or (max_value is not None and value > max_value):
-        _fail(owner, name, value, allowed)
-
-
-def check_float(owner: str, name: str, value: Any, *, min_value: float | None = None,
-                max_value: float | None = None, min_inclusive: bool = True) -> None:
-    """Raise ConfigError unless ``value`` is a finite real number within the bounds."""
-    lo = "-inf" if min_value is None else min_value
-    hi = "inf" if max_value is None else max_value
-    allowed = f"a finite number in {'[' if min_inclusive else '('}{lo}, {hi}]"
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        _fail(owner, name, value, allowed)
-    if min_value is not None and (value < min_value or (not min_inclusive and value == min_value)):
-        _fail(owner, name, value, allowed)
-    if max_value is not None and value > max_value:
-        _fail(owner, name, value, allowed)
-
-
-def check_choice(owner: str, name: str, value: Any, choices: Iterable[Any]) -> None:
-    """Raise ConfigError unless ``value`` is one of ``choices``."""
-    choices = tuple(choices)
-    if value not in choices:
-        _fail(owner, name, value, "one of " + ", ".join(repr(c) for c in choices))
-
-
-def is_perfect_square(n: int) -> bool:
-    return n >= 0 and math.isqrt(n) ** 2 == n
-
-
-def config_from_dict(cls: type, data: Mapping[str, Any]):
-    """Build a config dataclass from a mapping; unknown keys raise ConfigError naming them."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{cls.__name__}: unknown key(s) {unknown}; allowed keys: {sorted(names)}")
-    return cls(**data)
+# Config validation lives in labcore.config (torch-free); the names stay importable from here.
+config_from_dict = from_dict
 
 
 # ----------------------------------------------------------------------------------------------

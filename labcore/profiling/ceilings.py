@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from labcore.layers.base import check_int
+from labcore.config import check_int
 from labcore.profiling.timer import resolve_device, time_fn
 from labcore.results import write_atomic
 

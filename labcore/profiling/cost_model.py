@@ -55,7 +55,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from labcore.layers.base import LayerCost, check_float, check_int
+from labcore.config import check_float, check_int
+from labcore.layers.base import LayerCost
 
 
 def expected_distinct(n_units: int, per_token: int, batch: int | float) -> float:

@@ -27,7 +27,7 @@ from typing import Any
 import psutil
 import torch
 
-from labcore.layers.base import check_float
+from labcore.config import check_float
 from labcore.profiling.timer import resolve_device, synchronize
 
 

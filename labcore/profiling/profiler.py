@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from labcore.layers.base import check_int
+from labcore.config import check_int
 from labcore.profiling.timer import resolve_device, synchronize
 
 COLUMNS = ["op", "input_shapes", "calls", "self_cpu_us", "cpu_total_us", "self_cpu_frac"]

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from labcore.layers.base import check_int
+from labcore.config import check_int
 
 Clock = Callable[[], float]
 

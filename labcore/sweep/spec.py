@@ -30,11 +30,19 @@ Validation (:func:`load_sweep`) reads each notebook's ``parameters`` cell throug
 ``papermill.inspect_notebook`` (:func:`labcore.params.notebook_parameters`) and rejects, naming the
 entry: unknown keys, a notebook that does not exist or lacks ``out_dir``/``seed`` parameters, a
 parameter the notebook does not have, a value of the wrong type (strict: ``true`` is not an int),
-an empty grid, grid values that are not lists, ``out_dir``/``seed`` set by hand. All problems are
-reported together, e.g.::
+an empty grid, grid values that are not lists, ``out_dir``/``seed`` set by hand. Then every run's
+*values* go through the notebook's own params dataclass, exactly as its validation cell
+``P = validate_notebook_params(XParams, globals())`` will (:func:`notebook_schema` finds ``XParams``
+and the module it is imported from in the notebook's code; ``labcore.experiments.params`` holds the
+lab's, torch-free): ranges, choices and cross-field rules of ``__post_init__``. All problems are
+reported together, before any kernel starts, e.g.::
 
     sweep quick.yaml: notebooks[1] (01_tdqkr.ipynb): parameter 'rnak' is not a parameter of this
     notebook; known: smoke, rank, scoring, out_dir, seed
+    sweep bad.yaml: notebooks[0] (01_tdqkr.ipynb) run [seed=0]: TDQKRParams.steps=-5 is not
+    allowed: must be an integer in [1, inf]
+
+A notebook that defines its params class in a cell (no import) gets the type checks only.
 
 Run ids are content hashes: ``<notebook stem>-<sha256[:12]>`` of the notebook's *content* (cell
 types, sources and tags; not outputs, execution counts or ids), the validated parameters and the
@@ -44,7 +52,11 @@ sweep gives the same ids, so finished runs are found and skipped.
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import hashlib
+import importlib
+import importlib.util
 import itertools
 import json
 import math
@@ -54,10 +66,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from labcore.params import TypeMismatch, check_value, describe_type, notebook_parameters
+from labcore.params import (
+    TypeMismatch,
+    check_value,
+    describe_type,
+    notebook_parameters,
+    validate_notebook_params,
+)
 
 __all__ = ["SweepError", "RunSpec", "SweepSpec", "load_sweep", "parse_sweep", "notebook_fingerprint",
-           "make_run_id", "RESERVED_PARAMS", "DEFAULT_TIMEOUT_S"]
+           "make_run_id", "notebook_schema", "notebook_schema_ref", "check_run_values", "RESERVED_PARAMS",
+           "DEFAULT_TIMEOUT_S"]
 
 RESERVED_PARAMS = ("out_dir", "seed")  # set by the runner for every run
 DEFAULT_TIMEOUT_S = 3600.0
@@ -342,18 +361,137 @@ def _expand_entry(i, entry, nb_dirs, sweep_name, common, seeds, timeout, gpu, er
     if n_err:
         return []
 
+    # Values: every run's parameters through the notebook's own params dataclass, as its
+    # validation cell will do, so a bad value stops the sweep here and not in a kernel.
+    try:
+        schema = notebook_schema(nb_path)
+    except SweepError as ex:
+        e(str(ex))
+        return []
+    defaults = {n: p.default for n, p in declared.items() if p.has_default and n not in RESERVED_PARAMS}
+    value_errors: dict[str, list[str]] = {}
+
     key = str(nb_path)
     if key not in fingerprints:
         fingerprints[key] = notebook_fingerprint(nb_path)
     runs = []
-    for rset in run_sets:
+    for j, rset in enumerate(run_sets):
         for point in grid_points:
             params = {**common_ps, **fixed, **rset, **point}
             for seed in e_seeds:
-                runs.append(RunSpec(run_id=make_run_id(nb_path, params, seed, fingerprints[key]),
-                                    sweep=sweep_name, notebook=key, notebook_name=nb_name, entry=i,
-                                    params=params, seed=seed, timeout_s=e_timeout, gpu=e_gpu))
-    return runs
+                run_id = make_run_id(nb_path, params, seed, fingerprints[key])
+                if schema is not None:
+                    problem = check_run_values(schema, {**defaults, **params}, seed, run_id)
+                    if problem:
+                        label = ", ".join(([f"runs[{j}]"] if "runs" in entry else [])
+                                          + [f"{k}={_short(v)}" for k, v in point.items()] + [f"seed={seed}"])
+                        value_errors.setdefault(problem, []).append(label)
+                runs.append(RunSpec(run_id=run_id, sweep=sweep_name, notebook=key, notebook_name=nb_name,
+                                    entry=i, params=params, seed=seed, timeout_s=e_timeout, gpu=e_gpu))
+    for problem, labels in value_errors.items():
+        more = f" (and {len(labels) - 1} more run(s) of this entry)" if len(labels) > 1 else ""
+        e(f"{problem}{more}", f"run [{labels[0]}]")
+    return [] if value_errors else runs
+
+
+# ----------------------------------------------------------------------------------------------
+# Value validation: the notebook's params dataclass, found through its validation cell.
+# ----------------------------------------------------------------------------------------------
+
+VALIDATE_CALL = "validate_notebook_params"
+
+
+def notebook_schema_ref(path: str | Path) -> tuple[str, str] | None:
+    """``(module, class name)`` of the params dataclass a notebook validates with.
+
+    Read from the notebook's code (never executed): the first argument of its
+    ``validate_notebook_params(NAME, globals())`` call and the ``from MODULE import NAME`` before
+    it. None when the notebook has no such call or defines the class in a cell (then only the
+    parameter types are checked before the run)."""
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    imported: dict[str, tuple[str, str] | None] = {}
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        tree = _parse_cell(cell.source)
+        for stmt in tree.body if tree is not None else []:
+            if isinstance(stmt, ast.ImportFrom) and stmt.module and not stmt.level:
+                for a in stmt.names:
+                    imported[a.asname or a.name] = (stmt.module, a.name)
+            elif isinstance(stmt, ast.ClassDef):
+                imported[stmt.name] = None
+            for node in ast.walk(stmt):
+                if (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Name)
+                        and _call_name(node.func) == VALIDATE_CALL):
+                    return imported.get(node.args[0].id)
+    return None
+
+
+def notebook_schema(path: str | Path) -> type | None:
+    """The params dataclass a notebook validates with (see :func:`notebook_schema_ref`), imported
+    from the module that defines it: re-exports (``from labcore.experiments.params import X`` in
+    the module the notebook names) are followed in the source first, so the sweep driver loads
+    ``labcore.experiments.params`` (no torch) rather than the experiment module. Raises
+    SweepError when the class named in the notebook cannot be imported."""
+    ref = notebook_schema_ref(path)
+    if ref is None:
+        return None
+    module, name = ref
+    try:
+        cls = _import_class(module, name)
+    except Exception as ex:  # noqa: BLE001 - any import failure is reported against the notebook
+        raise SweepError(f"cannot import the notebook's params class {name} from {module}: "
+                         f"{type(ex).__name__}: {ex}") from None
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise SweepError(f"{module}.{name}, passed to {VALIDATE_CALL} by the notebook, is not a dataclass")
+    return cls
+
+
+def check_run_values(schema: type, params: Mapping[str, Any], seed: int, out_dir: str) -> str | None:
+    """Build ``schema`` from one run's parameters as the notebook's validation cell will (the
+    runner's ``out_dir`` and ``seed`` included); the error message, or None when they are valid."""
+    try:
+        validate_notebook_params(schema, {**params, "out_dir": out_dir, "seed": seed})
+    except (ValueError, TypeError) as ex:  # ConfigError is a ValueError
+        return str(ex)
+    return None
+
+
+def _parse_cell(source: str) -> ast.Module | None:
+    # IPython magics and shell escapes are not Python: blank them before parsing.
+    lines = ["" if ln.lstrip().startswith(("%", "!")) else ln for ln in source.splitlines()]
+    try:
+        return ast.parse("\n".join(lines))
+    except SyntaxError:
+        return None
+
+
+def _call_name(func: ast.expr) -> str | None:
+    if isinstance(func, ast.Name):
+        return func.id
+    if isinstance(func, ast.Attribute):
+        return func.attr
+    return None
+
+
+def _import_class(module: str, name: str, depth: int = 0) -> Any:
+    """``module.name``, importing the module where the class is defined (followed statically
+    through ``from X import name`` re-exports, at most 8 deep)."""
+    spec = importlib.util.find_spec(module)
+    origin = getattr(spec, "origin", None)
+    if depth < 8 and origin and origin.endswith(".py"):
+        for stmt in ast.parse(Path(origin).read_text()).body:
+            if isinstance(stmt, ast.ClassDef) and stmt.name == name:
+                break
+            if isinstance(stmt, ast.ImportFrom):
+                for a in stmt.names:
+                    if (a.asname or a.name) == name:
+                        src = (importlib.util.resolve_name("." * stmt.level + (stmt.module or ""), spec.parent)
+                               if stmt.level else stmt.module)
+                        return _import_class(src, a.name, depth + 1)
+    return getattr(importlib.import_module(module), name)
 
 
 def describe_parameters(path: str | Path) -> str:

@@ -76,7 +76,7 @@ from functools import lru_cache
 import numpy as np
 import pandas as pd
 
-from labcore.layers.base import ConfigError, check_choice, check_int, is_perfect_square
+from labcore.config import ConfigError, check_bool, check_choice, check_int, check_str, is_perfect_square
 
 ROUTERS = ("softmax_topk_renorm", "topk_softmax", "softmax_topk")
 SCORINGS = ("additive", "tucker", "random")
@@ -148,18 +148,6 @@ class TourParams:
 # ----------------------------------------------------------------------------------------------
 # Small helpers.
 # ----------------------------------------------------------------------------------------------
-
-
-def check_bool(owner: str, name: str, value: object) -> None:
-    """Raise ConfigError unless ``value`` is exactly True or False (not 0/1, not a string)."""
-    if not isinstance(value, bool):
-        raise ConfigError(f"{owner}.{name}={value!r} is not allowed: must be True or False")
-
-
-def check_str(owner: str, name: str, value: object) -> None:
-    """Raise ConfigError unless ``value`` is a non-empty string."""
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{owner}.{name}={value!r} is not allowed: must be a non-empty string")
 
 
 def topk(x: np.ndarray, k: int) -> np.ndarray:

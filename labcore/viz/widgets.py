@@ -32,10 +32,10 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
 
-from labcore.layers.base import ConfigError, check_int
+from labcore.config import ConfigError, check_bool, check_int, check_str
 from labcore.results import RunDir, collect, free_run_dir, repo_path
 from labcore.viz.plots import metric_figure
-from labcore.viz.tour import TourParams, TourRecord, check_bool, check_str, run_tour
+from labcore.viz.tour import TourParams, TourRecord, run_tour
 from labcore.viz.tour_plots import tour_figures
 
 PLOTLY_MIME = "application/vnd.plotly.v1+json"

@@ -1,5 +1,7 @@
 """The sweep files shipped in sweeps/ validate against the real notebooks and cover all of them."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,3 +23,24 @@ def test_shipped_sweep_validates(name):
         assert {"01_tdqkr.ipynb", "05_paper_table.ipynb"} <= names
     ids = [r.run_id for r in spec.runs]
     assert len(ids) == len(set(ids))
+
+
+SHIPPED_CHECK_NO_TORCH = """
+import sys
+from labcore.sweep.spec import load_sweep, notebook_schema
+n = sum(len(load_sweep(f"sweeps/{name}.yaml").runs) for name in ("quick", "smoke", "full"))
+schemas = {notebook_schema(p).__module__ for p in sorted(__import__("pathlib").Path("notebooks").glob("*.ipynb"))}
+assert "torch" not in sys.modules, "validating the shipped sweeps imported torch"
+print(n, sorted(schemas))
+"""
+
+
+def test_shipped_sweeps_value_check_without_torch():
+    # The value check imports each notebook's params class from where it is defined (following the
+    # experiment modules' re-exports), so the sweep driver never loads torch.
+    res = subprocess.run([sys.executable, "-c", SHIPPED_CHECK_NO_TORCH], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    n, modules = res.stdout.split(" ", 1)
+    assert int(n) > 0
+    assert modules.strip() == "['labcore.experiments.params', 'labcore.viz.tour', 'labcore.viz.widgets']"

@@ -1,5 +1,6 @@
 """Sweep files: validation before anything runs, expansion, content-hash run ids."""
 
+import dataclasses
 import itertools
 import shutil
 from pathlib import Path
@@ -9,7 +10,14 @@ import pytest
 import yaml
 
 from labcore.cli import main as cli_main
-from labcore.sweep.spec import SweepError, load_sweep, make_run_id, notebook_fingerprint
+from labcore.sweep.spec import (
+    SweepError,
+    load_sweep,
+    make_run_id,
+    notebook_fingerprint,
+    notebook_schema,
+    notebook_schema_ref,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -163,3 +171,121 @@ def test_dry_run_lists_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("to run") == 14 and "sweep quick: 14 runs" in out
     assert not (tmp_path / "res").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Value checks with the notebook's own params dataclass, before any kernel starts.
+# ----------------------------------------------------------------------------------------------
+
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
+
+
+def write_lab_sweep(tmp_path, entries, name="bad.yaml", **top):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump({"name": "bad", "notebook_dir": str(NOTEBOOKS), **top, "notebooks": entries},
+                                   sort_keys=False))
+    return path
+
+
+def test_bad_value_names_file_run_parameter_value_and_allowed(tmp_path):
+    path = write_lab_sweep(tmp_path, [{"notebook": "01_tdqkr.ipynb", "params": {"steps": -5}}])
+    with pytest.raises(SweepError) as e:
+        load_sweep(path)
+    assert str(e.value) == ("sweep bad.yaml: notebooks[0] (01_tdqkr.ipynb) run [seed=0]: TDQKRParams.steps=-5 "
+                            "is not allowed: must be an integer in [1, inf]")
+
+
+def test_value_errors_name_the_grid_point_and_count_the_other_runs(tmp_path):
+    path = write_lab_sweep(tmp_path, [
+        {"notebook": "01_tdqkr.ipynb", "grid": {"top_k": [4, 32], "n_keys": [16, 64]}},
+        {"notebook": "00_tour.ipynb", "runs": [{"expansion": 4}, {"expansion": 8}]},
+    ], seeds=[0, 1])
+    with pytest.raises(SweepError) as e:
+        load_sweep(path)
+    lines = str(e.value).splitlines()
+    assert lines == [
+        "sweep bad.yaml: notebooks[0] (01_tdqkr.ipynb) run [top_k=32, n_keys=16, seed=0]: TDQKRParams.top_k=32 "
+        "is not allowed: must be an integer in [1, 16] (and 1 more run(s) of this entry)",
+        "sweep bad.yaml: notebooks[1] (00_tour.ipynb) run [runs[1], seed=0]: TourParams.expansion=8 is not "
+        "allowed: must be a perfect square (1, 4, 9, 16): keys per side grow by sqrt(E) "
+        "(and 1 more run(s) of this entry)",
+    ]
+
+
+def test_cross_field_rules_and_common_values_are_checked(tmp_path):
+    # Each value alone is fine; together they break SplittingParams.__post_init__ (spans < n_layers).
+    path = write_lab_sweep(tmp_path, [{"notebook": "02_layer_splitting.ipynb", "params": {"spans": [0, 3]}}],
+                           common={"n_layers": 3})
+    with pytest.raises(SweepError, match=r"SplittingParams.spans=\[0, 3\] is not allowed: must be a non-empty "
+                                         r"list of integers in \[0, 2\]"):
+        load_sweep(path)
+    good = load_sweep(write_lab_sweep(tmp_path, [{"notebook": "02_layer_splitting.ipynb",
+                                                  "params": {"spans": [0, 2]}}], "good.yaml", common={"n_layers": 3}))
+    assert [r.params for r in good.runs] == [{"n_layers": 3, "spans": [0, 2]}]
+
+
+def test_bad_value_via_cli_exits_2_and_starts_no_kernel(tmp_path, capsys, monkeypatch):
+    import papermill
+
+    import labcore.sweep.runner as runner
+
+    def no_kernel(*a, **kw):
+        raise AssertionError("the sweep was started")
+
+    monkeypatch.setattr(papermill, "execute_notebook", no_kernel)
+    monkeypatch.setattr(runner, "run_sweep", no_kernel)
+    path = write_lab_sweep(tmp_path, [{"notebook": "00_tour.ipynb"},
+                                      {"notebook": "01_tdqkr.ipynb", "params": {"steps": -5}}])
+    rc = cli_main(["sweep", str(path), "--results-root", str(tmp_path / "res"), "--reports-root",
+                   str(tmp_path / "rep")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml" in err and "notebooks[1] (01_tdqkr.ipynb) run [seed=0]" in err and "steps=-5" in err
+    assert not (tmp_path / "res").exists() and not (tmp_path / "rep").exists()
+
+
+@pytest.mark.parametrize("nb", sorted(p.name for p in NOTEBOOKS.glob("*.ipynb")))
+def test_every_lab_notebook_names_an_importable_params_class(nb):
+    ref = notebook_schema_ref(NOTEBOOKS / nb)
+    assert ref is not None, f"{nb} has no validate_notebook_params(XParams, ...) cell importing XParams"
+    cls = notebook_schema(NOTEBOOKS / nb)
+    assert cls.__name__ == ref[1] and dataclasses.is_dataclass(cls)
+    assert cls.__module__ in ("labcore.experiments.params", "labcore.viz.tour", "labcore.viz.widgets")
+    cls()  # its defaults are valid
+
+
+def test_inline_params_class_gets_type_checks_only(tmp_path):
+    # tiny.ipynb defines TinyParams in a cell: nothing to import, so n=0 (rejected by its
+    # __post_init__ in the kernel) passes the sweep check; a wrong type still does not.
+    assert notebook_schema_ref(FIXTURES / "tiny.ipynb") is None
+    assert len(load_sweep(write_sweep(tmp_path, {"name": "t", "notebooks": [
+        {"notebook": "tiny.ipynb", "params": {"n": 0}}]})).runs) == 1
+
+
+def _notebook_with_validation_cell(tmp_path, source):
+    doc = nbformat.read(FIXTURES / "echo.ipynb", as_version=4)
+    doc.cells[1].source = source + "\nprint(P)\n"
+    nbformat.write(doc, tmp_path / "v.ipynb")
+    return tmp_path / "v.ipynb"
+
+
+def test_schema_ref_reads_imports_aliases_and_magics(tmp_path):
+    nb = _notebook_with_validation_cell(tmp_path, "%matplotlib inline\nfrom labcore import params as lp\n"
+                                        "from labcore.viz.tour import TourParams as TP\n"
+                                        "P = lp.validate_notebook_params(TP, globals())")
+    assert notebook_schema_ref(nb) == ("labcore.viz.tour", "TourParams")
+    from labcore.viz.tour import TourParams
+
+    assert notebook_schema(nb) is TourParams
+
+
+def test_unimportable_params_class_is_a_sweep_error(tmp_path):
+    _notebook_with_validation_cell(tmp_path, "from labcore.params import validate_notebook_params\n"
+                                   "from labcore.no_such_module import EchoParams\n"
+                                   "P = validate_notebook_params(EchoParams, globals())")
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"name": "s", "notebook_dir": str(tmp_path), "notebooks": ["v.ipynb"]}))
+    with pytest.raises(SweepError) as e:
+        load_sweep(path)
+    assert ("sweep s.yaml: notebooks[0] (v.ipynb): cannot import the notebook's params class EchoParams from "
+            "labcore.no_such_module: ModuleNotFoundError") in str(e.value)

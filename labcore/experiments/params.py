@@ -1,0 +1,255 @@
+"""The ablation notebooks' parameter schemas: frozen dataclasses, validated in ``__post_init__``.
+
+Each notebook's ``parameters`` cell mirrors one of these classes and its second cell calls
+``validate_notebook_params(XParams, globals())`` (:mod:`labcore.params`). ``labcore sweep`` builds
+the same class for every run of a sweep file before it starts any kernel, so a bad value
+(``steps: -5``) stops the sweep with a :class:`~labcore.config.ConfigError` naming the run, the
+parameter, the value and what is allowed.
+
+This module imports no torch (the sweep driver validates without loading it). The methods that
+turn parameters into model, data and training configs import those modules when called: they
+import torch. The experiment modules (:mod:`labcore.experiments.tdqkr`, ...) re-export their class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from labcore.config import (
+    ConfigError,
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_int_list,
+    check_str,
+    is_perfect_square,
+)
+
+if TYPE_CHECKING:
+    from labcore.data.knowledge import KnowledgeConfig
+    from labcore.model import ModelConfig, SparsePlan
+    from labcore.train import TrainConfig
+
+__all__ = ["LabParams", "TDQKRParams", "SplittingParams", "VirtualMemoryParams", "ArchitecturesParams",
+           "PaperTableParams", "PAPER_VAL_DELTAS", "ROWS"]
+
+
+@dataclass(frozen=True)
+class LabParams:
+    """Parameters shared by the ablation notebooks (mirrored by their ``parameters`` cells).
+
+    ``smoke=True`` shrinks everything (:meth:`effective`). The defaults are the quick sweep's lab
+    scale: a 4-block, D = 64 byte-level LM trained for a few hundred steps on the synthetic
+    knowledge base.
+    """
+
+    smoke: bool = False          # tiny sizes and few steps (tests, CI)
+    out_dir: str = "runs/manual"  # run directory (the sweep runner sets it)
+    seed: int = 0                # first seed; seeds are seed, seed+1, ...
+    n_seeds: int = 3             # seeds per variant (spread and confidence intervals)
+    steps: int = 300             # optimiser steps per training run
+    batch_size: int = 16         # sequences per step
+    seq_len: int = 64            # tokens per sequence
+    lr: float = 3e-3             # peak learning rate (warmup + cosine)
+    d_model: int = 64            # model width D
+    n_layers: int = 4            # transformer blocks L
+    n_people: int = 100          # individuals in the synthetic knowledge base
+    device: str = "auto"         # "auto" | "cpu" | "cuda"
+
+    def __post_init__(self) -> None:
+        o = type(self).__name__
+        check_bool(o, "smoke", self.smoke)
+        check_str(o, "out_dir", self.out_dir)
+        check_int(o, "seed", self.seed, min_value=0)
+        check_int(o, "n_seeds", self.n_seeds, min_value=1, max_value=100)
+        check_int(o, "steps", self.steps, min_value=1)
+        check_int(o, "batch_size", self.batch_size, min_value=1)
+        check_int(o, "seq_len", self.seq_len, min_value=8, max_value=4096)
+        check_float(o, "lr", self.lr, min_value=0.0, max_value=1.0, min_inclusive=False)
+        check_int(o, "d_model", self.d_model, min_value=16)
+        if self.d_model % 16:
+            raise ConfigError(f"{o}.d_model={self.d_model!r} is not allowed: must be a multiple of 16")
+        check_int(o, "n_layers", self.n_layers, min_value=2)
+        check_int(o, "n_people", self.n_people, min_value=4)
+        check_choice(o, "device", self.device, ("auto", "cpu", "cuda"))
+
+    # -- derived sizes -----------------------------------------------------------------------
+    def effective(self) -> LabParams:
+        """The sizes actually run: ``smoke`` shrinks steps, width, people and seeds."""
+        if not self.smoke:
+            return self
+        return dataclasses.replace(self, steps=min(self.steps, 12), n_seeds=min(self.n_seeds, 2),
+                                   batch_size=min(self.batch_size, 8), seq_len=min(self.seq_len, 64),
+                                   d_model=32, n_people=min(self.n_people, 12))
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.n_seeds)]
+
+    # -- configs (these import the torch-based modules when called) --------------------------
+    def train_config(self, **overrides: Any) -> TrainConfig:
+        from labcore.train import TrainConfig
+
+        fields = dict(steps=self.steps, batch_size=self.batch_size, seq_len=self.seq_len, lr=self.lr,
+                      warmup_steps=max(1, self.steps // 10), eval_every=0, checkpoint_every=0,
+                      eval_batches=2 if self.smoke else 8, recall_max_people=min(self.n_people, 64),
+                      value_lr_multiplier=1.0, device=self.device, progress=False)
+        fields.update(overrides)
+        return TrainConfig(**fields)
+
+    def data_config(self) -> KnowledgeConfig:
+        from labcore.data.knowledge import KnowledgeConfig
+
+        # The knowledge base is the same for every seed: seeds vary the model init and batch order.
+        return KnowledgeConfig(n_people=self.n_people, bios_per_person=4, seed=0)
+
+    def model(self, plan: SparsePlan | None = None, **overrides: Any) -> ModelConfig:
+        from labcore.data.tokenizer import ByteTokenizer
+        from labcore.model import ModelConfig, SparsePlan
+
+        # Long enough for a bio prompt + answer (knowledge recall skips prompts longer than this).
+        fields = dict(vocab_size=ByteTokenizer().vocab_size, d_model=self.d_model, n_layers=self.n_layers,
+                      n_heads=max(1, self.d_model // 16), d_ff=4 * self.d_model,
+                      max_seq_len=max(self.seq_len, 160), plan=plan or SparsePlan())
+        fields.update(overrides)
+        return ModelConfig(**fields)
+
+
+# ----------------------------------------------------------------------------------------------
+# 01_tdqkr
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TDQKRParams(LabParams):
+    out_dir: str = "runs/manual/01_tdqkr"  # run directory (the sweep runner sets it)
+    n_keys: int = 16                                             # physical keys per side n
+    top_k: int = 8                                               # values per head K (= search m)
+    ranks: list[int] = field(default_factory=lambda: [1, 2, 4])  # Tucker ranks R to compare
+    cores: list[int] = field(default_factory=lambda: [2])        # multi-core h for R=2 (1 = off)
+    aux_loss: bool = True                                        # add an "R=2 +aux" variant
+    exact_search: bool = True                                    # add an "R=2 exact" variant (m = n)
+    recall_tokens: int = 64                                      # tokens scored by brute force
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        o = type(self).__name__
+        check_int(o, "n_keys", self.n_keys, min_value=4)
+        check_int(o, "top_k", self.top_k, min_value=1, max_value=self.n_keys)
+        check_int(o, "recall_tokens", self.recall_tokens, min_value=1, max_value=4096)
+        check_int_list(o, "ranks", self.ranks, min_value=1, max_value=8)
+        check_int_list(o, "cores", self.cores, min_value=1, max_value=8)
+        check_bool(o, "aux_loss", self.aux_loss)
+        check_bool(o, "exact_search", self.exact_search)
+
+
+# ----------------------------------------------------------------------------------------------
+# 02_layer_splitting
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SplittingParams(LabParams):
+    out_dir: str = "runs/manual/02_layer_splitting"  # run directory (the sweep runner sets it)
+    total_values: int = 576                                          # physical values over all memories
+    splits: list[int] = field(default_factory=lambda: [1, 4])        # numbers of memories S
+    spans: list[int] = field(default_factory=lambda: [0, 1])         # skip spans (v - k)
+    top_k: int = 8                                                   # values per head K
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 16, 256])  # decode batch sizes timed
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        o = type(self).__name__
+        check_int(o, "total_values", self.total_values, min_value=16)
+        check_int(o, "top_k", self.top_k, min_value=1)
+        check_int_list(o, "splits", self.splits, min_value=1)
+        check_int_list(o, "spans", self.spans, min_value=0, max_value=self.n_layers - 1)
+        check_int_list(o, "batch_sizes", self.batch_sizes, min_value=1)
+        for s in self.splits:
+            per, rem = divmod(self.total_values, s)
+            if rem or not is_perfect_square(per):
+                raise ConfigError(f"{o}.splits={self.splits!r} is not allowed with total_values="
+                                  f"{self.total_values}: {self.total_values}/{s} is not a perfect square")
+            if math.isqrt(per) < self.top_k:
+                raise ConfigError(f"{o}.splits={self.splits!r} is not allowed with top_k={self.top_k}: "
+                                  f"{s} memories of {per} values have {math.isqrt(per)} keys per side "
+                                  f"< top_k")
+
+
+# ----------------------------------------------------------------------------------------------
+# 03_virtual_memory
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VirtualMemoryParams(LabParams):
+    out_dir: str = "runs/manual/03_virtual_memory"  # run directory (the sweep runner sets it)
+    n_keys: int = 16                                                 # physical keys per side n
+    top_k: int = 8                                                   # values per head K
+    expansions: list[int] = field(default_factory=lambda: [1, 4, 9, 16])  # E (perfect squares)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        o = type(self).__name__
+        check_int(o, "n_keys", self.n_keys, min_value=4)
+        check_int(o, "top_k", self.top_k, min_value=1, max_value=self.n_keys)
+        check_int_list(o, "expansions", self.expansions, min_value=1)
+        if any(not is_perfect_square(e) for e in self.expansions) or 1 not in self.expansions:
+            raise ConfigError(f"{o}.expansions={self.expansions!r} is not allowed: must list perfect squares "
+                              ">= 1 including 1 (the baseline)")
+
+
+# ----------------------------------------------------------------------------------------------
+# 04_architectures
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArchitecturesParams(LabParams):
+    out_dir: str = "runs/manual/04_architectures"  # run directory (the sweep runner sets it)
+    ratio: float = 12.0                                                     # sparse / dense parameters
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 16, 256, 4096])  # decode batches timed
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        o = type(self).__name__
+        check_float(o, "ratio", self.ratio, min_value=0.5, max_value=64.0)
+        check_int_list(o, "batch_sizes", self.batch_sizes, min_value=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# 05_paper_table
+# ----------------------------------------------------------------------------------------------
+
+# arXiv 2411.12364 Table 2 (docs/mechanisms.md §1.8): validation-loss delta of each row against
+# the previous one.
+PAPER_VAL_DELTAS = {
+    "+rm softmax": -0.006, "+half vdim + proj": -0.022, "+share query": +0.003,
+    "+split big mem & skip": -0.015, "+query/key LN": +0.001, "+IVE": -0.017, "+TDQKR": -0.008,
+    "+MCS": -0.003, "+improved init": -0.003, "+value lr decay": -0.022,
+}
+ROWS = ("PKM", *PAPER_VAL_DELTAS)
+
+
+@dataclass(frozen=True)
+class PaperTableParams(LabParams):
+    out_dir: str = "runs/manual/05_paper_table"  # run directory (the sweep runner sets it)
+    n_keys: int = 16          # PKM row: physical keys per side n (N = n^2 values)
+    heads: int = 2            # memory query heads H
+    top_k: int = 8            # values selected per head K
+    rows: list[str] = field(default_factory=lambda: list(ROWS))  # which rows to walk (in table order)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        o = type(self).__name__
+        check_int(o, "n_keys", self.n_keys, min_value=4)
+        check_int(o, "heads", self.heads, min_value=1)
+        check_int(o, "top_k", self.top_k, min_value=1, max_value=self.n_keys)
+        if (not isinstance(self.rows, list | tuple) or not self.rows or self.rows[0] != "PKM"
+                or any(r not in ROWS for r in self.rows)):
+            raise ConfigError(f"{o}.rows={self.rows!r} is not allowed: must start with 'PKM' and use "
+                              f"rows of {list(ROWS)}")
