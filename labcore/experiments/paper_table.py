@@ -40,7 +40,7 @@ from labcore.experiments.common import lab_run, save_outputs
 from labcore.experiments.core import Variant, paired_deltas, run_variants, summarize
 from labcore.experiments.params import PAPER_VAL_DELTAS, ROWS, PaperTableParams
 from labcore.layers.ultramem import UltraMemConfig
-from labcore.model import SparsePlan, spread_placements
+from labcore.lm.model import SparsePlan, spread_placements
 from labcore.viz.figures import deltas_figure, history_lines, variants_figure
 
 NOTEBOOK = "05_paper_table"

@@ -26,7 +26,7 @@ from labcore.experiments.common import lab_run, save_outputs
 from labcore.experiments.core import Variant, paired_deltas, run_variants, summarize
 from labcore.experiments.params import SplittingParams
 from labcore.layers.ultramem import UltraMemConfig
-from labcore.model import LM, ModelConfig, SparsePlan, spread_placements
+from labcore.lm.model import LM, ModelConfig, SparsePlan, spread_placements
 from labcore.profiling.cost_model import layer_step_cost
 from labcore.profiling.timer import time_fn
 from labcore.viz.figures import cost_curves_figure, deltas_figure, variants_figure

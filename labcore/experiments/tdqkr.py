@@ -31,7 +31,7 @@ from labcore.experiments.common import lab_run, save_outputs
 from labcore.experiments.core import Variant, paired_deltas, run_variants, summarize
 from labcore.experiments.params import TDQKRParams
 from labcore.layers.ultramem import UltraMem, UltraMemConfig, ultramem_reference
-from labcore.model import SparsePlan
+from labcore.lm.model import SparsePlan
 from labcore.viz.figures import deltas_figure, history_lines, variants_figure
 
 NOTEBOOK = "01_tdqkr"

@@ -22,9 +22,9 @@ def test_no_subcommand_prints_help_and_exits_2(capsys):
 @pytest.mark.parametrize("name", ["train", "bench"])
 def test_train_and_bench_are_delegated_with_argv_untouched(monkeypatch, name):
     seen = []
-    fake = types.ModuleType(f"labcore.{name}")
+    fake = types.ModuleType(cli.DELEGATES[name])
     fake.cli_main = lambda argv: seen.append(list(argv)) or 5
-    monkeypatch.setitem(sys.modules, f"labcore.{name}", fake)
+    monkeypatch.setitem(sys.modules, cli.DELEGATES[name], fake)
     assert cli.main([name, "--help", "--steps", "3"]) == 5
     assert seen == [["--help", "--steps", "3"]]
 
