@@ -185,7 +185,7 @@ def test_pkm_is_tucker_rank_two_special_case():
     s_row, s_col = rng.standard_normal(6), rng.standard_normal(6)
     S_row, C, S_col = pkm_as_tucker(s_row, s_col)
     np.testing.assert_allclose(tdqkr_grid(S_row, C, S_col), s_row[:, None] + s_col[None, :], rtol=1e-12)
-    # papers.md's [D] note pairs this core with S_col = [1; s_col]: that gives a product, not a sum
+    # docs/mechanisms.md §1.3: pairing this core with S_col = [1; s_col] gives a product, not a sum
     S_col_note = np.stack([np.ones(6), s_col])
     np.testing.assert_allclose(tdqkr_grid(S_row, C, S_col_note), np.outer(s_row, s_col) + 1, rtol=1e-12)
     np.testing.assert_allclose(tdqkr_grid(S_row, np.eye(2), S_col_note), s_row[:, None] + s_col[None, :],
