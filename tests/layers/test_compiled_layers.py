@@ -1,4 +1,4 @@
-"""The memory layers with the compiled top-k (``LABCORE_COMPILED`` unset) against the PyTorch path
+"""The memory layers (PKM, UltraMem, UltraMemV2, PEER, Memory+) with the compiled top-k (``LABCORE_COMPILED`` unset) against the PyTorch path
 (``LABCORE_COMPILED=0``): the same selected slots per token and head (in any order: the final top-K
 of PKM / PEER is unsorted), outputs, scores and gradients within 1e-6 relative.
 
@@ -19,6 +19,7 @@ from labcore.layers.memory_plus import MemoryPlus, MemoryPlusConfig
 from labcore.layers.peer import PEER, PEERConfig
 from labcore.layers.pkm import PKM, PKMConfig
 from labcore.layers.ultramem import UltraMem, UltraMemConfig
+from labcore.layers.ultramem_v2 import UltraMemV2, UltraMemV2Config
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -52,6 +53,8 @@ CASES = {
                              expansion=4, proxy_search="two_sided", share_query=False), 24, 21),
     "um_additive": (_um(d_model=24, n_keys=23, heads=2, k_dim=8, top_k=7, d_value=12, scoring="additive",
                         rank=1, n_cores=1, expansion=1, score_activation="softmax"), 24, 13),
+    "ultramem_v2": (lambda: UltraMemV2(UltraMemV2Config(d_model=32, n_keys=16, heads=2, k_dim=16, top_k=5,
+                                                         d_value=16, d_pre=8)), 32, 19),
     "peer": (lambda: PEER(PEERConfig(d_model=32, n_keys=29, heads=3, top_k=6, k_dim=16)), 32, 17),
     "memory_plus": (lambda: MemoryPlus(MemoryPlusConfig(d_model=32, n_keys=29, heads=2, k_dim=16, top_k=7,
                                                         qk_norm=True)), 32, 17),
