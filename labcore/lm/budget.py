@@ -186,12 +186,13 @@ def format_budget_table(configs: Mapping[str, ModelConfig], *, context_len: int 
     if not rows:
         return ""
     ref = rows[0][1]
-    head = (f"{'model':<10} {'total':>12} {'x ref':>6} {'active':>11} {'sparse':>12} {'fwd FLOPs/tok':>14} "
+    w = max(10, *(len(name) for name in configs))  # "ultramem_v2", "memory_plus" are 11 wide
+    head = (f"{'model':<{w}} {'total':>12} {'x ref':>6} {'active':>11} {'sparse':>12} {'fwd FLOPs/tok':>14} "
             f"{'x ref':>6} {'sparse B/tok':>12}  plan")
     lines = [head, "-" * len(head)]
     for name, b in rows:
         c = configs[name]
-        lines.append(f"{name:<10} {b.total_params:>12,} {b.total_params / ref.total_params:>6.2f} "
+        lines.append(f"{name:<{w}} {b.total_params:>12,} {b.total_params / ref.total_params:>6.2f} "
                      f"{b.active_params:>11,} {b.sparse_params:>12,} {b.flops_per_token:>14,} "
                      f"{b.flops_per_token / ref.flops_per_token:>6.3f} {b.sparse_bytes_per_token:>12,}  "
                      f"{describe_plan(c)}")
