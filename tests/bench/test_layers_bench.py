@@ -1,4 +1,5 @@
-"""The layer benchmark: timing protocol on stubs, output columns and byte counts on a tiny run."""
+"""The layer benchmark (labcore layers vs their PyPI peers): timing protocol on stubs, output columns and
+byte counts on a tiny run."""
 
 import json
 
