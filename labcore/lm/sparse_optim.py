@@ -90,6 +90,7 @@ class LazyAdamW(torch.optim.Optimizer):
         check_choice("LazyAdamW", "bias_correction", bias_correction, BIAS_CORRECTIONS)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, lazy=True,
                         bias_correction=bias_correction, foreach=foreach, fused=fused)
+        self._scratch: dict[Tensor, Tensor] = {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -169,7 +170,8 @@ class LazyAdamW(torch.optim.Optimizer):
         for i, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
-            rows, g = touched_rows(p.grad, p, _param_name(group, i, gi))   # (R,), (R, F)
+            grad = p.grad.coalesce() if p.grad.is_sparse else p.grad   # sums duplicate rows
+            rows = touched_rows(grad, p, _param_name(group, i, gi))                  # (R,)
             state = self.state[p]
             if not state:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -181,47 +183,61 @@ class LazyAdamW(torch.optim.Optimizer):
             state["step"] += 1
             if rows.numel() == 0:
                 continue
+            g, m, v = self._workspace(p, rows.numel())                             # (R, F) each
+            if grad.is_sparse:
+                g.copy_(grad.values())
+            else:
+                torch.index_select(grad, 0, rows, out=g)
+            torch.index_select(state["exp_avg"], 0, rows, out=m)
+            torch.index_select(state["exp_avg_sq"], 0, rows, out=v)
             row_step = state["row_step"].index_select(0, rows) + 1                 # (R,)
             state["row_step"].index_copy_(0, rows, row_step)
-            m = state["exp_avg"].index_select(0, rows)                              # (R, F)
-            v = state["exp_avg_sq"].index_select(0, rows)
-            w = p.index_select(0, rows)
-            g = g.to(p.dtype)
             m.lerp_(g, 1 - beta1)                                   # m <- beta1 m + (1 - beta1) g
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)           # v <- beta2 v + (1 - beta2) g^2
-            if wd != 0:
-                w.mul_(1 - lr * wd)                                 # decoupled decay, touched rows only
+            state["exp_avg"].index_copy_(0, rows, m)
+            state["exp_avg_sq"].index_copy_(0, rows, v)
             if group["bias_correction"] == "row":
                 t = row_step.to(torch.float64)[:, None]                             # (R, 1)
             else:
                 t = state["step"].to(device=p.device, dtype=torch.float64)
             bc1 = 1 - torch.pow(beta1, t)                           # float64, as torch's Python floats
             bc2_sqrt = (1 - torch.pow(beta2, t)).sqrt()
-            neg_step = (-lr / bc1).to(p.dtype)
-            denom = (v.sqrt() / bc2_sqrt.to(p.dtype)).add_(eps)
-            w.add_(neg_step * m / denom)                            # addcdiv's (value * m) / denom
-            state["exp_avg"].index_copy_(0, rows, m)
-            state["exp_avg_sq"].index_copy_(0, rows, v)
-            p.index_copy_(0, rows, w)
+            denom = v.sqrt_().div_(bc2_sqrt.to(p.dtype)).add_(eps)  # sqrt(v) / sqrt(1 - beta2^t) + eps
+            update = m.mul_((-lr / bc1).to(p.dtype)).div_(denom)    # addcdiv's order: (value * m) / denom
+            if wd != 0:
+                w = torch.index_select(p, 0, rows, out=g)
+                w.mul_(1 - lr * wd).add_(update)                    # decoupled decay, touched rows only
+                p.index_copy_(0, rows, w)
+            else:
+                p.index_add_(0, rows, update)                       # rows are unique: one add per entry
+
+    def _workspace(self, p: Tensor, n_rows: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Three (n_rows, F) scratch buffers, kept between steps (not in the state dict): fresh
+        buffers of this size cost page faults on the CPU every step."""
+        buf = self._scratch.get(p)
+        if buf is None or buf.shape[1] < n_rows or buf.dtype != p.dtype or buf.device != p.device:
+            buf = torch.empty(3, max(n_rows, min(p.shape[0], n_rows + n_rows // 4)), p.shape[1],
+                              dtype=p.dtype, device=p.device)
+            self._scratch[p] = buf
+        return buf[0, :n_rows], buf[1, :n_rows], buf[2, :n_rows]
 
 
-def touched_rows(grad: Tensor, p: Tensor, name: str = "parameter") -> tuple[Tensor, Tensor]:
-    """``(rows, row_grads)`` of a gradient of the 2-D table ``p``: the coalesced indices and values of
-    a sparse COO gradient, or the rows of a dense gradient with a non-zero entry. ``rows`` is sorted
-    and unique (int64, on ``p``'s device)."""
+def touched_rows(grad: Tensor, p: Tensor, name: str = "parameter") -> Tensor:
+    """The rows a gradient of the 2-D table ``p`` touches (sorted, unique, int64, on ``p``'s device):
+    the indices of a *coalesced* sparse COO gradient, or the rows of a dense gradient with a
+    non-zero entry."""
     if tuple(grad.shape) != tuple(p.shape):
         raise ConfigError(f"LazyAdamW: gradient of {name} has shape {tuple(grad.shape)}; must be "
                           f"{tuple(p.shape)}")
     if grad.is_sparse:
-        if grad.sparse_dim() != 1:
-            raise ConfigError(f"LazyAdamW: sparse gradient of {name} has sparse_dim {grad.sparse_dim()}; "
-                              "must be 1 (whole rows, as F.embedding / F.embedding_bag with sparse=True give)")
-        grad = grad.coalesce()
-        return grad.indices()[0], grad.values()
+        if grad.sparse_dim() != 1 or not grad.is_coalesced():
+            raise ConfigError(f"LazyAdamW: sparse gradient of {name} must be coalesced with sparse_dim 1 "
+                              f"(whole rows, as F.embedding_bag(..., sparse=True) gives after .coalesce()); "
+                              f"got sparse_dim {grad.sparse_dim()}, coalesced {grad.is_coalesced()}")
+        return grad.indices()[0]
     if grad.layout != torch.strided:
         raise ConfigError(f"LazyAdamW: gradient of {name} has layout {grad.layout}; must be strided or sparse_coo")
-    rows = grad.ne(0).any(dim=1).nonzero().squeeze(1)                                   # (R,)
-    return rows, grad.index_select(0, rows)
+    return grad.ne(0).any(dim=1).nonzero().squeeze(1)                                  # (R,)
 
 
 def mark_lazy(groups: list[dict[str, Any]], roles: Sequence[str] = (VALUE_ROLE,)) -> list[dict[str, Any]]:

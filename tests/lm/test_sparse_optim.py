@@ -207,13 +207,22 @@ def test_sparse_and_dense_gradients_give_the_same_update():
     assert 0 < int((steps == 0).sum()) < 50                             # some rows never touched
 
 
-def test_touched_rows_coalesces_duplicate_sparse_indices():
+def test_touched_rows_and_duplicate_sparse_indices():
     p = torch.zeros(5, 2)
     g = torch.sparse_coo_tensor(torch.tensor([[3, 1, 3]]), torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]),
                                 (5, 2), check_invariants=True)
-    rows, vals = touched_rows(g, p)
-    assert rows.tolist() == [1, 3]
-    assert vals.tolist() == [[3.0, 4.0], [6.0, 8.0]]
+    with pytest.raises(ConfigError, match="coalesced"):
+        touched_rows(g, p, "values.weight")
+    assert touched_rows(g.coalesce(), p).tolist() == [1, 3]
+    dense = torch.zeros(5, 2)
+    dense[[0, 4], 1] = torch.tensor([1.0, -2.0])
+    assert touched_rows(dense, p).tolist() == [0, 4]
+    q = nn.Parameter(torch.zeros(5, 2))
+    opt = LazyAdamW([q], lr=1.0, betas=BETAS, eps=0.0, weight_decay=0.0)
+    q.grad = g                                                          # duplicates: rows 3 and 3 summed
+    opt.step()
+    assert opt.state[q]["row_step"].tolist() == [0, 1, 0, 1, 0]
+    torch.testing.assert_close(opt.state[q]["exp_avg"][3], 0.1 * torch.tensor([6.0, 8.0]))
 
 
 # (e) state_dict round trip ----------------------------------------------------------------------
