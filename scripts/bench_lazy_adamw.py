@@ -78,7 +78,7 @@ class Arm:
         self.s += 1
         self.step_s.append(t2 - t0)
         self.opt_s.append(t2 - t1)
-        self.losses.append(float(out.loss))
+        self.losses.append(float(out.loss.detach()))
         self.touched.append(sum(int(p.grad.ne(0).any(1).sum()) for p in self.values) /
                             sum(p.shape[0] for p in self.values))
 

@@ -261,3 +261,26 @@ def build_lazy_adamw(model: nn.Module, lr: float, weight_decay: float, *, value_
         g["param_names"] = [names[p] for p in g["params"]]
     return LazyAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                      bias_correction=bias_correction, fused=fused)
+
+
+@torch.no_grad()
+def clip_grad_norm_(params: Iterable[Tensor], max_norm: float) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` (2-norm) that also takes sparse COO gradients, which torch's
+    refuses. Sparse gradients are coalesced in place (``p.grad`` is replaced), so the norm counts
+    each row once and the optimiser gets them coalesced. Returns the total norm before clipping."""
+    check_float("clip_grad_norm_", "max_norm", max_norm, min_value=0.0, min_inclusive=False)
+    grads = []
+    for p in params:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+        grads.append(p.grad)
+    if not grads:
+        return torch.tensor(0.0)
+    norms = [torch.linalg.vector_norm(g.values() if g.is_sparse else g) for g in grads]
+    total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        (g.values() if g.is_sparse else g).mul_(coef.to(g.device, g.dtype))   # values: stays coalesced
+    return total

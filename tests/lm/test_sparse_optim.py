@@ -13,7 +13,7 @@ from torch import nn
 
 from labcore.config import ConfigError
 from labcore.layers.base import tag_param
-from labcore.lm.sparse_optim import LazyAdamW, build_lazy_adamw, touched_rows
+from labcore.lm.sparse_optim import LazyAdamW, build_lazy_adamw, clip_grad_norm_, touched_rows
 from labcore.optim import ValueLRSchedule, apply_value_lr, build_param_groups
 
 BETAS = (0.9, 0.95)
@@ -307,3 +307,25 @@ def test_bad_settings_are_named():
         LazyAdamW([{"params": [p], "lazy": "yes"}])
     with pytest.raises(ConfigError, match=r"gradient of values\.weight.*\(2, 3\)"):
         touched_rows(torch.zeros(2, 3), p, "values.weight")
+
+
+def test_clip_grad_norm_matches_torch_and_takes_sparse_gradients():
+    dense, sparse = _twins(n_rows=40)
+    sparse.sparse = True
+    x, slots, w = _batch(torch.Generator().manual_seed(4), 40, n_tok=5, k=3)
+    for m in (dense, sparse):
+        (100 * m(x, slots, w)).backward()                               # large: the clip is active
+    ref = [p.grad.clone() for p in dense.parameters()]
+    want = torch.nn.utils.clip_grad_norm_([*dense.parameters()], 0.5)
+    for p, g in zip(dense.parameters(), ref):                           # restore and clip with ours
+        p.grad = g
+    got = clip_grad_norm_([*dense.parameters()], 0.5)
+    assert torch.equal(got, want)
+    got_sparse = clip_grad_norm_([*sparse.parameters()], 0.5)
+    torch.testing.assert_close(got_sparse, want)
+    assert sparse.values.weight.grad.is_sparse and sparse.values.weight.grad.is_coalesced()
+    for (n, p), q in zip(dense.named_parameters(), sparse.parameters()):
+        torch.testing.assert_close(q.grad.to_dense(), p.grad, msg=n)
+    assert float(want) > 0.5
+    with pytest.raises(ConfigError, match="max_norm"):
+        clip_grad_norm_([*dense.parameters()], 0.0)
