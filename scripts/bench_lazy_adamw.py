@@ -1,6 +1,6 @@
 """Dense AdamW vs LazyAdamW on the memory value tables: a training A/B and a value-table micro-benchmark.
 
-    PYTHONPATH=. python scripts/bench_lazy_adamw.py micro --threads 1
+    PYTHONPATH=. python scripts/bench_lazy_adamw.py micro --threads 1 [--rows 2000]
     PYTHONPATH=. python scripts/bench_lazy_adamw.py ab --arch pkm --steps 200 --threads 1
 
 ``ab``: the equal-budget family's model (``labcore.budget.equal_budget_family`` at the sizes of
@@ -12,7 +12,8 @@ non-zero gradient. Prints per optimiser: median step time, tokens/s, optimiser s
 touched value rows, final train loss (mean of the last 10 steps) and validation loss.
 
 ``micro``: one PKM value table of the family's size read by ``F.embedding_bag`` as PKM does, with
-``sparse=False`` / ``sparse=True``: forward+backward time, then the optimiser step (dense AdamW on
+``sparse=False`` / ``sparse=True`` (slots uniform over the table, or over ``--rows`` random rows):
+forward+backward time, then the optimiser step (dense AdamW on
 the dense gradient, LazyAdamW on the dense gradient, LazyAdamW on the sparse COO gradient).
 """
 
@@ -135,7 +136,11 @@ def micro(args) -> None:
     n_rows, dv, reads = pkm.n_keys ** 2, pkm.d_model, pkm.heads * pkm.top_k
     n_tok = B * T
     gen = torch.Generator().manual_seed(0)
-    slots = torch.randint(0, n_rows, (n_tok, reads), generator=gen)       # uniform: the most rows touched
+    if args.rows is None:                                   # uniform over the table: the most rows touched
+        slots = torch.randint(0, n_rows, (n_tok, reads), generator=gen)
+    else:                                                   # uniform over a random subset of the rows
+        subset = torch.randperm(n_rows, generator=gen)[:args.rows]
+        slots = subset[torch.randint(0, args.rows, (n_tok, reads), generator=gen)]
     weights = torch.rand(n_tok, reads, generator=gen)
     g_out = torch.randn(n_tok, dv, generator=gen)
     table = torch.nn.Parameter(torch.randn(n_rows, dv, generator=gen) * 0.02)
@@ -188,6 +193,7 @@ def main() -> None:
     m = sub.add_parser("micro")
     m.add_argument("--threads", type=int, default=1)
     m.add_argument("--reps", type=int, default=7)
+    m.add_argument("--rows", type=int, default=None, help="slots drawn from this many rows (default: all)")
     args = ap.parse_args()
     ab(args) if args.cmd == "ab" else micro(args)
 

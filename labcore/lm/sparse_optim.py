@@ -284,3 +284,36 @@ def clip_grad_norm_(params: Iterable[Tensor], max_norm: float) -> Tensor:
     for g in grads:
         (g.values() if g.is_sparse else g).mul_(coef.to(g.device, g.dtype))   # values: stays coalesced
     return total
+
+
+class _RowChunks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight: Tensor, n_chunks: int) -> Tensor:
+        ctx.shape, ctx.n_chunks = weight.shape, n_chunks
+        n_rows, d = weight.shape
+        return weight.view(n_rows * n_chunks, d // n_chunks)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        n_rows, d = ctx.shape
+        h = ctx.n_chunks
+        if not grad.is_sparse:
+            return grad.reshape(n_rows, d), None
+        grad = grad.coalesce()
+        chunk = grad.indices()[0]                                           # (nnz,) chunk row = r * h + j
+        vals = grad.values()                                                # (nnz, d / h)
+        wide = vals.new_zeros(vals.shape[0], h, d // h)                    # (nnz, h, d / h)
+        wide[torch.arange(vals.shape[0], device=vals.device), chunk % h] = vals
+        out = torch.sparse_coo_tensor((chunk // h)[None], wide.view(-1, d), (n_rows, d), check_invariants=False)
+        return out.coalesce(), None
+
+
+def row_chunks(weight: Tensor, n_chunks: int) -> Tensor:
+    """``weight.view(N * n_chunks, F / n_chunks)`` (UltraMem's per-core value chunks, arXiv 2411.12364
+    §3.3) whose backward also passes a sparse COO gradient (``F.embedding_bag(..., sparse=True)``
+    over the chunks) back as a sparse (N, F) gradient; a plain ``view`` cannot (torch has no sparse
+    reshape). Dense gradients pass through unchanged."""
+    if weight.dim() != 2 or weight.shape[1] % n_chunks != 0:
+        raise ConfigError(f"row_chunks: weight of shape {tuple(weight.shape)} cannot be split into "
+                          f"n_chunks={n_chunks} equal column chunks")
+    return _RowChunks.apply(weight, n_chunks)

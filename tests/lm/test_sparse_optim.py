@@ -13,7 +13,7 @@ from torch import nn
 
 from labcore.config import ConfigError
 from labcore.layers.base import tag_param
-from labcore.lm.sparse_optim import LazyAdamW, build_lazy_adamw, clip_grad_norm_, touched_rows
+from labcore.lm.sparse_optim import LazyAdamW, build_lazy_adamw, clip_grad_norm_, row_chunks, touched_rows
 from labcore.optim import ValueLRSchedule, apply_value_lr, build_param_groups
 
 BETAS = (0.9, 0.95)
@@ -329,3 +329,23 @@ def test_clip_grad_norm_matches_torch_and_takes_sparse_gradients():
     assert float(want) > 0.5
     with pytest.raises(ConfigError, match="max_norm"):
         clip_grad_norm_([*dense.parameters()], 0.0)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_row_chunks_passes_sparse_gradients_back_to_the_table(sparse):
+    gen = torch.Generator().manual_seed(7)
+    w0 = torch.randn(6, 4, generator=gen)
+    idx = torch.tensor([[1, 3, 11], [3, 5, 0]])                          # chunk rows of a (12, 2) view
+    psw = torch.rand(2, 3, generator=gen)
+    ref = nn.Parameter(w0.clone())
+    F.embedding_bag(idx, ref.view(12, 2), mode="sum", per_sample_weights=psw).pow(2).sum().backward()
+    got = nn.Parameter(w0.clone())
+    y = F.embedding_bag(idx, row_chunks(got, 2), mode="sum", per_sample_weights=psw, sparse=sparse)
+    torch.testing.assert_close(y, F.embedding_bag(idx, w0.view(12, 2), mode="sum", per_sample_weights=psw))
+    y.pow(2).sum().backward()
+    assert got.grad.is_sparse == sparse
+    torch.testing.assert_close(got.grad.to_dense(), ref.grad)
+    if sparse:
+        assert got.grad.coalesce().indices()[0].tolist() == [0, 1, 2, 5]
+    with pytest.raises(ConfigError, match="n_chunks=3"):
+        row_chunks(got, 3)
