@@ -4,7 +4,8 @@ A PKM / UltraMem value table has N rows (docs/notation.md) and one training step
 ``tokens * H * K`` of them, yet ``torch.optim.AdamW`` reads and writes the parameter, its gradient
 and both moments of *every* row on every step. The PKM authors' code (XLM ``--mem_sparse``,
 arXiv 1907.05242; docs/implementations.md "PKM") asks the value ``EmbeddingBag`` for a sparse
-gradient and steps it with ``torch.optim.SparseAdam``. :class:`LazyAdamW` does the same for any
+gradient and steps it with ``torch.optim.SparseAdam`` (``--mem_values_optimizer sparseadam,lr=...``;
+no weight decay). :class:`LazyAdamW` does the same for any
 group marked ``lazy=True`` and runs ``torch.optim.AdamW``'s own update on every other group, so one
 optimiser object serves the whole model and its ``param_groups`` (``lr``, ``base_lr``, ``lr_role``)
 keep working with ``labcore.optim.apply_value_lr`` (the value-LR multiplier and its decay).
@@ -33,11 +34,17 @@ Bias correction, ``bias_correction=``:
 * ``"global"``: t = the number of steps the *parameter* had a gradient (``torch.optim.SparseAdam``,
   hence XLM's PKM). A row first touched at a late step then gets ``m = (1 - beta1) g``,
   ``v = (1 - beta2) g^2`` with corrections near 1: a first move of about
-  lr * (1 - beta1) / sqrt(1 - beta2) (3.2 lr at the default betas).
+  lr * (1 - beta1) / sqrt(1 - beta2) (3.2 lr at betas (0.9, 0.999), 0.45 lr at (0.9, 0.95)).
 
 State per lazy parameter: ``step`` (float32 scalar, as torch AdamW), ``exp_avg``, ``exp_avg_sq``
 (shape of the table) and ``row_step`` (int64, (N,)). A state loaded from a torch AdamW checkpoint
 (no ``row_step``) starts every row's count at the parameter's ``step``.
+
+Costs: the dense-gradient path reads the whole gradient once to find the touched rows; on a GPU
+finding them (``nonzero``, ``coalesce``) syncs with the host once per table. Three scratch buffers of
+(touched rows, F) per table are kept between steps (CPU allocations of that size page-fault on every
+step otherwise). ``clip_grad_norm_`` here takes sparse gradients (torch's does not) and
+``row_chunks`` gives a chunked view of a table (UltraMem's per-core read) that passes them back.
 
 Use ``build_lazy_adamw(model, lr, weight_decay, ...)`` (value tables lazy, everything else torch
 AdamW), or ``LazyAdamW(mark_lazy(labcore.optim.build_param_groups(...)))``.
@@ -112,6 +119,7 @@ class LazyAdamW(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_scratch", {})
         for group in self.param_groups:
             for key, value in (("lazy", True), ("bias_correction", "row"), ("foreach", None), ("fused", None)):
                 group.setdefault(key, value)
