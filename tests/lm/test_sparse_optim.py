@@ -349,3 +349,42 @@ def test_row_chunks_passes_sparse_gradients_back_to_the_table(sparse):
         assert got.grad.coalesce().indices()[0].tolist() == [0, 1, 2, 5]
     with pytest.raises(ConfigError, match="n_chunks=3"):
         row_chunks(got, 3)
+
+
+@pytest.mark.parametrize("arch", ["pkm", "ultramem"])
+def test_lm_memory_tables_step_lazily(arch):
+    """A small LM: the value table is the only lazy group; the first step equals torch AdamW on every
+    parameter (an untouched row has zero moments, so AdamW leaves it too); later untouched rows stay."""
+    from labcore.layers.pkm import PKMConfig
+    from labcore.layers.ultramem import UltraMemConfig
+    from labcore.model import LM, ModelConfig, SparsePlan
+
+    d = 32
+    mem = (PKMConfig(d_model=d, n_keys=16, heads=2, k_dim=16, top_k=4) if arch == "pkm" else
+           UltraMemConfig(d_model=d, n_keys=16, heads=2, k_dim=16, top_k=4, d_value=d // 2))
+    cfg = ModelConfig(vocab_size=259, d_model=d, n_layers=2, n_heads=2, d_ff=2 * d, max_seq_len=16,
+                      plan=SparsePlan(kind="memory", memory=mem, placements=("0:1",)))
+    torch.manual_seed(0)
+    model = LM(cfg)
+    torch.manual_seed(0)
+    twin = LM(cfg)
+    opt = build_lazy_adamw(model, lr=1e-2, weight_decay=WD, betas=BETAS)
+    ref = torch.optim.AdamW(build_param_groups(twin, 1e-2, WD), lr=1e-2, betas=BETAS, weight_decay=WD)
+    lazy_names = [n for g in opt.param_groups if g["lazy"] for n in g["param_names"]]
+    assert len(lazy_names) == 1 and lazy_names[0].endswith("values.weight")
+    table = dict(model.named_parameters())[lazy_names[0]]
+    gen = torch.Generator().manual_seed(0)
+    for step in range(3):
+        x = torch.randint(0, 259, (1, 4), generator=gen)
+        before = table.detach().clone()
+        for m, o in ((model, opt), (twin, ref)):
+            o.zero_grad()
+            out = m(x, x)
+            (out.loss + out.aux_loss).backward()
+            o.step()
+        untouched = ~table.grad.ne(0).any(1)
+        assert 0 < int(untouched.sum()) < table.shape[0]
+        assert torch.equal(table[untouched], before[untouched])
+        if step == 0:
+            for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+                assert torch.equal(p, q), n
