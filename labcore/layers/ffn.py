@@ -1,9 +1,9 @@
 """Dense SwiGLU feed-forward network: the baseline every sparse layer is compared with.
 
-Symbols (notation table in ``labcore/__init__.py``): D model width, I hidden width (``d_hidden``),
-N_tok = B*T tokens.
+Symbols (docs/notation.md): D model width, I hidden width (``d_hidden``), N_tok = B*T tokens.
 
-The mechanism (Shazeer 2020, "GLU variants"; the expert MLP of U2 eq. 2 is the same function)::
+The mechanism (Shazeer 2020, "GLU Variants Improve Transformer", arXiv 2002.05202; the expert MLP
+of UltraMemV2 arXiv 2508.18756 eq. 2 is the same function)::
 
     FFN(x) = W_out ( SiLU(W_gate x) * (W_up x) )        SiLU(z) = z * sigmoid(z)
 

@@ -1,12 +1,12 @@
 """Product-Key Memory (PKM): a huge key-value memory read with an exact, cheap top-k search.
 
-PKM (Lample et al., NeurIPS 2019) replaces an FFN with a table of N = n^2 value vectors, of which
-each token reads H*K, selected by comparing a query with N keys. The N keys are never stored: each
-key is the *concatenation* of a row sub-key and a column sub-key, so one token scores only 2n
-sub-keys and still finds the exact top-K of all N keys.
+PKM (Lample et al., NeurIPS 2019, arXiv 1907.05242; docs/mechanisms.md §4) replaces an FFN with a
+table of N = n^2 value vectors, of which each token reads H*K, selected by comparing a query with
+N keys. The N keys are never stored: each key is the *concatenation* of a row sub-key and a column
+sub-key, so one token scores only 2n sub-keys and still finds the exact top-K of all N keys.
 
-Symbols (notation of ``labcore/__init__.py``)
----------------------------------------------
+Symbols (docs/notation.md)
+--------------------------
 D      model dimension (input of the query projection; output of the layer)
 H      memory heads (each head has its own query and sub-keys; all heads share the values)
 D_k    key dimension ``k_dim``; each half (sub-query / sub-key) has D_k/2 features
@@ -14,8 +14,8 @@ n      sub-keys per side (``n_keys``); N = n^2 value slots
 K      slots read per head (``top_k``); a token reads H*K (slot, weight) pairs
 D_v    value dimension (``d_value``, default D; a D_v -> D projection is added when D_v != D)
 
-The mechanism (U2 §3.1 eqs. 3-5 as restated in papers.md §1.1, plus PKM's softmax, papers.md §4)
----------------------------------------------------------------------------------------------------
+The mechanism (UltraMemV2 arXiv 2508.18756 §3.1 eqs. 3-5, docs/mechanisms.md §1.1, plus PKM's softmax)
+------------------------------------------------------------------------------------------------------
 For one head h and a token x (queries are normalised, see below)::
 
     q = W_q x + b_q,  split into  q_row, q_col in R^{D_k/2}          (query network)
@@ -30,27 +30,14 @@ For one head h and a token x (queries are normalised, see below)::
 paired with column j beat it), and likewise j. Cost per token and head: 2 * n * D_k/2 sub-key
 MACs plus the candidate work, i.e. O((sqrt(N) + K^2) * D_k) instead of O(N * D_k).
 
-labcore goes one step further than the reference code, still exactly: with both half-lists sorted
-descending, the pair of ranks (i, j) is beaten by the (i+1)(j+1)-1 pairs (i' <= i, j' <= j), so only
-pairs with (i+1)(j+1) <= K can be in the top K. For K = 32 that is 119 candidates instead of
-1024 (a fixed index list built once). Ties aside, the selected set equals the K^2-grid result;
-``pkm_reference`` (brute force over all N slots) checks this in the tests.
-
-Speed (CPU; every trick exact, the tests compare with brute force):
-
-* ``exact_topk`` ranks float32 scores as int32 (torch's CPU top-k is ~30% faster on integers),
-  reading the raw bits directly when a row's top scores are non-negative (the usual case) and
-  order-preserving keys otherwise; long rows (n >= 16 K) are pre-selected by block maxima.
-* The value read is one fused ``F.embedding_bag(mode="sum", per_sample_weights=...)``, as in XLM.
-* Large batches are searched in token chunks of <= ``SEARCH_CHUNK_BYTES`` of sub-key scores
-  (cache-resident, no freshly mapped memory); the search is per token, so nothing changes.
-* ``detailed_aux=False`` (``labcore.layers.base.set_detailed_aux``) drops the per-call diagnostics
-  that scan all N slots (``aux.counts``, coverage, KL): at a decode step of a few tokens they
-  were most of the layer's time. Default True (training / eval metrics read ``aux.counts``).
-
-On 1024 tokens, D = 256, n = 128, H = 4, K = 32, D_k = 128 (fp32, eval, one thread, CPU time)
-this is ~2.3x faster than PyPI ``product-key-memory`` 0.3.0 at the same sizes (which ranks the
-full K x K grid): the two top-k steps are ~half of the time, the value gather ~1/5.
+labcore goes one step further, still exactly: with both half-lists sorted descending, the pair of
+ranks (i, j) is beaten by the (i+1)(j+1)-1 pairs (i' <= i, j' <= j), so only pairs with
+(i+1)(j+1) <= K can be in the top K (119 candidates instead of 1024 for K = 32). Ties aside, the
+selected set equals the K^2-grid result; ``pkm_reference`` (brute force over all N slots) checks
+this in the tests. The speed machinery (integer top-k, token chunks, the pruned grid) lives in
+``labcore.layers.fast``; docs/performance.md explains and measures it. ``detailed_aux=False``
+(``labcore.layers.base.set_detailed_aux``) drops the per-call diagnostics that scan all N slots
+(``aux.counts``, coverage, KL); default True (training / eval metrics read ``aux.counts``).
 
 Layout (the PKM authors' own, facebookresearch/XLM ``HashingMemory`` -- weights exchange 1:1)
 -----------------------------------------------------------------------------------------------
@@ -70,19 +57,20 @@ Initialisation (XLM / PKM notebook): sub-keys Uniform(-1/sqrt(D_k/2), 1/sqrt(D_k
 N(0, D_v^-1/2) (std); query projection as ``nn.Linear``. XLM draws each sub-key set with a fixed
 numpy seed 2h+j, so all its memories start with identical keys; labcore uses the torch RNG.
 
-Query BatchNorm (the PKM authors' best setting: slot usage 25.8% -> 80.3%, papers.md §4) normalises
-each of the H*D_k query features over the *tokens of the batch*: it couples the tokens, is not
-causal (a token's query depends on later tokens in training mode), breaks with padding, and eval
-mode uses running statistics. Use "layernorm" for causal LMs. Tokens are flattened to
-(N_tok, H*D_k) before ``BatchNorm1d``, so statistics are per feature over all B*T tokens.
+Query BatchNorm (the PKM authors' best setting; slot usage 25.8% -> 80.3% as a secondary source
+reports arXiv 1907.05242, docs/mechanisms.md §4) normalises each of the H*D_k query features over
+the *tokens of the batch*: it couples the tokens, is not causal (a token's query depends on later
+tokens in training mode), breaks with padding, and eval mode uses running statistics. Use
+"layernorm" for causal LMs. Tokens are flattened to (N_tok, H*D_k) before ``BatchNorm1d``, so
+statistics are per feature over all B*T tokens.
 
-Public-code bugs avoided (implementations.md "PKM")
----------------------------------------------------
+Public-code bugs avoided (docs/implementations.md "PKM")
+--------------------------------------------------------
 * lucidrains ``product-key-memory`` (0.3.0) feeds (B*2*H, T, D_k/2) to ``BatchNorm1d(D_k/2)``,
   which takes dim 1 (time) as the channel axis: it raises unless T == D_k/2 and then normalises
   each time step over heads and features instead of each feature over tokens; another public port
-  does not chain its BatchNorm after the projection (implementations.md). Here BatchNorm sees
-  (N_tok, H*D_k): one mean/variance per query feature over all tokens.
+  does not chain its BatchNorm after the projection. Here BatchNorm sees (N_tok, H*D_k): one
+  mean/variance per query feature over all tokens.
 * Heads are summed into one bag (not concatenated), the softmax is over the K selected scores of
   one head (not over all H*K), and the slot is i_row*n + i_col (row-major), as in XLM. (The
   lucidrains port orders query rows (half, head, d) and keys (H, n, 2, d): same algorithm, a
@@ -96,6 +84,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from labcore.layers.base import (
@@ -109,6 +98,14 @@ from labcore.layers.base import (
     tag_param,
     zero_loss,
 )
+from labcore.layers.fast.search import (  # noqa: F401  (SEARCH_CHUNK_BYTES, search_chunk: public, kept here)
+    SEARCH_CHUNK_BYTES,
+    in_token_chunks,
+    pruned_candidates,
+    pruned_pair_topk,
+    search_chunk,
+)
+from labcore.layers.fast.topk import exact_topk
 
 QUERY_NORMS = ("layernorm", "batchnorm", "none")
 
@@ -245,96 +242,6 @@ class SubQueryLayerNorm(nn.Module):
         return q.view(n_tok, -1)                                           # (N_tok, H*D_k)
 
 
-def _ordered_int32(x: Tensor) -> Tensor:
-    """float32 -> int32 keys with the same order (sign-magnitude to two's complement), no grad."""
-    b = x.detach().view(torch.int32)
-    key = b >> 31                                   # -1 where negative, else 0
-    key &= 0x7FFFFFFF                               # flip magnitude bits of negatives only
-    key ^= b
-    return key
-
-
-def exact_topk(x: Tensor, k: int, sorted: bool) -> tuple[Tensor, Tensor]:
-    """``x.topk(k, dim=-1)``, faster on CPU float32. Same result up to ties (an element equal to the
-    K-th largest may be swapped for another equal one); NaN ranks above +inf only when its sign bit
-    is clear. Gradients flow to ``x`` as through ``topk``.
-
-    Three tricks, all exact:
-
-    1. Block maxima, for long rows (n >= 16 K): split the n entries into n/g blocks of g (g ~
-       sqrt(n/K), a divisor of n) and take the top K blocks by their maximum. A block outside
-       them lies entirely below K larger block maxima, i.e. below K distinct larger entries, so
-       it holds no top-K entry: the top K of the K*g entries of the chosen blocks is the answer.
-       n/g + K*g entries are ranked instead of n (1024 -> 384 for K = 32).
-    2. torch's CPU top-k is ~30% faster on int32 than on float32 (no NaN-aware comparison), and
-       the raw bits need no conversion: a float32 with its sign bit clear (+0, positive, +inf)
-       read as an int32 is >= 0 and such ints order like the floats, while every float with the
-       sign bit set reads as a negative int. So in a row whose K-th largest raw int is >= 0, the K
-       selected are non-negative floats and everything left out is smaller or equal. Scores are
-       usually positive at the top of a row.
-    3. Rows where that fails are ranked again with :func:`_ordered_int32` keys (order-preserving
-       for every float).
-
-    Values: gathered back from ``x`` when autograd needs them or step 3 ran; otherwise the
-    selected raw ints ARE the float bits (a free view).
-    """
-    if x.device.type != "cpu" or x.dtype != torch.float32:
-        return x.topk(k, dim=-1, sorted=sorted)
-    if x.dim() == 1:
-        v, i = exact_topk(x.unsqueeze(0), k, sorted)
-        return v[0], i[0]
-    n = x.shape[-1]
-    g = _block_size(n, k) if x.numel() >= 1 << 15 else 1                   # small inputs: fewer ops wins
-    if g > 1:                                                               # step 1
-        lead = x.shape[:-1]
-        block_max = F.max_pool1d(x.detach().reshape(-1, 1, n), g).view(*lead, n // g)  # (..., n/g)
-        blocks = exact_topk(block_max, k, sorted=False)[1]                  # (..., K) best blocks
-        pos = (blocks.unsqueeze(-1) * g + torch.arange(g, device=x.device)).flatten(-2)  # (..., K*g) entries
-        vals, best = exact_topk(x.gather(-1, pos), k, sorted)               # (..., K)
-        return vals, pos.gather(-1, best)
-    vals, idx = x.detach().view(torch.int32).topk(k, dim=-1, sorted=sorted)  # step 2
-    if k == 0 or x.numel() == 0:
-        return x.gather(-1, idx), idx
-    if int(vals.min()) < 0:                                                 # some row fails step 2
-        rows = (vals.amin(-1) < 0).nonzero(as_tuple=True)                   # index tuple over the leading dims
-        idx[rows] = _ordered_int32(x.detach()[rows]).topk(k, dim=-1, sorted=sorted).indices  # step 3
-        return x.gather(-1, idx), idx
-    if torch.is_grad_enabled() and x.requires_grad:
-        return x.gather(-1, idx), idx
-    return vals.view(torch.float32), idx
-
-
-def _block_size(n: int, k: int) -> int:
-    """Block size g for :func:`exact_topk`'s block maxima: the largest divisor of n that is at most
-    sqrt(n/K) (this minimises n/g + K*g); 1 (no blocks) for rows shorter than 16 K."""
-    if k < 1 or n < 16 * k:
-        return 1
-    g = math.isqrt(n // k)
-    while n % g:
-        g -= 1
-    return g
-
-
-SEARCH_CHUNK_BYTES = 8 << 20
-"""Memory layers search large batches in token chunks whose biggest intermediate (PKM's sub-key
-scores, UltraMem's side scores) is at most this many bytes. The whole-batch tensor (e.g. 60 MB
-of scores for 4096 tokens) would be written to freshly mapped memory (page faults) and read back
-from DRAM; a chunk's stays in cache and its allocation is reused. The search is per token, so
-chunking does not change the result."""
-
-
-def search_chunk(values_per_token: int, element_size: int) -> int:
-    """Tokens per search chunk: SEARCH_CHUNK_BYTES of ``values_per_token`` scores each (>= 1)."""
-    return max(1, SEARCH_CHUNK_BYTES // max(1, values_per_token * element_size))
-
-
-def _pruned_candidates(k: int) -> tuple[Tensor, Tensor]:
-    """Rank pairs (i, j) with (i+1)(j+1) <= k: the only ones that can be in the top k of sums."""
-    rows = [i for i in range(k) for j in range(k) if (i + 1) * (j + 1) <= k]
-    cols = [j for i in range(k) for j in range(k) if (i + 1) * (j + 1) <= k]
-    return torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
-
-
 class PKM(nn.Module):
     """Product-key memory layer: ``y, aux = pkm(x)`` with x (B, T, D) or (N_tok, D).
 
@@ -370,7 +277,7 @@ class PKM(nn.Module):
         self.values = values
         tag_param(self.values.weight, "memory_values")
         self.value_proj = nn.Linear(cfg.d_v, cfg.d_model, bias=False) if cfg.has_value_proj else None
-        cand_row, cand_col = _pruned_candidates(cfg.top_k)
+        cand_row, cand_col = pruned_candidates(cfg.top_k)  # rank pairs (i+1)(j+1) <= K
         self.register_buffer("cand_row", cand_row, persistent=False)       # (C,)
         self.register_buffer("cand_col", cand_col, persistent=False)       # (C,)
         self.detailed_aux = True      # per-call O(N) diagnostics (aux.counts, coverage, KL); see _aux
@@ -390,32 +297,26 @@ class PKM(nn.Module):
         x2d = F.dropout(x2d, c.input_dropout, self.training)
         q = self.norm(self.query(x2d))                                      # (N_tok, H*D_k)
         q = F.dropout(q, c.query_dropout, self.training)
-        return q.view(-1, c.heads, 2, c.half)                               # (N_tok, H, 2, D_k/2)
+        return rearrange(q, "t (h s d) -> t h s d", s=2, d=c.half)          # (N_tok, H, 2, D_k/2)
 
     def retrieve(self, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Queries (N_tok, H, 2, D_k/2) -> slots (N_tok, H, K), raw scores and softmax weights.
 
         Each head's K entries come in no particular order (the final top-K is unsorted).
         """
-        c = self.cfg
-        H, n, K, half = c.heads, c.n_keys, c.top_k, c.half
-        n_tok = q.shape[0]
+        n, K = self.cfg.n_keys, self.cfg.top_k
         # sub-key scores, one matmul per (head, half): (H*2, N_tok, D_k/2) @ (H*2, D_k/2, n)
-        qs = q.reshape(n_tok, H * 2, half).transpose(0, 1)                  # (H*2, N_tok, D_k/2)
-        sub = torch.bmm(qs, self.keys.view(H * 2, n, half).transpose(1, 2))  # (H*2, N_tok, n)
-        s_half, i_half = exact_topk(sub, K, sorted=True)                    # U2 eq. 3: (H*2, N_tok, K)
-        s_half = s_half.view(H, 2, n_tok, K)                                # [:, 0] rows, [:, 1] columns
-        i_half = i_half.view(H, 2, n_tok, K)
-        # U2 eq. 4 on the pruned grid: S[i, j] = s_row[i] + s_col[j] for rank pairs (i+1)(j+1) <= K
-        C = self.cand_row.numel()
-        cand_row = self.cand_row.expand(H, n_tok, C)                        # (H, N_tok, C)
-        cand_col = self.cand_col.expand(H, n_tok, C)                        # (H, N_tok, C)
-        cand = s_half[:, 0].gather(-1, cand_row) + s_half[:, 1].gather(-1, cand_col)  # (H, N_tok, C)
-        scores, best = exact_topk(cand, K, sorted=False)                    # (H, N_tok, K)
-        i_row = i_half[:, 0].gather(-1, cand_row.gather(-1, best))          # (H, N_tok, K) row sub-key
-        i_col = i_half[:, 1].gather(-1, cand_col.gather(-1, best))          # (H, N_tok, K) column sub-key
+        qs = rearrange(q, "t h s d -> (h s) t d")                           # (H*2, N_tok, D_k/2)
+        keys = rearrange(self.keys, "h s n d -> (h s) d n")                 # (H*2, D_k/2, n)
+        sub = torch.bmm(qs, keys)                                           # (H*2, N_tok, n)  K_row q_row, K_col q_col
+        s_half, i_half = exact_topk(sub, K, sorted=True)                    # U2 eq. 3: (H*2, N_tok, K), descending
+        s_half = rearrange(s_half, "(h s) t k -> h s t k", s=2)             # [:, 0] rows, [:, 1] columns
+        i_half = rearrange(i_half, "(h s) t k -> h s t k", s=2)             # (H, 2, N_tok, K)
+        # U2 eq. 4 on the pruned grid: S[i, j] = s_row[i] + s_col[j], then I = TopK(S)
+        scores, i_row, i_col = pruned_pair_topk(s_half[:, 0], s_half[:, 1], i_half[:, 0], i_half[:, 1],
+                                                self.cand_row, self.cand_col, K)  # (H, N_tok, K) each
         slots = torch.add(i_col, i_row, alpha=n)                            # slot = i_row*n + i_col
-        weights = F.softmax(scores.float(), dim=-1).type_as(scores)         # PKM softmax over K
+        weights = F.softmax(scores.float(), dim=-1).type_as(scores)         # w = softmax(S[I]), PKM
         return slots.transpose(0, 1), scores.transpose(0, 1), weights.transpose(0, 1)  # (N_tok, H, K)
 
     def read(self, slots: Tensor, weights: Tensor) -> Tensor:
@@ -426,13 +327,11 @@ class PKM(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, LayerAux]:
         c = self.cfg
         x2d, lead = flatten_tokens(x, c.d_model, "PKM")                    # (N_tok, D)
-        n_tok = x2d.shape[0]
         q = self.make_query(x2d)                                            # (N_tok, H, 2, D_k/2)
-        # the search, token chunk by token chunk (see SEARCH_CHUNK_BYTES); same result per token
-        parts = [self.retrieve(qc) for qc in q.split(search_chunk(c.heads * 2 * c.n_keys, q.element_size()))]
-        slots, scores, weights = parts[0] if len(parts) == 1 else [torch.cat(p) for p in zip(*parts)]  # (N_tok, H, K)
-        slots = slots.reshape(n_tok, c.heads * c.top_k)                     # (N_tok, H*K), heads summed
-        weights = weights.reshape(n_tok, c.heads * c.top_k)                 # (N_tok, H*K)
+        # the search, in token chunks whose (H*2, N_c, n) sub-key scores stay in cache; per token
+        slots, scores, weights = in_token_chunks(self.retrieve, q, c.heads * 2 * c.n_keys)  # (N_tok, H, K)
+        slots = rearrange(slots, "t h k -> t (h k)")                        # (N_tok, H*K), heads summed
+        weights = rearrange(weights, "t h k -> t (h k)")                    # (N_tok, H*K)
         o = self.read(slots, weights)                                       # (N_tok, D_v)
         o = F.dropout(o, c.value_dropout, self.training)
         y = self.value_proj(o) if self.value_proj is not None else o        # (N_tok, D)

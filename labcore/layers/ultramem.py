@@ -1,15 +1,15 @@
 """UltraMem: a product-key memory with Tucker-decomposed retrieval, multi-core scoring and virtual values.
 
-UltraMem (Huang et al., ICLR 2025, papers.md §1) keeps PKM's idea, a huge table of value vectors
-of which each token reads a handful, found by a cheap search over row and column sub-keys, and
-changes how the row and column scores are combined (TDQKR), how the selected scores weight the
-values (MCS, no softmax) and how many values the search can address (IVE). Every change is a
-switch of :class:`UltraMemConfig`, so one layer walks the ablation of U1 Table 2 (papers.md §1.8)
-from PKM to UltraMem row by row; with PKM's choices it computes exactly what ``labcore.layers.pkm``
-computes (:func:`ultramem_from_pkm`, tested).
+UltraMem (Huang et al., ICLR 2025, arXiv 2411.12364; docs/mechanisms.md §1) keeps PKM's idea, a
+huge table of value vectors of which each token reads a handful, found by a cheap search over row
+and column sub-keys, and changes how the row and column scores are combined (TDQKR), how the
+selected scores weight the values (MCS, no softmax) and how many values the search can address
+(IVE). Every change is a switch of :class:`UltraMemConfig`, so one layer walks the ablation of U1
+Table 2 (docs/mechanisms.md §1.8) from PKM to UltraMem row by row; with PKM's choices it computes
+exactly what ``labcore.layers.pkm`` computes (:func:`ultramem_from_pkm`, tested).
 
-Symbols (notation of ``labcore/__init__.py``)
----------------------------------------------
+Symbols (docs/notation.md)
+--------------------------
 D      model dimension (input of the query projection, output of the layer)
 H      memory heads; each has its own keys and cores; the queries are shared when ``share_query``
 D_k    key dimension PER SIDE (``k_dim``; the release's ``kdim``). PKM's ``k_dim`` is both halves
@@ -23,8 +23,8 @@ K      slots selected per head (``top_k``); a token reads H*K (slot, score) pair
 m      rows / columns kept per side in the candidate search (``candidate_m``, default K)
 D_v    value dimension (``d_value``); values V is an (N, D_v) table, split into h chunks of D_v/h
 
-The mechanism, for one token x and one head (equation numbers as in papers.md)
-------------------------------------------------------------------------------
+The mechanism, for one token x and one head (U2 = UltraMemV2 arXiv 2508.18756, which restates U1)
+---------------------------------------------------------------------------------------------------
 Query and keys (``qk_norm`` normalises each side's query and every key over its D_k features, with
 a gain shared by all heads/sides; ``norm_type`` "layernorm" or "rmsnorm")::
 
@@ -32,11 +32,10 @@ a gain shared by all heads/sides; ``norm_type`` "layernorm" or "rmsnorm")::
     S_row = K_row q_row  in R^{R x n_s}                 K_row: (R, n_s, D_k)          (U2 eq. 6)
     S_col = K_col q_col  in R^{R x n_s}
 
-TDQKR, Tucker-decomposed query-key retrieval (``scoring="tucker"``)::
+TDQKR, Tucker-decomposed query-key retrieval (``scoring="tucker"``; docs/mechanisms.md §1.3)::
 
     C = sum_{c=1..h} C^(c)                              h cores, each (R, R)
     S_grid = S_row^T C S_col  in R^{n_s x n_s}                                       (U2 eq. 7)
-    score(i, j) = sum_{a,b} S_row[a, i] C[a, b] S_col[b, j]
 
 Searching all n_s^2 grid cells is what product keys avoid. The search uses the rank-1 part of the
 core: C ~ lambda_1 u t^T (leading singular vectors of the SUMMED core, computed by
@@ -46,38 +45,43 @@ core: C ~ lambda_1 u t^T (leading singular vectors of the SUMMED core, computed 
     candidates: the m x m cells I x J scored EXACTLY with the full summed core C
     selection:  the K best candidates (i_k, j_k);  slot v_k = i_k * n_s + j_k  (virtual slot)
 
-The search is exact when m = n_s (every row and column is a candidate) and approximate otherwise.
-Like the release, it keeps the LARGEST proxies only, so cells whose two proxies are both strongly
+The search is exact when m = n_s and approximate otherwise. Like the release, it keeps the LARGEST
+proxies only (``proxy_search="signed"``, the default), so cells whose two proxies are both strongly
 negative (a large positive product) are never candidates: at init, with symmetric scores, that is
 about half of the exact top-K (recall ~0.5 at m = K; the tests measure it); training shapes the
-keys around the search it is given.
+keys around the search it is given. ``proxy_search="two_sided"`` also keeps the m MOST NEGATIVE
+proxies per side, I- and J-, and rescores the 2 m^2 cells (I+ x J+) U (I- x J-) exactly; with a
+rank-1 summed core every cell scores lambda_1 p_i q_j (p = u^T S_row, q = t^T S_col), so a
+positive score needs proxies of equal sign, and for m >= K and positive top-K scores this search is
+exact, at twice the candidate-scoring cost (docs/mechanisms.md §1.3). :meth:`UltraMem.search_recall`
+measures either search against the full grid.
 
 PKM is the special case R = 2, S_row = [s_row; 1], S_col = [s_col; 1], C = [[0, 1], [1, 0]]
-(score = s_row[i]·1 + 1·s_col[j]; papers.md's [D] note writes S_col = [1; s_col] with this C, which
-gives s_row[i]·s_col[j] + 1: with [1; s_col] the core must be the identity). labcore implements it directly as ``scoring="additive"`` (one key
-set per side, R = 1; exact product-key top-K: the top-K sums lie in the top-K rows x top-K cols).
+(score = s_row[i]·1 + 1·s_col[j]; with S_col = [1; s_col] the core must be the identity,
+docs/mechanisms.md §1.3). labcore implements it directly as ``scoring="additive"`` (one key set per
+side, R = 1; exact product-key top-K: the top-K sums lie in the top-K rows x top-K cols).
 
-MCS, multi-core scoring (``n_cores = h``; U1 eqs. 16-17 in the numbering of the secondary notes,
-papers.md §1.5). ONE selection by the summed grid; each core's own score at the selected slots,
-s^(c)_k = S_row[:, i_k]^T C^(c) S_col[:, j_k], weights its own chunk of the value vector::
+MCS, multi-core scoring (``n_cores = h``; docs/mechanisms.md §1.5). ONE selection by the summed
+grid; each core's own score at the selected slots, s^(c)_k = S_row[:, i_k]^T C^(c) S_col[:, j_k],
+weights its own chunk of the value vector::
 
     o = concat_c ( sum_k s^(c)_k V[row(v_k), chunk c] )           chunk c = D_v/h features
 
 Scores: no softmax and no activation (``score_activation="none"``, Table 2 "+rm softmax"); the raw
 scores, possibly negative, weight the values. "softmax" (over each head's K scores) is PKM's.
 
-IVE, implicit value expansion (``expansion = E``; U2 eqs. 8-9). The grid has E*N virtual slots
-but only N physical values. A fixed random permutation P of the virtual slots (a buffer, seeded by
-``cfg.seed``) maps a virtual slot to a physical row and a projector block::
+IVE, implicit value expansion (``expansion = E``; U2 eqs. 8-9; docs/mechanisms.md §1.4). The grid
+has E*N virtual slots but only N physical values. A fixed random permutation P of the virtual slots
+(a buffer, seeded by ``cfg.seed``) maps a virtual slot to a physical row and a projector block::
 
     s_hat = Shuffle(vec(S_grid))                                                       (U2 eq. 8)
     P[v] = p * N + r:   physical row r = P[v] mod N,  block p = P[v] div N
     o = sum_p W_p^T V^T s_hat_p   = one linear map (E*D_v -> D) of the pooled (E, D_v) buffer (U2 eq. 9)
 
-i.e. pool FIRST on physical rows, per block (a (N_tok, E, D_v) buffer, values of colliding slots
-SUMMED), then project once. ``value_proj`` (Table 2 "+half vdim + proj") is that projection; with
-E = 1 it is a plain D_v -> D map; without it (E = 1 only) D_v must equal D. Heads are summed: all
-H*K selections of a token go into the same pooled buffer.
+i.e. pool FIRST on physical rows, per block (values of colliding slots SUMMED), then project once.
+``value_proj`` (Table 2 "+half vdim + proj") is that projection; with E = 1 it is a plain
+D_v -> D map; without it (E = 1 only) D_v must equal D. Heads are summed: all H*K selections of a
+token go into the same pooled buffer.
 
 Tucker auxiliary loss (``tucker_aux``; U2 eqs. 16-17, U1 Table 5: alpha = 0.001, tau = 0.15)::
 
@@ -87,56 +91,30 @@ Tucker auxiliary loss (``tucker_aux``; U2 eqs. 16-17, U1 Table 5: alpha = 0.001,
 proxy search would miss good cells. It is always reported in ``aux.losses["tucker"]`` (tucker
 scoring, R >= 2); only ``tucker_aux=True`` adds ``alpha * L_aux`` to ``aux.aux_loss``.
 
-Shapes in the code: tokens are flattened to N_tok; keys are (H, 2, R, n_s, D_k) (side 0 = rows;
-the release stores (H, 2, n_s, D_k, R): ``keys.permute(0, 1, 3, 4, 2)``); side scores are
-(N_tok, H, R, n_s), i.e. S_row per token and head as in eq. 6; selections (N_tok, H, K);
-``aux.indices`` / ``aux.scores`` are (N_tok, H*K), head-major, each head's K sorted by descending
-summed score; ``aux.core_scores`` (N_tok, H*K, h). Internally rows and columns travel together:
-S is one (2, N_tok, H, R, n_s) tensor, [0] = S_row, [1] = S_col.
+Shapes: tokens are flattened to N_tok; keys are (H, 2, R, n_s, D_k) (side 0 = rows; the release
+stores (H, 2, n_s, D_k, R): ``keys.permute(0, 1, 3, 4, 2)``); side scores travel as one tensor
+S (2, N_tok, H, R, n_s), [0] = S_row, [1] = S_col; selections (N_tok, H, K); ``aux.indices`` /
+``aux.scores`` are (N_tok, H*K), head-major, each head's K sorted by descending summed score;
+``aux.core_scores`` (N_tok, H*K, h). The speed machinery (integer top-k, token chunks, the fused
+two-sided search, inference caches, the value bags) lives in ``labcore.layers.fast``;
+docs/performance.md explains and measures it. ``detailed_aux=False`` skips the per-call bincount
+over all E*N virtual slots (``aux.counts``, coverage). Default True.
 
-Speed (CPU; each trick computes the same thing, the tests compare with brute force)
--------------------------------------------------------------------------------------
-* Rows and columns go through the search together (one proxy product, one top-m, one gather),
-  halving the operator calls. The proxies u^T S_row, t^T S_col are one batched (1 x R) @ (R x n_s)
-  product over S (for the bench's n_s = 256 the cheapest form; folding u into the keys, (u^T K) q,
-  would be the same numbers up to rounding but add a 1/R larger matmul, since S is needed anyway).
-* Top-k: ``labcore.layers.pkm.exact_topk`` (int32 ranking of the float bits; block maxima
-  pre-selection for long rows, which the m^2-cell grid and long proxies are; proofs there).
-* Inference (eval mode, grad off) reuses tensors derived from parameters: the normalised key
-  matrix, the summed core and (u, t), the Tucker loss, the permuted projection weight. A cache
-  entry is valid while its sources keep their storage and version counter (every in-place write,
-  optimiser step or ``load_state_dict`` bumps it); training and grad mode always recompute.
-* IVE: the shuffle table P[v]*h is built once (int32), so a virtual slot's physical row and block
-  are one lookup and a mod; the pooled buffer comes out in (core, block, d) order and the
-  projection weight's columns are permuted to match instead of the activations.
-* Large batches go through side scores + search in token chunks of <= ``SEARCH_CHUNK_BYTES`` of
-  S (2*H*R*n_s values per token), so S stays in cache.
-* ``detailed_aux=False`` skips the per-call bincount over all E*N virtual slots (``aux.counts``,
-  coverage), which dominated a decode step of a few tokens. Default True.
-
-Initialisation (``init``)
--------------------------
+Initialisation (``init``; docs/mechanisms.md §1.6)
+--------------------------------------------------
 "release" (what ``olmo/ultramem_layer.py`` does): values N(0, 0.02^2); q/k norm gains 1/D_k^0.33;
 query projection std 1/sqrt(D_k); keys std 1/sqrt(D_k); value projector std 1/sqrt(E*D_v); cores
 Uniform[0, 1).
-"paper" (papers.md §1.6, secondary sources): values N(0, E / (2*K*H*L)), L = ``n_model_layers``,
-so the memory output variance matches an MLP's ~1/(2L); q/k norm gains g (query and key alike)
-chosen so that the mean selected score is ~1. How: with normalised q and keys, each rank
-component of a side score is g^2 * (q_hat . k_hat) ~ g^2 * sqrt(D_k) * z, z ~ N(0, 1) (LayerNorm:
-D_k / sqrt(D_k - 1) instead of sqrt(D_k), the vectors have zero mean). A Monte-Carlo
-run (``calib_samples`` draws of S_row, S_col as independent standard normals, run through exactly
-this layer's search with its own initial cores, u, t, m and K; a fixed generator seeded by
-``cfg.seed``) gives mu = mean selected score at unit scale. Tucker scores are quadratic in the
-side scale sigma = g^2 sqrt(D_k), additive ones linear, so sigma = mu^(-1/2) (tucker) or 1/mu
-(additive). For additive scores this is exactly "the mean of the top-K of n_s^2 sums of two
-standard normals"; for Tucker scores it generalises "the top-m of n standard normals" to the
-proxy + exact-rescoring search. The other parameters follow the release. Needs ``qk_norm``.
+"paper" (secondary sources): values N(0, E / (2*K*H*L)), L = ``n_model_layers``, so the memory
+output variance matches an MLP's ~1/(2L); q/k norm gains g (query and key alike) chosen so that the
+mean selected score is ~1 (a Monte-Carlo calibration through this layer's own search:
+:meth:`UltraMem.calibrated_gain`). The other parameters follow the release. Needs ``qk_norm``.
 
-Differences from the paper / the release / the community port
---------------------------------------------------------------
-* Paper (U1): not readable directly (papers.md §0); equations follow U2's restatement. The paper
-  init is reconstructed from secondary sources (see above). Cores are per head (release), shape
-  (h, H, R, R); the paper writes one R x R core per MCS core.
+Differences from the paper / the release / the community port (docs/implementations.md "UltraMem")
+----------------------------------------------------------------------------------------------------
+* Paper (U1): equations follow U2's restatement; the paper init is reconstructed from secondary
+  sources (see above). Cores are per head (release), shape (h, H, R, R); the paper writes one
+  R x R core per MCS core.
 * Release (``ZihaoHuang-notabot/Ultra-Sparse-Memory-Network``): faithful in the search (rank-1
   proxy of the summed core, buffers refreshed once per step with sign smoothing, the K largest
   proxies only, exact rescoring of m^2 = K^2 candidates), MCS (one selection, per-core scores on
@@ -146,7 +124,8 @@ Differences from the paper / the release / the community port
   the shuffle, labcore skips it for E = 1 (a relabelling of the rows: no effect on what the layer
   can compute, and it keeps PKM's slot = i_row * n + i_col); the release never adds the Tucker aux
   loss (the line is commented out), labcore makes it a switch; labcore adds ``candidate_m``
-  (release: m = K) and the "additive" / "softmax" / no-``value_proj`` settings for the ablation.
+  (release: m = K), ``proxy_search="two_sided"`` (release: the largest proxies only) and the
+  "additive" / "softmax" / no-``value_proj`` settings for the ablation.
 * Community port (PyPI ``ultra-mem`` 0.1.2, lucidrains): runs an independent top-k per core
   (different algorithm; labcore selects once by the summed grid), overwrites colliding IVE slots
   with ``scatter`` instead of summing them, computes the key LayerNorm and then scores with the
@@ -158,12 +137,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from labcore.layers.base import (
@@ -179,7 +159,15 @@ from labcore.layers.base import (
     tag_param,
     zero_loss,
 )
-from labcore.layers.pkm import exact_topk, search_chunk
+from labcore.layers.fast import bags
+from labcore.layers.fast.caches import DerivedCache, reuse
+from labcore.layers.fast.search import (
+    PROXY_SEARCHES,
+    in_token_chunks,
+    topk_recall,
+    tucker_exact_topk,
+    tucker_search,
+)
 
 SCORINGS = ("tucker", "additive")
 SCORE_ACTIVATIONS = ("none", "softmax")
@@ -198,7 +186,9 @@ class UltraMemConfig:
 
     Sizes: d_model D; n_keys n (physical keys per side, N = n^2 physical values); heads H;
     k_dim D_k per side; top_k K per head; d_value D_v (None: D // 2 with value_proj, else D);
-    rank R; n_cores h; expansion E (perfect square, 1 = off); candidate_m m (None: K).
+    rank R; n_cores h; expansion E (perfect square, 1 = off); candidate_m m (None: K);
+    proxy_search "signed" (the release: the m largest proxies per side, m^2 candidates) |
+    "two_sided" (also the m most negative: 2 m^2 candidates; tucker scoring only).
     Switches: scoring "tucker" (TDQKR) | "additive" (PKM product keys; needs rank = n_cores = 1);
     score_activation "none" (UltraMem) | "softmax" (PKM; needs n_cores = 1); qk_norm with
     norm_type "layernorm" | "rmsnorm"; share_query (one query for all heads); value_proj (the
@@ -230,6 +220,7 @@ class UltraMemConfig:
     init: str = "release"
     n_model_layers: int = 1
     candidate_m: int | None = None
+    proxy_search: str = "signed"
     query_bias: bool = False
     norm_eps: float = 1e-5
     seed: int = 0
@@ -251,6 +242,7 @@ class UltraMemConfig:
         check_choice(o, "score_activation", self.score_activation, SCORE_ACTIVATIONS)
         check_choice(o, "init", self.init, INITS)
         check_choice(o, "norm_type", self.norm_type, NORM_TYPES)
+        check_choice(o, "proxy_search", self.proxy_search, PROXY_SEARCHES)
         check_float(o, "tucker_aux_coef", self.tucker_aux_coef, min_value=0.0)
         check_float(o, "tucker_aux_margin", self.tucker_aux_margin, min_value=0.0)
         check_float(o, "norm_eps", self.norm_eps, min_value=0.0, min_inclusive=False)
@@ -279,6 +271,9 @@ class UltraMemConfig:
         if self.score_activation == "softmax" and self.n_cores != 1:
             raise _bad("n_cores", self.n_cores, "1 when score_activation='softmax' (per-core scores "
                        "have no softmax)")
+        if self.proxy_search != "signed" and self.scoring != "tucker":
+            raise _bad("proxy_search", self.proxy_search, "'signed' when scoring='additive' (the product-key "
+                       "search has no proxy; it is exact for m >= top_k)")
         if self.tucker_aux and (self.scoring != "tucker" or self.rank < 2):
             raise _bad("tucker_aux", self.tucker_aux, "False unless scoring='tucker' and rank >= 2 "
                        f"(got scoring={self.scoring!r}, rank={self.rank})")
@@ -336,7 +331,8 @@ class UltraMemConfig:
 
         FLOPs: query projection; key scores (R * n_s * D_k MACs per side per head); tucker: rank-1
         proxies (R * n_s per side per head), candidate scoring with the summed core
-        ((S_row[:, I]^T C) S_col[:, J]: m*R^2 + m^2*R MACs per head), per-core rescoring of the K
+        ((S_row[:, I]^T C) S_col[:, J]: m*R^2 + m^2*R MACs per head, twice that for the two quadrants
+        of ``proxy_search="two_sided"``), per-core rescoring of the K
         selected cells when h > 1 (h*(R^2 + R) MACs each); additive: m^2 candidate sums per head;
         softmax (3 per selected score); the weighted gather (H*K*D_v MACs); the projection
         (E*D_v*D MACs). Not counted: norms, top-k comparisons, the per-call key normalisation.
@@ -356,7 +352,8 @@ class UltraMemConfig:
         flops += 2 * H * 2 * ns * Dk * R                                      # key scores (U2 eq. 6)
         if tucker:
             flops += 2 * H * 2 * ns * R                                       # rank-1 proxies
-            flops += 2 * H * (m * R * R + m * m * R)                          # exact candidate scores
+            quadrants = 2 if self.proxy_search == "two_sided" else 1          # I+ x J+ (, I- x J-)
+            flops += 2 * H * quadrants * (m * R * R + m * m * R)              # exact candidate scores
             if h > 1:
                 flops += 2 * H * K * h * (R * R + R)                          # per-core scores (MCS)
         else:
@@ -379,34 +376,8 @@ class UltraMemAux(LayerAux):
 
 
 # ---------------------------------------------------------------------------------------------
-# The search, shared by the layer and the paper-init calibration.
+# The layer
 # ---------------------------------------------------------------------------------------------
-
-
-def _search_tucker(s: Tensor, uv: Tensor, core: Tensor, m: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """TDQKR candidate search on BOTH sides' scores at once.
-
-    s: (2, ..., H, R, n_s), [0] = S_row, [1] = S_col; uv: (2, H, R) = (u, t); core: (H, R, R).
-    Returns the selected cells (2, ..., H, K) ([0] rows i_k, [1] columns j_k), their summed scores
-    (..., H, K) in descending order, and the selected side-score columns (2, ..., H, R, K)
-    ([0] = S_row[:, i_k], [1] = S_col[:, j_k], for the per-core rescoring).
-
-    Rows and columns go through every step together (one matmul, one top-k, one gather for both),
-    which halves the number of (parallel) operator calls. Both top-k calls use :func:`exact_topk`
-    (int32 ranking of the float bits on CPU float32, block maxima for the m^2-cell grid; exact).
-    """
-    R = s.shape[-2]
-    lead = s.shape[1:-3]                                                    # token dims "..."
-    uv = uv.reshape(2, *([1] * len(lead)), uv.shape[1], 1, R)              # (2, 1.., H, 1, R)
-    proxy = (uv @ s).squeeze(-2)                                            # [u^T S_row; t^T S_col]: (2, ..., H, n_s)
-    top = exact_topk(proxy, m, sorted=False)[1]                             # (2, ..., H, m), any order
-    sel = s.gather(-1, top.unsqueeze(-2).expand(*top.shape[:-1], R, m))     # [S_row[:, I]; S_col[:, J]]: (2, ..., H, R, m)
-    grid = (sel[0].transpose(-1, -2) @ core) @ sel[1]                      # U2 eq. 7 on I x J: (..., H, m, m)
-    scores, flat = exact_topk(grid.flatten(-2), k, sorted=True)             # (..., H, K), descending
-    ij = torch.stack((flat // m, flat % m))                                 # candidate coordinates: (2, ..., H, K)
-    cells = top.gather(-1, ij)                                              # [i_k; j_k]: (2, ..., H, K)
-    vecs = sel.gather(-1, ij.unsqueeze(-2).expand(*ij.shape[:-1], R, k))    # (2, ..., H, R, K)
-    return cells, scores, vecs
 
 
 def _search_additive(s_row: Tensor, s_col: Tensor, m: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -426,38 +397,6 @@ def _qk_norm(x: Tensor, gain: Tensor, norm_type: str, eps: float) -> Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight=gain, eps=eps)
 
 
-class _DerivedCache:
-    """Tensors derived from parameters or buffers, reused while their sources are unchanged.
-
-    An entry is valid while every source has the same storage address, version counter (bumped by
-    every in-place write: optimiser steps, ``copy_``, ``load_state_dict``), dtype, device and shape
-    as when it was computed. The entry keeps a (detached) reference to each source, so a freed
-    storage cannot come back at the same address and fake a match. Tensors without a version
-    counter (inference tensors) are never cached.
-    """
-
-    def __init__(self) -> None:
-        self.entries: dict[str, tuple[tuple, tuple[Tensor, ...], Any]] = {}
-
-    @staticmethod
-    def _stamp(sources: tuple[Tensor, ...]) -> tuple | None:
-        try:
-            return tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in sources)
-        except RuntimeError:                                                # inference tensor: no version
-            return None
-
-    def get(self, name: str, sources: tuple[Tensor, ...], compute: Any) -> Any:
-        stamp = self._stamp(sources)
-        if stamp is None:
-            return compute()
-        hit = self.entries.get(name)
-        if hit is not None and hit[0] == stamp:
-            return hit[2]
-        value = compute()
-        self.entries[name] = (stamp, tuple(t.detach() for t in sources), value)
-        return value
-
-
 class UltraMem(nn.Module):
     """UltraMem layer: ``y, aux = layer(x)`` with x (B, T, D) or (N_tok, D); see the module doc.
 
@@ -471,7 +410,7 @@ class UltraMem(nn.Module):
         self.cfg = cfg
         c = cfg
         H, Dk, ns, R = c.heads, c.k_dim, c.n_side, c.key_rank
-        self.query = nn.Linear(c.d_model, c.q_heads * 2 * Dk, bias=c.query_bias)  # rows (head, side, d)
+        self.query = nn.Linear(c.d_model, c.q_heads * 2 * Dk, bias=c.query_bias)  # W_q, rows (head, side, d)
         if c.query_bias:
             tag_param(self.query.bias, "no_decay")
         if c.qk_norm:
@@ -479,9 +418,9 @@ class UltraMem(nn.Module):
             self.key_gain = tag_param(nn.Parameter(torch.ones(Dk)), "no_decay")
         else:
             self.query_gain = self.key_gain = None
-        self.keys = tag_param(nn.Parameter(torch.empty(H, 2, R, ns, Dk)), "no_decay")  # side 0 = rows
+        self.keys = tag_param(nn.Parameter(torch.empty(H, 2, R, ns, Dk)), "no_decay")  # [:, 0] K_row, [:, 1] K_col
         if c.scoring == "tucker":
-            self.cores = tag_param(nn.Parameter(torch.empty(c.n_cores, H, R, R)), "no_decay")
+            self.cores = tag_param(nn.Parameter(torch.empty(c.n_cores, H, R, R)), "no_decay")  # C^(c) per head
             self.register_buffer("u", torch.zeros(H, R))                   # rank-1 proxy, rows
             self.register_buffer("t", torch.zeros(H, R))                   # rank-1 proxy, columns
         else:
@@ -494,17 +433,192 @@ class UltraMem(nn.Module):
         elif tuple(values.weight.shape) != (c.n_slots, c.d_v):
             raise ConfigError(f"UltraMem: values.weight has shape {tuple(values.weight.shape)}; must be "
                               f"(n_keys**2, d_value) = ({c.n_slots}, {c.d_v})")
-        self.values = values
+        self.values = values                                                # V: (N, D_v)
         tag_param(self.values.weight, "memory_values")
         self.value_proj = nn.Linear(c.expansion * c.d_v, c.d_model, bias=False) if c.value_proj else None
-        if c.expansion > 1:                                                 # IVE shuffle (U2 eq. 8)
+        if c.expansion > 1:                                                 # IVE shuffle P (U2 eq. 8)
             gen = torch.Generator().manual_seed(c.seed)
             self.register_buffer("perm", torch.randperm(c.n_virtual, generator=gen))
         else:
             self.perm = None
         self.detailed_aux = True      # per-call O(N_slots) diagnostics (aux.counts, coverage); see _aux
-        self._derived = _DerivedCache()
+        self._derived = DerivedCache()                                      # inference caches (fast.caches)
         self.reset_parameters(init_values=own_values)
+
+    # ----------------------------------------------------------------------------------------
+    # forward: the mechanism
+    # ----------------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> tuple[Tensor, UltraMemAux]:
+        c = self.cfg
+        x2d, lead = flatten_tokens(x, c.d_model, "UltraMem")                # (N_tok, D)
+        q = self._queries(x2d)                                              # (N_tok, Hq, 2, D_k)
+        # side scores (U2 eq. 6) and the search (eq. 7), in token chunks whose S stays in cache
+        slots, scores, core_scores = in_token_chunks(lambda qc: self._search(self._side_scores_q(qc)), q,
+                                                     2 * c.heads * c.key_rank * c.n_side)  # (N_tok, H, K[, h])
+        if c.score_activation == "softmax":                                 # PKM (h == 1)
+            work = torch.promote_types(scores.dtype, torch.float32)         # >= float32, keeps float64
+            scores = F.softmax(scores.to(work), dim=-1).type_as(scores)
+            core_scores = scores.unsqueeze(-1)
+        slots = rearrange(slots, "t h k -> t (h k)")                        # (N_tok, H*K), heads summed
+        scores = rearrange(scores, "t h k -> t (h k)")                      # (N_tok, H*K)
+        core_scores = rearrange(core_scores, "t h k c -> t (h k) c")        # (N_tok, H*K, h)
+        y = self.read(slots, core_scores)                                   # (N_tok, D)  U2 eqs. 8-9
+        aux = self._aux(x2d, y, slots, scores, core_scores)
+        return y.view(*lead, c.d_model), aux                                # (B, T, D) or (N_tok, D)
+
+    def _queries(self, x2d: Tensor) -> Tensor:
+        """(N_tok, D) -> normalised queries (N_tok, Hq, 2, D_k): [:, h, 0] = q_row, [:, h, 1] = q_col."""
+        c = self.cfg
+        q = rearrange(self.query(x2d), "t (h s d) -> t h s d", s=2, d=c.k_dim)  # (N_tok, Hq, 2, D_k)
+        return _qk_norm(q, self.query_gain, c.norm_type, c.norm_eps) if c.qk_norm else q
+
+    def side_scores(self, x2d: Tensor) -> tuple[Tensor, Tensor]:
+        """(N_tok, D) -> S_row, S_col (N_tok, H, R, n_s): every key component scored (U2 eq. 6)."""
+        s = self._side_scores_q(self._queries(x2d))
+        return s[0], s[1]
+
+    def _side_scores_q(self, q: Tensor) -> Tensor:
+        """Queries (N_tok, Hq, 2, D_k) -> S (2, N_tok, H, R, n_s): S_row = K_row q_row, S_col = K_col q_col."""
+        c = self.cfg
+        kk = self._key_matrix()                                             # normalised keys, see _key_matrix
+        if c.share_query:
+            # one matmul per side for all heads: (2, N_tok, D_k) @ (2, D_k, H*R*n_s)
+            s = torch.bmm(q[:, 0].transpose(0, 1), kk.transpose(1, 2))      # (2, N_tok, H*R*n_s)
+            return rearrange(s, "s t (h r n) -> s t h r n", h=c.heads, r=c.key_rank)  # (2, N_tok, H, R, n_s)
+        # one matmul per (head, side): (H*2, N_tok, D_k) @ (H*2, D_k, R*n_s)
+        qq = rearrange(q, "t h s d -> (h s) t d")                           # (H*2, N_tok, D_k)
+        s = torch.bmm(qq, kk.transpose(1, 2))                               # (H*2, N_tok, R*n_s)
+        return rearrange(s, "(h s) t (r n) -> s t h r n", s=2, r=c.key_rank)  # (2, N_tok, H, R, n_s)
+
+    def search(self, s_row: Tensor, s_col: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Side scores -> virtual slots (N_tok, H, K), summed scores (N_tok, H, K) and per-core
+        scores (N_tok, H, K, h), all before the score activation."""
+        return self._search(torch.stack((s_row, s_col)))
+
+    @torch.no_grad()
+    def search_recall(self, x: Tensor) -> float:
+        """Search recall: the fraction of the EXACT top-K (brute force over all n_s^2 cells of the
+        summed-core grid, :func:`~labcore.layers.fast.search.tucker_exact_topk`) that this layer's
+        search selects, |found ∩ exact| / K, averaged over tokens and heads.
+
+        x: (B, T, D) or (N_tok, D). Additive scoring is scored on the additive grid (its search is
+        exact for m >= K). O(n_s^2) per token and head, run in token chunks: a diagnostic
+        (notebook 01, tests), not a training path.
+        """
+        c = self.cfg
+        x2d, _ = flatten_tokens(x, c.d_model, "UltraMem.search_recall")    # (N_tok, D)
+
+        def recall(qc: Tensor) -> tuple[Tensor]:
+            s = self._side_scores_q(qc)                                     # (2, n, H, R, n_s)
+            found = self._search(s)[0]                                      # (n, H, K) virtual slots
+            if c.scoring == "tucker":
+                cells = tucker_exact_topk(s, self.cores.sum(0), c.top_k)[0]  # (2, n, H, K)
+                exact = cells[0] * c.n_side + cells[1]
+            else:
+                grid = s[0, ..., 0, :, None] + s[1, ..., 0, None, :]        # s_row[i] + s_col[j]: (n, H, n_s, n_s)
+                exact = grid.flatten(-2).topk(c.top_k, dim=-1).indices
+            return (topk_recall(found, exact),)                             # (n, H)
+
+        hits = in_token_chunks(recall, self._queries(x2d), c.heads * c.n_side * c.n_side)[0]
+        return float(hits.mean())
+
+    def _search(self, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`search` on the stacked side scores S (2, N_tok, H, R, n_s)."""
+        c = self.cfg
+        if c.scoring == "additive":                                         # PKM: s_row[i] + s_col[j]
+            rows, cols, scores = _search_additive(s[0, ..., 0, :], s[1, ..., 0, :], c.m, c.top_k)
+            return rows * c.n_side + cols, scores, scores.unsqueeze(-1)
+        # TDQKR: rows I = TopM(u^T S_row), cols J = TopM(t^T S_col), exact S_row^T C S_col on I x J
+        # (two_sided: also the m most negative proxies, I- x J-)
+        core_sum, uv = self._search_params(s.dtype)                         # C (H, R, R), (u, t) (2, H, R)
+        cells, scores, vecs = tucker_search(s, uv, core_sum, c.m, c.top_k,  # (2, N_tok, H, K), ..., (2, N_tok, H, R, K)
+                                            c.proxy_search)
+        slots = cells[0] * c.n_side + cells[1]                              # virtual slot v = i*n_s + j
+        if c.n_cores == 1:
+            return slots, scores, scores.unsqueeze(-1)
+        # MCS: s^(c)_k = S_row[:, i_k]^T C^(c) S_col[:, j_k], as (S_row[:, i]^T [C^(1) .. C^(h)]) . S_col[:, j]:
+        # one small matmul against the cores side by side, then a dot product over R
+        R, h = c.key_rank, c.n_cores
+        cores_cat = rearrange(self.cores, "c h a b -> h a (c b)")          # (H, R, h*R)
+        left = vecs[0].transpose(-1, -2) @ cores_cat                        # (N_tok, H, K, h*R)
+        per_core = (left.unflatten(-1, (h, R)) * vecs[1].transpose(-1, -2).unsqueeze(-2)).sum(-1)
+        return slots, scores, per_core                                      # (N_tok, H, K, h)
+
+    def read(self, slots: Tensor, core_scores: Tensor) -> Tensor:
+        """Pool the selected values per projector block and core chunk, then project (U2 eq. 9).
+
+        slots (N_tok, S) virtual, core_scores (N_tok, S, h) -> (N_tok, D) (or (N_tok, D_v) without
+        value_proj). Bag (token, core c, block p) sums score^(c) * V[row, chunk c] over the slots
+        that P maps to block p: one ``embedding_bag`` (:meth:`value_bags`, ``fast.bags``).
+        """
+        c = self.cfg
+        n_tok = slots.shape[0]
+        idx, offsets, w = self.value_bags(slots, core_scores)
+        pooled = F.embedding_bag(idx, self.value_chunks(), offsets, mode="sum", per_sample_weights=w)
+        pooled = pooled.view(n_tok, c.expansion * c.d_v)                    # (N_tok, E*D_v): (c, p, d)
+        return F.linear(pooled, self._proj_weight()) if self.value_proj is not None else pooled
+
+    def value_chunks(self) -> Tensor:
+        """The value table viewed as (N*h, D_v/h): row r*h + c = V[r, chunk c] (no copy)."""
+        c = self.cfg
+        return self.values.weight.view(c.n_slots * c.n_cores, c.d_v // c.n_cores)
+
+    def value_bags(self, slots: Tensor, core_scores: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """The value gather of :meth:`read` as ``F.embedding_bag`` arguments over :meth:`value_chunks`
+        (:func:`labcore.layers.fast.bags.value_bags`): bags (token, core, block) in that order."""
+        c = self.cfg
+        key = self._ive_key() if c.expansion > 1 else None
+        return bags.value_bags(slots, core_scores, key, c.n_cores, c.expansion, c.n_slots, self.values.weight.dtype)
+
+    def tucker_loss(self) -> tuple[Tensor, Tensor] | None:
+        """(L_aux, singular values (H, R)) of the summed core (U2 eqs. 16-17); None if not tucker."""
+        if self.cores is None:
+            return None
+        core = self.cores.sum(0)                                            # C = sum_c C^(c): (H, R, R)
+        if core.dtype in (torch.float16, torch.bfloat16):
+            core = core.float()
+        lam = torch.linalg.svdvals(core)                                    # (H, R), descending
+        R = lam.shape[-1]
+        if R < 2:
+            return None, lam
+        tail = F.relu(lam[:, 1:] - self.cfg.tucker_aux_margin).pow(2)      # (H, R-1)
+        return (tail.sum(-1) / (R - 1)).mean(), lam                         # mean over heads
+
+    def _aux(self, x2d: Tensor, y: Tensor, slots: Tensor, scores: Tensor, core_scores: Tensor) -> UltraMemAux:
+        """The aux record. ``detailed_aux`` (default True) adds ``counts`` (a bincount over all E*N
+        virtual slots) and ``coverage``: O(N_slots) work per call, which dominates a decode step of
+        a few tokens; with ``detailed_aux=False`` ``counts`` is None and every stat is O(N_tok)."""
+        c = self.cfg
+        losses: dict[str, Tensor] = {}
+        aux_loss = zero_loss(x2d)
+        tl = self._reuse("tucker", (self.cores,), self.tucker_loss) if self.cores is not None else None
+        lam = None
+        if tl is not None:
+            loss, lam = tl
+            if loss is not None:
+                losses["tucker"] = loss
+                if c.tucker_aux:
+                    aux_loss = aux_loss + c.tucker_aux_coef * loss.to(aux_loss.dtype)
+        with torch.no_grad():
+            sc = scores.detach().view(-1, c.heads, c.top_k).float()
+            vals = [sc[..., 0].mean(), sc[..., -1].mean(), sc.mean(),
+                    y.detach().float().std() if y.numel() > 1 else sc.new_zeros(())]
+            names = ["top1_score", "mth_score", "mean_score", "output_std"]
+            counts = None
+            if self.detailed_aux:
+                counts = torch.bincount(slots.flatten(), minlength=c.n_virtual)  # (E*N,)
+                vals.append((counts > 0).float().mean())
+                names.append("coverage")
+            if lam is not None:
+                lam_mean = lam.detach().float().mean(0)                     # (R,), mean over heads
+                vals.append(lam_mean[0])
+                names.append("lambda1")
+                if lam_mean.numel() > 1:
+                    vals.append(lam_mean[1])
+                    names.append("lambda2")
+            stats = dict(zip(names, torch.stack(vals).tolist()))            # one device sync
+        return UltraMemAux(aux_loss=aux_loss, indices=slots.detach(), scores=scores.detach(),
+                           counts=counts, losses=losses, stats=stats, core_scores=core_scores.detach())
 
     # ----------------------------------------------------------------------------------------
     # initialisation and the once-per-step refresh
@@ -538,7 +652,16 @@ class UltraMem(nn.Module):
 
     @torch.no_grad()
     def calibrated_gain(self) -> float:
-        """Paper init: the q/k norm gain g making the mean selected score ~1 (module doc)."""
+        """Paper init: the q/k norm gain g making the mean selected score ~1.
+
+        With normalised q and keys, each rank component of a side score is g^2 * (q_hat . k_hat)
+        ~ g^2 * sqrt(D_k) * z, z ~ N(0, 1) (LayerNorm: D_k / sqrt(D_k - 1) instead of sqrt(D_k),
+        the vectors have zero mean). A Monte-Carlo run (``calib_samples`` draws of S_row, S_col as
+        independent standard normals, run through exactly this layer's search with its own initial
+        cores, u, t, m and K; a fixed generator seeded by ``cfg.seed``) gives mu = mean selected
+        score at unit scale. Tucker scores are quadratic in the side scale sigma = g^2 sqrt(D_k),
+        additive ones linear, so sigma = mu^(-1/2) (tucker) or 1/mu (additive).
+        """
         c = self.cfg
         gen = torch.Generator().manual_seed(c.seed + 1)
         shape = (c.calib_samples, c.heads, c.key_rank, c.n_side)
@@ -548,7 +671,7 @@ class UltraMem(nn.Module):
             core = self.cores.detach().sum(0).to("cpu", torch.float64)
             u, t = self.u.to("cpu", torch.float64), self.t.to("cpu", torch.float64)
             z, uv = torch.stack((z_row, z_col)), torch.stack((u, t))        # (2, samples, H, R, n_s), (2, H, R)
-            mu = _search_tucker(z, uv, core, c.m, c.top_k)[1].mean().item()
+            mu = tucker_search(z, uv, core, c.m, c.top_k, c.proxy_search)[1].mean().item()
         else:
             mu = _search_additive(z_row[..., 0, :], z_col[..., 0, :], c.m, c.top_k)[2].mean().item()
         if not mu > 0:
@@ -593,43 +716,32 @@ class UltraMem(nn.Module):
                 f"rank={c.key_rank}, n_cores={c.n_cores}, activation={c.score_activation!r}")
 
     # ----------------------------------------------------------------------------------------
-    # derived tensors: computed once and reused while their sources are unchanged
+    # derived tensors, reused in inference while their sources are unchanged (fast.caches)
     # ----------------------------------------------------------------------------------------
-    def _reuse(self, name: str, sources: tuple[Tensor, ...], compute: Any, *, always: bool = False) -> Any:
-        """``compute()``, cached while ``sources`` are unchanged (see :class:`_DerivedCache`).
-
-        Parameter-derived tensors are cached only in eval mode with grad disabled (inference): in
-        training they must be recomputed so gradients flow through them. ``always=True`` is for
-        integer tables derived from buffers (no gradient); those are built outside inference mode so
-        they can be used in any mode.
-        """
-        if always:
-            with torch.inference_mode(False), torch.no_grad():
-                return self._derived.get(name, sources, compute)
-        if self.training or torch.is_grad_enabled():
-            return compute()
-        return self._derived.get(name, sources, compute)
+    def _reuse(self, name: str, sources: tuple[Tensor, ...], compute: Callable[[], Any], *,
+               always: bool = False) -> Any:
+        """``compute()``, cached in inference (:func:`labcore.layers.fast.caches.reuse`)."""
+        return reuse(self._derived, self.training, name, sources, compute, always=always)
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state["_derived"] = _DerivedCache()                                 # never pickle / deepcopy the cache
+        state["_derived"] = DerivedCache()                                  # never pickle / deepcopy the cache
         return state
 
     def _key_matrix(self) -> Tensor:
-        """Normalised keys laid out for the side-score matmul (reused in inference).
+        """Normalised keys laid out for the side-score matmul.
 
         share_query: (2, H*R*n_s, D_k) (side-major); otherwise (H*2, R*n_s, D_k) (head, side).
         """
         c = self.cfg
-        H, Dk, ns, R = c.heads, c.k_dim, c.n_side, c.key_rank
 
         def compute() -> Tensor:
             keys = self.keys                                                # (H, 2, R, n_s, D_k)
             if c.qk_norm:
                 keys = _qk_norm(keys, self.key_gain, c.norm_type, c.norm_eps)
             if c.share_query:
-                return keys.transpose(0, 1).reshape(2, H * R * ns, Dk)      # (2, H*R*n_s, D_k)
-            return keys.reshape(H * 2, R * ns, Dk)                          # (H*2, R*n_s, D_k)
+                return rearrange(keys, "h s r n d -> s (h r n) d")          # (2, H*R*n_s, D_k)
+            return rearrange(keys, "h s r n d -> (h s) (r n) d")            # (H*2, R*n_s, D_k)
 
         sources = (self.keys,) if self.key_gain is None else (self.keys, self.key_gain)
         return self._reuse("keys", sources, compute)
@@ -640,204 +752,18 @@ class UltraMem(nn.Module):
                            lambda: (self.cores.sum(0), torch.stack((self.u, self.t)).to(dtype)))
 
     def _ive_key(self) -> Tensor:
-        """(E*N,) ``P[v] * h``: the shuffled slot (U2 eq. 8) pre-multiplied by the number of cores,
-        so that ``key % (N*h)`` is the row of the (N*h, D_v/h) chunk view and ``key // (N*h)`` the
-        block. Built once (a buffer-derived table) instead of a multiply per call; int32 when it
-        fits, which halves the bytes of the random lookups into it (the table has E*N entries)."""
-        c = self.cfg
-        dtype = torch.int32 if c.n_virtual * c.n_cores < 2**31 else torch.int64
-        return self._reuse("ive_key", (self.perm,), lambda: (self.perm * c.n_cores).to(dtype), always=True)
+        """(E*N,) ``P[v] * h`` (:func:`labcore.layers.fast.bags.ive_key_table`), built once."""
+        return self._reuse("ive_key", (self.perm,), lambda: bags.ive_key_table(self.perm, self.cfg.n_cores),
+                           always=True)
 
     def _proj_weight(self) -> Tensor:
-        """The E*D_v -> D projection with its input features in (core, block, d) order.
-
-        The pooled buffer comes out of ``embedding_bag`` as (N_tok, h, E, D_v/h); permuting the
-        (D, E*D_v) weight's columns once (cached in inference) instead of the (N_tok, E*D_v)
-        activations every call computes the same sums (U2 eq. 9) in a different order.
-        """
+        """The E*D_v -> D projection with its input features in (core, block, d) order, the layout
+        :meth:`value_bags` pools into (:func:`labcore.layers.fast.bags.core_major_proj_weight`)."""
         c = self.cfg
         w = self.value_proj.weight                                          # (D, E*D_v), columns (p, c, d)
         if c.expansion == 1 or c.n_cores == 1:
             return w
-        Dc = c.d_v // c.n_cores
-        return self._reuse("proj", (w,), lambda: w.view(c.d_model, c.expansion, c.n_cores, Dc)
-                           .transpose(1, 2).reshape(c.d_model, -1))         # columns (c, p, d)
-
-    # ----------------------------------------------------------------------------------------
-    # forward
-    # ----------------------------------------------------------------------------------------
-    def side_scores(self, x2d: Tensor) -> tuple[Tensor, Tensor]:
-        """(N_tok, D) -> S_row, S_col (N_tok, H, R, n_s): every key component scored (U2 eq. 6)."""
-        s = self._side_scores(x2d)
-        return s[0], s[1]
-
-    def _side_scores(self, x2d: Tensor) -> Tensor:
-        """(N_tok, D) -> S (2, N_tok, H, R, n_s), [0] = S_row, [1] = S_col (U2 eq. 6), one tensor
-        so both sides go through the search together."""
-        return self._side_scores_q(self._queries(x2d))
-
-    def _queries(self, x2d: Tensor) -> Tensor:
-        """(N_tok, D) -> normalised queries (N_tok, Hq, 2, D_k) (rows (head, side, d) of W_q)."""
-        c = self.cfg
-        q = self.query(x2d).view(x2d.shape[0], c.q_heads, 2, c.k_dim)       # (N_tok, Hq, 2, D_k)
-        return _qk_norm(q, self.query_gain, c.norm_type, c.norm_eps) if c.qk_norm else q
-
-    def _side_scores_q(self, q: Tensor) -> Tensor:
-        """Queries (N_tok, Hq, 2, D_k) -> S (2, N_tok, H, R, n_s)."""
-        c = self.cfg
-        H, Dk, ns, R, n_tok = c.heads, c.k_dim, c.n_side, c.key_rank, q.shape[0]
-        kk = self._key_matrix()
-        if c.share_query:
-            # one matmul per side for all heads: (2, N_tok, D_k) @ (2, D_k, H*R*n_s)
-            s = torch.bmm(q[:, 0].transpose(0, 1), kk.transpose(1, 2))      # (2, N_tok, H*R*n_s)
-            return s.view(2, n_tok, H, R, ns)                               # (2, N_tok, H, R, n_s)
-        # one matmul per (head, side): (H*2, N_tok, D_k) @ (H*2, D_k, R*n_s)
-        qq = q.permute(1, 2, 0, 3).reshape(H * 2, n_tok, Dk)                # (H*2, N_tok, D_k)
-        s = torch.bmm(qq, kk.transpose(1, 2))                               # (H*2, N_tok, R*n_s)
-        return s.view(H, 2, n_tok, R, ns).permute(1, 2, 0, 3, 4)            # (2, N_tok, H, R, n_s)
-
-    def search(self, s_row: Tensor, s_col: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Side scores -> virtual slots (N_tok, H, K), summed scores (N_tok, H, K) and per-core
-        scores (N_tok, H, K, h), all before the score activation."""
-        return self._search(torch.stack((s_row, s_col)))
-
-    def _search(self, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """:meth:`search` on the stacked side scores S (2, N_tok, H, R, n_s)."""
-        c = self.cfg
-        if c.scoring == "additive":
-            rows, cols, scores = _search_additive(s[0, ..., 0, :], s[1, ..., 0, :], c.m, c.top_k)
-            return rows * c.n_side + cols, scores, scores.unsqueeze(-1)
-        core_sum, uv = self._search_params(s.dtype)                         # (H, R, R), (2, H, R)
-        cells, scores, vecs = _search_tucker(s, uv, core_sum, c.m, c.top_k)
-        slots = cells[0] * c.n_side + cells[1]                              # virtual slot i*n_s + j
-        if c.n_cores == 1:
-            return slots, scores, scores.unsqueeze(-1)
-        # MCS: each core's own score at the selected cells, s^(c) = S_row[:, i]^T C^(c) S_col[:, j],
-        # as (S_row[:, i]^T [C^(1) .. C^(h)]) . S_col[:, j]: one small matmul against the cores side
-        # by side, then a dot product over R; comes out (N_tok, H, K, h), the layout read() takes.
-        H, R, h = c.heads, c.key_rank, c.n_cores
-        cores_cat = self.cores.permute(1, 2, 0, 3).reshape(H, R, h * R)    # [h', a, (c, b)] = C^(c)[h', a, b]
-        left = vecs[0].transpose(-1, -2) @ cores_cat                        # (N_tok, H, K, h*R)
-        per_core = (left.unflatten(-1, (h, R)) * vecs[1].transpose(-1, -2).unsqueeze(-2)).sum(-1)
-        return slots, scores, per_core                                      # (N_tok, H, K, h)
-
-    def read(self, slots: Tensor, core_scores: Tensor) -> Tensor:
-        """Pool the selected values per projector block and core chunk, then project (U2 eq. 9).
-
-        slots (N_tok, S) virtual, core_scores (N_tok, S, h) -> (N_tok, D) (or (N_tok, D_v) without
-        value_proj). One ``embedding_bag`` (:meth:`value_bags`) over the (N*h, D_v/h) view of the
-        value table: bag (token, core c, block p) sums score^(c) * V[row, chunk c] over the slots
-        mapped to block p.
-        """
-        c = self.cfg
-        n_tok = slots.shape[0]
-        idx, offsets, w = self.value_bags(slots, core_scores)
-        pooled = F.embedding_bag(idx, self.value_chunks(), offsets, mode="sum", per_sample_weights=w)
-        pooled = pooled.view(n_tok, c.expansion * c.d_v)                    # (N_tok, E*D_v): (c, p, d)
-        return F.linear(pooled, self._proj_weight()) if self.value_proj is not None else pooled
-
-    def value_chunks(self) -> Tensor:
-        """The value table viewed as (N*h, D_v/h): row r*h + c = V[r, chunk c] (no copy)."""
-        c = self.cfg
-        return self.values.weight.view(c.n_slots * c.n_cores, c.d_v // c.n_cores)
-
-    def value_bags(self, slots: Tensor, core_scores: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
-        """The value gather of :meth:`read` as ``F.embedding_bag`` arguments over :meth:`value_chunks`:
-        ``(indices, offsets, per_sample_weights)``; the bags, in order, are (token, core, block),
-        so the output is (N_tok*h*E, D_v/h). ``offsets`` is None for E = 1 (2-D indices, one bag
-        of S entries per (token, core)).
-        """
-        c = self.cfg
-        n_tok, S = slots.shape
-        h, E, N = c.n_cores, c.expansion, c.n_slots
-        core_ids = torch.arange(h, device=slots.device)
-        w = core_scores.to(self.values.weight.dtype).transpose(1, 2)       # (N_tok, h, S)
-        if E == 1:                                                          # physical row = slot
-            idx = slots.unsqueeze(1) * h + core_ids.view(1, h, 1)           # (N_tok, h, S)
-            return idx.reshape(n_tok * h, S), None, w.reshape(n_tok * h, S)  # one bag per (token, core)
-        # U2 eq. 8: P[v] = p*N + r; key = P[v]*h = p*(N*h) + r*h. Sorting each token's keys groups
-        # its slots by block p, so the bags (token, core, block) are contiguous runs of the index
-        # list; a bag starts where searchsorted finds its block's first key.
-        key, order = self._ive_key()[slots].sort(dim=-1)                   # (N_tok, S), by block
-        ints = dict(device=slots.device, dtype=key.dtype)                   # int32 unless E*N*h >= 2^31
-        bounds = torch.arange(E, **ints) * (N * h)                          # first key of block p
-        starts = torch.searchsorted(key, bounds.expand(n_tok, E).contiguous(),
-                                    out_int32=key.dtype == torch.int32)     # (N_tok, E)
-        base = torch.arange(n_tok * h, **ints).view(n_tok, h, 1) * S
-        offsets = (base + starts.unsqueeze(1)).flatten()                    # bag (t, c, p) starts at (t*h+c)*S + start
-        idx = (key % (N * h)).unsqueeze(1) + core_ids.to(key.dtype).view(1, h, 1)  # (N_tok, h, S): row*h + c
-        w = w.gather(-1, order.unsqueeze(1).expand(n_tok, h, S))            # (N_tok, h, S), sorted order
-        return idx.flatten(), offsets, w.flatten()
-
-    def tucker_loss(self) -> tuple[Tensor, Tensor] | None:
-        """(L_aux, singular values (H, R)) of the summed core (U2 eqs. 16-17); None if not tucker."""
-        if self.cores is None:
-            return None
-        core = self.cores.sum(0)                                            # (H, R, R)
-        if core.dtype in (torch.float16, torch.bfloat16):
-            core = core.float()
-        lam = torch.linalg.svdvals(core)                                    # (H, R), descending
-        R = lam.shape[-1]
-        if R < 2:
-            return None, lam
-        tail = F.relu(lam[:, 1:] - self.cfg.tucker_aux_margin).pow(2)      # (H, R-1)
-        return (tail.sum(-1) / (R - 1)).mean(), lam                         # mean over heads
-
-    def forward(self, x: Tensor) -> tuple[Tensor, UltraMemAux]:
-        c = self.cfg
-        x2d, lead = flatten_tokens(x, c.d_model, "UltraMem")                # (N_tok, D)
-        n_tok, S = x2d.shape[0], c.heads * c.top_k
-        q = self._queries(x2d)                                              # (N_tok, Hq, 2, D_k)
-        # side scores + search, token chunk by token chunk (labcore.layers.pkm.SEARCH_CHUNK_BYTES):
-        # S is 2*H*R*n_s values per token (40 KB at n_s = 1276); same result per token
-        chunk = search_chunk(2 * c.heads * c.key_rank * c.n_side, q.element_size())
-        parts = [self._search(self._side_scores_q(qc)) for qc in q.split(chunk)]  # (N_c, H, K[, h]) each
-        slots, scores, core_scores = parts[0] if len(parts) == 1 else [torch.cat(p) for p in zip(*parts)]
-        if c.score_activation == "softmax":                                 # PKM (h == 1)
-            work = torch.promote_types(scores.dtype, torch.float32)         # >= float32, keeps float64
-            scores = F.softmax(scores.to(work), dim=-1).type_as(scores)
-            core_scores = scores.unsqueeze(-1)
-        slots = slots.reshape(n_tok, S)                                     # (N_tok, H*K), heads summed
-        core_scores = core_scores.reshape(n_tok, S, c.n_cores)              # (N_tok, H*K, h)
-        y = self.read(slots, core_scores)                                   # (N_tok, D)
-        aux = self._aux(x2d, y, slots, scores.reshape(n_tok, S), core_scores)
-        return y.view(*lead, c.d_model), aux                                # (B, T, D) or (N_tok, D)
-
-    def _aux(self, x2d: Tensor, y: Tensor, slots: Tensor, scores: Tensor, core_scores: Tensor) -> UltraMemAux:
-        """The aux record. ``detailed_aux`` (default True) adds ``counts`` (a bincount over all E*N
-        virtual slots) and ``coverage``: O(N_slots) work per call, which dominates a decode step of
-        a few tokens; with ``detailed_aux=False`` ``counts`` is None and every stat is O(N_tok)."""
-        c = self.cfg
-        losses: dict[str, Tensor] = {}
-        aux_loss = zero_loss(x2d)
-        tl = self._reuse("tucker", (self.cores,), self.tucker_loss) if self.cores is not None else None
-        lam = None
-        if tl is not None:
-            loss, lam = tl
-            if loss is not None:
-                losses["tucker"] = loss
-                if c.tucker_aux:
-                    aux_loss = aux_loss + c.tucker_aux_coef * loss.to(aux_loss.dtype)
-        with torch.no_grad():
-            sc = scores.detach().view(-1, c.heads, c.top_k).float()
-            vals = [sc[..., 0].mean(), sc[..., -1].mean(), sc.mean(),
-                    y.detach().float().std() if y.numel() > 1 else sc.new_zeros(())]
-            names = ["top1_score", "mth_score", "mean_score", "output_std"]
-            counts = None
-            if self.detailed_aux:
-                counts = torch.bincount(slots.flatten(), minlength=c.n_virtual)  # (E*N,)
-                vals.append((counts > 0).float().mean())
-                names.append("coverage")
-            if lam is not None:
-                lam_mean = lam.detach().float().mean(0)                     # (R,), mean over heads
-                vals.append(lam_mean[0])
-                names.append("lambda1")
-                if lam_mean.numel() > 1:
-                    vals.append(lam_mean[1])
-                    names.append("lambda2")
-            stats = dict(zip(names, torch.stack(vals).tolist()))            # one device sync
-        return UltraMemAux(aux_loss=aux_loss, indices=slots.detach(), scores=scores.detach(),
-                           counts=counts, losses=losses, stats=stats, core_scores=core_scores.detach())
+        return self._reuse("proj", (w,), lambda: bags.core_major_proj_weight(w, c.expansion, c.n_cores))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -883,11 +809,34 @@ def ultramem_from_pkm(pkm: nn.Module) -> UltraMem:
 # ---------------------------------------------------------------------------------------------
 
 
-def ultramem_reference(layer: UltraMem, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def search_candidates(layer: UltraMem, head: int, s_row: Tensor, s_col: Tensor) -> Tensor:
+    """The grid cells that ``layer``'s search scores exactly, for one token and head: (n_s, n_s) bool.
+
+    s_row, s_col: (R, n_s). Tucker: proxies p = u^T S_row, q = t^T S_col (``layer.u``, ``layer.t``
+    of this head); additive: the sub-key scores themselves. Candidates: the m largest p x the m
+    largest q; with ``proxy_search="two_sided"`` also the m most negative p x the m most negative q.
+    """
+    c = layer.cfg
+    if c.scoring == "tucker":
+        p, q = layer.u[head] @ s_row, layer.t[head] @ s_col                # rank-1 proxies: (n_s,) each
+    else:
+        p, q = s_row[0], s_col[0]
+    keep = torch.zeros(c.n_side, c.n_side, dtype=torch.bool, device=s_row.device)
+    rows, cols = p.topk(c.m).indices, q.topk(c.m).indices
+    keep[rows[:, None], cols[None, :]] = True                               # I+ x J+
+    if c.proxy_search == "two_sided":
+        rows, cols = (-p).topk(c.m).indices, (-q).topk(c.m).indices
+        keep[rows[:, None], cols[None, :]] = True                           # I- x J-
+    return keep
+
+
+def ultramem_reference(layer: UltraMem, x: Tensor, exact: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Brute-force UltraMem: every head scores all n_s^2 virtual slots with every core.
 
     Per token and head: dense grids G^(c) = S_row^T C^(c) S_col (n_s x n_s) for every core, the
-    exact top-K of their sum, the activation, then an explicit python loop that adds
+    exact top-K of their sum (``exact=False``: the top-K among the cells the layer's candidate
+    search would score, :func:`search_candidates`, written out with masks), the activation, then an
+    explicit python loop that adds
     score^(c) * V[row, chunk c] into block p of a (E, D_v) buffer (row, p from the permutation),
     and the projection. Returns ``(y, slots, scores)``: y shaped like x; slots and summed scores
     (N_tok, H*K) head-major, descending within each head.
@@ -922,7 +871,10 @@ def ultramem_reference(layer: UltraMem, x: Tensor) -> tuple[Tensor, Tensor, Tens
                 grids = [s_row.T @ layer.cores[core, head] @ s_col for core in range(h)]  # (n_s, n_s)
             else:
                 grids = [s_row[0][:, None] + s_col[0][None, :]]
-            total = torch.stack(grids).sum(0).flatten()                     # (n_s^2,), slot i*n_s + j
+            total = torch.stack(grids).sum(0)                               # (n_s, n_s)
+            if not exact:                                                   # only the search's candidates
+                total = total.masked_fill(~search_candidates(layer, head, s_row, s_col), float("-inf"))
+            total = total.flatten()                                         # (n_s^2,), slot i*n_s + j
             top, slots = total.topk(K)
             per_core = [g.flatten()[slots] for g in grids]
             if c.score_activation == "softmax":

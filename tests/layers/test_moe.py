@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-import labcore.layers.moe as moe_module
+import labcore.layers.fast.experts as fast_experts
 from labcore.layers.base import ConfigError, LayerAux
 from labcore.layers.moe import (
     ROUTERS,
@@ -148,8 +148,8 @@ def test_expert_blocks_hand_example():
 @pytest.mark.parametrize("block_rows", [1, 5, 13])
 def test_cpu_blocks_match_reference(monkeypatch, block_rows, impl):
     """Small CPU blocks (several GEMM groups per product) give the same outputs and gradients."""
-    monkeypatch.setattr(moe_module, "CPU_BLOCK_BYTES", block_rows * 2 * I * 4)
-    monkeypatch.setattr(moe_module, "PADDED_BLOCK_BYTES", block_rows * 2 * I * 4 // torch.get_num_threads())
+    monkeypatch.setattr(fast_experts, "CPU_BLOCK_BYTES", block_rows * 2 * I * 4)
+    monkeypatch.setattr(fast_experts, "PADDED_BLOCK_BYTES", block_rows * 2 * I * 4 // torch.get_num_threads())
     layer = make(capacity_factor=1.2, expert_impl=impl)
     x = torch.randn(3, 8, D, requires_grad=True)
     with torch.no_grad():  # inference: the blocked paths
@@ -164,14 +164,14 @@ def test_cpu_blocks_match_reference(monkeypatch, block_rows, impl):
 
 def test_grouped_mm_blocks_only_in_cpu_inference(monkeypatch):
     calls = []
-    real = moe_module.expert_blocks
-    monkeypatch.setattr(moe_module, "expert_blocks", lambda *a: calls.append(a[3]) or real(*a))
+    real = fast_experts.expert_blocks
+    monkeypatch.setattr(fast_experts, "expert_blocks", lambda *a: calls.append(a[3]) or real(*a))
     layer = make(expert_impl="grouped_mm")
     x = torch.randn(40, D)
     layer(x)
     with torch.inference_mode():
         layer(x)
-    assert calls[0] is None and calls[1] == moe_module.CPU_BLOCK_BYTES // (2 * I * 4)
+    assert calls[0] is None and calls[1] == fast_experts.CPU_BLOCK_BYTES // (2 * I * 4)
 
 
 def test_padded_groups_hand_example():

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from labcore.layers.base import ConfigError, param_role
-from labcore.layers.pkm import PKM, PKMConfig, exact_topk, pkm_reference
+from labcore.layers.pkm import PKM, PKMConfig, pkm_reference
 
 D = 24
 
@@ -92,19 +92,19 @@ def test_inference_mode_matches_reference(scores):
 def test_search_in_token_chunks_changes_nothing(monkeypatch, query_norm):
     """Large batches are searched in token chunks; forcing 2-token chunks gives the same output,
     selections and gradients (BatchNorm in training mode still sees all tokens at once)."""
-    import labcore.layers.pkm as pkm_mod
+    import labcore.layers.fast.search as search_mod
 
     layer = PKM(small_cfg(query_norm=query_norm, d_value=10)).train()
     randomize_norm(layer)
     x = torch.randn(3, 5, D)
     outs = []
-    for chunk_bytes in (pkm_mod.SEARCH_CHUNK_BYTES, 2 * 3 * 2 * 12 * 4):   # whole batch; 2 tokens per chunk
-        monkeypatch.setattr(pkm_mod, "SEARCH_CHUNK_BYTES", chunk_bytes)
+    for chunk_bytes in (search_mod.SEARCH_CHUNK_BYTES, 2 * 3 * 2 * 12 * 4):   # whole batch; 2 tokens per chunk
+        monkeypatch.setattr(search_mod, "SEARCH_CHUNK_BYTES", chunk_bytes)
         layer.zero_grad()
         y, aux = layer(x)
         y.square().sum().backward()
         outs.append((y.detach(), aux.indices, aux.scores, {n: p.grad.clone() for n, p in layer.named_parameters()}))
-    assert pkm_mod.search_chunk(3 * 2 * 12, 4) == 2
+    assert search_mod.search_chunk(3 * 2 * 12, 4) == 2
     (y0, i0, w0, g0), (y1, i1, w1, g1) = outs
     assert torch.equal(i0, i1) and torch.allclose(y0, y1, atol=1e-6) and torch.allclose(w0, w1, atol=1e-7)
     for name in g0:
@@ -335,80 +335,6 @@ def test_layernorm_is_per_sub_query_and_causal():
     y_all, _ = layer(x)
     y_first, _ = layer(x[:4])
     assert torch.allclose(y_all[:4], y_first, atol=1e-6)                    # no coupling between tokens
-
-
-def test_exact_topk_matches_torch_topk():
-    x = torch.randn(50, 40)
-    x[0, :5] = torch.tensor([-0.0, 0.0, float("inf"), -float("inf"), 1e-40])
-    x.requires_grad_(True)
-    v, i = exact_topk(x, 7, sorted=True)
-    v_ref, i_ref = x.topk(7, dim=-1)
-    assert torch.equal(v, v_ref) and torch.equal(i, i_ref)
-    v.sum().backward()
-    expected = torch.zeros(50, 40).scatter_(1, i, 1.0)
-    assert torch.equal(x.grad, expected)
-    vu, iu = exact_topk(x.detach(), 7, sorted=False)
-    assert torch.equal(iu.sort(-1).values, i_ref.sort(-1).values)
-    neg = -(torch.randn(50, 40).abs() * 4)                  # all negative, across binades
-    for largest_first in (neg, neg * 1e-30, neg * 1e30):
-        v, i = exact_topk(largest_first, 9, sorted=True)
-        v_ref, i_ref = largest_first.topk(9, dim=-1)
-        assert torch.equal(v, v_ref) and torch.equal(i, i_ref)
-
-
-def test_exact_topk_raw_bits_path_and_per_row_fallback():
-    """Rows with >= K non-negative scores take the raw-bits path; rows with fewer are re-ranked
-    with the order-preserving keys; either way the result is torch.topk's (no ties here)."""
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(3, 20, 40, generator=gen)
-    x[0, 5] = -x[0, 5].abs()                                # all negative: fallback row
-    x[1, 7, :36] = -x[1, 7, :36].abs()                      # 4 non-negative < K = 6: fallback row
-    x[2, 9] = x[2, 9].abs()                                 # all non-negative: raw bits
-    x[2, 11, :34] = -x[2, 11, :34].abs()                    # exactly K = 6 non-negative: raw bits
-    x[2, 11, 34] = 0.0                                      # +0.0 is non-negative
-    x[2, 12, 0], x[2, 12, 1] = 0.0, -0.0                    # ties of +-0 only matter below the top K
-    for sorted_ in (True, False):
-        for grad in (True, False):
-            xg = x.clone().requires_grad_(grad)
-            with torch.set_grad_enabled(grad):
-                v, i = exact_topk(xg, 6, sorted=sorted_)
-            v_ref, i_ref = x.topk(6, dim=-1, sorted=sorted_)
-            if sorted_:
-                assert torch.equal(i, i_ref) and torch.equal(v, v_ref)
-            else:
-                assert torch.equal(i.sort(-1).values, i_ref.sort(-1).values)
-                assert torch.equal(v, x.gather(-1, i))
-            if grad:
-                v.sum().backward()
-                assert torch.equal(xg.grad, torch.zeros_like(x).scatter_(-1, i, 1.0))
-    v1, i1 = exact_topk(x[1, 7], 6, sorted=True)            # 1-D input, a fallback row
-    assert torch.equal(i1, x[1, 7].topk(6).indices) and torch.equal(v1, x[1, 7].topk(6).values)
-
-
-def test_exact_topk_block_maxima_on_long_rows():
-    """n >= 16 K: ranking block maxima first; distinct values, so the result must be topk's exactly."""
-    from labcore.layers.pkm import _block_size
-
-    assert [_block_size(n, k) for n, k in [(1024, 32), (1276, 16), (640, 8), (128, 32), (119, 32), (997, 4)]] == \
-        [4, 4, 8, 1, 1, 1]                                   # 997 is prime: no divisor, no blocks
-    gen = torch.Generator().manual_seed(4)
-    x = (torch.randperm(70 * 640, generator=gen).float() - 20000.0).view(70, 640) / 64  # distinct, both signs
-    x[2] = -x[2].abs() - 1.0                                # a row of negatives: per-row fallback inside
-    x[4, :8] = 1e3 + torch.arange(8.0)                      # the top 8 all in block 0
-    for sorted_ in (True, False):
-        xg = x.clone().requires_grad_(True)
-        v, i = exact_topk(xg, 8, sorted=sorted_)
-        v_ref, i_ref = x.topk(8, dim=-1, sorted=sorted_)
-        if not sorted_:
-            order, order_ref = i.argsort(-1), i_ref.argsort(-1)
-            v, i, v_ref, i_ref = v.gather(-1, order), i.gather(-1, order), v_ref.gather(-1, order_ref), \
-                i_ref.gather(-1, order_ref)
-        assert torch.equal(i, i_ref) and torch.equal(v.detach(), v_ref)
-        v.sum().backward()
-        assert torch.equal(xg.grad, torch.zeros_like(x).scatter_(-1, i_ref, 1.0))
-    with torch.no_grad():
-        v, i = exact_topk(x.view(70, 1, 640), 8, sorted=True)  # leading dims kept
-    assert v.shape == (70, 1, 8) and torch.equal(i[:, 0], x.topk(8).indices)
 
 
 # ---------------------------------------------------------------------------------------------

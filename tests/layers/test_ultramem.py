@@ -497,13 +497,13 @@ def test_float32_inference_matches_reference(kw):
 
 
 def test_search_in_token_chunks_changes_nothing(monkeypatch):
-    import labcore.layers.pkm as pkm_mod
+    import labcore.layers.fast.search as search_mod
 
     layer = make(seed=24, n_cores=2, expansion=4, candidate_m=6).eval()
     x = torch.randn(7, 12, dtype=torch.float64)
     y0, aux0 = layer(x)
     per_token = 2 * 2 * 2 * 6 * 8                                            # S: 2 sides x H x R x n_s, float64
-    monkeypatch.setattr(pkm_mod, "SEARCH_CHUNK_BYTES", 3 * per_token)       # chunks of 3, 3, 1 tokens
+    monkeypatch.setattr(search_mod, "SEARCH_CHUNK_BYTES", 3 * per_token)       # chunks of 3, 3, 1 tokens
     y1, aux1 = layer(x)
     assert torch.equal(aux0.indices, aux1.indices)
     torch.testing.assert_close(aux0.core_scores, aux1.core_scores, rtol=1e-12, atol=1e-14)  # matmul blocking

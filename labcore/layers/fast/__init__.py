@@ -1,0 +1,17 @@
+"""Speed machinery of the layers, kept out of the mechanism files; every function here computes
+exactly what a readable line in a layer file says (up to floating-point summation order), and its
+test compares it with that readable version. What each trick does, why it is exact and what it
+measured: ``docs/performance.md``.
+
+==============  ===============================================================================
+module          what it makes fast
+==============  ===============================================================================
+topk.py         ``exact_topk``: top-k of float32 rows ranked as int32, block-maxima pre-selection
+search.py       token-chunked search, PKM's pruned candidate grid, the fused two-sided TDQKR search
+caches.py       ``DerivedCache``: parameter-derived tensors reused in inference while unchanged
+bags.py         IVE value bags: sort / searchsorted into one ``embedding_bag`` call, permuted
+                projection columns
+experts.py      the MoE expert paths: padded ``bmm`` groups (with their planner), ``grouped_mm``
+                blocks, the per-expert loop
+==============  ===============================================================================
+"""
