@@ -97,7 +97,7 @@ def ab(args) -> None:
     cfg = family()[args.arch]
     data = load_dataset(KnowledgeConfig(n_people=200, bios_per_person=2, seed=0), cache_dir=False)
     tcfg = TrainConfig(steps=args.steps, batch_size=B, seq_len=T, warmup_steps=min(20, args.steps // 10),
-                       device="cpu", progress=False, seed=0)
+                       device="cpu", progress=False, seed=args.seed)
     arms = [Arm("adamw", cfg, tcfg, data, None), Arm("lazy-row", cfg, tcfg, data, "row")]
     if args.global_bc:
         arms.append(Arm("lazy-global", cfg, tcfg, data, "global"))
@@ -108,7 +108,7 @@ def ab(args) -> None:
     rows = []
     for arm in arms:
         med = statistics.median(arm.step_s[skip:])
-        rows.append({"arch": args.arch, "optimizer": arm.name, "step_ms": 1e3 * med,
+        rows.append({"arch": args.arch, "seed": args.seed, "optimizer": arm.name, "step_ms": 1e3 * med,
                      "tokens_per_s": B * T / med, "optim_ms": 1e3 * statistics.median(arm.opt_s[skip:]),
                      "optim_share": sum(arm.opt_s[skip:]) / sum(arm.step_s[skip:]),
                      "touched_rows_first": arm.touched[0], "touched_rows_last": arm.touched[-1],
@@ -189,6 +189,7 @@ def main() -> None:
     a.add_argument("--arch", choices=("pkm", "ultramem"), default="pkm")
     a.add_argument("--steps", type=int, default=200)
     a.add_argument("--threads", type=int, default=1)
+    a.add_argument("--seed", type=int, default=0, help="model init and batch order")
     a.add_argument("--global-bc", action="store_true", help="add a LazyAdamW arm with bias_correction='global'")
     m = sub.add_parser("micro")
     m.add_argument("--threads", type=int, default=1)
