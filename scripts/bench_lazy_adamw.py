@@ -3,10 +3,10 @@
     PYTHONPATH=. python scripts/bench_lazy_adamw.py micro --threads 1 [--rows 2000]
     PYTHONPATH=. python scripts/bench_lazy_adamw.py ab --arch pkm --steps 200 --threads 1
 
-``ab``: the equal-budget family's model (``labcore.budget.equal_budget_family`` at the sizes of
+``ab``: the equal-budget family's model (``labcore.lm.budget.equal_budget_family`` at the sizes of
 ``labcore.bench.training``), built twice (or three times) from one seed and trained in lockstep
 on the same batches: one step of each optimiser in turn, so a noisy neighbour slows them alike.
-The step is ``labcore.train.train``'s (lr schedule with the value-LR multiplier, refresh_all,
+The step is ``labcore.lm.train.train``'s (lr schedule with the value-LR multiplier, refresh_all,
 clip 1.0); the layers give dense gradients, so the lazy optimiser finds the touched rows by their
 non-zero gradient. Prints per optimiser: median step time, tokens/s, optimiser share of the step,
 touched value rows, final train loss (mean of the last 10 steps) and validation loss.
@@ -27,13 +27,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from labcore.budget import equal_budget_family, small_base_config
 from labcore.data import KnowledgeConfig, load_dataset
 from labcore.layers.base import param_role
+from labcore.lm.budget import equal_budget_family, small_base_config
+from labcore.lm.model import LM
+from labcore.lm.optim import VALUE_ROLE, refresh_all
 from labcore.lm.sparse_optim import LazyAdamW, build_lazy_adamw
-from labcore.model import LM
-from labcore.optim import VALUE_ROLE, refresh_all
-from labcore.train import TrainConfig, build_optimizer, set_step_lr, value_lr_schedule
+from labcore.lm.train import TrainConfig, build_optimizer, set_step_lr, value_lr_schedule
 
 D, L, HEADS, D_FF, T, B, RATIO = 128, 8, 4, 512, 128, 8, 12.0
 

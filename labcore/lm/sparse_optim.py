@@ -8,7 +8,7 @@ gradient and steps it with ``torch.optim.SparseAdam`` (``--mem_values_optimizer 
 no weight decay). :class:`LazyAdamW` does the same for any
 group marked ``lazy=True`` and runs ``torch.optim.AdamW``'s own update on every other group, so one
 optimiser object serves the whole model and its ``param_groups`` (``lr``, ``base_lr``, ``lr_role``)
-keep working with ``labcore.optim.apply_value_lr`` (the value-LR multiplier and its decay).
+keep working with ``labcore.lm.optim.apply_value_lr`` (the value-LR multiplier and its decay).
 
 Update of a touched row r of a lazy parameter at a step with learning rate lr (AdamW, decoupled
 weight decay lambda; arXiv 1711.05101 Alg. 2)::
@@ -47,7 +47,7 @@ step otherwise). ``clip_grad_norm_`` here takes sparse gradients (torch's does n
 ``row_chunks`` gives a chunked view of a table (UltraMem's per-core read) that passes them back.
 
 Use ``build_lazy_adamw(model, lr, weight_decay, ...)`` (value tables lazy, everything else torch
-AdamW), or ``LazyAdamW(mark_lazy(labcore.optim.build_param_groups(...)))``.
+AdamW), or ``LazyAdamW(mark_lazy(labcore.lm.optim.build_param_groups(...)))``.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ from torch import Tensor, nn
 from torch.optim.adamw import adamw as torch_adamw
 
 from labcore.config import ConfigError, check_choice, check_float
-from labcore.optim import VALUE_ROLE, build_param_groups
+from labcore.lm.optim import VALUE_ROLE, build_param_groups
 
 BIAS_CORRECTIONS = ("row", "global")
 
@@ -249,7 +249,7 @@ def touched_rows(grad: Tensor, p: Tensor, name: str = "parameter") -> Tensor:
 
 
 def mark_lazy(groups: list[dict[str, Any]], roles: Sequence[str] = (VALUE_ROLE,)) -> list[dict[str, Any]]:
-    """Copies of ``labcore.optim.build_param_groups`` groups with ``lazy`` set: True for the groups
+    """Copies of ``labcore.lm.optim.build_param_groups`` groups with ``lazy`` set: True for the groups
     whose ``lr_role`` is in ``roles`` (the memory value tables by default), False otherwise."""
     return [{**g, "lazy": g.get("lr_role") in roles} for g in groups]
 
@@ -258,7 +258,7 @@ def build_lazy_adamw(model: nn.Module, lr: float, weight_decay: float, *, value_
                      value_weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                      eps: float = 1e-8, bias_correction: str = "row", fused: bool | None = None) -> LazyAdamW:
     """One optimiser for ``model``: value tables (role ``memory_values``) lazy, every other parameter
-    torch AdamW; groups (and ``base_lr`` / ``lr_role``) as ``labcore.optim.build_param_groups``.
+    torch AdamW; groups (and ``base_lr`` / ``lr_role``) as ``labcore.lm.optim.build_param_groups``.
     Group entries carry ``param_names`` so errors name the parameter."""
     groups = mark_lazy(build_param_groups(model, lr, weight_decay, value_lr=value_lr,
                                           value_weight_decay=value_weight_decay))

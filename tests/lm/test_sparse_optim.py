@@ -13,8 +13,11 @@ from torch import nn
 
 from labcore.config import ConfigError
 from labcore.layers.base import tag_param
+from labcore.layers.pkm import PKMConfig
+from labcore.layers.ultramem import UltraMemConfig
+from labcore.lm.model import LM, ModelConfig, SparsePlan
+from labcore.lm.optim import ValueLRSchedule, apply_value_lr, build_param_groups
 from labcore.lm.sparse_optim import LazyAdamW, build_lazy_adamw, clip_grad_norm_, row_chunks, touched_rows
-from labcore.optim import ValueLRSchedule, apply_value_lr, build_param_groups
 
 BETAS = (0.9, 0.95)
 EPS = 1e-6
@@ -355,10 +358,6 @@ def test_row_chunks_passes_sparse_gradients_back_to_the_table(sparse):
 def test_lm_memory_tables_step_lazily(arch):
     """A small LM: the value table is the only lazy group; the first step equals torch AdamW on every
     parameter (an untouched row has zero moments, so AdamW leaves it too); later untouched rows stay."""
-    from labcore.layers.pkm import PKMConfig
-    from labcore.layers.ultramem import UltraMemConfig
-    from labcore.model import LM, ModelConfig, SparsePlan
-
     d = 32
     mem = (PKMConfig(d_model=d, n_keys=16, heads=2, k_dim=16, top_k=4) if arch == "pkm" else
            UltraMemConfig(d_model=d, n_keys=16, heads=2, k_dim=16, top_k=4, d_value=d // 2))
