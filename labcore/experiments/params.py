@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from labcore.lm.train import TrainConfig
 
 __all__ = ["LabParams", "TDQKRParams", "SplittingParams", "VirtualMemoryParams", "ArchitecturesParams",
-           "PaperTableParams", "PAPER_VAL_DELTAS", "ROWS"]
+           "PaperTableParams", "PAPER_VAL_DELTAS", "ROWS", "MemoryFamilyParams", "MEMORY_FAMILY"]
 
 
 @dataclass(frozen=True)
@@ -255,3 +255,74 @@ class PaperTableParams(LabParams):
                 or any(r not in ROWS for r in self.rows)):
             raise ConfigError(f"{o}.rows={self.rows!r} is not allowed: must start with 'PKM' and use "
                               f"rows of {list(ROWS)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# 07_memory_family
+# ----------------------------------------------------------------------------------------------
+
+# The names of labcore.lm.budget.memory_family_names(), in its order (kept here torch-free so that the
+# sweep driver can check them; tests/experiments/test_memory_family.py checks they agree).
+MEMORY_FAMILY = ("dense", "moe", "pkm", "ultramem", "ultramem_v2", "memory_plus", "peer")
+CAPACITY_ARCHS = ("pkm", "ultramem", "ultramem_v2", "memory_plus", "peer")
+
+
+@dataclass(frozen=True)
+class MemoryFamilyParams(LabParams):
+    """07_memory_family: the whole family at equal activated FLOPs on the facts task.
+
+    The trunk is ``d_model`` x ``n_layers`` (heads D/16, d_ff 4D); ``seq_len`` is not used (a facts
+    row fixes the sequence length) and ``batch_size`` counts fact rows per step.
+    """
+
+    out_dir: str = "runs/manual/07_memory_family"  # run directory (the sweep runner sets it)
+    steps: int = 400                  # optimiser steps per training run
+    batch_size: int = 256             # fact rows per step
+    d_model: int = 32                 # trunk width D
+    n_layers: int = 2                 # trunk blocks L
+    n_facts: int = 2000               # facts (subject, relation) -> object; 4 relations
+    n_objects: int = 128              # answer space (log2 of it = bits per fact)
+    ratio: float = 10.0               # sparse / dense parameters of the family (total = (1 + ratio) x dense)
+    value_lr_multiplier: float = 10.0  # memory value tables' LR factor (decays linearly to 1x)
+    architectures: list[str] = field(default_factory=lambda: list(MEMORY_FAMILY))  # "dense" first
+    capacity_archs: list[str] = field(default_factory=lambda: ["pkm", "ultramem"])  # memories for the curve
+    capacity_ratios: list[float] = field(default_factory=lambda: [2.5, 10.0])  # memory sizes (ratio) on the curve
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 64, 512])  # decode batches timed
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        o = type(self).__name__
+        check_int(o, "n_facts", self.n_facts, min_value=8, max_value=400_000)
+        if self.n_facts % 4:
+            raise ConfigError(f"{o}.n_facts={self.n_facts!r} is not allowed: must be a multiple of 4 "
+                              "(4 relations per subject)")
+        check_int(o, "n_objects", self.n_objects, min_value=2, max_value=200)
+        check_float(o, "ratio", self.ratio, min_value=0.5, max_value=64.0)
+        check_float(o, "value_lr_multiplier", self.value_lr_multiplier, min_value=0.0, max_value=100.0,
+                    min_inclusive=False)
+        check_int_list(o, "batch_sizes", self.batch_sizes, min_value=1, max_value=65536)
+        if (not isinstance(self.architectures, list | tuple) or not self.architectures
+                or self.architectures[0] != "dense" or len(set(self.architectures)) != len(self.architectures)
+                or any(a not in MEMORY_FAMILY for a in self.architectures)):
+            raise ConfigError(f"{o}.architectures={self.architectures!r} is not allowed: must start with "
+                              f"'dense' and list distinct names of {list(MEMORY_FAMILY)}")
+        if (not isinstance(self.capacity_archs, list | tuple) or len(set(self.capacity_archs)) != len(
+                self.capacity_archs) or any(a not in CAPACITY_ARCHS for a in self.capacity_archs)):
+            raise ConfigError(f"{o}.capacity_archs={self.capacity_archs!r} is not allowed: must list distinct "
+                              f"names of {list(CAPACITY_ARCHS)} (may be empty: no capacity curve)")
+        if not isinstance(self.capacity_ratios, list | tuple) or not self.capacity_ratios:
+            raise ConfigError(f"{o}.capacity_ratios={self.capacity_ratios!r} is not allowed: must be a "
+                              "non-empty list of numbers in [0.5, 64.0]")
+        for r in self.capacity_ratios:
+            if isinstance(r, bool) or not isinstance(r, int | float) or not 0.5 <= r <= 64.0:
+                raise ConfigError(f"{o}.capacity_ratios={self.capacity_ratios!r} is not allowed: must be a "
+                                  "non-empty list of numbers in [0.5, 64.0]")
+
+    def effective(self) -> MemoryFamilyParams:
+        """Smoke: a dozen steps, 2 seeds, 200 facts, 64 rows per step, batches up to 8, two curve sizes."""
+        if not self.smoke:
+            return self
+        return dataclasses.replace(self, steps=min(self.steps, 12), n_seeds=min(self.n_seeds, 2),
+                                   batch_size=min(self.batch_size, 64), n_facts=min(self.n_facts, 200),
+                                   d_model=32, n_layers=2, capacity_ratios=sorted(self.capacity_ratios)[:2],
+                                   batch_sizes=sorted({min(b, 8) for b in self.batch_sizes}))
