@@ -276,17 +276,17 @@ class MemoryFamilyParams(LabParams):
     """
 
     out_dir: str = "runs/manual/07_memory_family"  # run directory (the sweep runner sets it)
-    steps: int = 400                  # optimiser steps per training run
-    batch_size: int = 256             # fact rows per step
+    steps: int = 150                  # optimiser steps per training run
+    batch_size: int = 128             # fact rows per step
     d_model: int = 32                 # trunk width D
     n_layers: int = 2                 # trunk blocks L
-    n_facts: int = 2000               # facts (subject, relation) -> object; 4 relations
+    n_facts: int = 800                # facts (subject, relation) -> object; 4 relations
     n_objects: int = 128              # answer space (log2 of it = bits per fact)
     ratio: float = 10.0               # sparse / dense parameters of the family (total = (1 + ratio) x dense)
     value_lr_multiplier: float = 10.0  # memory value tables' LR factor (decays linearly to 1x)
     architectures: list[str] = field(default_factory=lambda: list(MEMORY_FAMILY))  # "dense" first
     capacity_archs: list[str] = field(default_factory=lambda: ["pkm", "ultramem"])  # memories for the curve
-    capacity_ratios: list[float] = field(default_factory=lambda: [2.5, 10.0])  # memory sizes (ratio) on the curve
+    capacity_ratios: list[float] = field(default_factory=lambda: [2.5, 10.0, 40.0])  # memory sizes (ratio) on the curve
     batch_sizes: list[int] = field(default_factory=lambda: [1, 64, 512])  # decode batches timed
 
     def __post_init__(self) -> None:
