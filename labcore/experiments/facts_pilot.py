@@ -32,7 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from labcore.config import ConfigError
+from labcore.budget import match_pkm, match_ultramem, model_budget
+from labcore.config import ConfigError, check_choice, check_float, check_int
 from labcore.data.cache import load_dataset
 from labcore.data.facts import FactsConfig, FactSet, answer_mask, inputs_targets
 from labcore.experiments.knowledge_metrics import answer_scores, bits_per_param, evaluate_facts
@@ -149,6 +150,93 @@ def dense_model(d_model: int = 32, n_layers: int = 2, n_heads: int = 2, d_ff: in
     """A small dense LM for the byte ids (vocab 259)."""
     return ModelConfig(vocab_size=259, d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_ff=d_ff,
                        max_seq_len=max_seq_len)
+
+
+ARCHS = ("dense", "pkm", "ultramem")
+# Memory shapes for the small dense trunk (D = 32): PKM as in the PKM paper's best setting (4 heads x
+# top-32, arXiv 1907.05242 §4) with D/2 key features; UltraMem 2 heads x top-16, TDQKR rank 2, 2 cores,
+# E = 4, half value width, with k_dim D/8 per side so that its key scores fit the dense FLOPs at
+# ratio 10 (D/4 does not: docs/mechanisms.md §1.3).
+PKM_SHAPE: dict[str, Any] = {"heads": 4, "top_k": 32, "k_dim": 16}
+ULTRAMEM_SHAPE: dict[str, Any] = {"heads": 2, "top_k": 16, "k_dim": 4, "d_value": 16}
+
+
+def facts_model(arch: str, base: ModelConfig | None = None, *, ratio: float = 10.0, context_len: int = 5,
+                memory: dict[str, Any] | None = None) -> ModelConfig:
+    """``arch`` ("dense", "pkm" or "ultramem") built on the dense ``base`` (default
+    :func:`dense_model`): the memory models have ``(1 + ratio)`` times the base's parameters and its
+    forward FLOPs per token (over ``context_len`` keys; ``labcore.budget.match_pkm`` /
+    ``match_ultramem``, d_ff searched in multiples of 4). ``memory``: the memory's shape keywords
+    (default :data:`PKM_SHAPE` / :data:`ULTRAMEM_SHAPE`)."""
+    check_choice("facts_model", "arch", arch, ARCHS)
+    check_float("facts_model", "ratio", ratio, min_value=0.0, min_inclusive=False)
+    base = base or dense_model()
+    if arch == "dense":
+        return base
+    target = round((1 + ratio) * model_budget(base, context_len=context_len).total_params)
+    if arch == "pkm":
+        return match_pkm(base, target, context_len=context_len, multiple_of=4, **{**PKM_SHAPE, **(memory or {})})
+    return match_ultramem(base, target, context_len=context_len, multiple_of=4,
+                          **{**ULTRAMEM_SHAPE, **(memory or {})})
+
+
+def memory_reads(cfg: ModelConfig) -> tuple[int, int]:
+    """(value rows N, rows one token reads H*K) summed over the memories of ``cfg`` ((0, 0) when dense)."""
+    if cfg.plan.kind != "memory":
+        return 0, 0
+    c = cfg.plan.memory.cost()
+    n_mem = 1 if cfg.plan.shared_values else len(cfg.plan.placements)
+    return c.n_units * n_mem, c.units_per_token * len(cfg.plan.placements)
+
+
+def run_cell(arch: str, n_facts: int, *, steps: int, seed: int = 0, base: ModelConfig | None = None,
+             ratio: float = 10.0, memory: dict[str, Any] | None = None, model_cfg: ModelConfig | None = None,
+             batch_size: int = 1024, lr: float = 3e-3, value_lr_multiplier: float = 10.0,
+             n_relations: int = 4, n_objects: int = 128, warmup_steps: int = 20, threads: int | None = 1,
+             eval_every: int = 0) -> dict[str, Any]:
+    """Train one (architecture, size, seed) cell of a facts experiment and return its summary row.
+
+    The model is ``model_cfg`` if given, else ``facts_model(arch, base, ratio=..., memory=...)``. The
+    task has ``n_facts`` facts (``n_subjects = n_facts // n_relations``, facts drawn with ``seed``,
+    which also seeds the initialisation and batch order, so two architectures at one seed are a
+    pair). Training: AdamW, no weight decay, warmup + cosine, memory values at ``value_lr_multiplier``
+    times the lr decaying linearly to 1x over the run (arXiv 2411.12364: 10x; docs/mechanisms.md
+    §1.6). Row keys: arch, seed, n_facts, load_kbit, steps, batch_size, total_params,
+    active_params, flops_per_token, n_values (memory value rows, 0 for dense), exposures_per_fact
+    (steps * batch_size / n_facts), reads_per_value (answer-token reads per value row, steps *
+    batch_size * H*K / N: how often training touches one row), seconds (training, without evaluation),
+    cpu_seconds (process CPU time of the whole cell), answer_accuracy, answer_loss, stored_kbit,
+    bits_per_param (stored bits / total parameters), curve (eval rows every ``eval_every`` steps:
+    step, answer_accuracy, stored_kbit, the final evaluation last;
+    empty when 0).
+    """
+    check_int("run_cell", "n_facts", n_facts, min_value=n_relations)
+    check_int("run_cell", "steps", steps, min_value=1)
+    if n_facts % n_relations:
+        raise ConfigError(f"run_cell: n_facts={n_facts} is not allowed: must be a multiple of "
+                          f"n_relations={n_relations}")
+    cpu0 = time.process_time()
+    cfg = model_cfg if model_cfg is not None else facts_model(arch, base, ratio=ratio, memory=memory)
+    fcfg = FactsConfig(n_subjects=n_facts // n_relations, n_relations=n_relations, n_objects=n_objects, seed=seed)
+    tcfg = TrainConfig(steps=steps, batch_size=batch_size, seq_len=fcfg.row_len - 1, lr=lr,
+                       warmup_steps=min(warmup_steps, steps), weight_decay=0.0,
+                       value_lr_multiplier=value_lr_multiplier, eval_every=0, checkpoint_every=0, seed=seed,
+                       device="cpu", threads=threads, progress=False)
+    run = train_facts(cfg, fcfg, tcfg, log_every=0, eval_every=eval_every)
+    b = model_budget(cfg, context_len=fcfg.row_len - 1)
+    n_values, reads = memory_reads(cfg)
+    f = run.final
+    return {"arch": arch, "seed": seed, "n_facts": fcfg.n_facts, "load_kbit": fcfg.knowledge_bits / 1e3,
+            "steps": steps, "batch_size": batch_size, "total_params": run.n_params,
+            "active_params": b.active_params, "flops_per_token": b.flops_per_token, "n_values": n_values,
+            "exposures_per_fact": steps * batch_size / fcfg.n_facts,
+            "reads_per_value": steps * batch_size * reads / n_values if n_values else float("nan"),
+            "seconds": run.seconds, "cpu_seconds": time.process_time() - cpu0,
+            "answer_accuracy": f["answer_accuracy"], "answer_loss": f["answer_loss"],
+            "stored_kbit": f["stored_bits"] / 1e3, "bits_per_param": f["bits_per_param"],
+            "curve": [{"step": r["step"], "answer_accuracy": r["answer_accuracy"],
+                       "stored_kbit": r["stored_bits"] / 1e3} for r in run.history
+                      if r["kind"] == "eval" and eval_every]}
 
 
 def pilot(fact_counts: Sequence[int], *, steps: int = 300, batch_size: int = 1024, lr: float = 3e-3,
