@@ -16,6 +16,12 @@ bits per parameter after ~1000 exposures per fact, about 1 after ~100) and, at a
 steps, exposures per fact, which fall as the fact count grows. ``exposures_per_fact`` is printed
 so the two can be told apart; a capacity plateau shows as stored bits that stop growing while the
 exposures per fact stay high.
+
+``python -m labcore.experiments.facts_pilot --archs dense,pkm,ultramem --ratio 10 --seeds 0 1 2 ...``
+instead runs :func:`run_cell` for every (fact count, architecture, seed) and prints one JSON row per
+cell: dense, PKM and UltraMem at equal forward FLOPs per token (:func:`facts_model`), the memory
+values at the paper's value-LR multiplier, with ``reads_per_value`` (training reads per value row)
+beside ``exposures_per_fact``.
 """
 
 from __future__ import annotations
@@ -282,10 +288,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--d-ff", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--archs", default="", help="comma-separated architectures (dense, pkm, ultramem): run "
+                    "run_cell per (fact count, arch, seed) instead of the dense pilot")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds of the cells (default: --seed)")
+    ap.add_argument("--ratio", type=float, default=10.0, help="memory params / dense params (cells)")
+    ap.add_argument("--value-lr-multiplier", type=float, default=10.0, help="value-LR multiplier (cells)")
+    ap.add_argument("--eval-every", type=int, default=0, help="also evaluate every that many steps (cells)")
     args = ap.parse_args(argv)
     try:
         counts = [int(c) for c in args.facts.split(",") if c.strip()]
         model = dense_model(d_model=args.d_model, n_layers=args.n_layers, d_ff=args.d_ff)
+        if args.archs:
+            for count in counts:
+                for arch in [a.strip() for a in args.archs.split(",") if a.strip()]:
+                    for seed in args.seeds or [args.seed]:
+                        row = run_cell(arch, count, steps=args.steps, seed=seed, base=model, ratio=args.ratio,
+                                       batch_size=args.batch_size, lr=args.lr,
+                                       value_lr_multiplier=args.value_lr_multiplier, n_objects=args.n_objects,
+                                       threads=args.threads, eval_every=args.eval_every)
+                        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
+                                          for k, v in row.items()}), flush=True)
+            return 0
         pilot(counts, steps=args.steps, batch_size=args.batch_size, lr=args.lr, n_objects=args.n_objects,
               model=model, seed=args.seed, threads=args.threads)
     except (ConfigError, ValueError) as e:

@@ -1,11 +1,20 @@
 """train_facts: answer-only training through labcore.train's optimiser; bad sizes rejected first."""
 
+import json
+
 import pytest
 
 from labcore.budget import model_budget
 from labcore.config import ConfigError
 from labcore.data.facts import FactsConfig
-from labcore.experiments.facts_pilot import dense_model, facts_model, memory_reads, run_cell, train_facts
+from labcore.experiments.facts_pilot import (
+    dense_model,
+    facts_model,
+    main,
+    memory_reads,
+    run_cell,
+    train_facts,
+)
 from labcore.experiments.knowledge_metrics import bits_per_param, evaluate_facts
 from labcore.train import TrainConfig
 
@@ -76,3 +85,13 @@ def test_run_cell_reports_a_consistent_row():
     assert again["curve"] == []
     with pytest.raises(ConfigError, match="n_facts=66"):
         run_cell("dense", 66, steps=1)
+
+
+def test_cli_cells_print_one_row_per_cell(capsys):
+    rc = main(["--archs", "dense", "--facts", "16,32", "--seeds", "0", "1", "--steps", "2", "--batch-size", "8",
+               "--d-model", "16", "--n-layers", "1", "--d-ff", "32"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rc == 0
+    assert [(r["n_facts"], r["seed"], r["arch"], r["steps"]) for r in rows] == [
+        (16, 0, "dense", 2), (16, 1, "dense", 2), (32, 0, "dense", 2), (32, 1, "dense", 2)]
+    assert main(["--archs", "moe", "--facts", "16", "--steps", "1"]) == 2
