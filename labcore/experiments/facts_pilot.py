@@ -159,12 +159,27 @@ def dense_model(d_model: int = 32, n_layers: int = 2, n_heads: int = 2, d_ff: in
 
 
 ARCHS = ("dense", "pkm", "ultramem")
-# Memory shapes for the small dense trunk (D = 32): PKM as in the PKM paper's best setting (4 heads x
-# top-32, arXiv 1907.05242 §4) with D/2 key features; UltraMem 2 heads x top-16, TDQKR rank 2, 2 cores,
-# E = 4, half value width, with k_dim D/8 per side so that its key scores fit the dense FLOPs at
-# ratio 10 (D/4 does not: docs/mechanisms.md §1.3).
-PKM_SHAPE: dict[str, Any] = {"heads": 4, "top_k": 32, "k_dim": 16}
-ULTRAMEM_SHAPE: dict[str, Any] = {"heads": 2, "top_k": 16, "k_dim": 4, "d_value": 16}
+
+
+def memory_shape(arch: str, base: ModelConfig) -> dict[str, Any]:
+    """The default memory of ``arch`` ("pkm" or "ultramem") on the dense trunk ``base`` (width D, L
+    blocks), as keywords of ``labcore.budget.match_pkm`` / ``match_ultramem``.
+
+    Both sit in parallel to the FFN of block L // 2 (PKM's intermediate layer, arXiv 1907.05242 §4).
+    PKM: the PKM paper's best setting, 4 heads x top-32, D/2 key features. UltraMem: TDQKR (rank 2)
+    with 2 cores and raw scores (docs/mechanisms.md §1.3, §1.5), 2 heads x top-32, D/4 key features
+    per side, full-width values, no IVE (E = 1), no skip. The paper's IVE (E = 4) with half-width
+    values and projection, and a skip placement, are left to the ablations: on a trunk this small
+    they slow the learning of facts a lot (a skip "0:1" query sees a single attention layer), and
+    with E = 4 the key scores fit the dense FLOPs only at D/8 key features.
+    """
+    check_choice("memory_shape", "arch", arch, ARCHS[1:])
+    D, mid = base.d_model, base.n_layers // 2
+    place = (f"{mid}:{mid}",)
+    if arch == "pkm":
+        return {"heads": 4, "top_k": 32, "k_dim": max(2, D // 2), "placements": place}
+    return {"heads": 2, "top_k": 32, "k_dim": max(1, D // 4), "d_value": D, "value_proj": False, "expansion": 1,
+            "placements": place}
 
 
 def facts_model(arch: str, base: ModelConfig | None = None, *, ratio: float = 10.0, context_len: int = 5,
@@ -172,18 +187,17 @@ def facts_model(arch: str, base: ModelConfig | None = None, *, ratio: float = 10
     """``arch`` ("dense", "pkm" or "ultramem") built on the dense ``base`` (default
     :func:`dense_model`): the memory models have ``(1 + ratio)`` times the base's parameters and its
     forward FLOPs per token (over ``context_len`` keys; ``labcore.budget.match_pkm`` /
-    ``match_ultramem``, d_ff searched in multiples of 4). ``memory``: the memory's shape keywords
-    (default :data:`PKM_SHAPE` / :data:`ULTRAMEM_SHAPE`)."""
+    ``match_ultramem``, d_ff searched in multiples of 4). ``memory``: keywords of the matcher (the
+    memory's shape and ``placements``) that replace those of :func:`memory_shape`."""
     check_choice("facts_model", "arch", arch, ARCHS)
     check_float("facts_model", "ratio", ratio, min_value=0.0, min_inclusive=False)
     base = base or dense_model()
     if arch == "dense":
         return base
     target = round((1 + ratio) * model_budget(base, context_len=context_len).total_params)
-    if arch == "pkm":
-        return match_pkm(base, target, context_len=context_len, multiple_of=4, **{**PKM_SHAPE, **(memory or {})})
-    return match_ultramem(base, target, context_len=context_len, multiple_of=4,
-                          **{**ULTRAMEM_SHAPE, **(memory or {})})
+    kw = {**memory_shape(arch, base), **(memory or {})}
+    match = match_pkm if arch == "pkm" else match_ultramem
+    return match(base, target, context_len=context_len, multiple_of=4, **kw)
 
 
 def memory_reads(cfg: ModelConfig) -> tuple[int, int]:

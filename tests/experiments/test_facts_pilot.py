@@ -60,6 +60,7 @@ def test_facts_model_matches_flops_and_params():
         n_values, reads = memory_reads(cfg)
         mem = cfg.plan.memory
         assert n_values == mem.n_keys ** 2 and reads == mem.heads * mem.top_k
+    assert facts_model("pkm", base, memory={"top_k": 16}).plan.memory.top_k == 16
     assert facts_model("dense", base) is base
     assert memory_reads(base) == (0, 0)
     with pytest.raises(ConfigError, match="arch"):
