@@ -80,6 +80,7 @@ Public-code bugs avoided (docs/implementations.md "PKM")
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -104,8 +105,9 @@ from labcore.layers.fast.search import (  # noqa: F401  (SEARCH_CHUNK_BYTES, sea
     pruned_candidates,
     pruned_pair_topk,
     search_chunk,
+    side_search,
 )
-from labcore.layers.fast.topk import exact_topk
+from labcore.layers.registry import LayerSpec, register
 
 QUERY_NORMS = ("layernorm", "batchnorm", "none")
 
@@ -308,8 +310,7 @@ class PKM(nn.Module):
         # sub-key scores, one matmul per (head, half): (H*2, N_tok, D_k/2) @ (H*2, D_k/2, n)
         qs = rearrange(q, "t h s d -> (h s) t d")                           # (H*2, N_tok, D_k/2)
         keys = rearrange(self.keys, "h s n d -> (h s) d n")                 # (H*2, D_k/2, n)
-        sub = torch.bmm(qs, keys)                                           # (H*2, N_tok, n)  K_row q_row, K_col q_col
-        s_half, i_half = exact_topk(sub, K, sorted=True)                    # U2 eq. 3: (H*2, N_tok, K), descending
+        s_half, i_half = side_search(qs, keys, K)  # U2 eq. 3, TopK(qs @ keys): (H*2, N_tok, K), descending
         s_half = rearrange(s_half, "(h s) t k -> h s t k", s=2)             # [:, 0] rows, [:, 1] columns
         i_half = rearrange(i_half, "(h s) t k -> h s t k", s=2)             # (H, 2, N_tok, K)
         # U2 eq. 4 on the pruned grid: S[i, j] = s_row[i] + s_col[j], then I = TopK(S)
@@ -410,3 +411,28 @@ def pkm_reference(layer: PKM, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         all_weights.append(w)
     y = layer.value_proj(out) if layer.value_proj is not None else out
     return y.view(*lead, c.d_model), torch.cat(all_slots, 1), torch.cat(all_weights, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registration (labcore.layers.registry): what the rest of the package knows about this layer.
+# ----------------------------------------------------------------------------------------------
+
+
+def _pkm_value_read(layer: PKM, aux: LayerAux) -> tuple[Callable[[], Tensor], Callable[[], Tensor]]:
+    """One forward's value read replayed (``read`` with its slots and softmax weights), and the gather
+    inside it: one bag of H*K rows per token, the whole read without a value projection."""
+    table = layer.values.weight
+    w = aux.scores.to(table.dtype)
+    return (lambda: layer.read(aux.indices, aux.scores),
+            lambda: F.embedding_bag(aux.indices, table, mode="sum", per_sample_weights=w))
+
+
+register(LayerSpec(
+    name="pkm", role="memory", config=PKMConfig, layer=PKM, label="PKM", color="#00cc96",
+    size_field="n_keys",
+    min_size=lambda kw: kw.get("top_k", PKMConfig.__dataclass_fields__["top_k"].default),
+    # D/4 key features per half (k_dim = D/2), 4 heads x top-32: the PKM paper's shape at lab width.
+    family_kwargs=lambda D: {"heads": 4, "top_k": 32, "k_dim": 2 * max(1, D // 4)},
+    layout=None,  # one memory beside the middle block's FFN: PKM is best at an intermediate layer
+    value_read=_pkm_value_read,
+    summary="product-key memory"))
