@@ -38,11 +38,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from labcore.budget import match_pkm, match_ultramem, model_budget
 from labcore.config import ConfigError, check_choice, check_float, check_int
 from labcore.data.cache import load_dataset
 from labcore.data.facts import FactsConfig, FactSet, answer_mask, inputs_targets
 from labcore.experiments.knowledge_metrics import answer_scores, bits_per_param, evaluate_facts
+from labcore.lm.budget import match_pkm, match_ultramem, model_budget
 from labcore.lm.model import LM, ModelConfig
 from labcore.lm.optim import refresh_all
 from labcore.lm.train import TrainConfig, build_optimizer, resolve_device, set_step_lr, value_lr_schedule
@@ -163,7 +163,7 @@ ARCHS = ("dense", "pkm", "ultramem")
 
 def memory_shape(arch: str, base: ModelConfig) -> dict[str, Any]:
     """The default memory of ``arch`` ("pkm" or "ultramem") on the dense trunk ``base`` (width D, L
-    blocks), as keywords of ``labcore.budget.match_pkm`` / ``match_ultramem``.
+    blocks), as keywords of ``labcore.lm.budget.match_pkm`` / ``match_ultramem``.
 
     Both sit in parallel to the FFN of block L // 2 (PKM's intermediate layer, arXiv 1907.05242 §4).
     PKM: the PKM paper's best setting, 4 heads x top-32, D/2 key features. UltraMem: TDQKR (rank 2)
@@ -186,7 +186,7 @@ def facts_model(arch: str, base: ModelConfig | None = None, *, ratio: float = 10
                 memory: dict[str, Any] | None = None) -> ModelConfig:
     """``arch`` ("dense", "pkm" or "ultramem") built on the dense ``base`` (default
     :func:`dense_model`): the memory models have ``(1 + ratio)`` times the base's parameters and its
-    forward FLOPs per token (over ``context_len`` keys; ``labcore.budget.match_pkm`` /
+    forward FLOPs per token (over ``context_len`` keys; ``labcore.lm.budget.match_pkm`` /
     ``match_ultramem``, d_ff searched in multiples of 4). ``memory``: keywords of the matcher (the
     memory's shape and ``placements``) that replace those of :func:`memory_shape`."""
     check_choice("facts_model", "arch", arch, ARCHS)

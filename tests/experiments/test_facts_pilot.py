@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-from labcore.budget import model_budget
 from labcore.config import ConfigError
 from labcore.data.facts import FactsConfig
 from labcore.experiments.facts_pilot import (
@@ -16,6 +15,7 @@ from labcore.experiments.facts_pilot import (
     train_facts,
 )
 from labcore.experiments.knowledge_metrics import bits_per_param, evaluate_facts
+from labcore.lm.budget import model_budget
 from labcore.lm.train import TrainConfig
 
 FACTS = FactsConfig(n_subjects=6, n_relations=4, n_objects=16, n_phrasings=2, held_out_phrasings=1,
