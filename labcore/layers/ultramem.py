@@ -139,7 +139,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import torch
 import torch.nn.functional as F
@@ -190,11 +190,20 @@ SIZE_FIELDS = ("d_model", "n_keys", "heads", "k_dim", "top_k", "rank", "n_cores"
                "n_model_layers", "calib_samples")
 
 
-def check_sizes(cfg: Any, owner: str) -> None:
-    """The integer sizes of the grid (:data:`SIZE_FIELDS`, each >= 1) and ``seed`` (>= 0)."""
+def check_common_fields(cfg: Any, owner: str) -> None:
+    """The fields UltraMemConfig and UltraMemV2Config share: the integer sizes (:data:`SIZE_FIELDS`,
+    each >= 1; ``d_value`` and ``candidate_m`` when given), ``seed`` (>= 0), ``init``, ``norm_type``,
+    ``proxy_search`` and ``norm_eps`` (> 0)."""
     for name in SIZE_FIELDS:
         check_int(owner, name, getattr(cfg, name))
     check_int(owner, "seed", cfg.seed, min_value=0)
+    for name in ("d_value", "candidate_m"):
+        if getattr(cfg, name) is not None:
+            check_int(owner, name, getattr(cfg, name))
+    check_choice(owner, "init", cfg.init, INITS)
+    check_choice(owner, "norm_type", cfg.norm_type, NORM_TYPES)
+    check_choice(owner, "proxy_search", cfg.proxy_search, PROXY_SEARCHES)
+    check_float(owner, "norm_eps", cfg.norm_eps, min_value=0.0, min_inclusive=False)
 
 
 def check_search_grid(cfg: Any, owner: str) -> None:
@@ -214,8 +223,8 @@ def check_search_grid(cfg: Any, owner: str) -> None:
 
 
 class SearchGrid:
-    """Derived sizes of the search grid (docs/notation.md), for a config with n_keys, expansion,
-    top_k, candidate_m, heads and share_query fields (UltraMemConfig, UltraMemV2Config)."""
+    """What UltraMemConfig and UltraMemV2Config share besides their fields: ``from_dict``,
+    ``replace`` and the derived sizes of the search grid (docs/notation.md)."""
 
     n_keys: int
     expansion: int
@@ -223,6 +232,14 @@ class SearchGrid:
     candidate_m: int | None
     heads: int
     share_query: bool
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
+        """Build from a mapping (YAML, notebook parameters); unknown keys raise ConfigError."""
+        return config_from_dict(cls, data)
+
+    def replace(self, **changes: Any) -> Self:
+        return dataclasses.replace(self, **changes)
 
     @property
     def n_side(self) -> int:
@@ -298,21 +315,13 @@ class UltraMemConfig(SearchGrid):
 
     def __post_init__(self) -> None:
         o = _OWNER
-        check_sizes(self, o)
-        if self.d_value is not None:
-            check_int(o, "d_value", self.d_value)
-        if self.candidate_m is not None:
-            check_int(o, "candidate_m", self.candidate_m)
+        check_common_fields(self, o)
         for name in ("qk_norm", "share_query", "value_proj", "tucker_aux", "query_bias"):
             check_choice(o, name, getattr(self, name), (True, False))
         check_choice(o, "scoring", self.scoring, SCORINGS)
         check_choice(o, "score_activation", self.score_activation, SCORE_ACTIVATIONS)
-        check_choice(o, "init", self.init, INITS)
-        check_choice(o, "norm_type", self.norm_type, NORM_TYPES)
-        check_choice(o, "proxy_search", self.proxy_search, PROXY_SEARCHES)
         check_float(o, "tucker_aux_coef", self.tucker_aux_coef, min_value=0.0)
         check_float(o, "tucker_aux_margin", self.tucker_aux_margin, min_value=0.0)
-        check_float(o, "norm_eps", self.norm_eps, min_value=0.0, min_inclusive=False)
         # cross-field rules ---------------------------------------------------------------
         check_search_grid(self, o)
         if not self.value_proj and self.expansion != 1:
@@ -336,14 +345,6 @@ class UltraMemConfig(SearchGrid):
         if self.init == "paper" and not self.qk_norm:
             raise _bad("init", self.init, "'release' when qk_norm=False (paper init calibrates the "
                        "q/k norm gains)")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> UltraMemConfig:
-        """Build from a mapping (YAML, notebook parameters); unknown keys raise ConfigError."""
-        return config_from_dict(cls, data)
-
-    def replace(self, **changes: Any) -> UltraMemConfig:
-        return dataclasses.replace(self, **changes)
 
     # derived sizes ---------------------------------------------------------------------------
     @property
@@ -526,6 +527,12 @@ class TuckerRetrieval(nn.Module):
         self.u.copy_(u_new * sign)
         self.t.copy_(t_new * sign)
 
+    def side_scores(self, x2d: Tensor) -> tuple[Tensor, Tensor]:
+        """(N_tok, D) -> S_row, S_col (N_tok, H, R, n_s): every key component scored with its query
+        (U2 eq. 6; the subclass's ``_queries`` and ``_side_scores_q``)."""
+        s = self._side_scores_q(self._queries(x2d))
+        return s[0], s[1]
+
     def per_core_scores(self, vecs: Tensor) -> Tensor:
         """MCS: s^(c)_k = S_row[:, i_k]^T C^(c) S_col[:, j_k] at the selected cells, from their side
         score columns ``vecs`` (2, N_tok, H, R, K), as (S_row[:, i]^T [C^(1) .. C^(h)]) . S_col[:, j]:
@@ -537,6 +544,15 @@ class TuckerRetrieval(nn.Module):
 
     def cost(self) -> LayerCost:
         return self.cfg.cost()
+
+    def _score_stats(self, scores: Tensor, y: Tensor) -> tuple[list[Tensor], list[str]]:
+        """Detached 0-dim stats of a forward: the top-1, m-th (last) and mean selected score per
+        head's K (``scores`` (N_tok, H*K), descending within each head) and the output std."""
+        c = self.cfg
+        sc = scores.detach().view(-1, c.heads, c.top_k).float()
+        vals = [sc[..., 0].mean(), sc[..., -1].mean(), sc.mean(),
+                y.detach().float().std() if y.numel() > 1 else sc.new_zeros(())]
+        return vals, ["top1_score", "mth_score", "mean_score", "output_std"]
 
     # ----------------------------------------------------------------------------------------
     # derived tensors, reused in inference while their sources are unchanged (fast.caches)
@@ -626,11 +642,6 @@ class UltraMem(TuckerRetrieval):
         c = self.cfg
         q = rearrange(self.query(x2d), "t (h s d) -> t h s d", s=2, d=c.k_dim)  # (N_tok, Hq, 2, D_k)
         return _qk_norm(q, self.query_gain, c.norm_type, c.norm_eps) if c.qk_norm else q
-
-    def side_scores(self, x2d: Tensor) -> tuple[Tensor, Tensor]:
-        """(N_tok, D) -> S_row, S_col (N_tok, H, R, n_s): every key component scored (U2 eq. 6)."""
-        s = self._side_scores_q(self._queries(x2d))
-        return s[0], s[1]
 
     def _side_scores_q(self, q: Tensor) -> Tensor:
         """Queries (N_tok, Hq, 2, D_k) -> S (2, N_tok, H, R, n_s): S_row = K_row q_row, S_col = K_col q_col."""
@@ -749,10 +760,7 @@ class UltraMem(TuckerRetrieval):
                 if c.tucker_aux:
                     aux_loss = aux_loss + c.tucker_aux_coef * loss.to(aux_loss.dtype)
         with torch.no_grad():
-            sc = scores.detach().view(-1, c.heads, c.top_k).float()
-            vals = [sc[..., 0].mean(), sc[..., -1].mean(), sc.mean(),
-                    y.detach().float().std() if y.numel() > 1 else sc.new_zeros(())]
-            names = ["top1_score", "mth_score", "mean_score", "output_std"]
+            vals, names = self._score_stats(scores, y)
             counts = None
             if self.detailed_aux:
                 counts = torch.bincount(slots.flatten(), minlength=c.n_virtual)  # (E*N,)

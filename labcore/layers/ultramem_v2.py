@@ -130,7 +130,6 @@ the slow per-token reference every path is tested against.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Mapping
@@ -150,29 +149,26 @@ from labcore.layers.base import (
     check_choice,
     check_float,
     check_int,
-    config_from_dict,
     flatten_tokens,
     tag_param,
     zero_loss,
 )
 from labcore.layers.fast import bags
-from labcore.layers.fast.search import PROXY_SEARCHES, in_token_chunks, tucker_search
+from labcore.layers.fast.search import in_token_chunks, tucker_search
 from labcore.layers.fast.topk import exact_topk
 from labcore.layers.registry import LayerSpec, register
 from labcore.layers.ultramem import (
     SearchGrid,
     TuckerRetrieval,
     _qk_norm,
+    check_common_fields,
     check_search_grid,
-    check_sizes,
     qk_gain,
     reference_qk_norm,
     score_moments,
 )
 
 PROJECTIONS = ("single", "per_block")
-INITS = ("release", "paper")
-NORM_TYPES = ("layernorm", "rmsnorm")
 VALUE_LR_SCHEDULES = ("constant", "decay")
 _OWNER = "UltraMemV2Config"
 
@@ -229,20 +225,15 @@ class UltraMemV2Config(SearchGrid):
 
     def __post_init__(self) -> None:
         o = _OWNER
-        check_sizes(self, o)
-        for name in ("d_value", "d_pre", "candidate_m"):
-            if getattr(self, name) is not None:
-                check_int(o, name, getattr(self, name))
+        check_common_fields(self, o)
+        if self.d_pre is not None:
+            check_int(o, "d_pre", self.d_pre)
         for name in ("query_per_rank", "pre_values", "pre_gelu", "qk_norm", "share_query", "balance_loss"):
             check_bool(o, name, getattr(self, name))
         check_choice(o, "projection", self.projection, PROJECTIONS)
-        check_choice(o, "proxy_search", self.proxy_search, PROXY_SEARCHES)
-        check_choice(o, "init", self.init, INITS)
-        check_choice(o, "norm_type", self.norm_type, NORM_TYPES)
         check_choice(o, "value_lr_schedule", self.value_lr_schedule, VALUE_LR_SCHEDULES)
         check_float(o, "balance_coef", self.balance_coef, min_value=0.0)
         check_float(o, "ffn_ratio", self.ffn_ratio, min_value=0.0, min_inclusive=False)
-        check_float(o, "norm_eps", self.norm_eps, min_value=0.0, min_inclusive=False)
         check_float(o, "value_lr_multiplier", self.value_lr_multiplier, min_value=0.0, min_inclusive=False)
         # cross-field rules ---------------------------------------------------------------
         check_search_grid(self, o)
@@ -257,14 +248,6 @@ class UltraMemV2Config(SearchGrid):
         if self.value_lr_schedule == "decay" and self.value_lr_multiplier < 1:
             raise _bad("value_lr_multiplier", self.value_lr_multiplier, ">= 1 when value_lr_schedule="
                        "'decay' (the multiplier decays linearly from M to 1)")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> UltraMemV2Config:
-        """Build from a mapping (YAML, notebook parameters); unknown keys raise ConfigError."""
-        return config_from_dict(cls, data)
-
-    def replace(self, **changes: Any) -> UltraMemV2Config:
-        return dataclasses.replace(self, **changes)
 
     # derived sizes ---------------------------------------------------------------------------
     @property
@@ -574,11 +557,6 @@ class UltraMemV2(TuckerRetrieval):
         q = rearrange(self.query(x2d), "t (h s a d) -> t h s a d", s=2, a=c.q_ranks, d=c.k_dim)
         return _qk_norm(q, self.query_gain, c.norm_type, c.norm_eps) if c.qk_norm else q
 
-    def side_scores(self, x2d: Tensor) -> tuple[Tensor, Tensor]:
-        """(N_tok, D) -> S_row, S_col (N_tok, H, R, n_s): component a scored with q[side, a] (U2 eq. 6)."""
-        s = self._side_scores_q(self._queries(x2d))
-        return s[0], s[1]
-
     def _side_scores_q(self, q: Tensor) -> Tensor:
         """Queries (N_tok, Hq, 2, Rq, D_k) -> S (2, N_tok, H, R, n_s), one batched matmul."""
         c = self.cfg
@@ -671,12 +649,11 @@ class UltraMemV2(TuckerRetrieval):
             if c.balance_loss:
                 aux_loss = aux_loss + c.balance_coef * balance.to(aux_loss.dtype)
         with torch.no_grad():
-            sc = scores.detach().view(-1, c.heads, c.top_k).float()
             lam = self._reuse("svdvals", (self.cores,), lambda: torch.linalg.svdvals(
                 self.cores.detach().sum(0).float()).mean(0))                # (R,)
-            vals = [sc[..., 0].mean(), sc[..., -1].mean(), sc.mean(),
-                    y.detach().float().std() if y.numel() > 1 else sc.new_zeros(()), lam[0]]
-            names = ["top1_score", "mth_score", "mean_score", "output_std", "lambda1"]
+            vals, names = self._score_stats(scores, y)
+            vals.append(lam[0])
+            names.append("lambda1")
             if lam.numel() > 1:
                 vals.append(lam[1])
                 names.append("lambda2")
@@ -691,7 +668,7 @@ class UltraMemV2(TuckerRetrieval):
                 counts = torch.bincount(slots.flatten(), minlength=c.n_virtual)  # (E*N,)
                 vals.append((counts > 0).float().mean())
                 names.append("coverage")
-            stats = dict(zip(names, torch.stack([v.to(sc.device) for v in vals]).tolist()))  # one sync
+            stats = dict(zip(names, torch.stack([v.to(vals[0].device) for v in vals]).tolist()))  # one sync
         return UltraMemV2Aux(aux_loss=aux_loss, indices=slots.detach(), scores=weights.sum(-1).detach(),
                              counts=counts, losses=losses, stats=stats, core_scores=weights.detach(),
                              pre_scores=None if pre is None else pre.detach(), rows=rows)
