@@ -125,7 +125,6 @@ class MemoryPlusConfig:
         for name in ("query_bias", "gate", "output_gate", "qk_norm"):
             check_bool(o, name, getattr(self, name))
         check_dropouts(self, o)
-        check_float(o, "norm_eps", self.norm_eps, min_value=0.0, min_inclusive=False)
         if self.value_lr is not None:
             check_float(o, "value_lr", self.value_lr, min_value=0.0, min_inclusive=False)
         if self.gate and self.d_value not in (None, self.d_model):

@@ -144,7 +144,6 @@ class PEERConfig(ProductKeys):
             check_bool(owner, name, getattr(self, name))
         if self.expert_init_std is not None:
             check_float(owner, "expert_init_std", self.expert_init_std, min_value=0.0, min_inclusive=False)
-        check_float(owner, "norm_eps", self.norm_eps, min_value=0.0, min_inclusive=False)
 
     # derived sizes ---------------------------------------------------------------------------
     @property

@@ -115,7 +115,8 @@ QUERY_NORMS = ("layernorm", "batchnorm", "none")
 
 def check_product_keys(cfg: Any, owner: str) -> None:
     """The product-key fields PKM, PEER and Memory+ configs share: d_model, n_keys, heads (>= 1),
-    k_dim (even, >= 2: a row half and a column half), top_k (1 <= K <= n) and query_norm."""
+    k_dim (even, >= 2: a row half and a column half), top_k (1 <= K <= n), query_norm and its
+    norm_eps (> 0)."""
     check_int(owner, "d_model", cfg.d_model)
     check_int(owner, "n_keys", cfg.n_keys)
     check_int(owner, "heads", cfg.heads)
@@ -125,6 +126,7 @@ def check_product_keys(cfg: Any, owner: str) -> None:
                           "(the key is split into a row half and a column half)")
     check_int(owner, "top_k", cfg.top_k, min_value=1, max_value=cfg.n_keys)
     check_choice(owner, "query_norm", cfg.query_norm, QUERY_NORMS)
+    check_float(owner, "norm_eps", cfg.norm_eps, min_value=0.0, min_inclusive=False)
 
 
 def check_dropouts(cfg: Any, owner: str) -> None:
@@ -197,7 +199,6 @@ class PKMConfig(ProductKeys):
             check_float(owner, "value_init_std", self.value_init_std, min_value=0.0, min_inclusive=False)
         check_choice(owner, "query_bias", self.query_bias, (True, False))
         check_dropouts(self, owner)
-        check_float(owner, "norm_eps", self.norm_eps, min_value=0.0, min_inclusive=False)
 
     # derived sizes ---------------------------------------------------------------------------
     @property
