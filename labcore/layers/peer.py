@@ -308,7 +308,7 @@ class PEER(nn.Module):
                               "belong to one layer; the paper shares no pool across layers)")
         self.cfg = cfg
         n, half, D = cfg.n_keys, cfg.half, cfg.d_model
-        self.query, self.norm = query_network(cfg)                              # W_q rows (head, half, d); norm
+        self.query, self.norm = query_network(cfg)                              # W_q (head, half, d); norm
         bound = 1.0 / math.sqrt(half)
         keys = torch.empty(cfg.key_heads, 2, n, half).uniform_(-bound, bound)
         self.keys = tag_param(nn.Parameter(keys), "no_decay")                  # (1 or H, 2, n, D_k/2)
@@ -367,7 +367,8 @@ class PEER(nn.Module):
 
     def _aux(self, x2d: Tensor, y: Tensor, experts: Tensor, scores: Tensor, g: Tensor, h: Tensor) -> LayerAux:
         """The aux record (``labcore.layers.pkm.selection_aux``) plus ``active_fraction``, the
-        selected neurons with u^T x > 0; ``detailed_aux=False`` drops the O(N) parts (counts, coverage, KL)."""
+        selected neurons with u^T x > 0; ``detailed_aux=False`` drops the O(N) parts (counts,
+        coverage, KL)."""
         with torch.no_grad():
             active = (h > 0).float().mean()
         return selection_aux(x2d, y, experts, scores, g, self.cfg.n_experts, self.detailed_aux,

@@ -210,7 +210,8 @@ def check_search_grid(cfg: Any, owner: str) -> None:
     """The cross-field rules of the search: E a perfect square, m <= n_s candidate rows/columns per
     side, K <= m^2 candidate cells, and D_v divisible by h (one value chunk per core)."""
     if not is_perfect_square(cfg.expansion):
-        fail(owner, "expansion", cfg.expansion, "a perfect square (1, 4, 9, 16, ...): keys per side grow by sqrt(E)")
+        fail(owner, "expansion", cfg.expansion, "a perfect square (1, 4, 9, 16, ...): keys per side "
+             "grow by sqrt(E)")
     if cfg.m > cfg.n_side:
         name = "candidate_m" if cfg.candidate_m is not None else "top_k"
         fail(owner, name, getattr(cfg, name), f"<= keys per side sqrt(expansion)*n_keys = {cfg.n_side} "
@@ -465,7 +466,8 @@ class TuckerRetrieval(nn.Module):
     Subclasses set ``self.cfg`` (an UltraMemConfig or UltraMemV2Config) before calling
     :meth:`_init_retrieval`."""
 
-    def _init_retrieval(self, query_rows: int, rank: int, *, query_bias: bool = False, tucker: bool = True) -> None:
+    def _init_retrieval(self, query_rows: int, rank: int, *, query_bias: bool = False,
+                        tucker: bool = True) -> None:
         """Create W_q (``query_rows`` x D), the q/k norm gains, the keys and (``tucker``) the cores
         and the proxy buffers u, t (H, R)."""
         c = self.cfg
@@ -478,9 +480,11 @@ class TuckerRetrieval(nn.Module):
             self.key_gain = tag_param(nn.Parameter(torch.ones(Dk)), "no_decay")
         else:
             self.query_gain = self.key_gain = None
-        self.keys = tag_param(nn.Parameter(torch.empty(H, 2, rank, ns, Dk)), "no_decay")  # [:, 0] K_row, [:, 1] K_col
+        keys = torch.empty(H, 2, rank, ns, Dk)                             # [:, 0] K_row, [:, 1] K_col
+        self.keys = tag_param(nn.Parameter(keys), "no_decay")
         if tucker:
-            self.cores = tag_param(nn.Parameter(torch.empty(c.n_cores, H, rank, rank)), "no_decay")  # C^(c) per head
+            cores = torch.empty(c.n_cores, H, rank, rank)                   # C^(c) per head
+            self.cores = tag_param(nn.Parameter(cores), "no_decay")
             self.register_buffer("u", torch.zeros(H, rank))                # rank-1 proxy, rows
             self.register_buffer("t", torch.zeros(H, rank))                # rank-1 proxy, columns
         else:
@@ -564,7 +568,7 @@ class TuckerRetrieval(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state["_derived"] = DerivedCache()                                  # never pickle / deepcopy the cache
+        state["_derived"] = DerivedCache()                                  # never pickle/deepcopy the cache
         return state
 
     def _laid_out_keys(self, pattern: str) -> Tensor:
@@ -822,7 +826,8 @@ class UltraMem(TuckerRetrieval):
         z_col = torch.randn(shape, generator=gen, dtype=torch.float64)
         if c.scoring == "tucker":
             z = torch.stack((z_row, z_col))                                 # (2, samples, H, R, n_s)
-            core, uv = self.cores.detach().sum(0).cpu(), torch.stack((self.u, self.t)).cpu()  # (H, R, R), (2, H, R)
+            core = self.cores.detach().sum(0).cpu()                         # (H, R, R)
+            uv = torch.stack((self.u, self.t)).cpu()                        # (2, H, R)
             scores = tucker_search(z, uv.to(torch.float64), core.to(torch.float64), c.m, c.top_k,
                                    c.proxy_search)[1]
         else:

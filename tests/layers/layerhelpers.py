@@ -29,7 +29,8 @@ def randomize_norm(norm: nn.Module) -> None:
         norm.running_var.uniform_(0.5, 2.0)
 
 
-def grads_of(layer: nn.Module, x: Tensor, r: Tensor, *outputs: Callable[[], Tensor]) -> list[dict[str, Tensor]]:
+def grads_of(layer: nn.Module, x: Tensor, r: Tensor,
+             *outputs: Callable[[], Tensor]) -> list[dict[str, Tensor]]:
     """For each output function (e.g. the layer and its reference): the gradients of
     ``(output() * r).sum()`` by name, ``"x"`` (when ``x`` requires grad) and every parameter."""
     grads = []

@@ -185,8 +185,10 @@ def test_shared_value_pool_and_fixed_value_lr():
 
 
 def test_bitwise_deterministic_on_cpu():
-    assert_bitwise_deterministic(lambda: build(seed=5, dtype=torch.float32, qk_norm=True, output_gate=True).train(),
-                                 torch.randn(4, 6, D))
+    def make():
+        return build(seed=5, dtype=torch.float32, qk_norm=True, output_gate=True).train()
+
+    assert_bitwise_deterministic(make, torch.randn(4, 6, D))
 
 
 def test_shapes_and_aux():
