@@ -81,7 +81,7 @@ import torch.nn.functional as F
 from labcore.config import ConfigError, check_bool, check_choice, check_int, check_str, is_perfect_square
 from labcore.layers.memory_plus import MemoryPlus, MemoryPlusConfig
 from labcore.layers.peer import PEER, PEERConfig
-from labcore.layers.ultramem_v2 import UltraMemV2, UltraMemV2Config, ring_window, value_pool
+from labcore.layers.ultramem_v2 import RingWindow, UltraMemV2, UltraMemV2Config, ring_window, value_pool
 
 ROUTERS = ("softmax_topk_renorm", "topk_softmax", "softmax_topk")
 SCORINGS = ("additive", "tucker", "random")
@@ -721,12 +721,20 @@ class PEERStation:
         return t
 
 
+def peer_layer(params: TourParams) -> PEER:
+    """The tour's PEER layer (float64, eval): H heads x top-K of N = n^2 experts, D_k/2 = k_dim per
+    half, LayerNorm'd queries, GELU; the same weights for the same params."""
+    p = params.resolved()
+    cfg = PEERConfig(d_model=p.d_model, n_keys=p.n_keys, heads=p.heads, top_k=p.top_k, k_dim=2 * p.k_dim)
+    return _build(p.seed + 11, lambda: [PEER(cfg)])[0]
+
+
 def peer_station(weights: TourWeights) -> PEERStation:
     """Run labcore's PEER layer (H heads x top-K, LayerNorm'd queries, GELU) on the followed token
     and on the batch (for the distinct experts touched)."""
     p = weights.params
-    cfg = PEERConfig(d_model=p.d_model, n_keys=p.n_keys, heads=p.heads, top_k=p.top_k, k_dim=2 * p.k_dim)
-    (layer,) = _build(p.seed + 11, lambda: [PEER(cfg)])
+    layer = peer_layer(p)
+    cfg = layer.cfg
     with torch.no_grad():
         X = _t(weights.X)
         y, aux = layer(X[p.token:p.token + 1])                              # (1, D), aux over H*K
@@ -782,16 +790,23 @@ class MemoryPlusStation:
                              "batch_rows_hit": hit.sum(1), "rows_also_hit_by_layer_0": (hit & hit[0]).sum(1)})
 
 
-def memory_plus_station(weights: TourWeights) -> MemoryPlusStation:
-    """Run ``memory_layers`` labcore Memory+ layers that share one value pool (H heads x top-K)."""
-    p = weights.params
+def memory_plus_layers(params: TourParams) -> list[MemoryPlus]:
+    """The tour's L Memory+ layers (float64, eval), built on ONE value table (the first layer's),
+    H heads x top-K of N = n^2 rows, D_k/2 = k_dim per half."""
+    p = params.resolved()
     cfg = MemoryPlusConfig(d_model=p.d_model, n_keys=p.n_keys, heads=p.heads, top_k=p.top_k, k_dim=2 * p.k_dim)
 
     def make():
         first = MemoryPlus(cfg)
         return [first] + [MemoryPlus(cfg, values=first.values) for _ in range(p.memory_layers - 1)]
 
-    layers = _build(p.seed + 12, make)
+    return _build(p.seed + 12, make)
+
+
+def memory_plus_station(weights: TourWeights) -> MemoryPlusStation:
+    """Run ``memory_layers`` labcore Memory+ layers that share one value pool (H heads x top-K)."""
+    p = weights.params
+    layers = memory_plus_layers(p)
     N = p.n_keys ** 2
     with torch.no_grad():
         X = _t(weights.X)
@@ -873,13 +888,21 @@ def ultramem_v2_config(params: TourParams, n_keys: int, projection: str = "singl
                             expansion=p.expansion, projection=projection, seed=p.seed)
 
 
-def ultramem_v2_station(weights: TourWeights) -> UltraMemV2Station:
-    """Run ``memory_layers`` labcore UltraMemV2 layers on one pool of L * n^2 rows, layer l reading
-    its ring window ``ring_window(l, L, N_pool, ring_share / L)``."""
-    p = weights.params
+def ultramem_v2_windows(params: TourParams) -> list[RingWindow]:
+    """Ring windows of the tour's L UltraMemV2 layers: a pool of N_pool = L * n^2 rows (n^2 per
+    layer's home segment), layer l's window ``ring_window(l, L, N_pool, g / L)`` with g = ring_share."""
+    p = params.resolved()
     L = p.memory_layers
-    pool_size = L * p.n_keys ** 2
-    wins = [ring_window(i, L, pool_size, p.ring_share / L) for i in range(L)]
+    return [ring_window(i, L, L * p.n_keys ** 2, p.ring_share / L) for i in range(L)]
+
+
+def ultramem_v2_layers(params: TourParams) -> tuple[list[UltraMemV2], UltraMemV2]:
+    """The tour's L UltraMemV2 layers on one shared pool (float64, eval), each reading its ring
+    window, and a v1 twin of the first layer: the same weights and window but
+    ``projection="per_block"`` (its own E*D_v -> D projection)."""
+    p = params.resolved()
+    wins = ultramem_v2_windows(p)
+    pool_size = wins[0].pool_size
     cfg = ultramem_v2_config(p, wins[0].n_keys)
 
     def make():
@@ -889,10 +912,19 @@ def ultramem_v2_station(weights: TourWeights) -> UltraMemV2Station:
         return layers + [twin]
 
     *layers, twin = _build(p.seed + 13, make)
-    first = layers[0]
-    # the twin differs from the first layer only in its value projection (v1's E per-block maps)
-    twin.load_state_dict({k: v for k, v in first.state_dict().items() if not k.startswith("value_proj.")},
+    twin.load_state_dict({k: v for k, v in layers[0].state_dict().items() if not k.startswith("value_proj.")},
                          strict=False)
+    return layers, twin
+
+
+def ultramem_v2_station(weights: TourWeights) -> UltraMemV2Station:
+    """Run ``memory_layers`` labcore UltraMemV2 layers on one pool of L * n^2 rows, layer l reading
+    its ring window ``ring_window(l, L, N_pool, ring_share / L)``."""
+    p = weights.params
+    layers, twin = ultramem_v2_layers(p)
+    first, cfg = layers[0], layers[0].cfg
+    pool_size = first.pool_size
+    wins = ultramem_v2_windows(p)
     with torch.no_grad():
         x = _t(weights.X[p.token:p.token + 1])                              # (1, D)
         y, aux = first(x)
