@@ -1,4 +1,5 @@
-"""A guided tour: follow ONE token through MoE routing, PKM retrieval, TDQKR, topology bias and IVE.
+"""A guided tour: follow ONE token through MoE routing, PKM retrieval, TDQKR, topology bias, IVE,
+and the memory family (PEER, Memory+, UltraMemV2).
 
 Everything here is small, explicit numpy so that each step of the mechanisms is visible; the
 functions return tidy frozen records (and ``.table()`` DataFrames) that ``labcore.viz.tour_plots``
@@ -58,6 +59,15 @@ One token ``x`` (D,) goes through five stations:
     ``V_p = V W_p`` (:func:`ive_output` vs :func:`ive_output_materialized`). Without the shuffle
     the E copies of a physical row sit at aligned grid positions (when sqrt(E) divides n: the
     same column, N/(sqrt(E) n) rows apart) and each block is a band of consecutive rows.
+
+(f)-(h) The memory family, run as labcore's REAL layers (float64, eval mode) on the same token, each
+    returning a small record read from the layer's ``aux`` and documented attributes:
+    PEER (docs/mechanisms.md §6, :func:`peer_station`): per head the top-K single-neuron experts,
+    their softmax router weights and activations sigma(u_i^T x), and the bytes touched vs dense FFNs;
+    Memory+ (§5, :func:`memory_plus_station`): the PKM read m(x), the gate SiLU(W_s x), the output
+    W_o(m * gate), and L layers reading ONE value table; UltraMemV2 (§3, :func:`ultramem_v2_station`):
+    pre-value weights g = <P_pre[row], W_pre x>, the single projection after summing the E blocks vs
+    v1's per-block projections (a twin layer), and the ring windows of a shared pool.
 
 Where the tour differs from the papers and labcore's layers: its query projection has no norm
 and no conv (the real layers have them); one head and one Tucker core (the summed core of MCS);
