@@ -128,17 +128,17 @@ def _copy_figures(src_dir: Path, dst_dir: Path, assets: Path) -> list[dict]:
 
 def informative(df: pd.DataFrame) -> pd.DataFrame:
     """``df`` without the columns that carry no information: all missing, or numeric and all zero
-    (e.g. a recall that no run got above 0). Identity columns (text, integers such as ``seed``)
-    that are all zero stay."""
-    keep = []
+    (e.g. a recall that no run got above 0), with the statistics of such a metric in a summary
+    table (``<m>_std``, ``_ci95``, ``_n`` when ``<m>_mean`` carries nothing). Identity columns
+    (text, integers such as ``seed``) that are all zero stay."""
+    empty = set()
     for c in df.columns:
         col = df[c]
-        if col.isna().all():
-            continue
-        if pd.api.types.is_float_dtype(col) and (col.fillna(0.0) == 0.0).all():
-            continue
-        keep.append(c)
-    return df[keep]
+        if col.isna().all() or (pd.api.types.is_float_dtype(col) and (col.fillna(0.0) == 0.0).all()):
+            empty.add(c)
+    for c in [c for c in empty if str(c).endswith("_mean")]:
+        empty |= {c[: -len("_mean")] + s for s in ("_std", "_ci95", "_n")}
+    return df[[c for c in df.columns if c not in empty]]
 
 
 def _table_html(df: pd.DataFrame, max_rows: int) -> str:
