@@ -148,8 +148,11 @@ def _table_html(df: pd.DataFrame, max_rows: int) -> str:
     if len(df) > max_rows:
         note = f"<p class='missing'>showing {max_rows} of {len(df)} rows; the full table is results.parquet</p>"
         df = df.head(max_rows)
-    dropped = [c for c in df.columns if c not in informative(df).columns]
-    df = informative(df)
+    kept = informative(df)
+    # columns with values that are all zero are named; all-missing ones (e.g. another notebook's
+    # metrics in a shared results table) are just left out
+    dropped = [c for c in df.columns if c not in kept.columns and not df[c].isna().all()]
+    df = kept
     if dropped:
         note += (f"<p class='missing'>not shown (all zero or missing): "
                  f"{_e(', '.join(str(c).removeprefix(PARAM_PREFIX) for c in dropped))}</p>")
@@ -228,7 +231,11 @@ def finding(deltas: pd.DataFrame) -> str:
     metric = str(rows[0].get("metric", "the metric")).replace("_", " ")
     res = [_num(r, "resolution") for r in rows]
     res = [x for x in res if math.isfinite(x)]
-    res_txt = f"; resolution {_g(float(np.median(res)))}" if res else ""
+    res_txt = ""
+    if res:
+        lo, hi = min(res), max(res)
+        res_txt = (f"; resolution {_g(lo)}" if hi <= 1.1 * lo else f"; resolution {_g(lo)} to {_g(hi)}")
+        res_txt += " (80% power)"
     chained = len(rows) > 1 and all(r["reference"] == p["variant"] for p, r in zip(rows, rows[1:]))
     resolved = sorted((r for r in rows if _status(r) == "resolved"), key=lambda r: -abs(_num(r, "delta_mean")))
     if len(rows) == 1:
@@ -255,10 +262,11 @@ def finding(deltas: pd.DataFrame) -> str:
         second = (f"The paper's deltas (median |Δ| {size}) are all above this resolution, so the "
                   f"comparison with the paper is meaningful at this n.")
     else:
-        need_txt = (f"; resolving them would take about {int(np.median(need))} seeds (median)" if need
+        med = " (median)" if len(need) > 1 else ""
+        need_txt = (f"; resolving them would take about {int(np.median(need))} seeds{med}" if need
                     else "; no practical number of seeds would resolve them at this scale")
         second = (f"{len(below)} of {len(paper)} of the paper's deltas (median |Δ| {size}) are smaller than "
-                  f"this resolution, so the lab cannot confirm or refute them{need_txt}.")
+                  f"the resolution of their comparison, so the lab cannot confirm or refute them{need_txt}.")
     return f"{first} {second}"
 
 

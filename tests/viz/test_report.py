@@ -144,16 +144,15 @@ def test_report_sections_lead_with_the_finding_read_off_the_deltas(tmp_path):
     first = section.find_next_sibling()
     assert first.name == "p" and "finding" in first["class"]
     text = " ".join(first.get_text(" ").split())
-    res = np.median(d["resolution"])
     assert text.startswith(
         f"1 of 2 differences in val loss (each change vs the previous row) are resolved at n=4 seeds; "
-        f"resolution {res:.3g}: +rm softmax vs PKM: val loss lower by {abs(soft['delta_mean']):.3g} "
-        f"(95% CI {soft['ci_low']:+.3g} .. {soft['ci_high']:+.3g}).")
+        f"resolution {soft['resolution']:.3g} to {tdqkr['resolution']:.3g} (80% power): +rm softmax vs PKM: "
+        f"val loss lower by {abs(soft['delta_mean']):.3g} (95% CI {soft['ci_low']:+.3g} .. {soft['ci_high']:+.3g}).")
     # +rm softmax's resolution is far below 0.006, +TDQKR's far above 0.008: one of two unresolvable
     assert soft["resolution"] < 0.006 < 0.008 < tdqkr["resolution"]
-    assert (f"1 of 2 of the paper's deltas (median |Δ| 0.007) are smaller than this resolution, so the lab "
-            f"cannot confirm or refute them; resolving them would take about {int(tdqkr['seeds_needed'])} "
-            f"seeds (median).") in text
+    assert text.endswith(f"1 of 2 of the paper's deltas (median |Δ| 0.007) are smaller than the resolution of "
+                         f"their comparison, so the lab cannot confirm or refute them; resolving them would "
+                         f"take about {int(tdqkr['seeds_needed'])} seeds. 05_paper_table-aaa")
     # ... also listed at the top of the page, before the failures and the sections
     top = soup.find("h2", id="findings")
     assert top is not None and page.index("id='findings'") < page.index("id='failures'") < page.index("id='nb-05")
@@ -187,6 +186,7 @@ def test_report_sections_lead_with_the_finding_read_off_the_deltas(tmp_path):
     assert not [h for h in raw_headers if h.startswith("recall_qa")]
     assert "not shown (all zero or missing): recall_qa_mean, recall_qa_std, recall_qa_ci95, recall_qa_n" in page
 
+    assert "summary_seed" not in page.split("id='nb-00_tour.ipynb'")[1].split("id='nb-05")[0]  # 05's columns
     # a run without a paired comparison says so instead of inventing a finding
     tour = soup.find("h2", id="nb-00_tour.ipynb").find_next_sibling()
     assert "No paired comparison in this run" in tour.get_text()
@@ -211,7 +211,7 @@ def test_finding_of_a_single_comparison_and_of_an_old_table():
     (r,) = d.to_dict("records")
     assert finding(d) == (f"+rm softmax vs PKM: val loss lower by {abs(r['delta_mean']):.3g} (95% CI "
                           f"{r['ci_low']:+.3g} .. {r['ci_high']:+.3g}), n=4 seeds; resolution "
-                          f"{r['resolution']:.3g}: resolved.")
+                          f"{r['resolution']:.3g} (80% power): resolved.")
     # a table written before the resolution existed: read from its CI, no resolution claimed
     old = pd.DataFrame({"variant": ["b", "c"], "reference": ["a", "a"], "metric": ["val_loss"] * 2,
                         "delta_mean": [0.01, -0.2], "delta_ci95": [0.05, 0.1], "n": [3, 3],
