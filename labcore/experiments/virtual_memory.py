@@ -1,6 +1,6 @@
 """03_virtual_memory: implicit value expansion (IVE), E virtual values per physical value.
 
-IVE (papers.md §1.4) gives the memory E x N *virtual* slots while storing only N physical values:
+IVE (docs/mechanisms.md §1.4) gives the memory E x N *virtual* slots while storing only N physical values:
 keys per side grow by √E, a fixed random permutation maps each virtual slot to (physical row,
 projector block p), the selected values are summed per block, and E projectors — one linear map
 E·D_v -> D — turn the E pooled vectors into the output. No extra value bytes are read; the extra
