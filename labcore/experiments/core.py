@@ -100,7 +100,9 @@ def run_variants(variants: Sequence[Variant], seeds: Sequence[int], data: Any, t
     budget (``total_params``, ``active_params``, ``flops_per_token``), ``train_seconds`` and
     ``tokens_per_s``. ``log`` receives every training/eval history row tagged with variant and seed
     (pass ``RunDir.log``). ``extra_metrics(variant, train_result)`` adds columns (e.g. search recall).
-    Training runs live under ``workdir/<variant>/seed-<s>/`` (checkpoints only at the end).
+    Training runs live under ``workdir/<variant>/seed-<s>/`` (checkpoints only at the end; inside
+    :func:`labcore.experiments.common.lab_run` they are deleted once the whole run has finished,
+    unless ``keep_checkpoints``).
     """
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
