@@ -389,7 +389,7 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path, *, title: str | Non
                 for tname, tdf in tables.items():
                     raw.append(f"<h5>{_e(tname.replace('_', ' '))}</h5>" + _table_html(tdf, max_rows))
         if raw:
-            sec.append("<details><summary>Raw key tables</summary>" + "".join(raw) + "</details>")
+            sec.append("<details><summary>Key results (raw tables)</summary>" + "".join(raw) + "</details>")
         res = results[results["notebook"] == nb].drop(columns=["notebook", "sweep"], errors="ignore") \
             if not results.empty else results
         # Parameters are listed per run below; the results table shows identities and metrics.

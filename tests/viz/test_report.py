@@ -179,7 +179,7 @@ def test_report_sections_lead_with_the_finding_read_off_the_deltas(tmp_path):
 
     # raw tables follow, collapsed; all-zero metrics are not shown in them
     details = compact.find_next_siblings("details")
-    assert [x.summary.get_text().split(" ")[0] for x in details] == ["Raw", "Results", "Runs"]
+    assert [x.summary.get_text().split(" ")[0] for x in details] == ["Key", "Results", "Runs"]
     assert all(not x.has_attr("open") for x in details)
     raw_headers = [th.get_text() for x in details for th in x.find_all("th")]
     assert "val_loss_mean" in raw_headers and "delta_mean" in raw_headers
