@@ -259,8 +259,17 @@ def finding(deltas: pd.DataFrame) -> str:
     size = _g(float(np.median([abs(_num(r, "paper_delta")) for r in paper])))
     need = [_num(r, "seeds_needed") for r in below if math.isfinite(_num(r, "seeds_needed"))]
     if not below:
-        second = (f"The paper's deltas (median |Δ| {size}) are all above this resolution, so the "
-                  f"comparison with the paper is meaningful at this n.")
+        second = (f"The paper's deltas (median |Δ| {size}) are all above the resolution, so the "
+                  f"comparison with the paper is meaningful at this n")
+        against = [r for r in paper if _status(r) == "resolved"
+                   and np.sign(_num(r, "delta_mean")) != np.sign(_num(r, "paper_delta"))]
+        agree = sum(1 for r in paper if _status(r) == "resolved") - len(against)
+        second += (f": {agree} resolved difference(s) go the paper's way" if agree else "")
+        if against:
+            second += ("; " if agree else ": ") + ", ".join(
+                f"{r['variant']} vs {r['reference']} goes against the paper ({_g(_num(r, 'paper_delta'), True)})"
+                for r in against)
+        second += "."
     else:
         med = " (median)" if len(need) > 1 else ""
         need_txt = (f"; resolving them would take about {int(np.median(need))} seeds{med}" if need
@@ -271,12 +280,15 @@ def finding(deltas: pd.DataFrame) -> str:
 
 
 def compact_table(deltas: pd.DataFrame) -> str:
-    """Lab vs paper, one row per comparison, 3 significant digits."""
+    """Lab vs paper, one row per comparison, 3 significant digits; with several rows, their
+    Holm-adjusted p-values (the verdicts use them)."""
     rows = deltas.to_dict("records")
     has_paper = any(math.isfinite(_num(r, "paper_delta")) for r in rows)
     has_res = any(math.isfinite(_num(r, "resolution")) for r in rows)
     metric = str(rows[0].get("metric", "")) if rows else ""
+    has_holm = len(rows) > 1 and any(math.isfinite(_num(r, "p_holm")) for r in rows)
     head = ["change", f"lab Δ {metric}", "95% CI"] + (["resolution"] if has_res else []) + (
+        ["Holm p"] if has_holm else []) + (
         ["paper Δ", "seeds to resolve paper Δ"] if has_paper else []) + ["verdict"]
     out = ["<table class='compact'><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"]
     for r in rows:
@@ -285,6 +297,8 @@ def compact_table(deltas: pd.DataFrame) -> str:
                  f"{_g(lo, True)} .. {_g(hi, True)}"]
         if has_res:
             cells.append(_g(_num(r, "resolution")))
+        if has_holm:
+            cells.append(_g(_num(r, "p_holm")))
         if has_paper:
             need = _num(r, "seeds_needed")
             cells += [_g(_num(r, "paper_delta"), True), "\u2013" if not math.isfinite(need) else f"{int(need)}"]

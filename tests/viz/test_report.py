@@ -170,11 +170,12 @@ def test_report_sections_lead_with_the_finding_read_off_the_deltas(tmp_path):
     compact = fig.find_next_sibling()
     assert compact.name == "table" and "compact" in compact["class"]
     cells = [[c.get_text() for c in tr.find_all(["th", "td"])] for tr in compact.find_all("tr")]
-    assert cells[0] == ["change", "lab Δ val_loss", "95% CI", "resolution", "paper Δ",
+    assert cells[0] == ["change", "lab Δ val_loss", "95% CI", "resolution", "Holm p", "paper Δ",
                         "seeds to resolve paper Δ", "verdict"]
     assert cells[2] == ["+TDQKR vs +rm softmax", f"{tdqkr['delta_mean']:+.3g}",
                         f"{tdqkr['ci_low']:+.3g} .. {tdqkr['ci_high']:+.3g}", f"{tdqkr['resolution']:.3g}",
-                        "-0.008", str(int(tdqkr["seeds_needed"])), "not resolvable at this n"]
+                        f"{tdqkr['p_holm']:.3g}", "-0.008", str(int(tdqkr["seeds_needed"])),
+                        "not resolvable at this n"]
     assert cells[1][-1] == "resolved" and cells[1][-2] == str(int(soft["seeds_needed"]))
 
     # raw tables follow, collapsed; all-zero metrics are not shown in them
@@ -212,6 +213,12 @@ def test_finding_of_a_single_comparison_and_of_an_old_table():
     assert finding(d) == (f"+rm softmax vs PKM: val loss lower by {abs(r['delta_mean']):.3g} (95% CI "
                           f"{r['ci_low']:+.3g} .. {r['ci_high']:+.3g}), n=4 seeds; resolution "
                           f"{r['resolution']:.3g} (80% power): resolved.")
+    # a resolved difference against the paper's direction is named
+    d = d.assign(paper_delta=[0.5])                          # far above the resolution, opposite sign
+    assert finding(d).endswith("The paper's deltas (median |Δ| 0.5) are all above the resolution, so the "
+                               "comparison with the paper is meaningful at this n: +rm softmax vs PKM goes "
+                               "against the paper (+0.5).")
+    assert finding(d.assign(paper_delta=[-0.5])).endswith("at this n: 1 resolved difference(s) go the paper's way.")
     # a table written before the resolution existed: read from its CI, no resolution claimed
     old = pd.DataFrame({"variant": ["b", "c"], "reference": ["a", "a"], "metric": ["val_loss"] * 2,
                         "delta_mean": [0.01, -0.2], "delta_ci95": [0.05, 0.1], "n": [3, 3],
