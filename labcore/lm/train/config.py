@@ -9,6 +9,8 @@ from typing import Any
 
 from labcore.layers.base import ConfigError, check_choice, check_float, check_int
 
+OPTIMIZERS = ("adamw", "lazy_adamw")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -22,6 +24,9 @@ class TrainConfig:
     per evaluation. recall_max_people: people scored by knowledge recall per evaluation.
     device: "auto" | "cpu" | "cuda". dtype: "auto" (bf16 autocast on CUDA, fp32 on CPU) | "fp32" |
     "bf16". threads: torch CPU threads (None = leave as is). progress: tqdm bar.
+    optimizer: "adamw" (torch AdamW on every parameter) | "lazy_adamw" (memory value tables updated
+    only on the rows a step touches, :class:`labcore.lm.sparse_optim.LazyAdamW`; the PKM authors'
+    ``--mem_sparse`` idea); lazy_bias_correction: "row" (each row's own step count) | "global".
     """
 
     steps: int = 200
@@ -46,6 +51,8 @@ class TrainConfig:
     dtype: str = "auto"
     threads: int | None = None
     progress: bool = True
+    optimizer: str = "adamw"
+    lazy_bias_correction: str = "row"
 
     def __post_init__(self) -> None:
         o = "TrainConfig"
@@ -76,6 +83,8 @@ class TrainConfig:
         check_int(o, "seed", self.seed, min_value=0, max_value=2**63 - 1)
         check_choice(o, "device", self.device, ("auto", "cpu", "cuda"))
         check_choice(o, "dtype", self.dtype, ("auto", "fp32", "bf16"))
+        check_choice(o, "optimizer", self.optimizer, OPTIMIZERS)
+        check_choice(o, "lazy_bias_correction", self.lazy_bias_correction, ("row", "global"))
         if self.threads is not None:
             check_int(o, "threads", self.threads, min_value=1, max_value=1024)
         if not isinstance(self.progress, bool):

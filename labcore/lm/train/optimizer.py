@@ -2,7 +2,9 @@
 
 Parameter groups come from the layers' role tags (``build_param_groups``): matrices decayed, norm
 gains / keys / cores not decayed, memory value tables in their own group whose learning rate the
-schedule multiplies by the value-LR factor (:mod:`labcore.lm.train.schedule`).
+schedule multiplies by the value-LR factor (:mod:`labcore.lm.train.schedule`). With
+``optimizer="lazy_adamw"`` the value-table groups are updated lazily, only on the rows a step
+touched (:class:`labcore.lm.sparse_optim.LazyAdamW`), every other group exactly as torch's AdamW.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import torch
 from torch import nn
 
 from labcore.lm.optim import build_param_groups
+from labcore.lm.sparse_optim import LazyAdamW, mark_lazy
 from labcore.lm.train.config import TrainConfig
 
 
@@ -22,5 +25,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     n_all = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if n_opt != n_all:
         raise RuntimeError(f"build_param_groups covers {n_opt} parameters, the model has {n_all} trainable")
+    if cfg.optimizer == "lazy_adamw":
+        return LazyAdamW(mark_lazy(groups), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                         bias_correction=cfg.lazy_bias_correction, fused=device.type == "cuda")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
                              fused=device.type == "cuda")
