@@ -1,8 +1,10 @@
 """The optimiser of a run: AdamW over the parameter groups of :mod:`labcore.lm.optim`.
 
 Parameter groups come from the layers' role tags (``build_param_groups``): matrices decayed, norm
-gains / keys / cores not decayed, memory value tables in their own group whose learning rate the
-schedule multiplies by the value-LR factor (:mod:`labcore.lm.train.schedule`).
+gains / keys / cores / values decayed only as ``TrainConfig.weight_decay_kinds`` says ("default":
+not; "release": all, as the UltraMem release), memory value tables in their own group whose learning
+rate the schedule multiplies by the value-LR factor (:mod:`labcore.lm.train.schedule`); Memory+
+value tables with a fixed lr stay at it.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from labcore.lm.train.config import TrainConfig
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over ``labcore.lm.optim.build_param_groups`` (roles: default / no_decay / memory_values);
+    """AdamW over ``labcore.lm.optim.build_param_groups`` (roles: default / no_decay / memory_values,
+    weight decay by kind per ``cfg.weight_decay_kinds``);
     RuntimeError if the groups miss a trainable parameter."""
-    groups = build_param_groups(model, cfg.lr, cfg.weight_decay)
+    groups = build_param_groups(model, cfg.lr, cfg.weight_decay, decay=cfg.weight_decay_kinds)
     n_opt = sum(p.numel() for g in groups for p in g["params"])
     n_all = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if n_opt != n_all:
