@@ -689,15 +689,16 @@ class LM(nn.Module):
             pool, pre_pool = value_pool(mem_cfg, cfg.pool_rows())
             for w in windows:
                 self.memories.append(mem_layer(mem_cfg, values=pool, pre_values=pre_pool, window_start=w.start))
-        for _ in self.mem_pairs if not windows else ():
-            layer = mem_layer(mem_cfg, values=pool)
-            if cfg.plan.shared_values and pool is None:
-                pool = layer.values  # the first memory's table, with its own init, shared by the rest
-                if not isinstance(pool, nn.Embedding):
-                    raise TypeError(f"LM: shared_values needs {type(layer).__name__}.values to be an "
-                                    f"nn.Embedding, got {type(pool).__name__}")
-                tag_param(pool.weight, "memory_values")
-            self.memories.append(layer)
+        else:
+            for _ in self.mem_pairs:
+                layer = mem_layer(mem_cfg, values=pool)
+                if cfg.plan.shared_values and pool is None:
+                    pool = layer.values  # the first memory's table, with its own init, shared by the rest
+                    if not isinstance(pool, nn.Embedding):
+                        raise TypeError(f"LM: shared_values needs {type(layer).__name__}.values to be an "
+                                        f"nn.Embedding, got {type(pool).__name__}")
+                    tag_param(pool.weight, "memory_values")
+                self.memories.append(layer)
         self._reads: dict[int, list[int]] = {}   # block k -> memories reading its FFN input
         self._adds: dict[int, list[int]] = {}    # block v -> memories added after it
         for j, (k, v) in enumerate(self.mem_pairs):
