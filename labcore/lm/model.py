@@ -497,7 +497,9 @@ def split_memory(total_values: int, n_memories: int, n_layers: int, span: int) -
     Returns ``(n_keys, placements)``: each memory has ``N_i = n_keys**2 = total_values / n_memories``
     physical values (product keys need a square grid), and the placements come from
     :func:`spread_placements`. A total that does not split into equal perfect squares raises
-    ConfigError naming the two nearest totals that do.
+    ConfigError naming the two nearest totals that do. This splits the values only; for the
+    splitting ablation at equal activated values per token too (top-K divided over the memories)
+    use :func:`split_memory_plan`.
 
     >>> split_memory(4 * 808**2, 4, 20, 3)
     (808, ('2:5', '6:9', '10:13', '14:17'))
