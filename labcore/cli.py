@@ -25,12 +25,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from labcore.report import write_report
 from labcore.results import run_status
 from labcore.sweep.dask_exec import DaskBackend, DaskUnavailable
 from labcore.sweep.executors import LocalPoolBackend, detect_local_gpus, local_cores, parse_gpus
 from labcore.sweep.runner import SweepLocked, run_sweep
 from labcore.sweep.spec import SweepError, load_sweep
+from labcore.viz.report import write_report
 
 __all__ = ["main", "build_parser"]
 

@@ -64,9 +64,10 @@ CUDA streams; ``overlap_frac = (t_mem + t_dense - t_both) / min(t_mem, t_dense)`
 overlap and 0 for none. On CPU it is not measured (one stream of execution; PyTorch CPU ops already
 use the cores), and the bench says so.
 
-Outputs: ``inference.parquet`` (the tidy table, atomic write) and ``inference.html`` (an interactive
-plotly figure: (a) latency vs B, (b) memory access vs B, both log-log, measured and predicted; (c) the
-MoE / UltraMem latency ratio per batch size), in ``out_dir``. The command line is
+Outputs: ``inference.parquet`` (the tidy table, atomic write) and ``inference.html`` (the interactive
+plotly figure of :func:`labcore.viz.bench.inference_figure`: (a) latency vs B, (b) memory access vs
+B, both log-log, measured and predicted; (c) the MoE / UltraMem latency ratio per batch size), in
+``out_dir``. The command line is
 :mod:`labcore.bench.inference_cli` (``labcore bench inference``).
 
 Bad input (non-positive batch size, unknown model name, unknown dtype, an unavailable device, or
@@ -100,6 +101,7 @@ from labcore.profiling.ceilings import DTYPES, Ceilings, dtype_name, get_ceiling
 from labcore.profiling.cost_model import layer_step_cost, model_step_cost, touched_bytes
 from labcore.profiling.memory import available_memory_bytes
 from labcore.profiling.timer import resolve_device, time_fn
+from labcore.viz.bench import inference_figure
 
 DEFAULT_BATCHES = tuple(2**i for i in range(13))  # 1, 2, 4, ..., 4096
 COLUMNS = [
@@ -475,11 +477,8 @@ def _row(common: dict, scope: str, B: int, t, pred, accessed: float, extra: dict
 
 
 # ----------------------------------------------------------------------------------------------
-# Figure and outputs.
+# The MoE / UltraMem ratio and the outputs (the figure is labcore.viz.bench's).
 # ----------------------------------------------------------------------------------------------
-
-X_TITLE = "batch size B (sequences, one new token each)"
-Y_TITLES = ("latency per decode step (ms)", "memory accessed per step (MB)", "latency MoE / UltraMem (x)")
 
 
 def moe_ultramem_ratio(df: pd.DataFrame, scope: str = "model") -> pd.DataFrame:
@@ -493,45 +492,6 @@ def moe_ultramem_ratio(df: pd.DataFrame, scope: str = "model") -> pd.DataFrame:
         "latency_ratio": (moe.loc[common, "latency_s"] / um.loc[common, "latency_s"]).to_numpy(),
         "bytes_ratio": (moe.loc[common, "bytes_accessed"] / um.loc[common, "bytes_accessed"]).to_numpy(),
     })
-
-
-def inference_figure(df: pd.DataFrame, scope: str = "model"):
-    """Figure 1 on this machine: (a) latency vs B, (b) memory access vs B (measured solid, cost model
-    dashed), (c) MoE / UltraMem latency ratio per batch size."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    d = df[df["scope"] == scope].sort_values(["model", "batch"])
-    fig = make_subplots(rows=1, cols=3, subplot_titles=(
-        f"(a) decode-step latency ({scope})", f"(b) memory access ({scope})", "(c) MoE / UltraMem latency"))
-    for name in [m for m in model_names(every_memory=True) if m in set(d["model"])]:
-        g = d[d["model"] == name]
-        color, label = get(name).color, get(name).label
-        fig.add_trace(go.Scatter(x=g["batch"], y=g["latency_s"] * 1e3, mode="lines+markers", name=f"{label}",
-                                 legendgroup=name, line={"color": color},
-                                 error_y={"type": "data", "array": g["latency_iqr_s"] * 1e3, "visible": True}),
-                      row=1, col=1)
-        fig.add_trace(go.Scatter(x=g["batch"], y=g["predicted_s"] * 1e3, mode="lines", name=f"{label} (roofline)",
-                                 legendgroup=name, line={"color": color, "dash": "dash"}), row=1, col=1)
-        fig.add_trace(go.Scatter(x=g["batch"], y=g["bytes_accessed"] / 1e6, mode="lines+markers",
-                                 name=f"{label} memory access", legendgroup=name, line={"color": color},
-                                 showlegend=False), row=1, col=2)
-        fig.add_trace(go.Scatter(x=g["batch"], y=g["bytes_predicted"] / 1e6, mode="lines",
-                                 name=f"{label} memory access (cost model)", legendgroup=name,
-                                 line={"color": color, "dash": "dash"}, showlegend=False), row=1, col=2)
-    ratio = moe_ultramem_ratio(df, scope)
-    if len(ratio):
-        fig.add_trace(go.Scatter(x=ratio["batch"], y=ratio["latency_ratio"], mode="lines+markers+text",
-                                 name="MoE / UltraMem latency", text=[f"{r:.1f}x" for r in ratio["latency_ratio"]],
-                                 textposition="top center", line={"color": "black"}), row=1, col=3)
-    for col in (1, 2, 3):
-        fig.update_xaxes(type="log", title_text=X_TITLE, row=1, col=col)
-        fig.update_yaxes(title_text=Y_TITLES[col - 1], row=1, col=col, type="log" if col < 3 else "linear")
-    dev = d["device"].iloc[0] if len(d) else "?"
-    fig.update_layout(title=f"Decode-step cost vs batch size on {dev} (equal activated compute; "
-                            "MoE/PKM/UltraMem at equal total parameters; no KV cache)",
-                      height=480, width=1500, legend={"orientation": "h", "y": -0.25})
-    return fig
 
 
 def _atomic(path: Path, write: Callable[[str], None]) -> None:
@@ -552,7 +512,8 @@ def write_outputs(df: pd.DataFrame, out_dir: str | os.PathLike) -> tuple[Path, P
     out = Path(out_dir)
     pq, html = out / "inference.parquet", out / "inference.html"
     _atomic(pq, lambda p: df.to_parquet(p, index=False))
-    fig = inference_figure(df, "model" if (df["scope"] == "model").any() else "layer")
+    scope = "model" if (df["scope"] == "model").any() else "layer"
+    fig = inference_figure(df, moe_ultramem_ratio(df, scope), scope)
     _atomic(html, lambda p: fig.write_html(p, include_plotlyjs=True, full_html=True))
     return pq, html
 
@@ -588,6 +549,6 @@ def format_table(df: pd.DataFrame) -> str:
 
 
 __all__ = ["COLUMNS", "DEFAULT_BATCHES", "check_fits", "default_configs", "estimate_bytes", "format_table",
-           "inference_figure", "measure_overlap", "model_names", "moe_ultramem_ratio", "run_inference_bench",
+           "measure_overlap", "model_names", "moe_ultramem_ratio", "run_inference_bench",
            "write_outputs"]
 

@@ -22,10 +22,10 @@ import torch
 from labcore.bench.inference import moe_ultramem_ratio, run_inference_bench
 from labcore.experiments.common import lab_run, save_outputs
 from labcore.experiments.core import Variant, paired_deltas, run_variants, summarize
-from labcore.experiments.figures import deltas_figure, variants_figure
 from labcore.experiments.params import ArchitecturesParams
 from labcore.lm.budget import equal_budget_family, model_budget
-from labcore.plots import latency_vs_batch_figure
+from labcore.viz.figures import deltas_figure, variants_figure
+from labcore.viz.plots import latency_vs_batch_figure
 
 NOTEBOOK = "04_architectures"
 

@@ -298,8 +298,20 @@ def memory_plus_reference(layer: MemoryPlus, x: Tensor) -> tuple[Tensor, Tensor,
     return y.view(*lead, c.d_model), slots, weights
 
 
+def _three_memories(n_layers: int) -> tuple[int, int]:
+    """Three memories (fewer in a shallower model), each in parallel to one block's FFN (span 0):
+    "about three memory layers is best" (arXiv 2412.09764 §3; docs/mechanisms.md §5)."""
+    return min(3, n_layers), 0
+
+
 register(LayerSpec(name="memory_plus", role="memory", config=MemoryPlusConfig, layer=MemoryPlus,
                    label="Memory+", color="#17becf", size_field="n_keys",
                    min_size=lambda kw: kw.get("top_k", MemoryPlusConfig.top_k),
+                   # Meta's configs: 4 heads x top-32, k_dim D/2, D_v = D (the gate needs it), ONE value
+                   # pool shared by the memories (``shared_values`` is a keyword of the budget matcher,
+                   # labcore.lm.budget.match_memory), about three memory layers (arXiv 2412.09764 §3).
+                   family_kwargs=lambda D: {"heads": 4, "top_k": 32, "k_dim": 2 * max(1, D // 4), "d_value": D,
+                                            "shared_values": True},
+                   layout=_three_memories,
                    summary="PKM read, then y = W_o(m ⊙ SiLU(W_s x)); shared value pool, optional qk-norm "
                            "(arXiv 2412.09764)"))

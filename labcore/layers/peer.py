@@ -479,5 +479,9 @@ def peer_reference(layer: PEER, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 register(LayerSpec(name="peer", role="memory", config=PEERConfig, layer=PEER, label="PEER", color="#9467bd",
                    size_field="n_keys", min_size=lambda kw: kw.get("top_k", PEERConfig.top_k),
+                   # The paper's 8 heads x top-16 (128 single-neuron experts per token, arXiv 2407.04153
+                   # §3); D/4 key features per half (k_dim = D/2) as PKM's family shape.
+                   family_kwargs=lambda D: {"heads": 8, "top_k": 16, "k_dim": 2 * max(1, D // 4)},
+                   layout=None,  # one PEER layer beside the middle block's FFN, as the paper places it
                    summary="N = n^2 single-neuron experts σ(u_i·x) v_i, H heads x top-K by product keys, "
                            "softmax router weights (arXiv 2407.04153)"))

@@ -960,7 +960,20 @@ def _smallest_n_keys(kwargs: Mapping[str, Any]) -> int:
     return max(1, -(-m // max(1, e)))
 
 
+def _every_block(n_layers: int) -> tuple[int, int]:
+    """A memory in parallel to every block's FFN (span 0): UltraMemV2's layout (arXiv 2508.18756 §3.2;
+    the placements ``"0:0" .. "L-1:L-1"``, the same as ``"full"``)."""
+    return n_layers, 0
+
+
 register(LayerSpec(
     name="ultramem_v2", role="memory", config=UltraMemV2Config, layer=UltraMemV2, label="UltraMemV2",
     color="#ff6692", size_field="n_keys", min_size=_smallest_n_keys,
+    # The 227M/1.2B shape of arXiv 2508.18756 Table 10 at width D (there D = 768): 1 head x top-32,
+    # k_dim D/4 per side, D_v = D_p = D/4 (even: 2 cores); R = 2, E = 1 and the switches keep
+    # UltraMemV2Config's defaults. Each memory has its own table here (the LM shares plain value
+    # pools only; the release's ring-shared pool is the layer's ``values=``/``window_start``).
+    family_kwargs=lambda D: {"heads": 1, "top_k": 32, "k_dim": max(1, D // 4),
+                             "d_value": max(2, 2 * (D // 8)), "d_pre": max(1, D // 4)},
+    layout=_every_block,
     summary="TDQKR search, pre-value weights, one value projection, ring-shared value pool"))

@@ -17,6 +17,7 @@ from labcore.layers.ultramem import UltraMem, UltraMemConfig
 from labcore.lm.budget import model_budget, small_base_config
 from labcore.lm.model import ModelConfig, SparsePlan
 from labcore.profiling.ceilings import Ceilings
+from labcore.viz.bench import X_TITLE, inference_figure
 
 CEIL = Ceilings(copy_bytes_per_s=1e9, matmul_flops_per_s=1e10, dtype="float32", device="cpu", fingerprint={},
                 copy_bytes=1, matmul_n=1, measured_at=0.0)
@@ -146,13 +147,13 @@ def test_outputs_written(result):
 
 def test_figure_traces_and_axes(result):
     df, _ = result
-    fig = inf.inference_figure(df)
+    fig = inference_figure(df, inf.moe_ultramem_ratio(df))
     names = [t.name for t in fig.data]
     for label in ("Dense", "MoE", "PKM", "UltraMem", "Dense (roofline)", "UltraMem memory access (cost model)",
                   "MoE / UltraMem latency"):
         assert label in names, label
     lay = fig.layout
-    assert lay.xaxis.title.text == inf.X_TITLE and lay.xaxis.type == "log"
+    assert lay.xaxis.title.text == X_TITLE and lay.xaxis.type == "log"
     assert lay.yaxis.title.text == "latency per decode step (ms)" and lay.yaxis.type == "log"
     assert lay.yaxis2.title.text == "memory accessed per step (MB)" and lay.yaxis2.type == "log"
     assert "MoE / UltraMem" in lay.yaxis3.title.text

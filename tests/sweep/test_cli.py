@@ -29,8 +29,9 @@ def test_train_and_bench_are_delegated_with_argv_untouched(monkeypatch, name):
     assert seen == [["--help", "--steps", "3"]]
 
 
-def test_missing_module_gives_a_clear_error(capsys):
-    assert cli._delegate("labcore.no_such_module_for_test", ["x"]) == 2
+def test_missing_module_gives_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setitem(cli.DELEGATES, "train", "labcore.no_such_module_for_test")
+    assert cli.main(["train", "x"]) == 2
     assert "labcore.no_such_module_for_test is not available" in capsys.readouterr().err
 
 
