@@ -41,9 +41,10 @@ V2 = UltraMemV2Config(d_model=D, n_keys=6, heads=1, k_dim=8, top_k=4, d_value=12
 
 def counted_flops(cfg: ModelConfig, B: int = 2) -> float:
     """Forward matmul FLOPs per token seen by FlopCounterMode (MATH attention), plus the weighted
-    value gathers (embedding_bag) it cannot see: 2 * H * K * D_v per token per memory."""
+    value gathers (embedding_bag) it cannot see: 2 * H * K * D_v per token per memory. Autograd on,
+    so that PKM's side search runs as torch.bmm (the compiled inference kernel is invisible to it)."""
     lm = LM(cfg).eval()
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # autograd on: see doc
         lm(torch.randint(0, V, (B, T)))
     flops = counter.get_total_flops() / (B * T)
     for _, layer in lm.memory_layers():
