@@ -154,7 +154,8 @@ def memory_size(cfg: ModelConfig) -> int:
 
 def train_config(E: MemoryFamilyParams, seed: int) -> TrainConfig:
     """AdamW without weight decay, warmup then cosine, memory values at ``value_lr_multiplier`` x lr
-    decaying linearly to 1x (docs/mechanisms.md §1.6; Memory+'s fixed value LR, §5, is not modelled)."""
+    decaying linearly to 1x (docs/mechanisms.md §1.6) for every memory, Memory+ included (its released
+    fixed value LR, §5, ``MemoryPlusConfig.value_lr``, stays off so that all memories train alike)."""
     return TrainConfig(steps=E.steps, batch_size=E.batch_size, seq_len=context_len(E), lr=E.lr,
                        warmup_steps=max(1, min(20, E.steps // 10)), weight_decay=0.0,
                        value_lr_multiplier=E.value_lr_multiplier, eval_every=0, checkpoint_every=0, seed=seed,
