@@ -46,9 +46,15 @@ core: C ~ lambda_1 u t^T (leading singular vectors of the SUMMED core, computed 
     selection:  the K best candidates (i_k, j_k);  slot v_k = i_k * n_s + j_k  (virtual slot)
 
 The search is exact when m = n_s and approximate otherwise. Like the release, it keeps the LARGEST
-proxies only, so cells whose two proxies are both strongly negative (a large positive product) are
-never candidates: at init, with symmetric scores, that is about half of the exact top-K (recall
-~0.5 at m = K; the tests measure it); training shapes the keys around the search it is given.
+proxies only (``proxy_search="signed"``, the default), so cells whose two proxies are both strongly
+negative (a large positive product) are never candidates: at init, with symmetric scores, that is
+about half of the exact top-K (recall ~0.5 at m = K; the tests measure it); training shapes the
+keys around the search it is given. ``proxy_search="two_sided"`` also keeps the m MOST NEGATIVE
+proxies per side, I- and J-, and rescores the 2 m^2 cells (I+ x J+) U (I- x J-) exactly; with a
+rank-1 summed core every cell scores lambda_1 p_i q_j (p = u^T S_row, q = t^T S_col), so a
+positive score needs proxies of equal sign, and for m >= K and positive top-K scores this search is
+exact, at twice the candidate-scoring cost (docs/mechanisms.md §1.3). :meth:`UltraMem.search_recall`
+measures either search against the full grid.
 
 PKM is the special case R = 2, S_row = [s_row; 1], S_col = [s_col; 1], C = [[0, 1], [1, 0]]
 (score = s_row[i]·1 + 1·s_col[j]; with S_col = [1; s_col] the core must be the identity,
@@ -118,7 +124,8 @@ Differences from the paper / the release / the community port (docs/implementati
   the shuffle, labcore skips it for E = 1 (a relabelling of the rows: no effect on what the layer
   can compute, and it keeps PKM's slot = i_row * n + i_col); the release never adds the Tucker aux
   loss (the line is commented out), labcore makes it a switch; labcore adds ``candidate_m``
-  (release: m = K) and the "additive" / "softmax" / no-``value_proj`` settings for the ablation.
+  (release: m = K), ``proxy_search="two_sided"`` (release: the largest proxies only) and the
+  "additive" / "softmax" / no-``value_proj`` settings for the ablation.
 * Community port (PyPI ``ultra-mem`` 0.1.2, lucidrains): runs an independent top-k per core
   (different algorithm; labcore selects once by the summed grid), overwrites colliding IVE slots
   with ``scatter`` instead of summing them, computes the key LayerNorm and then scores with the
@@ -154,7 +161,13 @@ from labcore.layers.base import (
 )
 from labcore.layers.fast import bags
 from labcore.layers.fast.caches import DerivedCache, reuse
-from labcore.layers.fast.search import in_token_chunks, tucker_search
+from labcore.layers.fast.search import (
+    PROXY_SEARCHES,
+    in_token_chunks,
+    topk_recall,
+    tucker_exact_topk,
+    tucker_search,
+)
 
 SCORINGS = ("tucker", "additive")
 SCORE_ACTIVATIONS = ("none", "softmax")
@@ -173,7 +186,9 @@ class UltraMemConfig:
 
     Sizes: d_model D; n_keys n (physical keys per side, N = n^2 physical values); heads H;
     k_dim D_k per side; top_k K per head; d_value D_v (None: D // 2 with value_proj, else D);
-    rank R; n_cores h; expansion E (perfect square, 1 = off); candidate_m m (None: K).
+    rank R; n_cores h; expansion E (perfect square, 1 = off); candidate_m m (None: K);
+    proxy_search "signed" (the release: the m largest proxies per side, m^2 candidates) |
+    "two_sided" (also the m most negative: 2 m^2 candidates; tucker scoring only).
     Switches: scoring "tucker" (TDQKR) | "additive" (PKM product keys; needs rank = n_cores = 1);
     score_activation "none" (UltraMem) | "softmax" (PKM; needs n_cores = 1); qk_norm with
     norm_type "layernorm" | "rmsnorm"; share_query (one query for all heads); value_proj (the
@@ -205,6 +220,7 @@ class UltraMemConfig:
     init: str = "release"
     n_model_layers: int = 1
     candidate_m: int | None = None
+    proxy_search: str = "signed"
     query_bias: bool = False
     norm_eps: float = 1e-5
     seed: int = 0
@@ -226,6 +242,7 @@ class UltraMemConfig:
         check_choice(o, "score_activation", self.score_activation, SCORE_ACTIVATIONS)
         check_choice(o, "init", self.init, INITS)
         check_choice(o, "norm_type", self.norm_type, NORM_TYPES)
+        check_choice(o, "proxy_search", self.proxy_search, PROXY_SEARCHES)
         check_float(o, "tucker_aux_coef", self.tucker_aux_coef, min_value=0.0)
         check_float(o, "tucker_aux_margin", self.tucker_aux_margin, min_value=0.0)
         check_float(o, "norm_eps", self.norm_eps, min_value=0.0, min_inclusive=False)
@@ -254,6 +271,9 @@ class UltraMemConfig:
         if self.score_activation == "softmax" and self.n_cores != 1:
             raise _bad("n_cores", self.n_cores, "1 when score_activation='softmax' (per-core scores "
                        "have no softmax)")
+        if self.proxy_search != "signed" and self.scoring != "tucker":
+            raise _bad("proxy_search", self.proxy_search, "'signed' when scoring='additive' (the product-key "
+                       "search has no proxy; it is exact for m >= top_k)")
         if self.tucker_aux and (self.scoring != "tucker" or self.rank < 2):
             raise _bad("tucker_aux", self.tucker_aux, "False unless scoring='tucker' and rank >= 2 "
                        f"(got scoring={self.scoring!r}, rank={self.rank})")
@@ -311,7 +331,8 @@ class UltraMemConfig:
 
         FLOPs: query projection; key scores (R * n_s * D_k MACs per side per head); tucker: rank-1
         proxies (R * n_s per side per head), candidate scoring with the summed core
-        ((S_row[:, I]^T C) S_col[:, J]: m*R^2 + m^2*R MACs per head), per-core rescoring of the K
+        ((S_row[:, I]^T C) S_col[:, J]: m*R^2 + m^2*R MACs per head, twice that for the two quadrants
+        of ``proxy_search="two_sided"``), per-core rescoring of the K
         selected cells when h > 1 (h*(R^2 + R) MACs each); additive: m^2 candidate sums per head;
         softmax (3 per selected score); the weighted gather (H*K*D_v MACs); the projection
         (E*D_v*D MACs). Not counted: norms, top-k comparisons, the per-call key normalisation.
@@ -331,7 +352,8 @@ class UltraMemConfig:
         flops += 2 * H * 2 * ns * Dk * R                                      # key scores (U2 eq. 6)
         if tucker:
             flops += 2 * H * 2 * ns * R                                       # rank-1 proxies
-            flops += 2 * H * (m * R * R + m * m * R)                          # exact candidate scores
+            quadrants = 2 if self.proxy_search == "two_sided" else 1          # I+ x J+ (, I- x J-)
+            flops += 2 * H * quadrants * (m * R * R + m * m * R)              # exact candidate scores
             if h > 1:
                 flops += 2 * H * K * h * (R * R + R)                          # per-core scores (MCS)
         else:
@@ -473,6 +495,33 @@ class UltraMem(nn.Module):
         scores (N_tok, H, K, h), all before the score activation."""
         return self._search(torch.stack((s_row, s_col)))
 
+    @torch.no_grad()
+    def search_recall(self, x: Tensor) -> float:
+        """Search recall: the fraction of the EXACT top-K (brute force over all n_s^2 cells of the
+        summed-core grid, :func:`~labcore.layers.fast.search.tucker_exact_topk`) that this layer's
+        search selects, |found ∩ exact| / K, averaged over tokens and heads.
+
+        x: (B, T, D) or (N_tok, D). Additive scoring is scored on the additive grid (its search is
+        exact for m >= K). O(n_s^2) per token and head, run in token chunks: a diagnostic
+        (notebook 01, tests), not a training path.
+        """
+        c = self.cfg
+        x2d, _ = flatten_tokens(x, c.d_model, "UltraMem.search_recall")    # (N_tok, D)
+
+        def recall(qc: Tensor) -> tuple[Tensor]:
+            s = self._side_scores_q(qc)                                     # (2, n, H, R, n_s)
+            found = self._search(s)[0]                                      # (n, H, K) virtual slots
+            if c.scoring == "tucker":
+                cells = tucker_exact_topk(s, self.cores.sum(0), c.top_k)[0]  # (2, n, H, K)
+                exact = cells[0] * c.n_side + cells[1]
+            else:
+                grid = s[0, ..., 0, :, None] + s[1, ..., 0, None, :]        # s_row[i] + s_col[j]: (n, H, n_s, n_s)
+                exact = grid.flatten(-2).topk(c.top_k, dim=-1).indices
+            return (topk_recall(found, exact),)                             # (n, H)
+
+        hits = in_token_chunks(recall, self._queries(x2d), c.heads * c.n_side * c.n_side)[0]
+        return float(hits.mean())
+
     def _search(self, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """:meth:`search` on the stacked side scores S (2, N_tok, H, R, n_s)."""
         c = self.cfg
@@ -480,8 +529,10 @@ class UltraMem(nn.Module):
             rows, cols, scores = _search_additive(s[0, ..., 0, :], s[1, ..., 0, :], c.m, c.top_k)
             return rows * c.n_side + cols, scores, scores.unsqueeze(-1)
         # TDQKR: rows I = TopM(u^T S_row), cols J = TopM(t^T S_col), exact S_row^T C S_col on I x J
+        # (two_sided: also the m most negative proxies, I- x J-)
         core_sum, uv = self._search_params(s.dtype)                         # C (H, R, R), (u, t) (2, H, R)
-        cells, scores, vecs = tucker_search(s, uv, core_sum, c.m, c.top_k)  # (2, N_tok, H, K), ..., (2, N_tok, H, R, K)
+        cells, scores, vecs = tucker_search(s, uv, core_sum, c.m, c.top_k,  # (2, N_tok, H, K), ..., (2, N_tok, H, R, K)
+                                            c.proxy_search)
         slots = cells[0] * c.n_side + cells[1]                              # virtual slot v = i*n_s + j
         if c.n_cores == 1:
             return slots, scores, scores.unsqueeze(-1)
@@ -620,7 +671,7 @@ class UltraMem(nn.Module):
             core = self.cores.detach().sum(0).to("cpu", torch.float64)
             u, t = self.u.to("cpu", torch.float64), self.t.to("cpu", torch.float64)
             z, uv = torch.stack((z_row, z_col)), torch.stack((u, t))        # (2, samples, H, R, n_s), (2, H, R)
-            mu = tucker_search(z, uv, core, c.m, c.top_k)[1].mean().item()
+            mu = tucker_search(z, uv, core, c.m, c.top_k, c.proxy_search)[1].mean().item()
         else:
             mu = _search_additive(z_row[..., 0, :], z_col[..., 0, :], c.m, c.top_k)[2].mean().item()
         if not mu > 0:
@@ -758,11 +809,34 @@ def ultramem_from_pkm(pkm: nn.Module) -> UltraMem:
 # ---------------------------------------------------------------------------------------------
 
 
-def ultramem_reference(layer: UltraMem, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def search_candidates(layer: UltraMem, head: int, s_row: Tensor, s_col: Tensor) -> Tensor:
+    """The grid cells that ``layer``'s search scores exactly, for one token and head: (n_s, n_s) bool.
+
+    s_row, s_col: (R, n_s). Tucker: proxies p = u^T S_row, q = t^T S_col (``layer.u``, ``layer.t``
+    of this head); additive: the sub-key scores themselves. Candidates: the m largest p x the m
+    largest q; with ``proxy_search="two_sided"`` also the m most negative p x the m most negative q.
+    """
+    c = layer.cfg
+    if c.scoring == "tucker":
+        p, q = layer.u[head] @ s_row, layer.t[head] @ s_col                # rank-1 proxies: (n_s,) each
+    else:
+        p, q = s_row[0], s_col[0]
+    keep = torch.zeros(c.n_side, c.n_side, dtype=torch.bool, device=s_row.device)
+    rows, cols = p.topk(c.m).indices, q.topk(c.m).indices
+    keep[rows[:, None], cols[None, :]] = True                               # I+ x J+
+    if c.proxy_search == "two_sided":
+        rows, cols = (-p).topk(c.m).indices, (-q).topk(c.m).indices
+        keep[rows[:, None], cols[None, :]] = True                           # I- x J-
+    return keep
+
+
+def ultramem_reference(layer: UltraMem, x: Tensor, exact: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Brute-force UltraMem: every head scores all n_s^2 virtual slots with every core.
 
     Per token and head: dense grids G^(c) = S_row^T C^(c) S_col (n_s x n_s) for every core, the
-    exact top-K of their sum, the activation, then an explicit python loop that adds
+    exact top-K of their sum (``exact=False``: the top-K among the cells the layer's candidate
+    search would score, :func:`search_candidates`, written out with masks), the activation, then an
+    explicit python loop that adds
     score^(c) * V[row, chunk c] into block p of a (E, D_v) buffer (row, p from the permutation),
     and the projection. Returns ``(y, slots, scores)``: y shaped like x; slots and summed scores
     (N_tok, H*K) head-major, descending within each head.
@@ -797,7 +871,10 @@ def ultramem_reference(layer: UltraMem, x: Tensor) -> tuple[Tensor, Tensor, Tens
                 grids = [s_row.T @ layer.cores[core, head] @ s_col for core in range(h)]  # (n_s, n_s)
             else:
                 grids = [s_row[0][:, None] + s_col[0][None, :]]
-            total = torch.stack(grids).sum(0).flatten()                     # (n_s^2,), slot i*n_s + j
+            total = torch.stack(grids).sum(0)                               # (n_s, n_s)
+            if not exact:                                                   # only the search's candidates
+                total = total.masked_fill(~search_candidates(layer, head, s_row, s_col), float("-inf"))
+            total = total.flatten()                                         # (n_s^2,), slot i*n_s + j
             top, slots = total.topk(K)
             per_core = [g.flatten()[slots] for g in grids]
             if c.score_activation == "softmax":

@@ -5,7 +5,10 @@
 * :func:`pruned_pair_topk` is PKM's candidate step on the pruned grid: only rank pairs (i, j) with
   (i+1)(j+1) <= K can hold a top-K sum (:func:`pruned_candidates`).
 * :func:`tucker_search` is UltraMem's TDQKR search with rows and columns stacked in one tensor, so
-  both sides go through one proxy product, one top-m and one gather.
+  both sides go through one proxy product, one top-m and one gather; ``proxy_search="two_sided"``
+  runs :func:`two_sided_tucker_search` (the m largest AND the m most negative proxies per side).
+* :func:`tucker_exact_topk` and :func:`topk_recall` measure a search against the brute-force top-K
+  of the whole grid (a diagnostic, not a training path).
 """
 
 from __future__ import annotations
@@ -62,7 +65,13 @@ def pruned_pair_topk(s_row: Tensor, s_col: Tensor, i_row: Tensor, i_col: Tensor,
     return scores, i_row.gather(-1, cand_row.gather(-1, best)), i_col.gather(-1, cand_col.gather(-1, best))
 
 
-def tucker_search(s: Tensor, uv: Tensor, core: Tensor, m: int, k: int) -> tuple[Tensor, Tensor, Tensor]:
+PROXY_SEARCHES = ("signed", "two_sided")
+"""Candidate sets of the TDQKR search (docs/mechanisms.md §1.3): "signed" (the release) keeps the m
+largest proxies per side, I+ x J+; "two_sided" adds the m most negative, (I+ x J+) U (I- x J-)."""
+
+
+def tucker_search(s: Tensor, uv: Tensor, core: Tensor, m: int, k: int,
+                  proxy_search: str = "signed") -> tuple[Tensor, Tensor, Tensor]:
     """TDQKR candidate search on BOTH sides' scores at once.
 
     s: (2, ..., H, R, n_s), [0] = S_row, [1] = S_col; uv: (2, H, R) = (u, t); core: (H, R, R).
@@ -72,7 +81,12 @@ def tucker_search(s: Tensor, uv: Tensor, core: Tensor, m: int, k: int) -> tuple[
 
     Per side it is ``TopM(u^T S_row)``, ``TopM(t^T S_col)``, then the exact summed-core score of the
     m x m candidate cells and their top K; stacking the two sides halves the operator calls.
+    ``proxy_search="two_sided"``: :func:`two_sided_tucker_search` (same arguments and results).
     """
+    if proxy_search == "two_sided":
+        return two_sided_tucker_search(s, uv, core, m, k)
+    if proxy_search != "signed":
+        raise ValueError(f"tucker_search: proxy_search={proxy_search!r}; must be one of {PROXY_SEARCHES}")
     R = s.shape[-2]
     lead = s.shape[1:-3]                                                    # token dims "..."
     uv = uv.reshape(2, *([1] * len(lead)), uv.shape[1], 1, R)              # (2, 1.., H, 1, R)
@@ -85,3 +99,56 @@ def tucker_search(s: Tensor, uv: Tensor, core: Tensor, m: int, k: int) -> tuple[
     cells = top.gather(-1, ij)                                              # [i_k; j_k]: (2, ..., H, K)
     vecs = sel.gather(-1, ij.unsqueeze(-2).expand(*ij.shape[:-1], R, k))    # (2, ..., H, R, K)
     return cells, scores, vecs
+
+
+def two_sided_tucker_search(s: Tensor, uv: Tensor, core: Tensor, m: int,
+                            k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """TDQKR search over the candidates (I+ x J+) U (I- x J-); arguments and results as
+    :func:`tucker_search`.
+
+    I+ / J+ are the m rows / columns with the largest proxies u^T S_row / t^T S_col, I- / J- the m
+    with the most negative ones. With a rank-1 summed core, C = lambda u t^T, every cell scores
+    lambda * p_i * q_j (p, q the proxies), so a cell with a positive score has proxies of equal
+    sign, and it is beaten by every cell whose two proxies are larger in magnitude with the same
+    sign: when m >= K and the top-K scores are positive the search is exact (the signed search
+    misses the cells in the (-, -) quadrant). The 2 m^2 candidates are scored exactly with the full
+    core. When I+ and I- overlap (2m > n_s, or ties) a cell can lie in both quadrants: its
+    (-, -) copy is masked to -inf, so no cell is selected twice (m^2 >= K candidates stay finite).
+    """
+    R = s.shape[-2]
+    lead = s.shape[1:-3]                                                    # token dims "..."
+    uv = uv.reshape(2, *([1] * len(lead)), uv.shape[1], 1, R)              # (2, 1.., H, 1, R)
+    proxy = (uv @ s).squeeze(-2)                                            # [u^T S_row; t^T S_col]: (2, ..., H, n_s)
+    plus = exact_topk(proxy, m, sorted=False)[1]                            # [I+; J+]: (2, ..., H, m)
+    minus = exact_topk(proxy.neg(), m, sorted=False)[1]                     # [I-; J-]: (2, ..., H, m)
+    top = torch.cat((plus, minus), -1)                                      # (2, ..., H, 2m): [+ | -]
+    sel = s.gather(-1, top.unsqueeze(-2).expand(*top.shape[:-1], R, 2 * m))  # (2, ..., H, R, 2m)
+    quad = sel.unflatten(-1, (2, m)).transpose(-3, -2)                      # (2, ..., H, 2, R, m): [+, -]
+    grid = (quad[0].transpose(-1, -2) @ core.unsqueeze(-3)) @ quad[1]       # U2 eq. 7 on I+xJ+, I-xJ-: (..., H, 2, m, m)
+    in_plus = torch.zeros_like(proxy, dtype=torch.bool).scatter_(-1, plus, True)  # (2, ..., H, n_s)
+    dup = in_plus.gather(-1, minus)                                         # I- rows in I+, J- cols in J+: (2, ..., H, m)
+    grid[..., 1, :, :].masked_fill_(dup[0].unsqueeze(-1) & dup[1].unsqueeze(-2), float("-inf"))
+    scores, flat = exact_topk(grid.flatten(-3), k, sorted=True)             # (..., H, K), descending
+    half, cell = flat // (m * m), flat % (m * m)                            # quadrant (0 = +, 1 = -), cell
+    ij = torch.stack((half * m + cell // m, half * m + cell % m))           # positions in top: (2, ..., H, K)
+    cells = top.gather(-1, ij)                                              # [i_k; j_k]: (2, ..., H, K)
+    vecs = sel.gather(-1, ij.unsqueeze(-2).expand(*ij.shape[:-1], R, k))    # (2, ..., H, R, K)
+    return cells, scores, vecs
+
+
+def tucker_exact_topk(s: Tensor, core: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Brute-force TDQKR: the top-K of S_row^T C S_col over ALL n_s^2 cells.
+
+    s: (2, ..., H, R, n_s); core (H, R, R). Returns cells (2, ..., H, K) ([0] rows, [1] columns) and
+    scores (..., H, K), descending. O(n_s^2) per token and head: a measuring stick for the search.
+    """
+    n_s = s.shape[-1]
+    grid = (s[0].transpose(-1, -2) @ core) @ s[1]                          # (..., H, n_s, n_s)
+    scores, flat = grid.flatten(-2).topk(k, dim=-1)                         # (..., H, K)
+    return torch.stack((flat // n_s, flat % n_s)), scores
+
+
+def topk_recall(found: Tensor, exact: Tensor) -> Tensor:
+    """Per row, the fraction of the ``exact`` ids (..., K) that appear among the ``found`` ids
+    (..., K'): |found ∩ exact| / K (ids distinct within a row). Returns (...,) float."""
+    return (exact.unsqueeze(-1) == found.unsqueeze(-2)).any(-1).float().mean(-1)

@@ -1,0 +1,381 @@
+"""Compiled CPU kernels for the memory layers' retrieval (a C++ extension built on first use).
+
+``topk_rows(x, k)`` is an exact per-row top-k of a float32 matrix, the step that dominates PKM's and
+UltraMem's search on CPU (per-side top-k over n sub-keys, then the top-K of the candidate grid;
+docs/mechanisms.md §1.1 and §4). The C++ source is ``csrc/topk_rows.cpp``; its header comment
+describes the algorithm (per-lane maxima give a threshold, the survivors are compacted and ranked).
+
+Contract of ``topk_rows`` (the same with or without the extension)
+-----------------------------------------------------------------
+* x: float32 CPU tensor (..., n); k in [0, n] (anything else: ``ConfigError``).
+* Returns values (..., k) and int64 indices (..., k); values are bitwise the selected entries of
+  x, in descending order when ``sorted`` (otherwise in no particular order).
+* Order: IEEE totalOrder of the float bits, -NaN < -inf < ... < -0.0 < +0.0 < ... < +inf < +NaN,
+  as ``labcore.layers.fast.topk.exact_topk`` (a NaN ranks above +inf only when its sign bit is clear).
+  For finite data and +inf/-inf the selected set equals ``torch.topk``'s up to ties (an entry
+  equal to the k-th largest may be swapped for another equal one; -0.0 and +0.0 count as equal in
+  ``torch.topk`` but +0.0 ranks first here).
+* Gradients flow to x (the values are gathered from x) when autograd records.
+
+Build and fallback
+------------------
+The extension is compiled with ``torch.utils.cpp_extension.load`` (g++ and ninja) into
+``$LABCORE_EXT_DIR`` (default ``~/.cache/labcore/torch_extensions/torch<version>-py<version>``) the first time
+it is needed, or ahead of time by ``python -m labcore.layers.fast.compiled --build`` (``make
+setup`` runs it). If the compiler, ninja or the build is missing, one warning line says why and
+every call uses ``reference_topk_rows``, a few PyTorch lines with the same contract; nothing
+crashes. ``LABCORE_COMPILED=0`` disables the extension (for tests and A/B benchmarks).
+
+``side_topk(q, keys, k)`` is the product-key side search fused: the top-k of q @ keys^T per query,
+with the scores computed in cache-resident tiles and never written as a (G, T, n) matrix.
+
+``python -m labcore.layers.fast.compiled --bench`` times ``topk_rows`` against
+``labcore.layers.fast.topk.exact_topk`` and ``torch.topk`` on the PKM and UltraMem search shapes, and
+``side_topk`` against the readable ``torch.bmm`` + top-k (``bench_topk`` / ``bench_side`` return
+the numbers for the benchmark package).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from labcore.layers.base import ConfigError
+from labcore.layers.fast.topk import exact_topk, ordered_int32
+
+EXT_NAME = "labcore_topk_rows"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = (CSRC / "topk_rows.cpp",)
+ENV_DISABLE = "LABCORE_COMPILED"
+ENV_DIR = "LABCORE_EXT_DIR"
+ISAS = {"auto": -1, "portable": 0, "avx512": 1}
+
+_lock = threading.Lock()
+_state: dict[str, object] = {"module": None, "tried": False, "reason": None}
+
+
+def build_dir() -> Path:
+    """Where the extension is built and cached (one directory per torch and Python version)."""
+    root = os.environ.get(ENV_DIR)
+    if root:
+        return Path(root)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    tag = f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info.major}{sys.version_info.minor}"
+    return cache / "labcore" / "torch_extensions" / tag
+
+
+def disabled() -> bool:
+    """True when ``LABCORE_COMPILED`` is set to 0 / false / no / off."""
+    return os.environ.get(ENV_DISABLE, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def _compile(verbose: bool = False) -> ModuleType:
+    """Build (or reuse the cached build of) the extension and import it. Raises on failure."""
+    from torch.utils import cpp_extension  # only needed when building/loading (imports setuptools)
+
+    out = build_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    # torch looks for ``ninja`` on PATH; the pip wheel installs it next to this interpreter.
+    env_path = os.environ.get("PATH", "")
+    bindir = str(Path(sys.executable).parent)
+    path = env_path if bindir in env_path.split(os.pathsep) else bindir + os.pathsep + env_path
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx, path=path) is None:
+        raise RuntimeError(f"C++ compiler {cxx!r} not found (install g++ or set CXX)")
+    if shutil.which("ninja", path=path) is None:
+        raise RuntimeError("ninja not found (pip install ninja)")
+    torch_log = logging.getLogger("torch.utils.cpp_extension")  # its multi-line compiler-ABI warning
+    level = torch_log.level
+    os.environ["PATH"] = path
+    torch_log.setLevel(logging.ERROR)
+    try:
+        return cpp_extension.load(name=EXT_NAME, sources=[str(s) for s in SOURCES],
+                                  extra_cflags=["-O3"], build_directory=str(out), verbose=verbose)
+    finally:
+        os.environ["PATH"] = env_path
+        torch_log.setLevel(level)
+
+
+def _one_line(exc: BaseException) -> str:
+    """A one-line reason: the first compiler error line of a failed build, else the last line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [""]
+    pick = next((ln for ln in lines if "error" in ln.lower() and "building extension" not in ln.lower()),
+                lines[-1])
+    return f"{type(exc).__name__}: {pick[:200]}"
+
+
+def _load() -> ModuleType | None:
+    """The extension module, or None (after one warning line saying why). Thread-safe, tried once."""
+    if disabled():
+        return None
+    if _state["tried"]:
+        return _state["module"]  # type: ignore[return-value]
+    with _lock:
+        if not _state["tried"]:
+            try:
+                _state["module"] = _compile()
+            except Exception as exc:  # compiler, ninja, headers or the build missing: fall back
+                _state["reason"] = _one_line(exc)
+                warnings.warn(f"labcore compiled top-k unavailable ({_state['reason']}); using the PyTorch "
+                              f"path (set {ENV_DISABLE}=0 to silence)", RuntimeWarning, stacklevel=3)
+            _state["tried"] = True
+    return _state["module"]  # type: ignore[return-value]
+
+
+def available() -> bool:
+    """True when the compiled extension is enabled and built (builds it on the first call)."""
+    return _load() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why the extension is not used (None when it is)."""
+    if disabled():
+        return f"disabled by {ENV_DISABLE}={os.environ.get(ENV_DISABLE)}"
+    return None if _load() is not None else str(_state["reason"])
+
+
+def isa() -> str:
+    """The instruction set ``topk_rows`` uses: "avx512", "portable" or "pytorch" (no extension)."""
+    mod = _load()
+    if mod is None:
+        return "pytorch"
+    return "avx512" if mod.has_avx512() else "portable"
+
+
+def reference_topk_rows(x: Tensor, k: int, sorted: bool = True) -> tuple[Tensor, Tensor]:
+    """The readable PyTorch path with ``topk_rows``'s contract: rank the order-preserving int32 keys
+    of the float bits with ``torch.topk``, then gather the values from x."""
+    idx = ordered_int32(x).topk(k, dim=-1, sorted=sorted).indices         # (..., k)
+    return x.gather(-1, idx), idx
+
+
+def _check(x: Tensor, k: int) -> None:
+    if not isinstance(x, Tensor) or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() < 1:
+        what = f"{x.dtype} {x.device.type} tensor of {x.dim()} dims" if isinstance(x, Tensor) else type(x).__name__
+        raise ConfigError(f"topk_rows: x={what}; expected a float32 CPU tensor (..., n)")
+    n = x.shape[-1]
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
+        raise ConfigError(f"topk_rows: k={k!r}; expected an int in [0, n={n}] (n = x.shape[-1])")
+
+
+def topk_rows(x: Tensor, k: int, sorted: bool = True, *, isa: str = "auto") -> tuple[Tensor, Tensor]:
+    """Exact top-k along the last dim of a float32 CPU tensor (..., n) -> values, indices (..., k).
+
+    See the module docstring for the contract. ``isa`` ("auto", "portable", "avx512") picks the
+    compiled path (tests use it to check both); without the extension it is ignored.
+    """
+    _check(x, k)
+    if isa not in ISAS:
+        raise ConfigError(f"topk_rows: isa={isa!r}; expected one of {sorted_names()}")
+    mod = _load()
+    if mod is None:
+        return reference_topk_rows(x, k, sorted)
+    lead, n = x.shape[:-1], x.shape[-1]
+    vals, idx = mod.topk_rows(x.detach().reshape(-1, n).contiguous(), k, sorted, ISAS[isa])
+    idx = idx.view(*lead, k)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return x.gather(-1, idx), idx
+    return vals.view(*lead, k), idx
+
+
+def reference_side_topk(q: Tensor, keys: Tensor, k: int, sorted: bool = True) -> tuple[Tensor, Tensor]:
+    """The readable product-key side search: scores = q @ keys^T (G, T, n), then their top-k."""
+    return reference_topk_rows(torch.bmm(q, keys.transpose(1, 2)), k, sorted)   # (G, T, k)
+
+
+def side_topk(q: Tensor, keys: Tensor, k: int, sorted: bool = True, *, isa: str = "auto") -> tuple[Tensor, Tensor]:
+    """Product-key side search (docs/mechanisms.md §1.1, U2 eq. 3): the top-k of q[g, t] . keys[g, j]
+    over the n sub-keys j, for queries q (G, T, D) and sub-keys keys (G, n, D) (G = heads x sides).
+
+    Compiled: scores are computed for 8 queries at a time into a cache-resident buffer and ranked
+    there, so the (G, T, n) score matrix is never written. The scores are summed in a different
+    order than ``torch.bmm``'s, so they agree to float32 rounding and a near-tie at the k-th place
+    may be resolved differently. Returns values (G, T, k) (descending when ``sorted``) and int64
+    sub-key indices (G, T, k). With autograd recording, the values are recomputed from q and keys
+    at the selected indices, so gradients reach both.
+    """
+    ok = (isinstance(q, Tensor) and isinstance(keys, Tensor) and q.dim() == 3 and keys.dim() == 3
+          and q.dtype == keys.dtype == torch.float32 and q.device.type == keys.device.type == "cpu"
+          and keys.shape[0] == q.shape[0] and keys.shape[2] == q.shape[2])
+    if not ok:
+        desc = lambda t: f"{tuple(t.shape)} {t.dtype} {t.device.type}" if isinstance(t, Tensor) else type(t).__name__  # noqa: E731
+        raise ConfigError(f"side_topk: q={desc(q)}, keys={desc(keys)}; expected float32 CPU tensors "
+                          f"q (G, T, D) and keys (G, n, D)")
+    n = keys.shape[1]
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
+        raise ConfigError(f"side_topk: k={k!r}; expected an int in [0, n={n}] (n = keys.shape[1])")
+    if isa not in ISAS:
+        raise ConfigError(f"side_topk: isa={isa!r}; expected one of {sorted_names()}")
+    mod = _load()
+    if mod is None:
+        return reference_side_topk(q, keys, k, sorted)
+    vals, idx = mod.side_topk(q.detach(), keys.detach().contiguous(), k, sorted, ISAS[isa])
+    if torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad):
+        sel = keys.unsqueeze(1).expand(-1, q.shape[1], -1, -1).gather(               # (G, T, k, D)
+            2, idx.unsqueeze(-1).expand(-1, -1, -1, q.shape[2]))
+        vals = (sel * q.unsqueeze(2)).sum(-1)                                       # (G, T, k)
+    return vals, idx
+
+
+def sorted_names() -> list[str]:
+    return list(ISAS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark
+# ---------------------------------------------------------------------------------------------
+
+BENCH_CASES = (
+    # (name, rows per token, n, k): B tokens give B * rows-per-token rows
+    ("PKM per-side top-K (n=451, H=4, K=32)", 8, 451, 32),
+    ("PKM candidate top-K (C=119, H=4, K=32)", 4, 119, 32),
+    ("UltraMem per-side top-m (n_s=1276, H=2, m=32)", 4, 1276, 32),
+    ("UltraMem grid top-K (m^2=1024, H=2, K=32)", 2, 1024, 32),
+)
+
+
+def bench_topk(tokens: int = 4096, threads: int = 2, repeats: int = 9, seed: int = 0) -> list[dict]:
+    """Time ``topk_rows``, ``exact_topk`` and ``torch.topk`` on the PKM / UltraMem search shapes,
+    interleaved in one process (best of ``repeats`` rounds: the machine may be shared, and the minimum
+    is the least disturbed run). Returns one dict per case (ms)."""
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    try:
+        for name, per_token, n, k in BENCH_CASES:
+            x = torch.randn(tokens * per_token, n, generator=gen)
+            fns = {"torch.topk": lambda x=x, k=k: x.topk(k, dim=-1),
+                   "exact_topk": lambda x=x, k=k: exact_topk(x, k, sorted=True)}
+            if available():
+                fns["topk_rows"] = lambda x=x, k=k: topk_rows(x, k)
+            times: dict[str, list[float]] = {f: [] for f in fns}
+            for f in fns.values():
+                f()                                                        # warm-up
+            for _ in range(repeats):
+                for label, f in fns.items():
+                    t0 = time.perf_counter()
+                    f()
+                    times[label].append(time.perf_counter() - t0)
+            med = {label: min(t) * 1e3 for label, t in times.items()}
+            rows.append({"case": name, "rows": x.shape[0], "n": n, "k": k, **med})
+    finally:
+        torch.set_num_threads(old_threads)
+    return rows
+
+
+SIDE_CASES = (
+    # (name, groups G = heads x 2 sides, D per side, n, k)
+    ("PKM side search (H=4, D_k/2=64, n=451, K=32)", 8, 64, 451, 32),
+    ("UltraMem-like side search (G=4, D=64, n=1276, m=32)", 4, 64, 1276, 32),
+)
+
+
+def bench_side(tokens: int = 4096, threads: int = 2, repeats: int = 9, seed: int = 0,
+               chunk: int = 512) -> list[dict]:
+    """Time the product-key side search: the readable path (``torch.bmm`` scores in token chunks of
+    ``chunk``, then ``exact_topk``), the same with ``topk_rows``, and the fused ``side_topk``,
+    interleaved, best of ``repeats`` rounds (ms)."""
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    try:
+        for name, G, D, n, k in SIDE_CASES:
+            q = torch.randn(G, tokens, D, generator=gen)
+            keys = torch.randn(G, n, D, generator=gen) / D ** 0.5
+            kt = keys.transpose(1, 2)
+
+            def readable(q=q, kt=kt, k=k):
+                return [exact_topk(torch.bmm(qc, kt), k, sorted=True) for qc in q.split(chunk, dim=1)]
+
+            fns = {"bmm+exact_topk": readable}
+            if available():
+                fns["bmm+topk_rows"] = lambda q=q, kt=kt, k=k: [topk_rows(torch.bmm(qc, kt), k)
+                                                                for qc in q.split(chunk, dim=1)]
+                fns["side_topk"] = lambda q=q, keys=keys, k=k: side_topk(q, keys, k)
+            times: dict[str, list[float]] = {f: [] for f in fns}
+            for f in fns.values():
+                f()
+            for _ in range(repeats):
+                for label, f in fns.items():
+                    t0 = time.perf_counter()
+                    f()
+                    times[label].append(time.perf_counter() - t0)
+            rows.append({"case": name, "rows": G * tokens, **{lb: min(t) * 1e3 for lb, t in times.items()}})
+    finally:
+        torch.set_num_threads(old_threads)
+    return rows
+
+
+def _print_side(rows: list[dict]) -> None:
+    have = "side_topk" in rows[0]
+    head = f"{'side search (scores + top-k)':52s} {'rows':>6s} {'bmm+exact_topk':>15s}"
+    if have:
+        head += f" {'bmm+topk_rows':>14s} {'side_topk':>10s} {'fused vs readable':>18s}"
+    print(head)
+    for r in rows:
+        line = f"{r['case']:52s} {r['rows']:6d} {r['bmm+exact_topk']:15.2f}"
+        if have:
+            line += (f" {r['bmm+topk_rows']:14.2f} {r['side_topk']:10.2f}"
+                     f" {r['bmm+exact_topk'] / r['side_topk']:17.2f}x")
+        print(line)
+
+
+def _print_bench(rows: list[dict], tokens: int, threads: int) -> None:
+    print(f"top-k per row, B={tokens} tokens, {threads} threads, isa={isa()}, best of repeats, ms")
+    have = "topk_rows" in rows[0]
+    head = f"{'case':48s} {'rows':>6s} {'torch.topk':>11s} {'exact_topk':>11s}"
+    if have:
+        head += f" {'topk_rows':>10s} {'vs exact':>9s} {'vs torch':>9s}"
+    print(head)
+    for r in rows:
+        line = f"{r['case']:48s} {r['rows']:6d} {r['torch.topk']:11.2f} {r['exact_topk']:11.2f}"
+        if have:
+            line += (f" {r['topk_rows']:10.2f} {r['exact_topk'] / r['topk_rows']:8.2f}x"
+                     f" {r['torch.topk'] / r['topk_rows']:8.2f}x")
+        print(line)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m labcore.layers.fast.compiled",
+                                description="Build or benchmark labcore's compiled top-k extension.")
+    p.add_argument("--build", action="store_true", help="compile the extension now (make setup runs this)")
+    p.add_argument("--bench", action="store_true",
+                   help="time topk_rows vs exact_topk vs torch.topk, side_topk vs bmm + top-k")
+    p.add_argument("--tokens", type=int, default=4096, help="tokens B for --bench (default 4096)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for --bench (default 2)")
+    p.add_argument("--repeats", type=int, default=9, help="timed rounds for --bench (default 9)")
+    a = p.parse_args(argv)
+    if a.build:
+        if disabled():
+            print(f"labcore compiled top-k: disabled by {ENV_DISABLE}; not built")
+        else:
+            try:
+                _compile(verbose=False)
+                _state["tried"] = False
+                print(f"labcore compiled top-k: built in {build_dir()} (isa={isa()})")
+            except Exception as exc:                                        # never fail setup
+                print(f"labcore compiled top-k: build failed ({_one_line(exc)}); "
+                      f"the layers use the PyTorch path")
+    if a.bench:
+        _print_bench(bench_topk(a.tokens, a.threads, a.repeats), a.tokens, a.threads)
+        _print_side(bench_side(a.tokens, a.threads, a.repeats))
+    if not (a.build or a.bench):
+        p.print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
