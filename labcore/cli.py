@@ -6,7 +6,7 @@
                   [--retries K] [--results-root DIR] [--reports-root DIR] [--gpus 0,1]
                   [--dry-run] [--no-report] [--no-progress]
     labcore report SWEEP_DIR [--out DIR]       regenerate a sweep's report from its run directories
-    labcore train ...                          labcore.train.cli_main(argv)
+    labcore train ...                          labcore.lm.train.cli.cli_main(argv)
     labcore bench ...                          labcore.bench.cli_main(argv)
     labcore lab [--dry-run]                    start JupyterLab on notebooks/ (127.0.0.1)
 
@@ -25,9 +25,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from labcore.results import run_status
+from labcore.sweep.dask_exec import DaskBackend, DaskUnavailable
+from labcore.sweep.executors import LocalPoolBackend, detect_local_gpus, local_cores, parse_gpus
+from labcore.sweep.runner import SweepLocked, run_sweep
+from labcore.sweep.spec import SweepError, load_sweep
+from labcore.viz.report import write_report
+
 __all__ = ["main", "build_parser"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 3
+DELEGATES = {"train": "labcore.lm.train.cli", "bench": "labcore.bench"}  # command -> module with cli_main
 
 
 def _int_at_least(minimum: int):
@@ -102,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("sweep_dir", type=Path, help="<results root>/<sweep name>")
     r.add_argument("--out", type=Path, default=None, help="default: reports/<sweep name>")
 
-    for name, module in (("train", "labcore.train"), ("bench", "labcore.bench")):
+    for name, module in DELEGATES.items():
         t = sub.add_parser(name, help=f"{module}.cli_main(...) (arguments passed through)", add_help=False)
         t.add_argument("rest", nargs=argparse.REMAINDER)
 
@@ -118,8 +126,7 @@ def _delegate(module: str, argv: list[str]) -> int:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:
         if e.name and (e.name == module or module.startswith(e.name + ".")):
-            print(f"labcore: {module} is not available in this installation ({e}); "
-                  f"'labcore {module.rsplit('.', 1)[1]}' needs it", file=sys.stderr)
+            print(f"labcore: {module} is not available in this installation ({e})", file=sys.stderr)
             return EXIT_USAGE
         raise
     fn = getattr(mod, "cli_main", None)
@@ -131,9 +138,6 @@ def _delegate(module: str, argv: list[str]) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from labcore.sweep.executors import LocalPoolBackend, detect_local_gpus, local_cores, parse_gpus
-    from labcore.sweep.runner import SweepLocked, run_sweep
-    from labcore.sweep.spec import SweepError, load_sweep
 
     try:
         spec = load_sweep(args.sweep_file)
@@ -143,8 +147,6 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if args.timeout is not None:
         spec = spec.with_timeout(args.timeout)
     if args.dry_run:
-        from labcore.results import run_status
-
         root = args.results_root.resolve() / spec.name
         for r in spec.runs:
             done = run_status(root / r.run_id) == "done"
@@ -156,8 +158,6 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     gpus = parse_gpus(args.gpus) if args.gpus is not None else detect_local_gpus()
     if args.cluster is not None or args.scheduler is not None:
-        from labcore.sweep.dask_exec import DaskBackend, DaskUnavailable
-
         try:
             backend = (DaskBackend.local(args.cluster, retries=args.retries, gpus=gpus) if args.cluster
                        else DaskBackend.remote(args.scheduler, retries=args.retries))
@@ -185,8 +185,6 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from labcore.report import write_report
-
     if not args.sweep_dir.is_dir():
         print(f"error: sweep directory {args.sweep_dir} does not exist", file=sys.stderr)
         return EXIT_USAGE
@@ -215,8 +213,8 @@ def _cmd_lab(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("train", "bench"):  # pass everything through untouched, --help included
-        return _delegate(f"labcore.{argv[0]}", argv[1:])
+    if argv and argv[0] in DELEGATES:  # pass everything through untouched, --help included
+        return _delegate(DELEGATES[argv[0]], argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

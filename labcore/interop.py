@@ -47,6 +47,7 @@ from labcore.layers.moe import MoE, MoEConfig
 
 def _kind(block: nn.Module) -> str:
     """'mixtral' | 'qwen2_moe' | 'olmoe' | 'granitemoe' for a supported HF block, else ValueError."""
+    # transformers is a dev/test dependency (module docstring): imported only when a block is converted.
     from transformers.models.granitemoe.modeling_granitemoe import GraniteMoeMoE
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
     from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock

@@ -201,8 +201,8 @@ def test_repo_path_resolves_relative_paths_against_the_checkout(tmp_path):
 def test_key_tables_are_written_atomically_and_shown_first_in_the_report(tmp_path):
     import pandas as pd
 
-    from labcore.report import write_report
     from labcore.results import RunDir
+    from labcore.viz.report import write_report
 
     sweep = tmp_path / "sw"
     a = RunDir(sweep / "nb-aaa").start({"rank": 2, "only_a": 7}, notebook="nb", seed=0)

@@ -1,9 +1,10 @@
 """Benchmark entry points: ``python -m labcore.bench layers|inference|training`` or ``labcore bench ...``.
 
 ==============  ====================================================================================
-layers          labcore layers vs their PyPI peers, forward latency at 4x256 tokens (issue #2)
-inference       decode-step latency / memory access of Dense, MoE, PKM, UltraMem vs batch size
-                (the paper's Figure 1 on this machine), with the analytical cost model's prediction
+layers          labcore layers vs their PyPI peers, forward latency at 4x256 tokens
+inference       decode-step latency / memory access of Dense, MoE and every registered memory vs
+                batch size (the paper's Figure 1 on this machine), with the analytical cost model's
+                prediction (``labcore.bench.inference_cli``; the measurement is ``labcore.bench.inference``)
 training        training throughput (``labcore.bench.training``, imported only when asked for)
 ==============  ====================================================================================
 
@@ -19,8 +20,8 @@ import sys
 from collections.abc import Sequence
 
 COMMANDS = {
-    "layers": ("labcore.bench.layers", "labcore layers vs PyPI peers: forward latency (issue #2)"),
-    "inference": ("labcore.bench.inference", "decode-step latency and memory access vs batch size (Figure 1)"),
+    "layers": ("labcore.bench.layers", "labcore layers vs PyPI peers: forward latency"),
+    "inference": ("labcore.bench.inference_cli", "decode-step latency and memory access vs batch size (Figure 1)"),
     "training": ("labcore.bench.training", "training throughput"),
 }
 

@@ -1,21 +1,23 @@
-"""Inference-cost lab: decode-step latency and memory access of Dense, MoE, PKM and UltraMem vs batch size.
+"""Inference-cost lab: decode-step latency and memory access of Dense, MoE and the memory layers vs batch size.
 
-The UltraMem paper's Figure 1 (papers.md §2.2): at equal compute, an MoE with ~12x the parameters
+The UltraMem paper's Figure 1 (docs/mechanisms.md §2.2): at equal compute, an MoE with ~12x the parameters
 of a dense model decodes 2-6x slower, because a decode step of B tokens touches almost all experts
 (whole experts are the unit of sparsity), while UltraMem touches only ~B*H*K value rows of millions
 and stays close to dense. ``labcore bench inference`` measures that on this machine.
 
-The four models
----------------
-:func:`labcore.budget.equal_budget_family` sizes them from one dense base (default the lab's small
-model, :func:`labcore.budget.small_base_config`): all four at equal forward FLOPs per token (equal
-*activated* compute) and MoE / PKM / UltraMem at equal *total* parameters, ``(1 + ratio)`` times the
+The models
+----------
+"dense", "moe" and the memories of the equal-budget family (``labcore.layers.registry``: "pkm",
+"ultramem" and any memory whose spec says how the family sizes it; :func:`model_names`; any other
+registered memory on request). :func:`labcore.lm.budget.equal_budget_family` sizes them from one dense base (default the lab's small
+model, :func:`labcore.lm.budget.small_base_config`): all four at equal forward FLOPs per token (equal
+*activated* compute) and the sparse ones at equal *total* parameters, ``(1 + ratio)`` times the
 dense model's (``ratio`` = 12 as in the paper's "x12").
 
 What is timed (one decode step: one new token for each of B sequences)
 ----------------------------------------------------------------------
 * ``scope="layer"``: one sparse layer alone on B token vectors: the dense model's FFN, one MoE layer,
-  the memory layer (PKM or UltraMem; the memory models' trunk FFNs are not in this number).
+  the memory layer (the memory models' trunk FFNs are not in this number).
 * Memory layers run with ``detailed_aux=False`` (:func:`labcore.layers.base.set_detailed_aux`): their
   per-call diagnostics over ALL value slots (``aux.counts``, a bincount of N or E*N entries, coverage,
   KL) cost time proportional to the memory size, not to B, and a decode step does not need them
@@ -36,7 +38,7 @@ latency_s, latency_iqr_s   median and interquartile range of the step's wall tim
 predicted_s                roofline of the cost model, max(bytes / copy bandwidth, FLOPs / matmul peak),
                            with this machine's measured ceilings (labcore.profiling.ceilings)
 bytes_accessed             bytes the step actually touched: dense parameters once + the distinct
-                           experts / value rows counted from ``aux.indices`` (papers.md §7.2's quantity,
+                           experts / value rows counted from ``aux.indices`` (docs/mechanisms.md §7.2's quantity,
                            the paper's "memory access")
 bytes_predicted            the cost model's expectation of the same (eq. 7.2b)
 bytes_streamed             bytes a non-deduplicating gather reads: dense + every selected unit, repeats
@@ -45,24 +47,28 @@ achieved_bytes_per_s       bytes_accessed / latency_s;  frac_copy = that / copy 
 streamed_bytes_per_s       bytes_streamed / latency_s;  frac_copy_streamed = that / copy bandwidth
 read_s, read_bytes_per_s   memory layers, layer scope: the value read alone (the layer's ``read``:
                            ``embedding_bag`` gather-sum, plus IVE pooling and projection for UltraMem)
-                           and the value bytes it streams per second; read_frac = read_s / latency_s
+                           and the value bytes it streams per second; read_frac = read_s / latency_s.
+                           Replayed by the spec's ``value_read`` hook; NaN for a memory without one
 gather_s, gather_*         the gather inside the read alone (one ``F.embedding_bag`` with the bags the
                            forward produced; for PKM it is the whole read): the value bytes it streams
                            per second and gather_frac_copy = that / copy bandwidth. This is the part of
                            the layer whose speed is set by memory bandwidth; the rest (query, sub-key
                            scores, top-k search, IVE bookkeeping, projection) is compute
-overlap_*                  GPU only, UltraMem model: the skip-layer overlap (below); NaN elsewhere
+overlap_*                  GPU only, memory models with a skip-layer placement (UltraMem's "k:v", v > k):
+                           the skip-layer overlap (below); NaN elsewhere
 
-Skip-layer overlap (papers.md §1.2). An UltraMem memory placed at "k:v" reads block k's FFN input
+Skip-layer overlap (docs/mechanisms.md §1.2). An UltraMem memory placed at "k:v" reads block k's FFN input
 and is added after block v, so its (memory-bound) lookup may run concurrently with the (compute-bound)
 blocks k..v. On a GPU the bench times the memory alone, blocks k..v alone, and both launched on two
 CUDA streams; ``overlap_frac = (t_mem + t_dense - t_both) / min(t_mem, t_dense)`` is 1 for perfect
 overlap and 0 for none. On CPU it is not measured (one stream of execution; PyTorch CPU ops already
 use the cores), and the bench says so.
 
-Outputs: ``inference.parquet`` (the tidy table, atomic write) and ``inference.html`` (an interactive
-plotly figure: (a) latency vs B, (b) memory access vs B, both log-log, measured and predicted; (c) the
-MoE / UltraMem latency ratio per batch size), in ``out_dir``.
+Outputs: ``inference.parquet`` (the tidy table, atomic write) and ``inference.html`` (the interactive
+plotly figure of :func:`labcore.viz.bench.inference_figure`: (a) latency vs B, (b) memory access vs
+B, both log-log, measured and predicted; (c) the MoE / UltraMem latency ratio per batch size), in
+``out_dir``. The command line is
+:mod:`labcore.bench.inference_cli` (``labcore bench inference``).
 
 Bad input (non-positive batch size, unknown model name, unknown dtype, an unavailable device, or
 models that would not fit in memory: parameters + activations at the largest B, estimated before
@@ -71,7 +77,6 @@ anything is allocated) raises :class:`~labcore.layers.base.ConfigError` before a
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import tempfile
@@ -81,15 +86,23 @@ from typing import Any
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from labcore.layers.base import ConfigError, LayerCost, check_choice, check_float, check_int, set_detailed_aux
+from labcore.layers.registry import get, memory_spec
+from labcore.lm.budget import (
+    describe_plan,
+    equal_budget_family,
+    family_names,
+    model_budget,
+    small_base_config,
+)
+from labcore.lm.model import LM
 from labcore.profiling.ceilings import DTYPES, Ceilings, dtype_name, get_ceilings
 from labcore.profiling.cost_model import layer_step_cost, model_step_cost, touched_bytes
 from labcore.profiling.memory import available_memory_bytes
 from labcore.profiling.timer import resolve_device, time_fn
+from labcore.viz.bench import inference_figure
 
-MODELS = ("dense", "moe", "pkm", "ultramem")
 DEFAULT_BATCHES = tuple(2**i for i in range(13))  # 1, 2, 4, ..., 4096
 COLUMNS = [
     "model", "scope", "batch", "latency_s", "latency_iqr_s", "predicted_s", "bound", "flops",
@@ -101,6 +114,15 @@ COLUMNS = [
     "plan",
 ]
 MEMORY_FIT_FRACTION = 0.8  # refuse configs whose estimate exceeds this share of the free memory
+
+
+
+
+def model_names(every_memory: bool = False) -> tuple[str, ...]:
+    """The bench's default models, in registration order: "dense", "moe", then the memories of the
+    equal-budget family ("pkm", "ultramem", ...; :func:`labcore.lm.budget.family_names`); with
+    ``every_memory``, every registered memory (the names the bench accepts)."""
+    return family_names(every_memory)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,8 +156,6 @@ def _activation_values_per_token(cfg) -> float:
 
 def estimate_bytes(cfg, batch: int, dtype_bytes: int) -> int:
     """Parameters + activations of one model at batch ``batch`` (an over-estimate, not exact)."""
-    from labcore.budget import model_budget
-
     params = model_budget(cfg, context_len=1, dtype_bytes=dtype_bytes).total_params
     return int(params * dtype_bytes + batch * _activation_values_per_token(cfg) * max(dtype_bytes, 4))
 
@@ -148,9 +168,9 @@ def validate(batch_sizes: Sequence[int], models: Sequence[str], device: torch.de
         check_int("run_inference_bench", "batch_sizes", b, min_value=1)
     if len(models) == 0:
         raise ConfigError("run_inference_bench.models=() is not allowed: must list at least one of "
-                          + ", ".join(MODELS))
+                          + ", ".join(model_names(every_memory=True)))
     for m in models:
-        check_choice("run_inference_bench", "models", m, MODELS)
+        check_choice("run_inference_bench", "models", m, model_names(every_memory=True))
     check_choice("run_inference_bench", "dtype", dtype, tuple(DTYPES))
     check_int("run_inference_bench", "repeats", repeats, min_value=1)
     check_int("run_inference_bench", "warmup", warmup, min_value=0)
@@ -181,14 +201,14 @@ def check_fits(configs: Mapping[str, Any], max_batch: int, device: torch.device,
 # ----------------------------------------------------------------------------------------------
 
 
-def default_configs(base=None, ratio: float = 12.0, models: Sequence[str] = MODELS, tol: float = 0.02,
+def default_configs(base=None, ratio: float = 12.0, models: Sequence[str] | None = None, tol: float = 0.02,
                     **family_kwargs: Any) -> dict[str, Any]:
-    """The equal-budget family (labcore.budget.equal_budget_family) restricted to ``models``."""
-    from labcore.budget import equal_budget_family, small_base_config
-
+    """The equal-budget family (labcore.lm.budget.equal_budget_family) restricted to ``models``
+    (default: :func:`model_names`)."""
     check_float("run_inference_bench", "ratio", ratio, min_value=0.0, min_inclusive=False)
     base = small_base_config() if base is None else base
-    fam = equal_budget_family(base, ratio, tol=tol, **family_kwargs)
+    models = model_names() if models is None else tuple(models)
+    fam = equal_budget_family(base, ratio, tol=tol, names=models, **family_kwargs)
     return {m: fam[m] for m in models}
 
 
@@ -198,8 +218,6 @@ def _layer_cost(layer_cfg) -> LayerCost:
 
 def _model_parts(cfg) -> dict[str, LayerCost]:
     """The model as cost-model parts: the dense trunk (read once per step) + each sparse layer."""
-    from labcore.budget import model_budget
-
     budget = model_budget(cfg, context_len=1, dtype_bytes=4)
     parts: dict[str, LayerCost] = {}
     sparse_total = 0
@@ -245,6 +263,12 @@ def _model_touched_bytes(lm, parts: Mapping[str, LayerCost], aux: Mapping[str, A
 # ----------------------------------------------------------------------------------------------
 # Skip-layer overlap (GPU only).
 # ----------------------------------------------------------------------------------------------
+
+
+def _has_skip_layer(cfg) -> bool:
+    """A memory model whose first memory reads block k and is added after a later block v > k."""
+    pairs = cfg.memory_pairs()
+    return bool(pairs) and pairs[0][0] < pairs[0][1]
 
 
 def measure_overlap(lm, batch: int, *, warmup: int, repeats: int, device: torch.device,
@@ -294,7 +318,7 @@ def measure_overlap(lm, batch: int, *, warmup: int, repeats: int, device: torch.
 # ----------------------------------------------------------------------------------------------
 
 
-def run_inference_bench(batch_sizes: Sequence[int] = DEFAULT_BATCHES, models: Sequence[str] = MODELS, *,
+def run_inference_bench(batch_sizes: Sequence[int] = DEFAULT_BATCHES, models: Sequence[str] | None = None, *,
                         base=None, ratio: float = 12.0, configs: Mapping[str, Any] | None = None,
                         family_kwargs: Mapping[str, Any] | None = None, device: str | torch.device = "cpu",
                         dtype: str | torch.dtype = "float32", warmup: int = 2, repeats: int = 5,
@@ -304,7 +328,9 @@ def run_inference_bench(batch_sizes: Sequence[int] = DEFAULT_BATCHES, models: Se
                         log: Callable[[str], None] | None = print) -> pd.DataFrame:
     """Measure decode-step latency and memory access vs batch size; return the tidy table.
 
-    ``configs`` (name -> ModelConfig, names from MODELS) replaces the equal-budget family built from
+    ``models``: names from ``model_names(every_memory=True)`` (default: :func:`model_names`, or the
+    keys of ``configs``).
+    ``configs`` (name -> ModelConfig) replaces the equal-budget family built from
     ``base`` and ``ratio`` (``family_kwargs`` go to equal_budget_family). ``context_len`` > 0 adds the
     KV cache of that length to the *prediction* only (nothing here reads a KV cache). ``ceilings``:
     use these instead of the machine's cached ones; ``remeasure_ceilings``: measure them again now
@@ -315,7 +341,9 @@ def run_inference_bench(batch_sizes: Sequence[int] = DEFAULT_BATCHES, models: Se
     dev = resolve_device(device)
     dt_name = dtype_name(dtype) if isinstance(dtype, torch.dtype) else dtype
     batch_sizes = tuple(batch_sizes)
-    models = tuple(configs) if configs is not None and models == MODELS else tuple(models)
+    if models is None:
+        models = tuple(configs) if configs is not None else model_names()
+    models = tuple(models)
     validate(batch_sizes, models, dev, dt_name, repeats, warmup)
     for s in scopes:
         check_choice("run_inference_bench", "scopes", s, ("layer", "model"))
@@ -328,10 +356,10 @@ def run_inference_bench(batch_sizes: Sequence[int] = DEFAULT_BATCHES, models: Se
         missing = [m for m in models if m not in configs]
         if missing:
             raise ConfigError(f"run_inference_bench: configs lacks {missing}; it has {sorted(configs)}")
-        unknown = [m for m in configs if m not in MODELS]
+        unknown = [m for m in configs if m not in model_names(every_memory=True)]
         if unknown:
             raise ConfigError(f"run_inference_bench: configs has unknown model name(s) {unknown}; allowed: "
-                              + ", ".join(MODELS))
+                              + ", ".join(model_names(every_memory=True)))
     dt = DTYPES[dt_name]
     b = torch.tensor([], dtype=dt).element_size()
     check_fits({m: configs[m] for m in models}, max(batch_sizes), dev, b)
@@ -343,13 +371,14 @@ def run_inference_bench(batch_sizes: Sequence[int] = DEFAULT_BATCHES, models: Se
         ceil = ceilings if ceilings is not None else get_ceilings(dev, dt, force=remeasure_ceilings)
         say(f"ceilings on {dev} ({dt_name}, {torch.get_num_threads()} threads): copy "
             f"{ceil.copy_bytes_per_s / 1e9:.2f} GB/s, matmul {ceil.matmul_flops_per_s / 1e9:.1f} GFLOP/s")
-        if overlap and "ultramem" in models and dev.type != "cuda":
+        skipping = [m for m in models if _has_skip_layer(configs[m])]
+        if overlap and skipping and dev.type != "cuda":
             say("skip-layer overlap: not measured on CPU (it needs two CUDA streams); overlap_* columns are NaN")
         rows = []
         for name in models:
             rows += _bench_one(name, configs[name], batch_sizes, scopes=scopes, dev=dev, dt=dt, b=b,
                                ceil=ceil, warmup=warmup, repeats=repeats, context_len=context_len,
-                               overlap=overlap and name == "ultramem" and dev.type == "cuda", seed=seed, say=say)
+                               overlap=overlap and name in skipping and dev.type == "cuda", seed=seed, say=say)
     finally:
         torch.set_num_threads(old_threads)
     df = pd.DataFrame(rows, columns=COLUMNS)
@@ -360,9 +389,6 @@ def run_inference_bench(batch_sizes: Sequence[int] = DEFAULT_BATCHES, models: Se
 
 def _bench_one(name: str, cfg, batch_sizes: Sequence[int], *, scopes, dev, dt, b, ceil, warmup, repeats,
                context_len, overlap, seed, say) -> list[dict]:
-    from labcore.budget import describe_plan, model_budget
-    from labcore.model import LM
-
     torch.manual_seed(seed)
     lm = LM(cfg).to(device=dev, dtype=dt).eval()
     set_detailed_aux(lm, False)                 # no O(N_slots) per-call diagnostics (module docstring)
@@ -422,27 +448,16 @@ def _bench_one(name: str, cfg, batch_sizes: Sequence[int], *, scopes, dev, dt, b
     return rows
 
 
-def _gather_fn(layer, aux) -> Callable[[], torch.Tensor]:
-    """The memory layer's value gather alone: one ``F.embedding_bag`` with the bags its forward made."""
-    if hasattr(layer, "value_bags"):                                    # UltraMem: (token, core, block) bags
-        idx, offsets, w = layer.value_bags(aux.indices, aux.core_scores)
-        table = layer.value_chunks()
-        return lambda: F.embedding_bag(idx, table, offsets, mode="sum", per_sample_weights=w)
-    table = layer.values.weight                                         # PKM: one bag of H*K rows per token
-    w = aux.scores.to(table.dtype)
-    return lambda: F.embedding_bag(aux.indices, table, mode="sum", per_sample_weights=w)
-
-
 def _time_read(layer, aux, B: int, b: float, layer_s: float, warmup: int, repeats: int, dev,
                copy_bytes_per_s: float) -> dict:
     """Time the memory layer's value read, and the gather inside it, with the indices/scores its
-    forward produced."""
-    if hasattr(aux, "core_scores") and aux.core_scores is not None:     # UltraMem: per-core scores
-        args = (aux.indices, aux.core_scores)
-    else:                                                               # PKM: softmax weights
-        args = (aux.indices, aux.scores)
-    t = time_fn(lambda: layer.read(*args), warmup=warmup, repeats=repeats, device=dev)
-    g = time_fn(_gather_fn(layer, aux), warmup=warmup, repeats=repeats, device=dev)
+    forward produced (the spec's ``value_read`` hook replays them); {} without a hook."""
+    value_read = memory_spec(layer.cfg).value_read
+    if value_read is None:
+        return {}
+    read, gather = value_read(layer, aux)
+    t = time_fn(read, warmup=warmup, repeats=repeats, device=dev)
+    g = time_fn(gather, warmup=warmup, repeats=repeats, device=dev)
     d_v = layer.values.weight.shape[1]
     value_bytes = aux.indices.numel() * d_v * b                         # every selected row, repeats counted
     return {"read_s": t.median_s, "read_frac": t.median_s / layer_s, "read_bytes_per_s": value_bytes / t.median_s,
@@ -462,13 +477,8 @@ def _row(common: dict, scope: str, B: int, t, pred, accessed: float, extra: dict
 
 
 # ----------------------------------------------------------------------------------------------
-# Figure and outputs.
+# The MoE / UltraMem ratio and the outputs (the figure is labcore.viz.bench's).
 # ----------------------------------------------------------------------------------------------
-
-COLORS = {"dense": "#636efa", "moe": "#ef553b", "pkm": "#00cc96", "ultramem": "#ab63fa"}
-LABELS = {"dense": "Dense", "moe": "MoE", "pkm": "PKM", "ultramem": "UltraMem"}
-X_TITLE = "batch size B (sequences, one new token each)"
-Y_TITLES = ("latency per decode step (ms)", "memory accessed per step (MB)", "latency MoE / UltraMem (x)")
 
 
 def moe_ultramem_ratio(df: pd.DataFrame, scope: str = "model") -> pd.DataFrame:
@@ -482,45 +492,6 @@ def moe_ultramem_ratio(df: pd.DataFrame, scope: str = "model") -> pd.DataFrame:
         "latency_ratio": (moe.loc[common, "latency_s"] / um.loc[common, "latency_s"]).to_numpy(),
         "bytes_ratio": (moe.loc[common, "bytes_accessed"] / um.loc[common, "bytes_accessed"]).to_numpy(),
     })
-
-
-def inference_figure(df: pd.DataFrame, scope: str = "model"):
-    """Figure 1 on this machine: (a) latency vs B, (b) memory access vs B (measured solid, cost model
-    dashed), (c) MoE / UltraMem latency ratio per batch size."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    d = df[df["scope"] == scope].sort_values(["model", "batch"])
-    fig = make_subplots(rows=1, cols=3, subplot_titles=(
-        f"(a) decode-step latency ({scope})", f"(b) memory access ({scope})", "(c) MoE / UltraMem latency"))
-    for name in [m for m in MODELS if m in set(d["model"])]:
-        g = d[d["model"] == name]
-        color, label = COLORS[name], LABELS[name]
-        fig.add_trace(go.Scatter(x=g["batch"], y=g["latency_s"] * 1e3, mode="lines+markers", name=f"{label}",
-                                 legendgroup=name, line={"color": color},
-                                 error_y={"type": "data", "array": g["latency_iqr_s"] * 1e3, "visible": True}),
-                      row=1, col=1)
-        fig.add_trace(go.Scatter(x=g["batch"], y=g["predicted_s"] * 1e3, mode="lines", name=f"{label} (roofline)",
-                                 legendgroup=name, line={"color": color, "dash": "dash"}), row=1, col=1)
-        fig.add_trace(go.Scatter(x=g["batch"], y=g["bytes_accessed"] / 1e6, mode="lines+markers",
-                                 name=f"{label} memory access", legendgroup=name, line={"color": color},
-                                 showlegend=False), row=1, col=2)
-        fig.add_trace(go.Scatter(x=g["batch"], y=g["bytes_predicted"] / 1e6, mode="lines",
-                                 name=f"{label} memory access (cost model)", legendgroup=name,
-                                 line={"color": color, "dash": "dash"}, showlegend=False), row=1, col=2)
-    ratio = moe_ultramem_ratio(df, scope)
-    if len(ratio):
-        fig.add_trace(go.Scatter(x=ratio["batch"], y=ratio["latency_ratio"], mode="lines+markers+text",
-                                 name="MoE / UltraMem latency", text=[f"{r:.1f}x" for r in ratio["latency_ratio"]],
-                                 textposition="top center", line={"color": "black"}), row=1, col=3)
-    for col in (1, 2, 3):
-        fig.update_xaxes(type="log", title_text=X_TITLE, row=1, col=col)
-        fig.update_yaxes(title_text=Y_TITLES[col - 1], row=1, col=col, type="log" if col < 3 else "linear")
-    dev = d["device"].iloc[0] if len(d) else "?"
-    fig.update_layout(title=f"Decode-step cost vs batch size on {dev} (equal activated compute; "
-                            "MoE/PKM/UltraMem at equal total parameters; no KV cache)",
-                      height=480, width=1500, legend={"orientation": "h", "y": -0.25})
-    return fig
 
 
 def _atomic(path: Path, write: Callable[[str], None]) -> None:
@@ -541,7 +512,8 @@ def write_outputs(df: pd.DataFrame, out_dir: str | os.PathLike) -> tuple[Path, P
     out = Path(out_dir)
     pq, html = out / "inference.parquet", out / "inference.html"
     _atomic(pq, lambda p: df.to_parquet(p, index=False))
-    fig = inference_figure(df, "model" if (df["scope"] == "model").any() else "layer")
+    scope = "model" if (df["scope"] == "model").any() else "layer"
+    fig = inference_figure(df, moe_ultramem_ratio(df, scope), scope)
     _atomic(html, lambda p: fig.write_html(p, include_plotlyjs=True, full_html=True))
     return pq, html
 
@@ -551,8 +523,8 @@ def format_table(df: pd.DataFrame) -> str:
     lines = []
     for scope in [s for s in ("layer", "model") if s in set(df["scope"])]:
         d = df[df["scope"] == scope]
-        models = [m for m in MODELS if m in set(d["model"])]
-        head = f"{scope:<6}{'B':>6} " + " ".join(f"{LABELS[m] + ' ms':>12} {'MB':>9}" for m in models)
+        models = [m for m in model_names(every_memory=True) if m in set(d["model"])]
+        head = f"{scope:<6}{'B':>6} " + " ".join(f"{get(m).label + ' ms':>12} {'MB':>9}" for m in models)
         if "moe" in models and "ultramem" in models:
             head += f" {'MoE/UM':>7}"
         lines += [head, "-" * len(head)]
@@ -564,11 +536,11 @@ def format_table(df: pd.DataFrame) -> str:
                 line += f" {r.loc['moe', 'latency_s'] / r.loc['ultramem', 'latency_s']:>6.2f}x"
             lines.append(line)
         lines.append("")
-    mem = df[(df["scope"] == "layer") & df["model"].isin(["pkm", "ultramem"])]
+    mem = df[(df["scope"] == "layer") & df["read_s"].notna()]
     if len(mem):
         lines.append("memory layers, value read vs copy ceiling (layer scope):")
         for r in mem.itertuples():
-            lines.append(f"  {LABELS[r.model]:<9} B={r.batch:<5} layer {r.latency_s * 1e3:9.3f} ms, read "
+            lines.append(f"  {get(r.model).label:<9} B={r.batch:<5} layer {r.latency_s * 1e3:9.3f} ms, read "
                          f"{r.read_s * 1e3:9.3f} ms ({r.read_frac:.0%} of layer), read streams "
                          f"{r.read_bytes_per_s / 1e9:6.2f} GB/s = {r.read_bytes_per_s / r.copy_bytes_per_s:.0%} of copy, "
                          f"its gather {r.gather_s * 1e3:.3f} ms = {r.gather_frac_copy:.0%} of copy; "
@@ -576,73 +548,7 @@ def format_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------
-# CLI.
-# ----------------------------------------------------------------------------------------------
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="labcore bench inference",
-                                 description="Decode-step latency and memory access vs batch size (Figure 1).")
-    ap.add_argument("--batch-sizes", type=_int_list, default=list(DEFAULT_BATCHES),
-                    help="comma-separated batch sizes (default 1,2,4,...,4096)")
-    ap.add_argument("--models", default=",".join(MODELS), help=f"subset of {','.join(MODELS)}")
-    ap.add_argument("--ratio", type=float, default=12.0, help="sparse/dense parameter ratio (default 12)")
-    ap.add_argument("--d-model", type=int, default=None, help="base model D (default: small_base_config)")
-    ap.add_argument("--n-layers", type=int, default=None, help="base model L")
-    ap.add_argument("--d-ff", type=int, default=None, help="base model FFN hidden size")
-    ap.add_argument("--vocab-size", type=int, default=None, help="base model vocabulary")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: unchanged)")
-    ap.add_argument("--scopes", default="layer,model", help="layer,model (default both)")
-    ap.add_argument("--context-len", type=int, default=0, help="add a KV cache of this length to the prediction")
-    ap.add_argument("--no-overlap", action="store_true", help="skip the GPU skip-layer overlap measurement")
-    ap.add_argument("--remeasure-ceilings", action="store_true",
-                    help="measure copy bandwidth / matmul FLOP/s again instead of using the per-machine cache")
-    ap.add_argument("--out", default="bench_out/inference", help="output directory (parquet + html)")
-    args = ap.parse_args(argv)
-    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    try:
-        base = None
-        overrides = {k: v for k, v in (("d_model", args.d_model), ("n_layers", args.n_layers),
-                                       ("d_ff", args.d_ff), ("vocab_size", args.vocab_size)) if v is not None}
-        if overrides:
-            from labcore.budget import small_base_config
-
-            base = small_base_config(**overrides)
-        df = run_inference_bench(args.batch_sizes, tuple(m.strip() for m in args.models.split(",") if m.strip()),
-                                 base=base, ratio=args.ratio, device=args.device, dtype=dtype,
-                                 warmup=args.warmup, repeats=args.repeats, threads=args.threads,
-                                 scopes=tuple(s.strip() for s in args.scopes.split(",") if s.strip()),
-                                 overlap=not args.no_overlap, context_len=args.context_len,
-                                 remeasure_ceilings=args.remeasure_ceilings, out_dir=args.out)
-    except ConfigError as e:
-        ap.error(str(e))
-    print()
-    print(format_table(df))
-    if df["overlap_frac"].notna().any():
-        ov = df[df["overlap_frac"].notna()]
-        print("\nskip-layer overlap (UltraMem memory vs the blocks it spans, two CUDA streams):")
-        for r in ov.itertuples():
-            print(f"  B={r.batch:<5} mem {r.overlap_mem_s * 1e3:.3f} ms + dense {r.overlap_dense_s * 1e3:.3f} ms "
-                  f"-> both {r.overlap_both_s * 1e3:.3f} ms: overlap {r.overlap_frac:.0%}")
-    elif not args.device.startswith("cuda"):
-        print("\nskip-layer overlap: not measured on CPU (needs two CUDA streams).")
-    print(f"\nwrote {Path(args.out) / 'inference.parquet'} and {Path(args.out) / 'inference.html'}")
-    return 0
-
-
-__all__ = ["COLUMNS", "DEFAULT_BATCHES", "MODELS", "check_fits", "default_configs", "estimate_bytes",
-           "format_table", "inference_figure", "main", "measure_overlap", "moe_ultramem_ratio",
-           "run_inference_bench", "write_outputs"]
+__all__ = ["COLUMNS", "DEFAULT_BATCHES", "check_fits", "default_configs", "estimate_bytes", "format_table",
+           "measure_overlap", "model_names", "moe_ultramem_ratio", "run_inference_bench",
+           "write_outputs"]
 

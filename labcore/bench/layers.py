@@ -1,4 +1,4 @@
-"""Layer speed benchmark (issue #2): labcore's layers against their PyPI peers, same sizes, same run.
+"""Layer speed benchmark: labcore's layers against their PyPI peers, same sizes, same run.
 
 ``python -m labcore.bench layers`` (or ``labcore bench layers``) times the forward pass of each pair on
 the same input, B x T = 4 x 256 tokens, D = 256, float32, eval mode, under ``torch.inference_mode``,
@@ -62,6 +62,7 @@ missing one gives a clear message and skips its row.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import statistics
 from collections.abc import Callable, Sequence
@@ -73,8 +74,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from labcore.interop import moe_to_hf
 from labcore.layers.base import ConfigError, check_choice, check_int, set_detailed_aux
-from labcore.layers.moe import EXPERT_IMPLS
+from labcore.layers.moe import EXPERT_IMPLS, MoE, MoEConfig
+from labcore.layers.pkm import PKM, PKMConfig
+from labcore.layers.ultramem import UltraMem, UltraMemConfig
 from labcore.profiling.ceilings import measure_copy_bandwidth
 from labcore.profiling.timer import Timer, Timing, quantile
 from labcore.results import write_atomic
@@ -89,8 +93,6 @@ class PeerMissing(RuntimeError):
 
 
 def _need(module: str, package: str):
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError as e:
@@ -159,8 +161,6 @@ class Row:
 
 
 def _pkm_pair(D: int):
-    from labcore.layers.pkm import PKM, PKMConfig
-
     cfg = PKMConfig(d_model=D, n_keys=128, heads=4, k_dim=128, top_k=32, query_norm="layernorm")
     ours = PKM(cfg).eval()
     pkm_mod = _need("product_key_memory", "product-key-memory==0.3.0")
@@ -170,8 +170,6 @@ def _pkm_pair(D: int):
 
 
 def _ultramem_pair(D: int):
-    from labcore.layers.ultramem import UltraMem, UltraMemConfig
-
     cfg = UltraMemConfig(d_model=D, n_keys=128, heads=2, k_dim=128, top_k=32, d_value=D, rank=2,
                          n_cores=2, expansion=4)
     ours = UltraMem(cfg).eval()
@@ -184,14 +182,11 @@ def _ultramem_pair(D: int):
 
 
 def _moe_pair(D: int, n_experts: int, top_k: int, d_expert: int, impl: str = "auto"):
-    from labcore.layers.moe import MoE, MoEConfig
-
     ours = MoE(MoEConfig(d_model=D, d_expert=d_expert, n_experts=n_experts, top_k=top_k, expert_impl=impl)).eval()
     _need("transformers", "transformers>=5.0")
+    # transformers is a benchmark-only dependency: imported here, once _need has checked it.
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-
-    from labcore.interop import moe_to_hf
 
     hf_cfg = MixtralConfig(hidden_size=D, intermediate_size=d_expert, num_local_experts=n_experts,
                            num_experts_per_tok=top_k, experts_implementation="eager")
@@ -283,9 +278,6 @@ def _time_alone(fn: Callable[[], object], warmup: int, n: int):
 
 def _gather_rows(x: torch.Tensor, *, seed: int, say, warmup: int, repeats: int, rounds: int) -> list[Row]:
     """Achieved bytes/s of the PKM value gather and of the UltraMem read, next to the copy ceiling."""
-    from labcore.layers.pkm import PKM, PKMConfig
-    from labcore.layers.ultramem import UltraMem, UltraMemConfig
-
     D = x.shape[-1]
     x2d = x.reshape(-1, D)                                                   # (N_tok, D)
     n_tok = x2d.shape[0]
@@ -382,7 +374,7 @@ def write_outputs(df: pd.DataFrame, *, json_path: str | None = None, csv_path: s
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="labcore bench layers",
-                                 description="Forward latency of labcore layers vs PyPI peers (issue #2).")
+                                 description="Forward latency of labcore layers vs PyPI peers.")
     ap.add_argument("--only", default=",".join(ROWS),
                     help=f"comma-separated subset of {','.join(ROWS)} (default: all)")
     ap.add_argument("--batch", type=int, default=4, help="B (default 4)")

@@ -1,15 +1,15 @@
-"""Training-throughput benchmark: dense, MoE, PKM and UltraMem LMs at equal budget, same run.
+"""Training-throughput benchmark: dense, MoE and every registered memory LM at equal budget, same run.
 
 ``python -m labcore.bench.training`` (or ``labcore bench training``) builds the equal-budget family
-of :func:`labcore.budget.equal_budget_family` from one dense base (the four models have equal
+of :func:`labcore.lm.budget.equal_budget_family` from one dense base (the models have equal
 forward FLOPs per token; the three sparse ones equal total parameters, ``ratio`` x the dense model's
-on top of it, the paper's "x12"), and times full training steps exactly as :func:`labcore.train.train`
+on top of it, the paper's "x12"), and times full training steps exactly as :func:`labcore.lm.train.train`
 runs them::
 
     refresh_all(model); zero_grad; loss = CE + aux_loss (autocast policy of TrainConfig); backward;
-    AdamW step over labcore.optim's parameter groups
+    AdamW step over labcore.lm.optim's parameter groups
 
-on batches of the knowledge data set (B x T tokens). The four models are timed in alternating rounds
+on batches of the knowledge data set (B x T tokens). The models are timed in alternating rounds
 (``rounds`` x ``repeats`` steps each, after ``warmup`` untimed steps) so that a noisy neighbour slows
 them alike; each reported step time is the median over all samples with its interquartile range.
 
@@ -46,9 +46,12 @@ import pandas as pd
 import torch
 from torch import nn
 
+from labcore.data import KnowledgeConfig, load_dataset
 from labcore.layers.base import check_float, check_int
-
-ARCHS = ("dense", "moe", "pkm", "ultramem")
+from labcore.lm.budget import equal_budget_family, family_names, model_budget, small_base_config
+from labcore.lm.model import LM
+from labcore.lm.optim import refresh_all
+from labcore.lm.train import TrainConfig, autocast_dtype, build_optimizer, set_step_lr, value_lr_schedule
 
 
 @dataclass(frozen=True)
@@ -140,9 +143,6 @@ class Runner:
     """One architecture: its model, optimiser, sampler and hook timer; ``step()`` times one step."""
 
     def __init__(self, name: str, model_cfg, bcfg: TrainBenchConfig, data, device: torch.device) -> None:
-        from labcore.model import LM
-        from labcore.train import TrainConfig, autocast_dtype, build_optimizer, value_lr_schedule
-
         self.name = name
         torch.manual_seed(bcfg.seed)
         self.model = LM(model_cfg).to(device).train()
@@ -158,9 +158,6 @@ class Runner:
         self.s = 0
 
     def step(self, record: bool) -> None:
-        from labcore.optim import refresh_all
-        from labcore.train import set_step_lr
-
         (x, y), = self.sampler.next()
         x, y = x.to(self.device), y.to(self.device)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
@@ -191,16 +188,15 @@ def _iqr(x: Sequence[float]) -> float:
     return float(q3 - q1)
 
 
-def run(bcfg: TrainBenchConfig, archs: Sequence[str] = ARCHS) -> pd.DataFrame:
-    """Build the family, time every architecture in alternating rounds, return one row each."""
-    from labcore.budget import equal_budget_family, model_budget, small_base_config
-    from labcore.data import KnowledgeConfig, load_dataset
-
+def run(bcfg: TrainBenchConfig, archs: Sequence[str] | None = None) -> pd.DataFrame:
+    """Build the family, time every architecture (default: all of ``family_names()``) in alternating
+    rounds, return one row each."""
+    archs = family_names() if archs is None else tuple(archs)
     device = torch.device(bcfg.device)
     torch.set_num_threads(bcfg.threads)
     base = small_base_config(vocab_size=259, d_model=bcfg.d_model, n_layers=bcfg.n_layers,
                              n_heads=bcfg.n_heads, d_ff=bcfg.d_ff, max_seq_len=bcfg.seq_len)
-    family = equal_budget_family(base, ratio=bcfg.ratio, context_len=bcfg.seq_len)
+    family = equal_budget_family(base, ratio=bcfg.ratio, context_len=bcfg.seq_len, names=archs)
     data = load_dataset(KnowledgeConfig(n_people=200, bios_per_person=2, seed=bcfg.seed), cache_dir=False)
     runners = [Runner(a, family[a], bcfg, data, device) for a in archs]
     for r in runners:
@@ -255,7 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.add_argument(f"--{f.replace('_', '-')}", type=int)
     ap.add_argument("--ratio", type=float, help="sparse / dense parameters (default 12, the paper's x12)")
     ap.add_argument("--device", choices=("cpu", "cuda"))
-    ap.add_argument("--archs", default=",".join(ARCHS), help="comma-separated subset of " + ",".join(ARCHS))
+    ap.add_argument("--archs", default=",".join(family_names()),
+                    help="comma-separated subset of " + ",".join(family_names(every_memory=True)))
     ap.add_argument("--json", type=Path, help="also write the table (and the config) to this JSON file")
     args = ap.parse_args(argv)
     fields = dict(QUICK) if args.quick else {}
@@ -264,9 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             fields[k] = v
     bcfg = TrainBenchConfig(**fields)
     archs = [a.strip() for a in args.archs.split(",") if a.strip()]
-    bad = [a for a in archs if a not in ARCHS]
+    bad = [a for a in archs if a not in family_names(every_memory=True)]
     if bad or not archs:
-        ap.error(f"--archs={args.archs!r} is not allowed: must be a comma-separated subset of {','.join(ARCHS)}")
+        ap.error(f"--archs={args.archs!r} is not allowed: must be a comma-separated subset of {','.join(family_names(every_memory=True))}")
     t0 = time.perf_counter()
     df = run(bcfg, archs)
     print(f"training throughput, equal budget (ratio x{bcfg.ratio:g}), B x T = {bcfg.batch_size} x {bcfg.seq_len}, "

@@ -48,7 +48,7 @@ Splits and evaluation
 Loss and accuracy count the answer token only (the answer mask): key tokens are random strings
 whose prediction would only spend capacity on memorising the subject list. With rows ``tokens`` and
 their ``answer_mask``, :func:`inputs_targets` gives the model input ``x = tokens[:, :-1]`` and targets
-``y = tokens[:, 1:]`` with -100 (ignored by ``labcore.model.LM``'s loss) outside the answers.
+``y = tokens[:, 1:]`` with -100 (ignored by ``labcore.lm.model.LM``'s loss) outside the answers.
 Metrics from logits: :mod:`labcore.experiments.knowledge_metrics`.
 
 Cached like every generator (``load_dataset(FactsConfig(...))``): train/val streams with
@@ -71,7 +71,7 @@ from labcore.data.cache import Built, Generator, register
 from labcore.data.tokenizer import N_BYTES, SPECIALS, ByteTokenizer
 
 EVAL_SPLITS = ("stored", "held_out", "all")
-IGNORE_INDEX = -100  # labcore.model.LM's cross-entropy ignores these targets
+IGNORE_INDEX = -100  # labcore.lm.model.LM's cross-entropy ignores these targets
 
 
 @dataclass(frozen=True)

@@ -12,5 +12,5 @@ notebook               module                                      question
 
 Shared machinery: :mod:`labcore.experiments.core` (variants x seeds -> table, statistics),
 :mod:`labcore.experiments.common` (parameter schema, sizes, run directory),
-:mod:`labcore.experiments.figures` (figures with seed spread).
+:mod:`labcore.viz.figures` (their figures, with seed spread).
 """

@@ -1,13 +1,14 @@
-"""04_architectures: Dense vs MoE vs PKM vs UltraMem at equal budget.
+"""04_architectures: Dense vs MoE vs the memory layers (PKM, UltraMem, any registered one) at equal budget.
 
-The paper's comparison (papers.md §2.1, §7): all four models have the same forward FLOPs per token,
-and MoE, PKM and UltraMem the same total parameters (``ratio`` x the dense model's parameters in
-sparse parts, the paper's "x12"). :func:`labcore.budget.equal_budget_family` sizes them within 2%.
-This notebook trains each for several seeds on the knowledge task (quality: validation loss and
-knowledge recall), and measures inference cost vs batch size with ``labcore bench inference``
-(decode-step latency, memory bytes read, the MoE/UltraMem latency ratio; papers.md §7.2 explains
-why MoE reads more as B grows: a handful of tokens already touches almost every expert, while
-memory layers touch B·H·K value rows out of N).
+The paper's comparison (docs/mechanisms.md §2.1, §7): all models have the same forward FLOPs per
+token, and the sparse ones (MoE and every registered memory) the same total parameters (``ratio`` x
+the dense model's parameters in sparse parts, the paper's "x12").
+:func:`labcore.lm.budget.equal_budget_family` sizes them within 2%. This notebook trains each for
+several seeds on the knowledge task (quality: validation loss and knowledge recall), and measures
+inference cost vs batch size with :func:`labcore.bench.inference.run_inference_bench`, what
+``labcore bench inference`` runs (decode-step latency, memory bytes read, the MoE/UltraMem latency
+ratio; docs/mechanisms.md §7.2 explains why MoE reads more as B grows: a handful of tokens already
+touches almost every expert, while memory layers touch B·H·K value rows out of N).
 """
 
 from __future__ import annotations
@@ -19,15 +20,14 @@ import pandas as pd
 import torch
 
 from labcore.bench.inference import moe_ultramem_ratio, run_inference_bench
-from labcore.budget import equal_budget_family, model_budget
 from labcore.experiments.common import lab_run, save_outputs
 from labcore.experiments.core import Variant, paired_deltas, run_variants, summarize
-from labcore.experiments.figures import deltas_figure, variants_figure
 from labcore.experiments.params import ArchitecturesParams
-from labcore.plots import latency_vs_batch_figure
+from labcore.lm.budget import equal_budget_family, model_budget
+from labcore.viz.figures import deltas_figure, variants_figure
+from labcore.viz.plots import latency_vs_batch_figure
 
 NOTEBOOK = "04_architectures"
-ARCHS = ("dense", "moe", "pkm", "ultramem")
 
 
 def family(P: ArchitecturesParams) -> dict[str, Any]:
@@ -60,8 +60,8 @@ def run(P: ArchitecturesParams) -> ArchitecturesResult:
                                         repeats=2 if E.smoke else 5, scopes=("layer",), overlap=False,
                                         log=None)
         figures = {
-            "val_loss": variants_figure(table, "val_loss", list(ARCHS), "Validation loss at equal budget"),
-            "recall": variants_figure(table, "recall_qa", list(ARCHS), "Knowledge recall (held-out questions)"),
+            "val_loss": variants_figure(table, "val_loss", list(fam), "Validation loss at equal budget"),
+            "recall": variants_figure(table, "recall_qa", list(fam), "Knowledge recall (held-out questions)"),
             "deltas_vs_dense": deltas_figure(deltas, None, "Δ val loss vs dense (paired by seed)"),
             "latency": latency_vs_batch_figure(inference.assign(latency_ms=1e3 * inference["latency_s"]),
                                                "latency_ms", "batch", "model",

@@ -29,7 +29,7 @@ from labcore.experiments.common import LabParams
 from labcore.experiments.core import Variant, run_variants, summarize
 from labcore.layers.pkm import PKMConfig
 from labcore.layers.ultramem import UltraMemConfig
-from labcore.model import SparsePlan
+from labcore.lm.model import SparsePlan
 from labcore.results import write_table
 
 

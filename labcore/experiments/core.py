@@ -1,8 +1,8 @@
 """The experiment loop shared by the ablation notebooks: variants x seeds -> one tidy table.
 
-An ablation is a list of :class:`Variant` (a name and a :class:`~labcore.model.ModelConfig`, plus
+An ablation is a list of :class:`Variant` (a name and a :class:`~labcore.lm.model.ModelConfig`, plus
 optional training overrides such as the value-LR multiplier) trained on the same data with the same
-:class:`~labcore.train.TrainConfig` for several seeds. :func:`run_variants` trains each (variant,
+:class:`~labcore.lm.train.TrainConfig` for several seeds. :func:`run_variants` trains each (variant,
 seed), evaluates it, adds its static budget (parameters, FLOPs per token) and returns one row per
 (variant, seed). Statistics are computed from that table only:
 
@@ -30,11 +30,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from labcore.budget import model_budget
 from labcore.data.knowledge import KnowledgeConfig
 from labcore.layers.base import ConfigError
-from labcore.model import ModelConfig
-from labcore.train import TrainConfig, train
+from labcore.lm.budget import model_budget
+from labcore.lm.model import ModelConfig
+from labcore.lm.train import TrainConfig, train
 
 # Metrics every run reports (when they exist): final validation loss, knowledge recall.
 CORE_METRICS = ("val_loss", "recall_qa", "recall_bio")

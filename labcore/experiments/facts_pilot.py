@@ -3,7 +3,7 @@
 :func:`train_facts` is a compact loop for rows of a few tokens: one optimiser step per batch of B
 whole rows (the data sampler aligns windows to rows), the loss is the cross-entropy of the answer
 token only (``labcore.data.facts.inputs_targets``: targets are -100 elsewhere), the optimiser,
-parameter groups and learning-rate schedule are ``labcore.train``'s (AdamW, warmup + cosine,
+parameter groups and learning-rate schedule are ``labcore.lm.train``'s (AdamW, warmup + cosine,
 value-LR factor for memory tables, UltraMem's refresh once per step). It evaluates with
 :func:`labcore.experiments.knowledge_metrics.evaluate_facts` on the fixed evaluation set: answer
 loss, exact-match accuracy, stored bits and bits per parameter. No checkpoints, no history file:
@@ -36,9 +36,9 @@ from labcore.config import ConfigError
 from labcore.data.cache import load_dataset
 from labcore.data.facts import FactsConfig, FactSet, answer_mask, inputs_targets
 from labcore.experiments.knowledge_metrics import answer_scores, bits_per_param, evaluate_facts
-from labcore.model import LM, ModelConfig
-from labcore.optim import refresh_all
-from labcore.train import TrainConfig, build_optimizer, resolve_device, set_step_lr, value_lr_schedule
+from labcore.lm.model import LM, ModelConfig
+from labcore.lm.optim import refresh_all
+from labcore.lm.train import TrainConfig, build_optimizer, resolve_device, set_step_lr, value_lr_schedule
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """05_paper_table: the UltraMem paper's Table 2 walked at lab scale, one switch at a time.
 
-Table 2 of the paper (papers.md §1.8) starts from a PKM model and adds UltraMem's changes one row
+Table 2 of the paper (docs/mechanisms.md §1.8) starts from a PKM model and adds UltraMem's changes one row
 at a time, each row keeping all the previous ones. Here every row is an
 :class:`~labcore.layers.ultramem.UltraMemConfig` (plus the model's placements and one training
 switch), so the walk is a list of configs that differ in exactly one place:
@@ -22,7 +22,7 @@ PKM                   additive product keys, softmax, D_v = D, 1 memory  (2.828)
 ====================  ================================================  =========================
 
 The paper's "+query conv" row (-0.001 train, 0.000 val) is not walked: the released layers do not
-have it either (papers.md §1.6). Each row is trained for ``n_seeds`` seeds; differences to the
+have it either (docs/mechanisms.md §1.6). Each row is trained for ``n_seeds`` seeds; differences to the
 previous row are paired by seed, and a difference whose 95% CI contains zero is reported as inside
 seed noise: at lab scale most single rows are, which is the honest reading of the table.
 """
@@ -38,10 +38,10 @@ import pandas as pd
 
 from labcore.experiments.common import lab_run, save_outputs
 from labcore.experiments.core import Variant, paired_deltas, run_variants, summarize
-from labcore.experiments.figures import deltas_figure, history_lines, variants_figure
 from labcore.experiments.params import PAPER_VAL_DELTAS, ROWS, PaperTableParams
 from labcore.layers.ultramem import UltraMemConfig
-from labcore.model import SparsePlan, spread_placements
+from labcore.lm.model import SparsePlan, spread_placements
+from labcore.viz.figures import deltas_figure, history_lines, variants_figure
 
 NOTEBOOK = "05_paper_table"
 

@@ -31,8 +31,8 @@ from labcore.config import (
 
 if TYPE_CHECKING:
     from labcore.data.knowledge import KnowledgeConfig
-    from labcore.model import ModelConfig, SparsePlan
-    from labcore.train import TrainConfig
+    from labcore.lm.model import ModelConfig, SparsePlan
+    from labcore.lm.train import TrainConfig
 
 __all__ = ["LabParams", "TDQKRParams", "SplittingParams", "VirtualMemoryParams", "ArchitecturesParams",
            "PaperTableParams", "PAPER_VAL_DELTAS", "ROWS"]
@@ -92,7 +92,7 @@ class LabParams:
 
     # -- configs (these import the torch-based modules when called) --------------------------
     def train_config(self, **overrides: Any) -> TrainConfig:
-        from labcore.train import TrainConfig
+        from labcore.lm.train import TrainConfig
 
         fields = dict(steps=self.steps, batch_size=self.batch_size, seq_len=self.seq_len, lr=self.lr,
                       warmup_steps=max(1, self.steps // 10), eval_every=0, checkpoint_every=0,
@@ -109,7 +109,7 @@ class LabParams:
 
     def model(self, plan: SparsePlan | None = None, **overrides: Any) -> ModelConfig:
         from labcore.data.tokenizer import ByteTokenizer
-        from labcore.model import ModelConfig, SparsePlan
+        from labcore.lm.model import ModelConfig, SparsePlan
 
         # Long enough for a bio prompt + answer (knowledge recall skips prompts longer than this).
         fields = dict(vocab_size=ByteTokenizer().vocab_size, d_model=self.d_model, n_layers=self.n_layers,

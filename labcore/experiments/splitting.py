@@ -1,6 +1,6 @@
 """02_layer_splitting: one big memory vs several smaller ones with the same total values.
 
-UltraMem's first structural change (papers.md §1.2) splits PKM's single big memory into S smaller
+UltraMem's first structural change (docs/mechanisms.md §1.2) splits PKM's single big memory into S smaller
 memory layers with the same total number of values, spread over the depth, each a skip-layer
 "k:v" that reads block k's FFN input and adds its output after block v. Two reasons: quality
 (Table 2: -0.015 val loss together with the skip links) and systems (each small lookup can overlap
@@ -20,18 +20,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
-import plotly.graph_objects as go
 import torch
 
 from labcore.experiments.common import lab_run, save_outputs
 from labcore.experiments.core import Variant, paired_deltas, run_variants, summarize
-from labcore.experiments.figures import deltas_figure, variants_figure
 from labcore.experiments.params import SplittingParams
 from labcore.layers.ultramem import UltraMemConfig
-from labcore.model import LM, ModelConfig, SparsePlan, spread_placements
-from labcore.plots import label
+from labcore.lm.model import LM, ModelConfig, SparsePlan, spread_placements
 from labcore.profiling.cost_model import layer_step_cost
 from labcore.profiling.timer import time_fn
+from labcore.viz.figures import cost_curves_figure, deltas_figure, variants_figure
 
 NOTEBOOK = "02_layer_splitting"
 
@@ -80,17 +78,6 @@ class SplittingResult:
     figures: dict[str, Any]
 
 
-def _cost_figure(cost: pd.DataFrame, y: str, title: str) -> go.Figure:
-    fig = go.Figure()
-    for v, g in cost.groupby("variant", sort=False):
-        fig.add_trace(go.Scatter(x=g["batch_size"], y=g[y], mode="lines+markers", name=str(v)))
-    fig.update_xaxes(type="log")
-    fig.update_yaxes(type="log")
-    fig.update_layout(title=title, xaxis_title="batch size B (tokens per decode step)", yaxis_title=label(y),
-                      template="plotly_white")
-    return fig
-
-
 def run(P: SplittingParams) -> SplittingResult:
     E = P.effective()
     variants = split_variants(E)
@@ -104,8 +91,8 @@ def run(P: SplittingParams) -> SplittingResult:
         figures = {
             "val_loss": variants_figure(table, "val_loss", title="Validation loss: one big memory vs split"),
             "deltas": deltas_figure(deltas, None, f"Δ val loss vs {variants[0].name} (paired by seed)"),
-            "latency": _cost_figure(cost, "latency_ms", "Decode-step latency of the whole model (this machine)"),
-            "memory_access": _cost_figure(cost, "memory_bytes", "Memory bytes read per decode step (cost model)"),
+            "latency": cost_curves_figure(cost, "latency_ms", "Decode-step latency of the whole model (this machine)"),
+            "memory_access": cost_curves_figure(cost, "memory_bytes", "Memory bytes read per decode step (cost model)"),
         }
         save_outputs(rd, NOTEBOOK, table, figures, {"means": summary, "deltas": deltas, "decode_cost": cost})
     return SplittingResult(table, summary, deltas, cost, figures)

@@ -1,6 +1,6 @@
 """01_tdqkr: additive product keys (PKM) vs Tucker-decomposed query-key retrieval (TDQKR).
 
-TDQKR (papers.md §1.3) scores the slot (i, j) of the n x n grid with a bilinear form
+TDQKR (docs/mechanisms.md §1.3) scores the slot (i, j) of the n x n grid with a bilinear form
 ``S_row[:, i]ᵀ C S_col[:, j]`` (rank R) instead of PKM's sum ``s_row[i] + s_col[j]``. The exact
 top-K of a bilinear grid is not inside the Cartesian product of the per-side top-m lists, so the
 layer searches with the rank-1 approximation ``C ≈ λ₁ u tᵀ`` of the summed cores: top-m rows by
@@ -29,10 +29,10 @@ import torch
 
 from labcore.experiments.common import lab_run, save_outputs
 from labcore.experiments.core import Variant, paired_deltas, run_variants, summarize
-from labcore.experiments.figures import deltas_figure, history_lines, variants_figure
 from labcore.experiments.params import TDQKRParams
 from labcore.layers.ultramem import UltraMem, UltraMemConfig, ultramem_reference
-from labcore.model import SparsePlan
+from labcore.lm.model import SparsePlan
+from labcore.viz.figures import deltas_figure, history_lines, variants_figure
 
 NOTEBOOK = "01_tdqkr"
 PAPER_RANK_DELTAS = {"R=2": -0.008, "R=3": -0.0084, "R=4": -0.0082}

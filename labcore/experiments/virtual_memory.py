@@ -1,13 +1,13 @@
 """03_virtual_memory: implicit value expansion (IVE), E virtual values per physical value.
 
-IVE (papers.md §1.4) gives the memory E x N *virtual* slots while storing only N physical values:
+IVE (docs/mechanisms.md §1.4) gives the memory E x N *virtual* slots while storing only N physical values:
 keys per side grow by √E, a fixed random permutation maps each virtual slot to (physical row,
 projector block p), the selected values are summed per block, and E projectors — one linear map
 E·D_v -> D — turn the E pooled vectors into the output. No extra value bytes are read; the extra
 cost is the larger key tables, the bigger candidate grid and the projection (E·D_v·D per token).
 
 This notebook trains E in {1, 4, 9, 16} at otherwise identical UltraMem configs and reports
-quality against FLOPs per token (from labcore.budget) and the coverage of virtual slots.
+quality against FLOPs per token (from labcore.lm.budget) and the coverage of virtual slots.
 Paper (Table 3): E = 4 / 9 / 16 -> -0.017 / -0.025 / -0.027 val loss at +6.6 / +14.9 / +26.4% FLOPs.
 """
 
@@ -22,10 +22,10 @@ import pandas as pd
 
 from labcore.experiments.common import lab_run, save_outputs
 from labcore.experiments.core import Variant, paired_deltas, run_variants, summarize
-from labcore.experiments.figures import deltas_figure, variants_figure, xy_figure
 from labcore.experiments.params import VirtualMemoryParams
 from labcore.layers.ultramem import UltraMemConfig
-from labcore.model import SparsePlan
+from labcore.lm.model import SparsePlan
+from labcore.viz.figures import deltas_figure, variants_figure, xy_figure
 
 NOTEBOOK = "03_virtual_memory"
 PAPER_VAL_DELTAS = {"E=4": -0.017, "E=9": -0.025, "E=16": -0.027}

@@ -42,6 +42,7 @@ from labcore.layers.base import (
     flatten_tokens,
     zero_loss,
 )
+from labcore.layers.registry import LayerSpec, register
 
 
 @dataclass(frozen=True)
@@ -93,3 +94,11 @@ class DenseFFN(nn.Module):
         x2, lead = flatten_tokens(x, self.cfg.d_model, "DenseFFN")  # (N_tok, D)
         y = self.mlp(x2)  # (N_tok, D)
         return y.reshape(*lead, self.cfg.d_model), LayerAux(aux_loss=zero_loss(x))  # (B, T, D) or (N_tok, D)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registration (labcore.layers.registry): what the rest of the package knows about this layer.
+# ----------------------------------------------------------------------------------------------
+
+register(LayerSpec(name="dense", role="ffn", config=FFNConfig, layer=DenseFFN, label="Dense", color="#636efa",
+                   size_field="d_hidden", summary="SwiGLU MLP, the dense baseline"))

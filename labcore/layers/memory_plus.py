@@ -37,7 +37,7 @@ Value learning rate (``value_lr``): the released configs train the values with a
 (1e-3), independent of the model's schedule. The layer records it on the value table (attribute
 :data:`FIXED_LR_ATTR`, read with :func:`fixed_lr`), next to its optimiser role "memory_values"
 (``labcore.layers.base.tag_param``). The layer only records it: giving such a parameter its own
-optimiser group at that constant learning rate is ``labcore.optim``'s job. Layers sharing one value
+optimiser group at that constant learning rate is ``labcore.lm.optim``'s job. Layers sharing one value
 pool must agree on it.
 
 Shared value pool: ``MemoryPlus(cfg, values=pool)`` with ``pool`` an ``nn.Embedding(n^2, D_v)``

@@ -130,6 +130,7 @@ from labcore.layers.fast.experts import (  # noqa: F401  (public names, kept imp
     plan_padded_groups,
 )
 from labcore.layers.ffn import DenseFFN, FFNConfig
+from labcore.layers.registry import LayerSpec, register
 
 ROUTERS = ("softmax_topk_renorm", "topk_softmax", "softmax_topk")
 EXPERT_IMPLS = ("auto", "padded_bmm", "grouped_mm", "loop")
@@ -438,3 +439,13 @@ def moe_reference(layer: MoE, x: Tensor) -> ReferenceOutput:
     indices = torch.stack(all_idx) if all_idx else torch.zeros(0, K, dtype=torch.long)
     scores = torch.stack(all_w) if all_w else torch.zeros(0, K)
     return ReferenceOutput(y=y, indices=indices, scores=scores, dropped=dropped)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registration (labcore.layers.registry): what the rest of the package knows about this layer.
+# ----------------------------------------------------------------------------------------------
+
+register(LayerSpec(name="moe", role="ffn", config=MoEConfig, layer=MoE, label="MoE", color="#ef553b",
+                   size_field="n_experts",
+                   min_size=lambda kw: kw.get("top_k", MoEConfig.__dataclass_fields__["top_k"].default),
+                   summary="top-k routed SwiGLU experts"))

@@ -80,6 +80,7 @@ Public-code bugs avoided (docs/implementations.md "PKM")
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -106,6 +107,7 @@ from labcore.layers.fast.search import (  # noqa: F401  (SEARCH_CHUNK_BYTES, sea
     search_chunk,
 )
 from labcore.layers.fast.topk import exact_topk
+from labcore.layers.registry import LayerSpec, register
 
 QUERY_NORMS = ("layernorm", "batchnorm", "none")
 
@@ -410,3 +412,28 @@ def pkm_reference(layer: PKM, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         all_weights.append(w)
     y = layer.value_proj(out) if layer.value_proj is not None else out
     return y.view(*lead, c.d_model), torch.cat(all_slots, 1), torch.cat(all_weights, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registration (labcore.layers.registry): what the rest of the package knows about this layer.
+# ----------------------------------------------------------------------------------------------
+
+
+def _pkm_value_read(layer: PKM, aux: LayerAux) -> tuple[Callable[[], Tensor], Callable[[], Tensor]]:
+    """One forward's value read replayed (``read`` with its slots and softmax weights), and the gather
+    inside it: one bag of H*K rows per token, the whole read without a value projection."""
+    table = layer.values.weight
+    w = aux.scores.to(table.dtype)
+    return (lambda: layer.read(aux.indices, aux.scores),
+            lambda: F.embedding_bag(aux.indices, table, mode="sum", per_sample_weights=w))
+
+
+register(LayerSpec(
+    name="pkm", role="memory", config=PKMConfig, layer=PKM, label="PKM", color="#00cc96",
+    size_field="n_keys",
+    min_size=lambda kw: kw.get("top_k", PKMConfig.__dataclass_fields__["top_k"].default),
+    # D/4 key features per half (k_dim = D/2), 4 heads x top-32: the PKM paper's shape at lab width.
+    family_kwargs=lambda D: {"heads": 4, "top_k": 32, "k_dim": 2 * max(1, D // 4)},
+    layout=None,  # one memory beside the middle block's FFN: PKM is best at an intermediate layer
+    value_read=_pkm_value_read,
+    summary="product-key memory"))

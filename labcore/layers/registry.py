@@ -21,7 +21,18 @@ Roles
 
 ``size_field`` names the integer config field that sets the layer's parameter count (``n_keys`` for
 product-key memories, ``n_experts`` for MoE); budget matchers solve for it. ``min_size`` returns its
-smallest allowed value for the other config fields given as a dict.
+smallest allowed value for the other config fields given as a dict (``d_model`` included).
+
+Memories may also say how the equal-budget family sizes them (``labcore.lm.budget``):
+``family_kwargs(D)`` gives the config fields used at model width D (a memory without it is left out
+of the default family, of the benchmarks' default model lists and of the architecture notebook, and
+can still be named there), and ``layout(L)`` the number of memories and their span for an L-block
+model (None: one memory beside the middle block's FFN).
+``value_read(layer, aux)`` lets the inference benchmark replay one forward's value read and the
+gather inside it (None: those columns stay empty).
+
+The registration order is the order of tables, figure legends and the equal-budget family:
+``labcore.layers`` imports ffn ("dense"), moe, pkm, ultramem, ultramem_v2, memory_plus, peer.
 """
 
 from __future__ import annotations
@@ -48,12 +59,21 @@ class LayerSpec:
     size_field: str | None = None               # config field a budget matcher solves for
     min_size: Callable[[Mapping[str, Any]], int] | None = None   # smallest size_field for those kwargs
     summary: str = ""                           # one line: the mechanism
+    family_kwargs: Callable[[int], Mapping[str, Any]] | None = None   # D -> config fields in the family
+    layout: Callable[[int], tuple[int, int]] | None = None   # L -> (memories, span) when none are given
+    value_read: Callable[[Any, Any], tuple[Callable[[], Any], Callable[[], Any]]] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.isidentifier() or self.name != self.name.lower():
             raise ConfigError(f"LayerSpec.name={self.name!r} is not allowed: must be a lower-case identifier")
         if self.role not in ROLES:
             raise ConfigError(f"LayerSpec.role={self.role!r} is not allowed: must be one of {ROLES}")
+        if not isinstance(self.config, type) or not isinstance(self.layer, type):
+            raise ConfigError(f"LayerSpec({self.name!r}): config={self.config!r} and layer={self.layer!r} are "
+                              f"not allowed: must be classes (the config dataclass, the nn.Module)")
+        if self.size_field is not None and self.size_field not in getattr(self.config, "__dataclass_fields__", {}):
+            raise ConfigError(f"LayerSpec({self.name!r}).size_field={self.size_field!r} is not allowed: must be "
+                              f"a field of {self.config.__name__}")
 
 
 LAYERS: dict[str, LayerSpec] = {}
@@ -68,6 +88,13 @@ def register(spec: LayerSpec) -> LayerSpec:
         if other.config is spec.config and other.name != spec.name:
             raise ConfigError(f"register: config {spec.config.__name__} is already registered as {other.name!r}")
     LAYERS[spec.name] = spec
+    return spec
+
+
+def unregister(name: str) -> LayerSpec:
+    """Remove and return the spec registered as ``name`` (tests and notebooks that add a variant)."""
+    spec = get(name)
+    del LAYERS[name]
     return spec
 
 
@@ -88,9 +115,30 @@ def spec_for(cfg: Any) -> LayerSpec:
                       f"{[s.config.__name__ for s in LAYERS.values()]}")
 
 
+def specs(role: str | None = None) -> tuple[LayerSpec, ...]:
+    """Registered specs, in registration order, optionally of one role ("ffn" or "memory")."""
+    if role is not None and role not in ROLES:
+        raise ConfigError(f"role={role!r} is not allowed: must be None or one of {ROLES}")
+    return tuple(s for s in LAYERS.values() if role is None or s.role == role)
+
+
 def names(role: str | None = None) -> tuple[str, ...]:
     """Registered names, in registration order, optionally of one role."""
-    return tuple(n for n, s in LAYERS.items() if role is None or s.role == role)
+    return tuple(s.name for s in specs(role))
+
+
+def memory_spec(cfg_or_name: Any, owner: str = "memory") -> LayerSpec:
+    """The spec of a memory config (or registered name); ConfigError naming ``owner`` when it is not
+    a registered memory (e.g. an FFN config, or an unregistered class)."""
+    registered = names("memory")
+    by_name = cfg_or_name is None or isinstance(cfg_or_name, str)
+    spec = LAYERS.get(cfg_or_name) if by_name else next(
+        (s for s in LAYERS.values() if type(cfg_or_name) is s.config), None)
+    if spec is None or spec.role != "memory":
+        shown = cfg_or_name if by_name else type(cfg_or_name).__name__
+        raise ConfigError(f"{owner}={shown!r} is not allowed: must be a registered memory layer (one of "
+                          f"{list(registered)}, configs {[get(n).config.__name__ for n in registered]})")
+    return spec
 
 
 def build(cfg: Any, **kwargs: Any):

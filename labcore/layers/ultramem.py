@@ -168,6 +168,7 @@ from labcore.layers.fast.search import (
     tucker_exact_topk,
     tucker_search,
 )
+from labcore.layers.registry import LayerSpec, register
 
 SCORINGS = ("tucker", "additive")
 SCORE_ACTIVATIONS = ("none", "softmax")
@@ -402,7 +403,7 @@ class UltraMem(nn.Module):
 
     ``values``: an optional external ``nn.Embedding(N, D_v)`` (a value pool shared with other
     layers); it is used as is, not re-initialised. Call :meth:`refresh_retrieval` once per
-    optimiser step (``labcore.optim.refresh_all`` does): it recomputes the rank-1 search proxy.
+    optimiser step (``labcore.lm.optim.refresh_all`` does): it recomputes the rank-1 search proxy.
     """
 
     def __init__(self, cfg: UltraMemConfig, values: nn.Embedding | None = None):
@@ -895,3 +896,46 @@ def ultramem_reference(layer: UltraMem, x: Tensor, exact: bool = True) -> tuple[
         all_scores.append(torch.cat(tok_scores))
     y = torch.stack(ys)
     return y.view(*lead, c.d_model), torch.stack(all_slots), torch.stack(all_scores)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registration (labcore.layers.registry): what the rest of the package knows about this layer.
+# ----------------------------------------------------------------------------------------------
+
+
+def _smallest_n_keys(kwargs: Mapping[str, Any]) -> int:
+    """The smallest n_keys UltraMemConfig accepts with these other fields (top-k must fit the grid)."""
+    for n in range(1, 1 << 14):
+        try:
+            UltraMemConfig(**{**kwargs, "n_keys": n})
+        except ConfigError:
+            continue
+        return n
+    raise ConfigError(f"UltraMemConfig: no n_keys below {1 << 14} works with {dict(kwargs)!r}")
+
+
+def _release_layout(n_layers: int) -> tuple[int, int]:
+    """One memory per 5 blocks (at least one), each spanning 3 blocks or fewer to fit: the release's
+    20-block layout 2:5/6:9/10:13/14:17 (docs/mechanisms.md §1.2)."""
+    n_mem = max(1, n_layers // 5)
+    return n_mem, max(0, min(3, n_layers // n_mem - 1))
+
+
+def _ultramem_value_read(layer: UltraMem, aux: UltraMemAux) -> tuple[Callable[[], Tensor], Callable[[], Tensor]]:
+    """One forward's value read replayed (``read`` with its slots and per-core scores: gather, IVE
+    pooling, projection), and the gather inside it alone: one ``embedding_bag`` over the value
+    chunks with the (token, core, block) bags the forward produced."""
+    idx, offsets, w = layer.value_bags(aux.indices, aux.core_scores)
+    table = layer.value_chunks()
+    return (lambda: layer.read(aux.indices, aux.core_scores),
+            lambda: F.embedding_bag(idx, table, offsets, mode="sum", per_sample_weights=w))
+
+
+register(LayerSpec(
+    name="ultramem", role="memory", config=UltraMemConfig, layer=UltraMem, label="UltraMem", color="#ab63fa",
+    size_field="n_keys", min_size=_smallest_n_keys,
+    # 2 heads x top-16, k_dim D/4 per side (the release: 192 at D = 768), d_value D/2 ("half vdim +
+    # proj"); E, R and the cores keep UltraMemConfig's defaults.
+    family_kwargs=lambda D: {"heads": 2, "top_k": 16, "k_dim": max(1, D // 4), "d_value": max(2, 2 * (D // 4))},
+    layout=_release_layout, value_read=_ultramem_value_read,
+    summary="TDQKR, multi-core scoring, implicit value expansion"))

@@ -81,7 +81,7 @@ Value learning rate (U2 §4.2: a constant 1x ends better than UltraMem's decay o
 ------------------------------------------------------------------------------------------
 Value and pre-value tables are tagged "memory_values". ``value_lr_multiplier`` M and
 ``value_lr_schedule`` are read by the optimiser builder: "constant" means the value group's learning
-rate is M * lr for the whole run (``labcore.optim.build_param_groups(value_lr=M * lr)`` and no
+rate is M * lr for the whole run (``labcore.lm.optim.build_param_groups(value_lr=M * lr)`` and no
 ``ValueLRSchedule``); "decay" means UltraMem's M -> 1 linear decay (``ValueLRSchedule(M, ...)``).
 
 Initialisation (``init``; docs/mechanisms.md §3.2)
@@ -529,7 +529,7 @@ class UltraMemV2(nn.Module):
     ``values`` / ``pre_values``: an optional shared pool (``nn.Embedding(N_pool, D_v)`` /
     ``nn.Embedding(N_pool, D_p)``, e.g. from :func:`value_pool`), used as is; the layer reads its
     N = n_keys^2 rows from ``window_start`` on, wrapping around (:func:`ring_window`). Call
-    :meth:`refresh_retrieval` once per optimiser step (``labcore.optim.refresh_all`` does).
+    :meth:`refresh_retrieval` once per optimiser step (``labcore.lm.optim.refresh_all`` does).
     """
 
     def __init__(self, cfg: UltraMemV2Config, values: nn.Embedding | None = None,

@@ -1,4 +1,4 @@
-"""Analytical cost of one decode step: FLOPs, bytes moved and a roofline time (papers.md §7.2).
+"""Analytical cost of one decode step: FLOPs, bytes moved and a roofline time (docs/mechanisms.md §7.2).
 
 Decoding one new token for each of B sequences, a layer reads its weights from memory. Dense
 weights are read **once per step**, whatever B is (all B tokens share them). A sparse part (MoE
@@ -15,7 +15,7 @@ like k*B while k*B << n and saturates at n. For independent tokens, uniform rout
 expected coverage, so U(B) is an upper bound: a layer with skewed usage touches fewer units where
 k*B ~ n (a freshly initialised PKM, whose random product keys are used unevenly, reaches ~75-85% of
 U(B) there; tests/profiling/test_cost_model.py measures it), and the bound is tight in the linear
-regime and at saturation. Instances (papers.md §7.2):
+regime and at saturation. Instances (docs/mechanisms.md §7.2):
 
 * MoE, E experts, top-k, P_e params per expert: A_MoE(B) = b P_e E [1 - (1 - k/E)^B] + b (router, shared).
   Whole experts are the unit of sparsity, so a handful of tokens touches almost every expert.

@@ -14,7 +14,7 @@
    allows, else recorded as a failed run directory.
 4. Derive ``results.parquet`` (:func:`labcore.results.collect`: one tidy row per summary row of each
    finished run of this sweep) and ``runs.parquet`` (every run and its status, error, cell), write
-   the report (:mod:`labcore.report`) and print a summary table.
+   the report (:mod:`labcore.viz.report`) and print a summary table.
 
 Exit code (:attr:`SweepResult.exit_code`): 0 all runs done, 1 some failed, 3 interrupted (the
 dask scheduler went away, or Ctrl-C) -- rerun the same command to resume.
@@ -180,7 +180,7 @@ def run_sweep(spec: SweepSpec, results_root: str | Path, backend: Backend, *, re
         result.results_path = write_table(collect(sweep_dir, run_ids=ids), sweep_dir / "results.parquet")
         result.runs_path = write_table(runs_table(sweep_dir, run_ids=ids), sweep_dir / "runs.parquet")
         if report_root is not None:
-            from labcore.report import write_report
+            from labcore.viz.report import write_report
 
             result.report_path = write_report(sweep_dir, Path(report_root) / spec.name)
     result.wall_s = time.time() - t_start

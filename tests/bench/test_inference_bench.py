@@ -8,12 +8,16 @@ import pytest
 import torch
 
 import labcore.bench.inference as inf
+import labcore.bench.inference_cli as inference_cli
 from labcore.layers.base import ConfigError
 from labcore.layers.moe import MoEConfig
-from labcore.layers.pkm import PKMConfig
-from labcore.layers.ultramem import UltraMemConfig
-from labcore.model import ModelConfig, SparsePlan
+from labcore.layers.pkm import PKM, PKMConfig
+from labcore.layers.registry import get
+from labcore.layers.ultramem import UltraMem, UltraMemConfig
+from labcore.lm.budget import model_budget, small_base_config
+from labcore.lm.model import ModelConfig, SparsePlan
 from labcore.profiling.ceilings import Ceilings
+from labcore.viz.bench import X_TITLE, inference_figure
 
 CEIL = Ceilings(copy_bytes_per_s=1e9, matmul_flops_per_s=1e10, dtype="float32", device="cpu", fingerprint={},
                 copy_bytes=1, matmul_n=1, measured_at=0.0)
@@ -76,7 +80,6 @@ def test_config_that_does_not_fit_is_refused_before_allocating(monkeypatch):
 
 def test_estimate_covers_parameters_and_grows_with_batch():
     cfg = tiny_configs()["moe"]
-    from labcore.budget import model_budget
 
     p = model_budget(cfg, context_len=1).total_params
     assert inf.estimate_bytes(cfg, 1, 4) > 4 * p
@@ -121,11 +124,9 @@ def test_bytes_match_direct_counts(result):
     assert row.loc[("moe", "layer", 1), "bytes_accessed"] == 4 * (8 * 32 + 2 * unit)
     assert row.loc[("moe", "layer", 1), "bytes_predicted"] == pytest.approx(4 * (8 * 32 + 2 * unit))
     # whole dense model at B=1: every parameter once (tied embedding = head)
-    from labcore.budget import model_budget
-
     assert row.loc[("dense", "model", 1), "bytes_accessed"] == 4 * model_budget(cfgs["dense"]).total_params
     # touched bytes never exceed reading everything, and the model scope includes the layer
-    for m in inf.MODELS:
+    for m in inf.model_names():
         for B in (1, 4):
             assert row.loc[(m, "model", B), "bytes_accessed"] >= row.loc[(m, "layer", B), "bytes_accessed"]
             assert row.loc[(m, "model", B), "bytes_accessed"] <= 4 * row.loc[(m, "model", B), "total_params"]
@@ -146,13 +147,13 @@ def test_outputs_written(result):
 
 def test_figure_traces_and_axes(result):
     df, _ = result
-    fig = inf.inference_figure(df)
+    fig = inference_figure(df, inf.moe_ultramem_ratio(df))
     names = [t.name for t in fig.data]
     for label in ("Dense", "MoE", "PKM", "UltraMem", "Dense (roofline)", "UltraMem memory access (cost model)",
                   "MoE / UltraMem latency"):
         assert label in names, label
     lay = fig.layout
-    assert lay.xaxis.title.text == inf.X_TITLE and lay.xaxis.type == "log"
+    assert lay.xaxis.title.text == X_TITLE and lay.xaxis.type == "log"
     assert lay.yaxis.title.text == "latency per decode step (ms)" and lay.yaxis.type == "log"
     assert lay.yaxis2.title.text == "memory accessed per step (MB)" and lay.yaxis2.type == "log"
     assert "MoE / UltraMem" in lay.yaxis3.title.text
@@ -176,12 +177,10 @@ def test_memory_layers_run_without_slot_wide_diagnostics(monkeypatch):
     assert seen == [False]
 
 
-def test_gather_fn_is_the_reads_gather():
-    """The timed gather is the embedding_bag inside read(): for PKM it equals read(); for UltraMem,
-    projecting its pooled output gives read()."""
-    from labcore.layers.pkm import PKM
-    from labcore.layers.ultramem import UltraMem
-
+def test_value_read_hooks_replay_the_read_and_its_gather():
+    """The registered value_read hooks: the timed read is the layer's read() with the forward's slots
+    and scores; the timed gather is the embedding_bag inside it: for PKM it equals read(); for
+    UltraMem, projecting its pooled output gives read()."""
     cfgs = tiny_configs()
     torch.manual_seed(0)
     pkm = PKM(cfgs["pkm"].plan.memory).eval()
@@ -189,9 +188,13 @@ def test_gather_fn_is_the_reads_gather():
     x = torch.randn(5, 32)
     with torch.no_grad():
         _, aux = pkm(x)
-        torch.testing.assert_close(inf._gather_fn(pkm, aux)(), pkm.read(aux.indices, aux.scores))
+        read, gather = get("pkm").value_read(pkm, aux)
+        torch.testing.assert_close(read(), pkm.read(aux.indices, aux.scores))
+        torch.testing.assert_close(gather(), pkm.read(aux.indices, aux.scores))
         _, aux = um(x)
-        pooled = inf._gather_fn(um, aux)().view(5, -1)                      # (N_tok, h*E*D_v/h)
+        read, gather = get("ultramem").value_read(um, aux)
+        torch.testing.assert_close(read(), um.read(aux.indices, aux.core_scores))
+        pooled = gather().view(5, -1)                                         # (N_tok, h*E*D_v/h)
         torch.testing.assert_close(pooled @ um._proj_weight().T, um.read(aux.indices, aux.core_scores))
 
 
@@ -206,18 +209,17 @@ def test_ratio_table_on_synthetic_rows():
 
 def test_cli_rejects_bad_batch(capsys):
     with pytest.raises(SystemExit) as e:
-        inf.main(["--batch-sizes", "1,0", "--models", "dense", "--d-model", "32", "--n-layers", "2",
+        inference_cli.main(["--batch-sizes", "1,0", "--models", "dense", "--d-model", "32", "--n-layers", "2",
                   "--d-ff", "64", "--vocab-size", "64"])
     assert e.value.code == 2
     assert "batch_sizes=0" in capsys.readouterr().err
 
 
 def test_default_family_wiring():
-    from labcore.budget import small_base_config
-
     base = small_base_config(d_model=64, n_layers=5, n_heads=2, d_ff=128, vocab_size=64, max_seq_len=8)
     cfgs = inf.default_configs(base, ratio=4.0, tol=0.05)
-    assert list(cfgs) == list(inf.MODELS) and cfgs["dense"] == base
+    assert list(cfgs) == list(inf.model_names()) == ["dense", "moe", "pkm", "ultramem"]
+    assert cfgs["dense"] == base
     assert cfgs["moe"].plan.kind == "moe" and cfgs["ultramem"].plan.memory_type == "ultramem"
 
 

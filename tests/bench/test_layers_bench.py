@@ -1,4 +1,4 @@
-"""The issue #2 layer benchmark: timing protocol on stubs, output columns and byte counts on a tiny run."""
+"""The layer benchmark (labcore layers vs their PyPI peers): timing protocol on stubs, output columns and byte counts on a tiny run."""
 
 import json
 
@@ -7,6 +7,8 @@ import torch
 
 import labcore.bench.layers as lb
 from labcore.layers.base import ConfigError
+from labcore.layers.moe import MoE
+from labcore.profiling.timer import summarize
 
 
 def test_time_pair_warms_up_then_alternates_rounds():
@@ -20,7 +22,6 @@ def test_time_pair_warms_up_then_alternates_rounds():
 def test_paired_ratio_pairs_each_round():
     """A machine that gets 2x slower after round 1: per-round ratios stay 2, the ratio of the
     overall medians does not."""
-    from labcore.profiling.timer import summarize
     peer = summarize([2.0, 2.0, 2.2, 8.0, 8.0, 8.8, 8.0, 8.0, 8.8])  # rounds of repeats=3
     ours = summarize([1.0, 1.0, 1.1, 4.0, 4.0, 4.4, 4.4, 4.0, 4.0])
     med, q1, q3 = lb.paired_ratio(peer, ours, repeats=3)
@@ -44,8 +45,6 @@ def test_bad_input():
 
 
 def test_moe_impl_reaches_the_layer(monkeypatch):
-    from labcore.layers.moe import MoE
-
     def refuse(*a, **k):
         raise AssertionError("padded_bmm path used")
 

@@ -17,7 +17,7 @@ from labcore.experiments.knowledge_metrics import (
     evaluate_facts,
     stored_bits,
 )
-from labcore.model import LM, ModelConfig
+from labcore.lm.model import LM, ModelConfig
 
 CFG = FactsConfig(n_subjects=40, n_relations=3, n_objects=20, n_phrasings=3, held_out_phrasings=1,
                   subject_len=2, subject_alphabet=8, seed=3)

@@ -17,7 +17,7 @@ from labcore.experiments.core import (
     summarize,
 )
 from labcore.layers.base import ConfigError
-from labcore.model import ModelConfig
+from labcore.lm.model import ModelConfig
 
 
 def test_t_quantiles_match_known_values():

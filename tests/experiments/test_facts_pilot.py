@@ -1,4 +1,4 @@
-"""train_facts: answer-only training through labcore.train's optimiser; bad sizes rejected first."""
+"""train_facts: answer-only training through labcore.lm.train's optimiser; bad sizes rejected first."""
 
 import pytest
 
@@ -6,7 +6,7 @@ from labcore.config import ConfigError
 from labcore.data.facts import FactsConfig
 from labcore.experiments.facts_pilot import dense_model, train_facts
 from labcore.experiments.knowledge_metrics import bits_per_param, evaluate_facts
-from labcore.train import TrainConfig
+from labcore.lm.train import TrainConfig
 
 FACTS = FactsConfig(n_subjects=6, n_relations=4, n_objects=16, n_phrasings=2, held_out_phrasings=1,
                     subject_len=2, subject_alphabet=4, seed=1)

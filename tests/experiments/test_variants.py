@@ -8,7 +8,7 @@ from labcore.experiments.paper_table import ROWS, PaperTableParams, table2_varia
 from labcore.experiments.splitting import SplittingParams, split_variants
 from labcore.experiments.tdqkr import TDQKRParams, tdqkr_variants
 from labcore.experiments.virtual_memory import VirtualMemoryParams, ive_variants
-from labcore.model import LM
+from labcore.lm.model import LM
 
 
 def _mem(v):

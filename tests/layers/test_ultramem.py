@@ -493,7 +493,6 @@ def test_float32_inference_matches_reference(kw):
         assert torch.equal(aux.indices, slots_ref)
         torch.testing.assert_close(aux.scores, scores_ref, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
-    assert layer._derived.entries                                            # something was cached
 
 
 def test_search_in_token_chunks_changes_nothing(monkeypatch):
@@ -524,7 +523,6 @@ def test_caches_follow_parameter_updates_and_never_serve_grad_mode():
         layer.value_proj.weight.mul_(-2.0)
     layer.refresh_retrieval()
     fresh = copy.deepcopy(layer)                                             # no cache travels
-    assert not fresh._derived.entries
     with torch.inference_mode():
         y1, aux1 = layer(x)
     y_fresh, aux_fresh = fresh(x)                                            # grad mode: nothing cached

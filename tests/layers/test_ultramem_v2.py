@@ -27,7 +27,7 @@ from labcore.layers.ultramem_v2 import (
     ultramem_v2_reference,
     value_pool,
 )
-from labcore.optim import build_param_groups
+from labcore.lm.optim import build_param_groups
 
 TINY = dict(d_model=12, n_keys=3, heads=1, k_dim=6, top_k=3, d_value=8, d_pre=4)
 F64 = torch.float64

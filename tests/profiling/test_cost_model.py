@@ -1,4 +1,4 @@
-"""Cost model (papers.md §7.2): exact formulas, Monte Carlo of the distinct-unit count, and bytes
+"""Cost model (docs/mechanisms.md §7.2): exact formulas, Monte Carlo of the distinct-unit count, and bytes
 counted from what real layers selected (aux.indices) against the model's expectation."""
 
 import math

@@ -22,15 +22,16 @@ def test_no_subcommand_prints_help_and_exits_2(capsys):
 @pytest.mark.parametrize("name", ["train", "bench"])
 def test_train_and_bench_are_delegated_with_argv_untouched(monkeypatch, name):
     seen = []
-    fake = types.ModuleType(f"labcore.{name}")
+    fake = types.ModuleType(cli.DELEGATES[name])
     fake.cli_main = lambda argv: seen.append(list(argv)) or 5
-    monkeypatch.setitem(sys.modules, f"labcore.{name}", fake)
+    monkeypatch.setitem(sys.modules, cli.DELEGATES[name], fake)
     assert cli.main([name, "--help", "--steps", "3"]) == 5
     assert seen == [["--help", "--steps", "3"]]
 
 
-def test_missing_module_gives_a_clear_error(capsys):
-    assert cli._delegate("labcore.no_such_module_for_test", ["x"]) == 2
+def test_missing_module_gives_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setitem(cli.DELEGATES, "train", "labcore.no_such_module_for_test")
+    assert cli.main(["train", "x"]) == 2
     assert "labcore.no_such_module_for_test is not available" in capsys.readouterr().err
 
 

@@ -250,7 +250,7 @@ def test_every_lab_notebook_names_an_importable_params_class(nb):
     assert ref is not None, f"{nb} has no validate_notebook_params(XParams, ...) cell importing XParams"
     cls = notebook_schema(NOTEBOOKS / nb)
     assert cls.__name__ == ref[1] and dataclasses.is_dataclass(cls)
-    assert cls.__module__ in ("labcore.experiments.params", "labcore.tour", "labcore.widgets")
+    assert cls.__module__ in ("labcore.experiments.params", "labcore.viz.tour", "labcore.viz.widgets")
     cls()  # its defaults are valid
 
 
@@ -271,10 +271,10 @@ def _notebook_with_validation_cell(tmp_path, source):
 
 def test_schema_ref_reads_imports_aliases_and_magics(tmp_path):
     nb = _notebook_with_validation_cell(tmp_path, "%matplotlib inline\nfrom labcore import params as lp\n"
-                                        "from labcore.tour import TourParams as TP\n"
+                                        "from labcore.viz.tour import TourParams as TP\n"
                                         "P = lp.validate_notebook_params(TP, globals())")
-    assert notebook_schema_ref(nb) == ("labcore.tour", "TourParams")
-    from labcore.tour import TourParams
+    assert notebook_schema_ref(nb) == ("labcore.viz.tour", "TourParams")
+    from labcore.viz.tour import TourParams
 
     assert notebook_schema(nb) is TourParams
 

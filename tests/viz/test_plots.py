@@ -1,4 +1,4 @@
-"""labcore.plots: figures carry the record's numbers (values, marked cells, axes with units)."""
+"""labcore.viz plots, tour_plots and style: figures carry the record's numbers (values, marked cells, axes with units)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 import pandas as pd
+import plotly.io as pio
 import pytest
 
-from labcore import plots
-from labcore.tour import TourParams, ive_mapping, run_tour
+from labcore.viz import plots, style, tour_plots
+from labcore.viz.tour import TourParams, ive_mapping, run_tour
 
 UNIT = re.compile(r"\(.+\)")
 
@@ -32,7 +33,7 @@ def _cells(trace):
 
 
 def test_every_tour_figure_has_axis_titles_with_units(record):
-    figs = plots.tour_figures(record)
+    figs = tour_plots.tour_figures(record)
     assert set(figs) == {"moe", "moe_load", "pkm", "pkm_load", "tdqkr", "bias", "ive", "ive_load"}
     for name, fig in figs.items():
         assert UNIT.search(fig.layout.xaxis.title.text or ""), (name, fig.layout.xaxis.title.text)
@@ -41,16 +42,16 @@ def test_every_tour_figure_has_axis_titles_with_units(record):
 
 
 def test_router_figure_bars_are_the_probabilities(record):
-    fig = plots.router_figure(record.moe)
+    fig = tour_plots.router_figure(record.moe)
     bar = fig.data[0]
     np.testing.assert_allclose(np.asarray(bar.y), record.moe.probs)
-    red = [i for i, c in enumerate(bar.marker.color) if c == plots.CHOSEN]
+    red = [i for i, c in enumerate(bar.marker.color) if c == style.CHOSEN]
     assert sorted(red) == sorted(record.moe.chosen.tolist())
 
 
 def test_score_grid_marks_selected_candidates_and_exact(record):
     td = record.tdqkr
-    fig = plots.tdqkr_figure(td)
+    fig = tour_plots.tdqkr_figure(td)
     np.testing.assert_allclose(np.asarray(fig.data[0].z), td.grid)
     n = td.n
     assert _cells(_trace(fig, "selected")) == sorted((int(s) // n, int(s) % n) for s in td.slots)
@@ -62,7 +63,7 @@ def test_score_grid_marks_selected_candidates_and_exact(record):
 
 
 def test_pkm_figure_grid_and_marks(record):
-    fig = plots.pkm_figure(record.pkm)
+    fig = tour_plots.pkm_figure(record.pkm)
     np.testing.assert_allclose(np.asarray(fig.data[0].z), record.pkm.s_row[:, None] + record.pkm.s_col[None, :])
     n = record.pkm.n
     assert _cells(_trace(fig, "selected")) == sorted((int(s) // n, int(s) % n) for s in record.pkm.slots)
@@ -70,12 +71,12 @@ def test_pkm_figure_grid_and_marks(record):
 
 
 def test_score_grid_without_optional_marks_has_only_the_heatmap():
-    fig = plots.score_grid_figure(np.arange(9.0).reshape(3, 3))
+    fig = tour_plots.score_grid_figure(np.arange(9.0).reshape(3, 3))
     assert [t.type for t in fig.data] == ["heatmap"]
 
 
 def test_topology_bias_figure(record):
-    fig = plots.topology_bias_figure(record.bias)
+    fig = tour_plots.topology_bias_figure(record.bias)
     bar = fig.data[0]
     assert list(bar.x) == ["additive", "tucker", "random"]
     np.testing.assert_allclose(np.asarray(bar.y), record.bias["fraction"].to_numpy())
@@ -86,7 +87,7 @@ def test_topology_bias_figure(record):
 def test_ive_figure_blocks_and_physical_rows():
     m = ive_mapping(4, 4, seed=1)
     slots = [0, 17, 63]
-    fig = plots.ive_figure(m, slots)
+    fig = tour_plots.ive_figure(m, slots)
     side = m.side
     z, custom = np.asarray(fig.data[0].z), np.asarray(fig.data[0].customdata)
     assert z.shape == (side, side)
@@ -94,12 +95,12 @@ def test_ive_figure_blocks_and_physical_rows():
         assert z[v // side, v % side] == m.perm[v] // 16 and custom[v // side, v % side] == m.perm[v] % 16
     assert _cells(_trace(fig, "selected")) == sorted((v // side, v % side) for v in slots)
     assert "shuffled" in fig.layout.title.text
-    assert "not shuffled" in plots.ive_figure(ive_mapping(4, 4, shuffle=False)).layout.title.text
+    assert "not shuffled" in tour_plots.ive_figure(ive_mapping(4, 4, shuffle=False)).layout.title.text
 
 
 def test_load_figure_values_and_touched_count():
     counts = np.array([3, 0, 5, 0, 2])
-    fig = plots.load_figure(counts, unit="expert")
+    fig = tour_plots.load_figure(counts, unit="expert")
     assert np.asarray(fig.data[0].y).tolist() == [3, 0, 5, 0, 2]
     assert "3 of 5 experts touched" in fig.layout.title.text
 
@@ -155,17 +156,15 @@ def test_history_and_latency_figures():
 
 
 def test_label_units():
-    assert plots.label("val_loss") == "val_loss (nats)"
-    assert plots.label("decode_ms") == "decode_ms (ms)"
-    assert plots.label("weird") == "weird (value)"
+    assert style.label("val_loss") == "val_loss (nats)"
+    assert style.label("decode_ms") == "decode_ms (ms)"
+    assert style.label("weird") == "weird (value)"
 
 
 def test_static_export_png_and_svg(record, tmp_path):
     """kaleido (Debian chromium) writes a PNG of the requested size and a well-formed SVG."""
-    import plotly.io as pio
-
     pio.defaults.mathjax = None
-    fig = plots.pkm_figure(record.pkm)
+    fig = tour_plots.pkm_figure(record.pkm)
     png, svg = tmp_path / "pkm.png", tmp_path / "pkm.svg"
     try:
         pio.write_images([fig, fig], [png, svg], width=640, height=480, scale=1)   # one browser session

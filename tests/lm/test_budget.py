@@ -1,4 +1,4 @@
-"""Tests of labcore.budget: budgets checked against built models (parameters exactly, FLOPs with
+"""Tests of labcore.lm.budget: budgets checked against built models (parameters exactly, FLOPs with
 torch.utils.flop_counter), and the equal-budget matchers checked by building and counting.
 
 FLOP counting method: ``FlopCounterMode`` counts matrix products (mm/addmm/bmm) only. Attention runs
@@ -20,7 +20,11 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from labcore.budget import (
+from labcore.layers.base import ConfigError
+from labcore.layers.moe import MoE, MoEConfig
+from labcore.layers.pkm import PKMConfig
+from labcore.layers.ultramem import UltraMemConfig
+from labcore.lm.budget import (
     Budget,
     equal_budget_family,
     format_budget_table,
@@ -30,11 +34,7 @@ from labcore.budget import (
     model_budget,
     small_base_config,
 )
-from labcore.layers.base import ConfigError
-from labcore.layers.moe import MoE, MoEConfig
-from labcore.layers.pkm import PKMConfig
-from labcore.layers.ultramem import UltraMemConfig
-from labcore.model import LM, ModelConfig, SparsePlan
+from labcore.lm.model import LM, ModelConfig, SparsePlan
 
 V, D, L, T = 61, 32, 4, 16
 
@@ -226,7 +226,7 @@ def test_matcher_errors_are_clear():
         match_pkm(CONFIGS["moe_all"], 10**6)
     with pytest.raises(ConfigError, match=r"match_moe: cannot match .*closest: params off by"):
         match_moe(BASE, 30 * 70_000, multiple_of=1)  # the router would eat the FLOP budget
-    with pytest.raises(ConfigError, match=r"match_ultramem: cannot match .*closest.*lower k_dim"):
+    with pytest.raises(ConfigError, match=r"match_memory\(.ultramem.\): cannot match .*closest.*lower k_dim"):
         match_ultramem(BASE, 400_000, k_dim=64, heads=4, top_k=8)  # key scores cost more than the FFNs
     with pytest.raises(ConfigError, match=r"tol=0"):
         match_moe(BASE, 400_000, tol=0)

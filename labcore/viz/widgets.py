@@ -5,10 +5,10 @@ callback logic (set a control's ``.value`` in a test and read the new figure bac
 
 - :class:`TourControls` (``notebooks/00_tour.ipynb``): sliders for n, top-K, rank R, IVE expansion
   E, batch size B, the followed token and the seed; every change re-runs the tour
-  (``labcore.tour.run_tour``) and redraws its figures (``labcore.plots.tour_figures``).
+  (``labcore.viz.tour.run_tour``) and redraws its figures (``labcore.viz.tour_plots.tour_figures``).
 - :class:`ResultsExplorer` (``notebooks/06_results_explorer.ipynb``): dropdowns for notebook,
   metric, x and colour over a results table (``labcore.results.collect``); draws
-  ``labcore.plots.metric_figure``.
+  ``labcore.viz.plots.metric_figure``.
 
 How figures reach the page: :class:`FigurePane` puts a figure's plotly mime bundle
 (``application/vnd.plotly.v1+json``, rendered by JupyterLab's plotly extension) into an
@@ -33,9 +33,10 @@ import plotly.graph_objects as go
 import plotly.io as pio
 
 from labcore.config import ConfigError, check_bool, check_int, check_str
-from labcore.plots import metric_figure, tour_figures
-from labcore.results import repo_path
-from labcore.tour import TourParams, TourRecord, run_tour
+from labcore.results import RunDir, collect, free_run_dir, repo_path
+from labcore.viz.plots import metric_figure
+from labcore.viz.tour import TourParams, TourRecord, run_tour
+from labcore.viz.tour_plots import tour_figures
 
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
 
@@ -49,7 +50,6 @@ class FigurePane:
     def __init__(self, figure: go.Figure | None = None, height: str | None = None):
         self.widget = W.Output(layout=W.Layout(width="100%", min_height=height or "0px"))
         self.figure: go.Figure | None = None
-        self.updates = 0
         if figure is not None:
             self.show(figure)
 
@@ -61,7 +61,6 @@ class FigurePane:
         bundle = {PLOTLY_MIME: data, "text/plain": f"<Figure: {title}>"}
         self.figure = figure
         self.widget.outputs = ({"output_type": "display_data", "data": bundle, "metadata": {}},)
-        self.updates += 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,10 +98,10 @@ class _Guarded:
 
 
 class TourControls(_Guarded):
-    """Sliders over :class:`labcore.tour.TourParams` wired to the tour's figures.
+    """Sliders over :class:`labcore.viz.tour.TourParams` wired to the tour's figures.
 
     ``controls`` maps a TourParams field to its widget; ``panes`` maps a figure name
-    (``plots.tour_figures``) to its :class:`FigurePane`; ``record`` is the current tour record.
+    (``tour_plots.tour_figures``) to its :class:`FigurePane`; ``record`` is the current tour record.
     Changing any control re-runs the tour once (dependent limits, e.g. top-K <= n, are clamped
     first) and redraws every pane.
     """
@@ -137,7 +136,6 @@ class TourControls(_Guarded):
         self.panes = {name: FigurePane() for name in TOUR_PANELS}
         self.status = W.HTML()
         self.record: TourRecord | None = None
-        self.refreshes = 0
         for w in self.controls.values():
             w.observe(self._on_change, names="value")
         self.refresh()
@@ -174,7 +172,6 @@ class TourControls(_Guarded):
         p = self.record.params
         self.status.value = (f"n={p.n_keys}, K={p.top_k}, R={p.rank}, E={p.expansion}, B={p.batch_size}, "
                              f"token {p.token}, seed {p.seed}")
-        self.refreshes += 1
 
     @property
     def figures(self) -> dict[str, go.Figure]:
@@ -239,8 +236,6 @@ def load_results(results_root: str | Path) -> pd.DataFrame:
 
     A missing directory is an error naming the parameter; an existing one without finished runs
     gives an empty table (the explorer then says so)."""
-    from labcore.results import collect
-
     if results_root == "":  # "this sweep": the runner tells the kernel where its results are
         if not os.environ.get("LABCORE_SWEEP_DIR"):
             raise ValueError("results_root='' means the sweep this notebook runs in, but LABCORE_SWEEP_DIR "
@@ -293,7 +288,6 @@ class ResultsExplorer(_Guarded):
         self.color = W.Dropdown(options=[NONE], description="colour", layout=lay)
         self.pane = FigurePane()
         self.message = W.HTML()
-        self.redraws = 0
         with self._hold():
             if notebook:
                 self._set(self.notebook, notebook)
@@ -353,7 +347,6 @@ class ResultsExplorer(_Guarded):
                                 title=f"{self.notebook.value}: {y} vs {x}" + (f" by {color}" if color else ""))
             self.message.value = f"{len(sub)} rows, {sub['run_id'].nunique() if 'run_id' in sub else len(sub)} runs"
         self.pane.show(fig)
-        self.redraws += 1
 
     @property
     def figure(self) -> go.Figure:
@@ -376,8 +369,6 @@ def notebook_counts(df: pd.DataFrame) -> pd.DataFrame:
 def save_explorer(explorer: ResultsExplorer, params: ExplorerParams, png: bool = True,
                   names: Sequence[str] = ("explorer",)) -> Path:
     """Save the explorer's current figure and the per-notebook counts as a run directory."""
-    from labcore.results import RunDir, free_run_dir
-
     path = free_run_dir(repo_path(params.out_dir))
     run = RunDir(path).start(params, notebook="06_results_explorer.ipynb", seed=params.seed)
     try:

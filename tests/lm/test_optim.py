@@ -1,4 +1,4 @@
-"""labcore.optim: role-based parameter groups, the value-LR schedule, refresh_all."""
+"""labcore.lm.optim: role-based parameter groups, the value-LR schedule, refresh_all."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ from torch import nn
 
 from labcore.layers.base import ConfigError, tag_param
 from labcore.layers.pkm import PKM, PKMConfig
-from labcore.optim import ValueLRSchedule, apply_value_lr, build_param_groups, refresh_all
+from labcore.lm.optim import ValueLRSchedule, apply_value_lr, build_param_groups, refresh_all
 
 # ---------------------------------------------------------------------------------------------
 # ValueLRSchedule

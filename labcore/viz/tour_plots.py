@@ -1,37 +1,24 @@
-"""Plots: pure functions, a table or a tour record in, a plotly Figure out. No I/O, no state.
+"""The tour's drawings: a ``labcore.viz.tour`` record in, plotly Figures out; and the tour saved
+as a run directory.
 
-Every figure carries axis titles with units (counts, fractions, ms, tokens, "a.u." for raw scores)
-and uses the package notation (B, T, D, E, K, H, N, R, n). Two families:
-
-- tour figures (``labcore.tour`` records): MoE router probabilities, score grids of PKM / TDQKR
-  with the selected cells marked, the topology-bias bars, the IVE virtual grid coloured by block,
-  and load bars (tokens per expert, hits per value slot);
-- results figures (``labcore.results`` tables): metric vs a swept parameter, training history
-  lines, latency vs batch size on log axes.
-
-Static export (PNG/SVG via kaleido) is the caller's business: ``fig.write_image(path)``.
+Figures: MoE router probabilities, score grids of PKM / TDQKR with the selected cells marked, the
+topology-bias bars, the IVE virtual grid coloured by block, and load bars (tokens per expert, hits
+per value slot). Axis titles carry units; notation as in ``labcore/__init__.py``. Static export
+(PNG/SVG via kaleido) is the caller's business: ``fig.write_image(path)``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from labcore.tour import IVEMapping, MoERouting, PKMRetrieval, TDQKRRetrieval, TourRecord
-
-CHOSEN = "#d62728"      # selected experts / slots
-OTHER = "#9aa5b1"       # not selected
-EXACT = "#2ca02c"       # exact top-K (TDQKR)
-CANDIDATE = "#ffffff"   # candidate cells outline
-
-
-def _layout(fig: go.Figure, title: str, x: str, y: str, **kw) -> go.Figure:
-    fig.update_layout(title=dict(text=title), xaxis_title=x, yaxis_title=y, template="plotly_white",
-                      margin=dict(l=60, r=20, t=60, b=50), **kw)
-    return fig
+from labcore.results import RunDir, free_run_dir, repo_path
+from labcore.viz.style import CANDIDATE, CHOSEN, EXACT, OTHER, layout
+from labcore.viz.tour import IVEMapping, MoERouting, PKMRetrieval, TDQKRRetrieval, TourRecord
 
 
 def _cells(slots: Sequence[int], n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -52,7 +39,7 @@ def router_figure(routing: MoERouting, title: str | None = None) -> go.Figure:
     fig = go.Figure(go.Bar(x=t["expert"], y=t["prob"], marker_color=colors, text=text, name="p_e",
                            hovertemplate="expert %{x}<br>p=%{y:.3f}<extra></extra>"))
     K, E = len(routing.chosen), len(routing.probs)
-    return _layout(fig, title or f"MoE router: top-{K} of E={E} experts ({routing.router})",
+    return layout(fig, title or f"MoE router: top-{K} of E={E} experts ({routing.router})",
                    "expert id e (index)", "router probability p_e (fraction)", xaxis=dict(dtick=1))
 
 
@@ -64,7 +51,7 @@ def load_figure(counts: Sequence[int] | np.ndarray, unit: str = "expert", title:
     fig.add_hline(y=float(c.mean()), line_dash="dash", line_color=CHOSEN,
                   annotation_text=f"uniform {c.mean():.2f}", annotation_position="top left")
     touched = int((c > 0).sum())
-    return _layout(fig, title or f"Load: {touched} of {len(c)} {unit}s touched", f"{unit} id (index)", y_title)
+    return layout(fig, title or f"Load: {touched} of {len(c)} {unit}s touched", f"{unit} id (index)", y_title)
 
 
 def score_grid_figure(grid: np.ndarray, selected: Sequence[int] = (), title: str = "score grid",
@@ -93,7 +80,7 @@ def score_grid_figure(grid: np.ndarray, selected: Sequence[int] = (), title: str
                                  text=[str(r) for r in range(len(si))], textposition="top right",
                                  textfont=dict(color=CHOSEN),
                                  marker=dict(symbol="x", size=11, color=CHOSEN)))
-    fig = _layout(fig, title, "column sub-key j (index)", "row sub-key i (index)",
+    fig = layout(fig, title, "column sub-key j (index)", "row sub-key i (index)",
                   legend=dict(orientation="h", y=-0.15))
     return _square_grid_axes(fig, n)
 
@@ -132,7 +119,7 @@ def topology_bias_figure(table: pd.DataFrame) -> go.Figure:
     fig.add_trace(go.Scatter(x=table["scoring"], y=[base] * len(table), mode="lines", name=(
         f"random baseline 2(n-1)/(n^2-1) = {base:.3f}"), line=dict(dash="dash", color="#333333")))
     n, q = int(table["n"].iloc[0]), int(table["n_queries"].iloc[0])
-    fig = _layout(fig, f"Topology bias: 2nd-best slot in the best slot's row or column (n={n}, {q} queries)",
+    fig = layout(fig, f"Topology bias: 2nd-best slot in the best slot's row or column (n={n}, {q} queries)",
                   "scoring of the grid (method)", "queries sharing a row/column (fraction)",
                   legend=dict(orientation="h", y=-0.2))
     fig.update_yaxes(range=[0, 1.15])
@@ -156,7 +143,7 @@ def ive_figure(mapping: IVEMapping, virtual_slots: Sequence[int] = (), title: st
                                  text=[f"phys {p}" for p in mapping.physical_row[np.asarray(virtual_slots)]],
                                  marker=dict(symbol="x", size=11, color="white", line=dict(width=1))))
     shuffled = "shuffled" if mapping.shuffled else "not shuffled"
-    fig = _layout(fig, title or f"IVE: {E} x {mapping.n_physical} virtual slots -> blocks ({shuffled})",
+    fig = layout(fig, title or f"IVE: {E} x {mapping.n_physical} virtual slots -> blocks ({shuffled})",
                   "virtual column j (index)", "virtual row i (index)", legend=dict(orientation="h", y=-0.15))
     return _square_grid_axes(fig, side)
 
@@ -183,61 +170,27 @@ def tour_figures(record: TourRecord) -> dict[str, go.Figure]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Results figures.
+# Saving the tour as a run directory (figures and summary).
 # ----------------------------------------------------------------------------------------------
 
-UNITS = {"loss": "nats", "val_loss": "nats", "train_loss": "nats", "ppl": "perplexity", "step": "steps",
-         "tokens": "tokens", "latency_ms": "ms", "time_ms": "ms", "wall_s": "s", "batch_size": "tokens",
-         "params": "count", "flops": "FLOPs", "bytes": "bytes", "gb": "GB", "accuracy": "fraction",
-         "acc": "fraction", "coverage": "fraction", "recall": "fraction"}
+TOUR_SAVED_FIGURES = ("moe", "pkm", "tdqkr", "bias", "ive")
 
 
-def label(column: str) -> str:
-    """Axis title for a table column: the column name with its unit when known, e.g. 'val_loss (nats)'."""
-    for key in (column, column.split("/")[-1], column.split(".")[-1]):
-        if key in UNITS:
-            return f"{column} ({UNITS[key]})"
-    for suffix, unit in (("_ms", "ms"), ("_s", "s"), ("_loss", "nats"), ("_frac", "fraction"),
-                         ("_fraction", "fraction"), ("_count", "count"), ("_gb", "GB")):
-        if column.endswith(suffix):
-            return f"{column} ({unit})"
-    return f"{column} (value)"
+def save_tour(record: TourRecord, out_dir: str | Path, png: bool = True) -> Path:
+    """Write the tour's summary and key figures into a run directory (labcore.results.RunDir).
 
-
-def metric_figure(df: pd.DataFrame, x: str, y: str, color: str | None = None,
-                  title: str | None = None) -> go.Figure:
-    """y vs x, one trace per value of ``color``. Numeric x: points joined in x order (mean over
-    duplicates); categorical x: bars of the mean. Rows with a missing y are dropped."""
-    for c in (x, y) + ((color,) if color else ()):
-        if c not in df.columns:
-            raise KeyError(f"metric_figure: column {c!r} not in the table; columns: {list(df.columns)}")
-    d = df.dropna(subset=[y])
-    groups = [(None, d)] if color is None else [(k, g) for k, g in d.groupby(color, sort=True, dropna=False)]
-    numeric_x = pd.api.types.is_numeric_dtype(d[x]) and not pd.api.types.is_bool_dtype(d[x])
-    fig = go.Figure()
-    for key, g in groups:
-        name = y if key is None else f"{color}={key}"
-        mean = g.groupby(x, sort=True)[y].mean()
-        if numeric_x:
-            fig.add_trace(go.Scatter(x=mean.index.to_numpy(), y=mean.to_numpy(), mode="lines+markers", name=name))
-        else:
-            fig.add_trace(go.Bar(x=[str(v) for v in mean.index], y=mean.to_numpy(), name=name))
-    return _layout(fig, title or f"{y} vs {x}" + (f" by {color}" if color else ""), label(x), label(y),
-                   barmode="group")
-
-
-def history_figure(df: pd.DataFrame, y: str, x: str = "step", color: str | None = "run_id",
-                   title: str | None = None) -> go.Figure:
-    """Training-history lines: y vs x (steps), one line per run."""
-    color = color if color in df.columns else None
-    return metric_figure(df, x, y, color=color, title=title or f"{y} during training")
-
-
-def latency_vs_batch_figure(df: pd.DataFrame, y: str = "latency_ms", x: str = "batch_size",
-                            color: str | None = "layer", title: str | None = None) -> go.Figure:
-    """Latency vs batch size, both axes logarithmic, one line per layer."""
-    color = color if color in df.columns else None
-    fig = metric_figure(df, x, y, color=color, title=title or f"{y} vs {x} (log-log)")
-    fig.update_xaxes(type="log")
-    fig.update_yaxes(type="log")
-    return fig
+    ``out_dir`` is resolved with :func:`repo_path`. If it already holds a finished run (an earlier
+    interactive run), the next free ``<out_dir>-2``, ``-3``, ... is used; the path is returned.
+    """
+    path = free_run_dir(repo_path(out_dir))
+    run = RunDir(path).start(record.params, notebook="00_tour.ipynb", seed=record.params.seed)
+    try:
+        run.write_summary(record.summary())
+        figs = tour_figures(record)
+        for name in TOUR_SAVED_FIGURES:
+            run.save_figure(figs[name], name, png=png)
+    except BaseException as e:
+        run.fail(e)
+        raise
+    run.finish()
+    return path

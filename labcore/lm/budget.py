@@ -2,9 +2,9 @@
 
 The UltraMem paper compares models at *equal compute* (forward FLOPs per token) and, among the sparse
 ones, at *equal total parameters*: Dense-151M vs MoE-151M-2in32 vs UltraMem-151M-x12, where "x12"
-means the sparse parameters are about 12 times the dense model's (total about 13x; papers.md §2.1).
-This module counts those quantities for any :class:`~labcore.model.ModelConfig` without building the
-model, and sizes MoE / PKM / UltraMem plans so that such comparisons hold within a tolerance.
+means the sparse parameters are about 12 times the dense model's (total about 13x; docs/mechanisms.md §2.1).
+This module counts those quantities for any :class:`~labcore.lm.model.ModelConfig` without building the
+model, and sizes MoE and memory plans so that such comparisons hold within a tolerance.
 
 What is counted (per token; L blocks, D model dim, V vocabulary, C context length)
 ----------------------------------------------------------------------------------
@@ -43,34 +43,36 @@ networks are dense and not included).
 
 Matchers
 --------
-:func:`match_moe`, :func:`match_pkm` and :func:`match_ultramem` take a *dense* base config and a target
+:func:`match_moe` and :func:`match_memory` take a *dense* base config and a target
 total parameter count, and return a config whose total parameters and forward FLOPs per token are
 both within ``tol`` (default 2%) of the target and of the base model:
 
 - MoE: the MoE replaces every FFN; ``d_expert`` is solved for equal FLOPs (K experts plus the router
   cost what the dense FFN cost) and ``n_experts`` for the parameter target.
-- PKM / UltraMem: the memories are added to the dense trunk, so they add compute (query network, key
-  scores, value reads). To keep compute equal the trunk's FFN hidden size ``d_ff`` is reduced (the
-  paper's UltraMem models likewise have a smaller dense part than the dense baseline, Table 2), and
-  ``n_keys`` (N = n_keys^2 values per memory) is solved for the parameter target.
+- memories (:func:`match_memory`, any layer registered with role "memory"; :func:`match_pkm` and
+  :func:`match_ultramem` name one): the memories are added to the dense trunk, so they add compute
+  (query network, key scores, value reads). To keep compute equal the trunk's FFN hidden size
+  ``d_ff`` is reduced (the paper's UltraMem models likewise have a smaller dense part than the dense
+  baseline, Table 2), and the spec's ``size_field`` (``n_keys``: N = n_keys^2 values per memory) is
+  solved for the parameter target, starting from the spec's ``min_size``.
 
 A matcher that cannot get within ``tol`` raises ConfigError saying the closest it got.
-:func:`equal_budget_family` builds the four matched configs from one dense base.
+:func:`equal_budget_family` builds the matched configs (dense, MoE, every registered memory) from
+one dense base.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from labcore.layers.base import ConfigError, LayerCost, check_float, check_int
 from labcore.layers.moe import MoEConfig
-from labcore.layers.pkm import PKMConfig
-from labcore.layers.ultramem import UltraMemConfig
-from labcore.model import ModelConfig, SparsePlan, spread_placements
+from labcore.layers.registry import get, memory_spec, specs
+from labcore.lm.model import ModelConfig, SparsePlan, spread_placements
 
 # ----------------------------------------------------------------------------------------------
 # The budget record.
@@ -208,10 +210,11 @@ def describe_plan(cfg: ModelConfig) -> str:
         shared = f" + shared {m.shared_hidden}" if m.shared_hidden else ""
         return (f"MoE top-{m.top_k} of {m.n_experts} experts, d_expert={m.d_expert}{shared}, "
                 f"blocks={len(cfg.moe_block_ids())}")
-    m = p.memory
-    extra = f" E={m.expansion}" if isinstance(m, UltraMemConfig) else ""
-    return (f"{p.memory_type} n_keys={m.n_keys} heads={m.heads} top_k={m.top_k} k_dim={m.k_dim}{extra} "
-            f"@ {'/'.join(p.placements)}{' shared' if p.shared_values else ''}, d_ff={cfg.d_ff}")
+    m, spec = p.memory, memory_spec(p.memory)
+    shown = [(f, f) for f in (spec.size_field, "heads", "top_k", "k_dim") if f] + [("expansion", "E")]
+    fields = " ".join(f"{short}={getattr(m, f)}" for f, short in shown if hasattr(m, f))
+    return (f"{p.memory_type} {fields} @ {'/'.join(p.placements)}{' shared' if p.shared_values else ''}, "
+            f"d_ff={cfg.d_ff}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,17 +333,51 @@ def match_moe(base: ModelConfig, target_total_params: int, *, top_k: int = 2, n_
                  "try a smaller multiple_of, another top_k, other n_experts/d_expert, or a larger tol")
 
 
-def _match_memory(fn: str, base: ModelConfig, target_total_params: int, make_mem: Callable[[int], Any],
-                  placements: tuple[str, ...], shared_values: bool, min_keys: int, context_len: int | None,
-                  tol: float, max_keys: int, multiple_of: int) -> ModelConfig:
-    """Shared search of match_pkm / match_ultramem: n_keys for params, d_ff for FLOPs."""
+def match_memory(base: ModelConfig, target_total_params: int, memory: str, *,
+                 placements: tuple[str, ...] | str | None = None, n_memories: int | None = None,
+                 span: int | None = None, shared_values: bool = False, context_len: int | None = None,
+                 tol: float = 0.02, multiple_of: int = 8, max_size: int = 1 << 14,
+                 **memory_kwargs: Any) -> ModelConfig:
+    """A version of the dense ``base`` with memories of the registered type ``memory`` ("pkm",
+    "ultramem", ...): the spec's ``size_field`` (``n_keys``: N = n_keys^2 values per memory) sized for
+    ``target_total_params``, and the trunk's ``d_ff`` reduced (in multiples of ``multiple_of``) so
+    that forward FLOPs per token equal the base's, both within ``tol``.
+
+    Placements: given; else ``n_memories`` memories with skip ``span`` spread by
+    :func:`~labcore.lm.model.spread_placements`; else the spec's ``layout(L)`` (UltraMem: one memory
+    per 5 blocks, span 3 or less: the release's 20-block layout 2:5/6:9/10:13/14:17); else one memory
+    beside the middle block's FFN (``"L//2:L//2"``; PKM is best at an intermediate layer,
+    docs/mechanisms.md §4). ``memory_kwargs`` go to the memory's config (heads, k_dim, top_k, ...);
+    a ``n_model_layers`` field is set by the model (number of memories). The search starts at the
+    spec's ``min_size`` for those fields.
+    """
+    fn = f"match_memory({memory!r})"
+    spec = memory_spec(memory, owner="match_memory.memory")
+    if spec.size_field is None:
+        raise ConfigError(f"{fn}: layer {spec.name!r} has no size_field in its LayerSpec: nothing to solve for")
+    if placements is None:
+        if n_memories is None and span is None and spec.layout is not None:
+            n_memories, span = spec.layout(base.n_layers)
+        if n_memories is None and span is None:
+            placements = (f"{base.n_layers // 2}:{base.n_layers // 2}",)
+        else:
+            n_mem = n_memories or (spec.layout(base.n_layers)[0] if spec.layout is not None else 1)
+            sp = min(3, base.n_layers // n_mem - 1) if span is None else span
+            placements = spread_placements(n_mem, base.n_layers, max(0, sp))
+    kwargs = {"d_model": base.d_model, **memory_kwargs}
+
+    def make(n: int) -> Any:
+        return spec.config(**{**kwargs, spec.size_field: n})
+
+    min_size = spec.min_size(kwargs) if spec.min_size is not None else 1
+    # Validates the memory fields and normalises the placements before the search.
+    placements = SparsePlan(kind="memory", memory=make(min_size), placements=placements).placements
     target_flops, C = _check_base(fn, base, target_total_params, tol, context_len)
     check_int(fn, "multiple_of", multiple_of, min_value=1)
     step = multiple_of
 
     def cfg_of(n: int, d_ff: int) -> ModelConfig:
-        plan = SparsePlan(kind="memory", memory=make_mem(n), placements=placements,
-                          shared_values=shared_values)
+        plan = SparsePlan(kind="memory", memory=make(n), placements=placements, shared_values=shared_values)
         return dataclasses.replace(base, d_ff=d_ff, plan=plan)
 
     def d_ff_for(n: int) -> int:  # the largest d_ff (a multiple of step) within the FLOP target
@@ -351,10 +388,10 @@ def _match_memory(fn: str, base: ModelConfig, target_total_params: int, make_mem
     def params_at(n: int) -> int:
         return model_budget(cfg_of(n, d_ff_for(n)), context_len=C).total_params
 
-    n0 = _last_at_most(params_at, target_total_params, min_keys, max_keys)
+    n0 = _last_at_most(params_at, target_total_params, min_size, max_size)
     best = _Best()
     for n in (n0, n0 + 1):
-        if n > max_keys:
+        if n > max_size:
             continue
         d = d_ff_for(n)
         for dd in (d, d + step):
@@ -365,67 +402,14 @@ def _match_memory(fn: str, base: ModelConfig, target_total_params: int, make_mem
                  "the target")
 
 
-def match_pkm(base: ModelConfig, target_total_params: int, *, placements: tuple[str, ...] | str | None = None,
-              heads: int = 4, k_dim: int = 128, top_k: int = 32, d_value: int | None = None,
-              shared_values: bool = False, context_len: int | None = None, tol: float = 0.02,
-              multiple_of: int = 8, max_keys: int = 1 << 14, **pkm_kwargs: Any) -> ModelConfig:
-    """A PKM version of the dense ``base``: ``n_keys`` sized for ``target_total_params`` and the trunk's
-    ``d_ff`` reduced so that forward FLOPs per token equal the base's, both within ``tol``.
-
-    Default placement: one memory in parallel to the FFN of the middle block (``"L//2:L//2"``; PKM is
-    best at an intermediate layer, papers.md §4). ``d_ff`` is searched in multiples of
-    ``multiple_of``. ``pkm_kwargs`` go to PKMConfig.
-    """
-    if placements is None:
-        placements = (f"{base.n_layers // 2}:{base.n_layers // 2}",)
-
-    def make(n: int) -> PKMConfig:
-        return PKMConfig(d_model=base.d_model, n_keys=n, heads=heads, k_dim=k_dim, top_k=top_k,
-                         d_value=d_value, **pkm_kwargs)
-
-    placements = SparsePlan(kind="memory", memory=make(top_k), placements=placements).placements
-    return _match_memory("match_pkm", base, target_total_params, make, placements, shared_values,
-                         top_k, context_len, tol, max_keys, multiple_of)
+def match_pkm(base: ModelConfig, target_total_params: int, **kwargs: Any) -> ModelConfig:
+    """:func:`match_memory` for PKM (``kwargs``: its keywords and PKMConfig fields)."""
+    return match_memory(base, target_total_params, "pkm", **kwargs)
 
 
-def match_ultramem(base: ModelConfig, target_total_params: int, *, placements: tuple[str, ...] | str | None = None,
-                   n_memories: int | None = None, span: int | None = None, shared_values: bool = False,
-                   context_len: int | None = None, tol: float = 0.02, multiple_of: int = 8,
-                   max_keys: int = 1 << 14, **ultramem_kwargs: Any) -> ModelConfig:
-    """An UltraMem version of the dense ``base``: ``n_keys`` (physical keys per side, N = n_keys^2
-    values per memory) sized for ``target_total_params``, the trunk's ``d_ff`` reduced for equal
-    forward FLOPs, both within ``tol``.
-
-    Placements: given, or ``n_memories`` memories with skip ``span`` spread by
-    :func:`~labcore.model.spread_placements` (defaults: one memory per 5 blocks, at least one, span 3
-    or less to fit: the release's 20-block layout 2:5/6:9/10:13/14:17). ``d_ff`` is searched in
-    multiples of ``multiple_of``. ``ultramem_kwargs`` go to UltraMemConfig (heads, k_dim, top_k,
-    d_value, expansion, ...); its ``n_model_layers`` is set by the model (number of memories).
-    """
-    if placements is None:
-        n_mem = max(1, base.n_layers // 5) if n_memories is None else n_memories
-        sp = min(3, base.n_layers // n_mem - 1) if span is None else span
-        placements = spread_placements(n_mem, base.n_layers, max(0, sp))
-    probe = UltraMemConfig(d_model=base.d_model, n_keys=_min_ultramem_keys(base.d_model, ultramem_kwargs),
-                           **ultramem_kwargs)
-    placements = SparsePlan(kind="memory", memory=probe, placements=placements).placements
-
-    def make(n: int) -> UltraMemConfig:
-        return UltraMemConfig(d_model=base.d_model, n_keys=n, **ultramem_kwargs)
-
-    return _match_memory("match_ultramem", base, target_total_params, make, placements, shared_values,
-                         probe.n_keys, context_len, tol, max_keys, multiple_of)
-
-
-def _min_ultramem_keys(d_model: int, kwargs: Mapping[str, Any]) -> int:
-    """The smallest n_keys UltraMemConfig accepts with these settings (top-k must fit the grid)."""
-    for n in range(1, 1 << 14):
-        try:
-            UltraMemConfig(d_model=d_model, n_keys=n, **kwargs)
-        except ConfigError:
-            continue
-        return n
-    raise ConfigError(f"match_ultramem: no n_keys works with {dict(kwargs)!r}")
+def match_ultramem(base: ModelConfig, target_total_params: int, **kwargs: Any) -> ModelConfig:
+    """:func:`match_memory` for UltraMem (``kwargs``: its keywords and UltraMemConfig fields)."""
+    return match_memory(base, target_total_params, "ultramem", **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,32 +425,48 @@ def small_base_config(**overrides: Any) -> ModelConfig:
     return ModelConfig(**fields)
 
 
+def family_names(every_memory: bool = False) -> tuple[str, ...]:
+    """Names in the equal-budget family, in registration order: "dense", "moe", then every memory
+    whose spec has ``family_kwargs`` ("pkm", "ultramem", ...); with ``every_memory``, every layer
+    registered with role "memory" (the names :func:`equal_budget_family` accepts)."""
+    return ("dense", "moe", *(s.name for s in specs("memory") if every_memory or s.family_kwargs is not None))
+
+
 def equal_budget_family(base: ModelConfig, ratio: float = 12.0, *, context_len: int | None = None,
-                        tol: float = 0.02, multiple_of: int = 8, moe: Mapping[str, Any] | None = None,
-                        pkm: Mapping[str, Any] | None = None,
-                        ultramem: Mapping[str, Any] | None = None) -> dict[str, ModelConfig]:
-    """Dense, MoE, PKM and UltraMem configs at equal forward FLOPs per token (all four) and equal total
-    parameters (the three sparse ones), within ``tol``.
+                        tol: float = 0.02, multiple_of: int = 8, names: Sequence[str] | None = None,
+                        **layer_kwargs: Mapping[str, Any]) -> dict[str, ModelConfig]:
+    """The dense ``base`` and, for every registered sparse layer (MoE and each memory type, in
+    registration order), a config at equal forward FLOPs per token (all of them) and equal total
+    parameters (the sparse ones), within ``tol``. Keys are the registered names; by default
+    :func:`family_names` ("dense", "moe", "pkm", "ultramem", ...); ``names`` picks others, any
+    registered memory included.
 
     ``ratio`` = sparse / dense parameters as in the paper's "x12": the sparse models' total is
-    ``(1 + ratio) * dense total``. ``moe`` / ``pkm`` / ``ultramem``: keyword arguments for
-    :func:`match_moe` / :func:`match_pkm` / :func:`match_ultramem`. Defaults: MoE top-2 (the paper's
-    "2inN"); PKM 4 heads x top-32 with D/4 key features per half (k_dim = D/2); UltraMem 2 heads x
-    top-16, k_dim D/4 per side, d_value D/2 ("half vdim + proj"), E=4, R=2, 2 cores. The D/4 per
-    side follows the release (192 at D = 768) and Memory Layers at Scale (2 x 256 at D = 1024).
+    ``(1 + ratio) * dense total``. ``layer_kwargs``: per registered name, keyword arguments for its
+    matcher (``moe={...}`` for :func:`match_moe`, ``pkm={...}`` for :func:`match_memory`, ...).
+    Defaults: MoE top-2 (the paper's "2inN"); each memory's ``LayerSpec.family_kwargs(D)`` (PKM 4
+    heads x top-32, k_dim = D/2; UltraMem 2 heads x top-16, k_dim D/4 per side, d_value D/2, E=4,
+    R=2, 2 cores: the release's 192 at D = 768 and Memory Layers at Scale's 2 x 256 at D = 1024).
     ``multiple_of``: alignment of the searched widths (d_expert, d_ff).
     """
-    check_float("equal_budget_family", "ratio", ratio, min_value=0.0, min_inclusive=False)
+    fn = "equal_budget_family"
+    check_float(fn, "ratio", ratio, min_value=0.0, min_inclusive=False)
+    registered = family_names(every_memory=True)
+    wanted = family_names() if names is None else list(names)
+    for n in (*wanted, *layer_kwargs):
+        if n not in registered:
+            raise ConfigError(f"{fn}: layer {n!r} is not allowed: must be one of {list(registered)}")
     dense_total = model_budget(base, context_len=context_len).total_params
     target = round((1 + ratio) * dense_total)
-    kmoe = {"top_k": 2, "multiple_of": multiple_of, **(moe or {})}
-    side = max(1, base.d_model // 4)  # key dim per side ~ D/4: release 192 @ D=768, Meta 2x256 @ D=1024
-    kpkm = {"heads": 4, "top_k": 32, "k_dim": 2 * side, "multiple_of": multiple_of, **(pkm or {})}
-    kum = {"heads": 2, "top_k": 16, "k_dim": side, "d_value": max(2, 2 * (base.d_model // 4)),
-           "multiple_of": multiple_of, **(ultramem or {})}
-    return {
-        "dense": base,
-        "moe": match_moe(base, target, context_len=context_len, tol=tol, **kmoe),
-        "pkm": match_pkm(base, target, context_len=context_len, tol=tol, **kpkm),
-        "ultramem": match_ultramem(base, target, context_len=context_len, tol=tol, **kum),
-    }
+    common = {"context_len": context_len, "tol": tol, "multiple_of": multiple_of}
+    family: dict[str, ModelConfig] = {}
+    for name in [n for n in registered if n in wanted]:
+        spec, own = get(name), dict(layer_kwargs.get(name) or {})
+        if name == "dense":
+            family[name] = base
+        elif name == "moe":
+            family[name] = match_moe(base, target, **{"top_k": 2, **common, **own})
+        else:
+            defaults = dict(spec.family_kwargs(base.d_model)) if spec.family_kwargs is not None else {}
+            family[name] = match_memory(base, target, name, **{**defaults, **common, **own})
+    return family

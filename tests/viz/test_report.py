@@ -1,4 +1,4 @@
-"""labcore.report on hand-made run directories (no kernels): tables, thumbnails, notebooks, failures."""
+"""labcore.viz.report on hand-made run directories (no kernels): tables, thumbnails, notebooks, failures."""
 
 import json
 import shutil
@@ -6,10 +6,10 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
-from labcore.report import write_report
 from labcore.results import RunDir, write_json_atomic
+from labcore.viz.report import write_report
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "sweep" / "fixtures"   # executed-notebook samples
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 16  # only copied, never decoded
 
 

@@ -1,4 +1,4 @@
-"""labcore.widgets without a browser: set a control's value, read the redrawn figure's numbers."""
+"""labcore.viz.widgets without a browser: set a control's value, read the redrawn figure's numbers."""
 
 from __future__ import annotations
 
@@ -8,14 +8,17 @@ import importlib.util
 import json
 from pathlib import Path
 
+import nbformat
 import numpy as np
 import pandas as pd
+import papermill
 import plotly.graph_objects as go
 import pytest
 
 from labcore.layers.base import ConfigError
-from labcore.tour import TourParams, run_tour
-from labcore.widgets import (
+from labcore.results import RunDir
+from labcore.viz.tour import TourParams, run_tour
+from labcore.viz.widgets import (
     PLOTLY_MIME,
     ExplorerParams,
     FigurePane,
@@ -29,7 +32,7 @@ from labcore.widgets import (
 )
 
 _spec = importlib.util.spec_from_file_location(
-    "results_fixture", Path(__file__).parent / "ui" / "results_fixture.py")
+    "results_fixture", Path(__file__).parents[1] / "ui" / "results_fixture.py")
 fixture = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fixture)
 
@@ -58,7 +61,8 @@ def test_figure_pane_puts_a_json_plotly_bundle_in_the_output_widget():
     bundle = json.loads(json.dumps(out["data"][PLOTLY_MIME]))          # JSON-safe for the comm
     np.testing.assert_array_equal(_decode(bundle["data"][0]["z"]), z)
     pane.show(go.Figure(go.Bar(y=[1, 2])))
-    assert len(pane.widget.outputs) == 1 and pane.updates == 2
+    assert len(pane.widget.outputs) == 1                                 # replaced, not appended
+    assert pane.figure.data[0].type == "bar"
     assert _decode(pane.widget.outputs[0]["data"][PLOTLY_MIME]["data"][0]["y"]).tolist() == [1, 2]
 
 
@@ -77,7 +81,8 @@ def test_tour_controls_start_from_the_params(tour):
     assert np.asarray(tour.figures["pkm"].data[0].z).shape == (6, 6)
     expected = run_tour(SMALL)
     np.testing.assert_allclose(np.asarray(tour.figures["pkm"].data[0].z), expected.pkm.grid)
-    assert all(p.figure is not None for p in tour.panes.values()) and tour.refreshes == 1
+    assert all(p.figure is not None for p in tour.panes.values())
+    assert tour.status.value == "n=6, K=3, R=2, E=4, B=16, token 0, seed 0"
 
 
 def test_n_keys_slider_resizes_grids_and_clamps_top_k(tour):
@@ -91,7 +96,8 @@ def test_n_keys_slider_resizes_grids_and_clamps_top_k(tour):
     assert np.asarray(tour.figures["tdqkr"].data[0].z).shape == (4, 4)
     assert np.asarray(tour.figures["ive"].data[0].z).shape == (8, 8)        # sqrt(4) * 4 per side
     assert "n=4" in tour.figures["pkm"].layout.title.text
-    assert tour.refreshes == 3                                              # one re-run per change
+    assert tour.status.value.startswith("n=4, K=4,")                       # drawn, no "not redrawn" error
+    assert tour.record.params.n_keys == 4 and tour.record.params.top_k == 4
 
 
 def test_rank_expansion_and_shuffle_controls(tour):
@@ -190,7 +196,7 @@ def test_explorer_notebook_and_colour_dropdowns(results):
     np.testing.assert_allclose(list(t.y), [fixture.compare_latency_ms("moe", b) for b in (1, 16, 64)])
     ex.x.value = "param_layer"                                     # categorical x: bars, colour dropped
     assert [tr.type for tr in ex.figure.data] == ["bar"] and list(ex.figure.data[0].x) == ["moe", "pkm", "ultramem"]
-    assert ex.redraws == 5
+    assert ex.message.value.startswith(f"{(df['notebook'] == fixture.COMPARE).sum()} rows")
 
 
 def test_explorer_initial_selection_and_errors(results):
@@ -216,7 +222,6 @@ def test_explorer_params_and_save(results, tmp_path):
     assert counts.set_index("notebook")["runs"].to_dict() == {fixture.TDQKR: 6, fixture.COMPARE: 9}
     ex = ResultsExplorer(df)
     path = save_explorer(ex, ExplorerParams(out_dir=str(tmp_path / "ex")), png=False)
-    from labcore.results import RunDir
     run = RunDir(path)
     assert run.is_done() and (run.figures_dir / "explorer.json").exists()
     assert run.summary()["rows"].sum() == 15
@@ -226,13 +231,8 @@ def test_explorer_params_and_save(results, tmp_path):
 
 @pytest.mark.slow   # ~10 s on an idle machine (a kernel start); the ui suite runs this notebook too
 def test_explorer_notebook_runs_headless_on_a_results_fixture(results, tmp_path):
-    import nbformat
-    import papermill
-
-    from labcore.results import RunDir
-
     root, _ = results
-    nbdir = Path(__file__).resolve().parents[1] / "notebooks"
+    nbdir = Path(__file__).resolve().parents[2] / "notebooks"
     out = tmp_path / "06.out.ipynb"
     papermill.execute_notebook(str(nbdir / "06_results_explorer.ipynb"), str(out), kernel_name="python3",
                                parameters={"smoke": True, "results_root": str(root),
@@ -250,9 +250,6 @@ def test_explorer_notebook_runs_headless_on_a_results_fixture(results, tmp_path)
 
 
 def test_explorer_empty_results_root_means_this_sweep(tmp_path, monkeypatch):
-    from labcore.results import RunDir
-    from labcore.widgets import ExplorerParams, load_results
-
     ExplorerParams(results_root="")                       # allowed: resolved at load time
     monkeypatch.delenv("LABCORE_SWEEP_DIR", raising=False)
     with pytest.raises(ValueError, match="LABCORE_SWEEP_DIR"):

@@ -5,18 +5,23 @@ import copy
 import dataclasses
 import json
 import math
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from labcore.bench.training import SparseTimer
 from labcore.data import KnowledgeConfig, load_dataset, unigram_baseline
 from labcore.layers.base import ConfigError, LayerAux
 from labcore.layers.moe import MoEConfig
 from labcore.layers.pkm import PKMConfig
 from labcore.layers.ultramem import UltraMemConfig
-from labcore.model import LM, ModelConfig, SparsePlan
-from labcore.train import (
+from labcore.lm.model import LM, ModelConfig, SparsePlan
+from labcore.lm.train import (
     NonFiniteLossError,
     TrainConfig,
     cli_main,
@@ -332,7 +337,7 @@ torch.set_num_threads({threads})  # same reduction order as the parent: bit-exac
 sys.path.insert(0, {tests!r})
 from test_train import model_cfg, tcfg
 from labcore.data import KnowledgeConfig, load_dataset
-from labcore.train import train
+from labcore.lm.train import train
 data = load_dataset(KnowledgeConfig(n_people=20, bios_per_person=2, seed=0), False)
 def die(step, row):
     if step == {kill_at}:
@@ -343,10 +348,6 @@ train(model_cfg("ultramem"), tcfg(), data, {run_dir!r}, callbacks=[die])
 
 @pytest.mark.slow
 def test_sigkilled_subprocess_resumes_to_identical_result(kb_data, tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
     code = KILL_SCRIPT.format(tests=str(Path(__file__).parent), kill_at=5, run_dir=str(tmp_path / "cut"),
                               threads=torch.get_num_threads())
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
@@ -360,10 +361,6 @@ def test_sigkilled_subprocess_resumes_to_identical_result(kb_data, tmp_path):
 
 
 def test_bench_sparse_timer_brackets_forward_and_backward():
-    import time
-
-    from labcore.bench.training import SparseTimer
-
     class SlowBackward(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x):

@@ -1,4 +1,4 @@
-"""labcore.tour: each station of the tour against brute force and against labcore's real layers."""
+"""labcore.viz.tour: each station of the tour against brute force and against labcore's real layers."""
 
 from __future__ import annotations
 
@@ -6,13 +6,19 @@ import itertools
 import math
 from pathlib import Path
 
+import nbformat
 import numpy as np
+import papermill
 import pytest
 import torch
 
+import labcore.layers.moe as moe_mod
+import labcore.layers.pkm as pkm_mod
+import labcore.layers.ultramem as um
 from labcore.layers.base import ConfigError
-from labcore.tour import (
-    TOUR_SAVED_FIGURES,
+from labcore.params import schema_mismatches
+from labcore.results import RunDir
+from labcore.viz.tour import (
     IVEMapping,
     TourParams,
     build_tour,
@@ -29,7 +35,6 @@ from labcore.tour import (
     rank1_proxy,
     route_token,
     run_tour,
-    save_tour,
     second_best_shares_line,
     tdqkr_grid,
     tdqkr_retrieve,
@@ -38,6 +43,8 @@ from labcore.tour import (
     topology_bias,
     topology_bias_table,
 )
+from labcore.viz.tour_plots import TOUR_SAVED_FIGURES, save_tour
+from labcore.viz.widgets import ExplorerParams
 
 
 def _assert_same_selection(ids, weights, layer_ids, layer_weights, rtol=1e-5, atol=0.0):
@@ -113,7 +120,6 @@ def test_expert_load_counts_each_tokens_choice():
 
 
 def test_route_token_agrees_with_labcore_moe_layer():
-    moe_mod = pytest.importorskip("labcore.layers.moe")
     torch.manual_seed(0)
     layer = moe_mod.MoE(moe_mod.MoEConfig(d_model=8, d_expert=4, n_experts=6, top_k=2, init_std=0.5))
     x = torch.randn(5, 8)
@@ -146,7 +152,6 @@ def test_pkm_product_key_search_is_exact():
 
 
 def test_pkm_retrieve_agrees_with_labcore_pkm_layer():
-    pkm_mod = pytest.importorskip("labcore.layers.pkm")
     torch.manual_seed(0)
     cfg = pkm_mod.PKMConfig(d_model=8, n_keys=6, heads=1, k_dim=8, top_k=3, query_norm="none")
     layer = pkm_mod.PKM(cfg).eval()
@@ -180,7 +185,7 @@ def test_pkm_is_tucker_rank_two_special_case():
     s_row, s_col = rng.standard_normal(6), rng.standard_normal(6)
     S_row, C, S_col = pkm_as_tucker(s_row, s_col)
     np.testing.assert_allclose(tdqkr_grid(S_row, C, S_col), s_row[:, None] + s_col[None, :], rtol=1e-12)
-    # papers.md's [D] note pairs this core with S_col = [1; s_col]: that gives a product, not a sum
+    # docs/mechanisms.md §1.3: pairing this core with S_col = [1; s_col] gives a product, not a sum
     S_col_note = np.stack([np.ones(6), s_col])
     np.testing.assert_allclose(tdqkr_grid(S_row, C, S_col_note), np.outer(s_row, s_col) + 1, rtol=1e-12)
     np.testing.assert_allclose(tdqkr_grid(S_row, np.eye(2), S_col_note), s_row[:, None] + s_col[None, :],
@@ -243,7 +248,6 @@ def test_tdqkr_multi_core_ranks_by_the_sum():
 
 
 def test_tdqkr_agrees_with_labcore_ultramem_layer():
-    um = pytest.importorskip("labcore.layers.ultramem")
     cfg = um.UltraMemConfig(d_model=8, n_keys=4, heads=1, k_dim=6, top_k=3, d_value=4, rank=2, n_cores=1,
                             expansion=4, qk_norm=False, seed=3)
     torch.manual_seed(0)
@@ -421,8 +425,6 @@ def test_run_tour_is_deterministic_and_consistent():
 
 
 def test_save_tour_writes_a_finished_run_and_never_overwrites(tmp_path):
-    from labcore.results import RunDir
-
     rec = run_tour(TourParams(smoke=True, n_keys=4, top_k=2, batch_size=8))
     path = save_tour(rec, tmp_path / "tour", png=False)
     run = RunDir(path)
@@ -436,16 +438,11 @@ def test_save_tour_writes_a_finished_run_and_never_overwrites(tmp_path):
 # The notebook
 # ----------------------------------------------------------------------------------------------
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 
 
 @pytest.mark.parametrize("name", ["00_tour.ipynb", "06_results_explorer.ipynb"])
 def test_committed_notebook_is_clean_and_mirrors_its_schema(name):
-    import nbformat
-
-    from labcore.params import schema_mismatches
-    from labcore.widgets import ExplorerParams
-
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), "strip outputs"
@@ -458,11 +455,6 @@ def test_committed_notebook_is_clean_and_mirrors_its_schema(name):
 
 def test_tour_notebook_runs_headless_in_smoke_mode(tmp_path):
     """papermill, smoke mode: every cell runs, the run directory is finished, the widgets exist."""
-    import nbformat
-    import papermill
-
-    from labcore.results import RunDir
-
     out = tmp_path / "00_tour.out.ipynb"
     papermill.execute_notebook(str(NOTEBOOKS / "00_tour.ipynb"), str(out), kernel_name="python3",
                                parameters={"smoke": True, "out_dir": str(tmp_path / "run")},

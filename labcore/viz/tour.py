@@ -1,14 +1,15 @@
 """A guided tour: follow ONE token through MoE routing, PKM retrieval, TDQKR, topology bias and IVE.
 
 Everything here is small, explicit numpy so that each step of the mechanisms is visible; the
-functions return tidy frozen records (and ``.table()`` DataFrames) that ``labcore.plots`` draws and
-``notebooks/00_tour.ipynb`` explains. Tests compare these explicit computations with brute force
-and (when they are installed) with labcore's real layers. Notation as in ``labcore/__init__.py``;
-equation numbers refer to ``papers.md`` (U2 = UltraMemV2 restating UltraMem).
+functions return tidy frozen records (and ``.table()`` DataFrames) that ``labcore.viz.tour_plots``
+draws and ``notebooks/00_tour.ipynb`` explains. Tests compare these explicit computations with
+brute force and with labcore's real layers. Notation as in ``labcore/__init__.py``; section
+numbers refer to ``docs/mechanisms.md``, equation numbers to UltraMemV2 (U2, arXiv 2508.18756,
+restating UltraMem).
 
 One token ``x`` (D,) goes through five stations:
 
-(a) MoE routing (papers.md §7.1, U2 eqs. 1-2). Router logits ``z = W_r x`` (E,), probabilities
+(a) MoE routing (docs/mechanisms.md §7.1, U2 eqs. 1-2). Router logits ``z = W_r x`` (E,), probabilities
     ``p = softmax(z)``, the top-K experts are kept. ``softmax_topk_renorm`` renormalises the kept
     probabilities to sum 1 (Mixtral), equal to ``topk_softmax`` (softmax over the K kept logits);
     ``softmax_topk`` keeps them raw (Switch, OLMoE).
@@ -33,8 +34,8 @@ One token ``x`` (D,) goes through five stations:
     ``tdqkr_mean_recall``); training shapes keys and queries around the proxy.
     PKM is the special case R = 2 (:func:`pkm_as_tucker`): ``S_row = [s_row; 1]``,
     ``S_col = [s_col; 1]``, ``C = [[0, 1], [1, 0]]`` gives ``s_row[i] * 1 + 1 * s_col[j]``.
-    (papers.md's [D] note writes ``S_col = [1; s_col]`` with this C, which gives
-    ``s_row[i] * s_col[j] + 1``, a product; with ``[1; s_col]`` the core must be the identity.)
+    (Writing ``S_col = [1; s_col]`` with this C would give ``s_row[i] * s_col[j] + 1``, a product;
+    with ``[1; s_col]`` the core must be the identity; docs/mechanisms.md §1.3.)
     The swap core has two equal singular values, so a rank-1 proxy has no preferred direction.
     Multi-core scoring (§1.5) ranks by the SUM of the cores; pass an (h, R, R) stack to sum it.
 
@@ -71,13 +72,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from labcore.config import ConfigError, check_bool, check_choice, check_int, check_str, is_perfect_square
-from labcore.results import repo_path
 
 ROUTERS = ("softmax_topk_renorm", "topk_softmax", "softmax_topk")
 SCORINGS = ("additive", "tucker", "random")
@@ -89,7 +88,7 @@ SCORINGS = ("additive", "tucker", "random")
 
 @dataclass(frozen=True)
 class TourParams:
-    """Parameters of ``notebooks/00_tour.ipynb`` (and the sizes of :class:`labcore.widgets.TourControls`).
+    """Parameters of ``notebooks/00_tour.ipynb`` (and the sizes of :class:`labcore.viz.widgets.TourControls`).
 
     smoke: tiny sizes for a fast headless run (caps n_queries and batch_size, see :meth:`resolved`).
     out_dir: run directory for the saved figures and summary. seed: one seed for every random draw.
@@ -730,33 +729,3 @@ def follow_token(weights: TourWeights) -> TourRecord:
 def run_tour(params: TourParams) -> TourRecord:
     """build_tour + follow_token."""
     return follow_token(build_tour(params))
-
-
-# ----------------------------------------------------------------------------------------------
-# Saving the tour as a run directory (figures and summary).
-# ----------------------------------------------------------------------------------------------
-
-TOUR_SAVED_FIGURES = ("moe", "pkm", "tdqkr", "bias", "ive")
-
-
-def save_tour(record: TourRecord, out_dir: str | Path, png: bool = True) -> Path:
-    """Write the tour's summary and key figures into a run directory (labcore.results.RunDir).
-
-    ``out_dir`` is resolved with :func:`repo_path`. If it already holds a finished run (an earlier
-    interactive run), the next free ``<out_dir>-2``, ``-3``, ... is used; the path is returned.
-    """
-    from labcore.plots import tour_figures  # lazy: plots imports this module
-    from labcore.results import RunDir, free_run_dir
-
-    path = free_run_dir(repo_path(out_dir))
-    run = RunDir(path).start(record.params, notebook="00_tour.ipynb", seed=record.params.seed)
-    try:
-        run.write_summary(record.summary())
-        figs = tour_figures(record)
-        for name in TOUR_SAVED_FIGURES:
-            run.save_figure(figs[name], name, png=png)
-    except BaseException as e:
-        run.fail(e)
-        raise
-    run.finish()
-    return path

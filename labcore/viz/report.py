@@ -124,6 +124,8 @@ def _table_html(df: pd.DataFrame, max_rows: int) -> str:
 def write_report(sweep_dir: str | Path, out_dir: str | Path, *, title: str | None = None,
                  max_rows: int = 500) -> Path:
     """Write the report of one sweep directory into ``out_dir``; returns the index.html path."""
+    # here, not at the top: nbconvert takes ~1.5 s to import, and labcore.cli imports this module
+    # for every command
     from nbconvert import HTMLExporter
 
     sweep_dir, out_dir = Path(sweep_dir).resolve(), Path(out_dir)

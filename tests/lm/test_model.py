@@ -1,4 +1,4 @@
-"""Tests of labcore.model: wiring of the plan (skip-layer, full, shared pool), causality, loss, ties,
+"""Tests of labcore.lm.model: wiring of the plan (skip-layer, full, shared pool), causality, loss, ties,
 layer splitting and config validation. Tiny sizes; every test seeded by conftest."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from labcore.layers.base import ConfigError, param_role
 from labcore.layers.moe import MoEConfig
 from labcore.layers.pkm import PKMConfig
 from labcore.layers.ultramem import UltraMemConfig
-from labcore.model import (
+from labcore.lm.model import (
     LM,
     ModelConfig,
     SparsePlan,
@@ -21,6 +21,7 @@ from labcore.model import (
     split_memory,
     spread_placements,
 )
+from labcore.lm.optim import build_param_groups, refresh_all
 
 V, D, L, T_MAX = 61, 32, 4, 16
 
@@ -313,8 +314,10 @@ def test_split_memory_rejects_non_square_with_nearest():
     (lambda: cfg_with(SparsePlan(kind="moe", moe=MoEConfig(d_model=D, d_expert=8, n_experts=2, top_k=1),
                                  moe_blocks=(0, 4))), r"moe_blocks=\(0, 4\).*block 4"),
     (lambda: ModelConfig.from_dict({**cfg_with().to_dict(), "n_layer": 3}), r"unknown key.*n_layer"),
-    (lambda: SparsePlan.from_dict({"kind": "memory", "memory": {"type": "peer"}, "placements": "0:0"}),
-     r"type='peer'"),
+    (lambda: SparsePlan.from_dict({"kind": "memory", "memory": {"type": "nosuch"}, "placements": "0:0"}),
+     r"type='nosuch' is not allowed: must be a registered memory layer \(one of \['pkm', 'ultramem'"),
+    (lambda: SparsePlan.from_dict({"kind": "memory", "memory": {"type": "moe"}, "placements": "0:0"}),
+     r"type='moe' is not allowed: must be a registered memory"),
 ])
 def test_bad_configs_raise_naming_the_field(make, match):
     with pytest.raises(ConfigError, match=match):
@@ -353,8 +356,6 @@ def test_from_dict_round_trip_and_yaml_forms():
 
 @pytest.mark.parametrize("name", ["moe_some_blocks", "pkm_skip", "ultramem_skip_shared"])
 def test_every_parameter_gets_a_gradient_and_a_few_steps_fit_a_batch(name):
-    from labcore.optim import build_param_groups, refresh_all
-
     lm = LM(cfg_with(PLANS[name]))
     groups = build_param_groups(lm, lr=2e-2, weight_decay=0.0)
     grouped = [p for g in groups for p in g["params"]]

@@ -18,7 +18,7 @@ Data flow of one block (pre-norm; ``x`` is the residual stream, shape ``(B, T, D
 The model: ``x_0 = Embed(idx)``; ``x_{i+1} = Block_i(x_i)`` for i = 0..L-1; ``logits = Head(RMSNorm(x_L))``
 with the head tied to the embedding matrix by default (``logits = RMSNorm(x_L) @ W_embᵀ``).
 
-Memory placements "k:v": the skip-layer (papers.md §1.2)
+Memory placements "k:v": the skip-layer (docs/mechanisms.md §1.2)
 -------------------------------------------------------
 
 A placement ``"k:v"`` (0 <= k <= v < L) means: the memory reads ``u_k``, the normalized tensor fed to
@@ -33,14 +33,14 @@ block k's FFN, and its output is added to the residual stream *after* block v. F
 one such memory in every block (the UltraMemV2 layout). Memory layers never replace the FFN: each
 block keeps its own FFN, so a memory model has the dense model's trunk plus the memories.
 
-The paper's layout (papers.md §1.2). PKM puts one big memory in parallel with (or instead of) one FFN.
+The paper's layout (docs/mechanisms.md §1.2). PKM puts one big memory in parallel with (or instead of) one FFN.
 UltraMem splits the big memory into several smaller ones spread over the depth, each connected by a
 skip-layer link, so the memory-bound lookup of memory j can run while the compute-bound blocks k..v
 run ("asynchronous execution"). The released 227M/1.2B UltraMem (20 blocks, d = 768) uses
 ``2:5/6:9/10:13/14:17``: four memories, each skipping three blocks; :func:`split_memory` produces such
 layouts for any depth. Table 2 row "+split big mem & skip": val loss -0.015, FLOPs 346.96M -> 323.32M.
 
-Shared value pool (Memory Layers at Scale, papers.md §5): with ``shared_values=True`` all memory
+Shared value pool (Memory Layers at Scale, docs/mechanisms.md §5): with ``shared_values=True`` all memory
 layers read ONE value table (each keeps its own query network and keys). The plan carries a single
 memory config, so every memory has identical sizes; the first memory's table is built (with that
 layer's own init) and handed to the others through the layers' ``values=`` argument.
@@ -55,8 +55,8 @@ Choices made here (documented, not from a paper)
   :meth:`ModelConfig.memory_layer_config`): the variances of all memory outputs add up in the
   residual stream, so with L = number of memories the summed memory variance stays the same when
   one big memory is split into several (the layer-splitting ablation compares them at equal total
-  output variance). The paper's own L is not readable (papers.md §1.6, secondary sources).
-- Parameter roles (for ``labcore.optim.build_param_groups``): norm gains are 1-D, hence "no_decay"
+  output variance). The paper's own L is not readable (docs/mechanisms.md §1.6, secondary sources).
+- Parameter roles (for ``labcore.lm.optim.build_param_groups``): norm gains are 1-D, hence "no_decay"
   (the trunk has no biases); the token embedding is tagged "default" (decayed). It is tied to the LM
   head, a linear map, so it is decayed like the other matrices (nanoGPT's convention; OLMo does not
   decay embeddings). Layers tag their own parameters (value tables "memory_values", keys "no_decay").
@@ -92,12 +92,9 @@ from labcore.layers.base import (
 )
 from labcore.layers.ffn import DenseFFN, FFNConfig
 from labcore.layers.moe import MoE, MoEConfig
-from labcore.layers.pkm import PKM, PKMConfig
-from labcore.layers.ultramem import UltraMem, UltraMemConfig
+from labcore.layers.registry import memory_spec
 
 PLAN_KINDS = ("dense", "moe", "memory")
-MEMORY_TYPES: dict[str, type] = {"pkm": PKMConfig, "ultramem": UltraMemConfig}
-MEMORY_LAYERS: dict[type, type] = {PKMConfig: PKM, UltraMemConfig: UltraMem}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,7 +124,8 @@ class SparsePlan:
     kind: "dense" (every block has a DenseFFN), "moe" (an MoE replaces the FFN of ``moe_blocks``),
         or "memory" (memory layers of type ``memory`` wired in by ``placements``; FFNs are kept).
     moe: the MoE config (kind "moe" only). ``moe_blocks``: block indices with an MoE; None = all.
-    memory: a PKMConfig or UltraMemConfig (kind "memory" only); one config for every memory layer.
+    memory: the config of any memory layer in the registry (``labcore.layers.registry``, role
+        "memory": PKMConfig, UltraMemConfig, ...; kind "memory" only); one config for every memory.
     placements: a tuple of "k:v" strings (also accepted: one string "2:5/6:9", the release's
         ``mem_insert_way`` format, or a list), or ("full",) / "full" for one memory per block in
         parallel to its FFN (UltraMemV2). Normalised to a tuple of strings.
@@ -138,7 +136,7 @@ class SparsePlan:
     kind: str = "dense"
     moe: MoEConfig | None = None
     moe_blocks: tuple[int, ...] | None = None
-    memory: PKMConfig | UltraMemConfig | None = None
+    memory: Any = None                          # a registered memory config (PKMConfig, UltraMemConfig, ...)
     placements: tuple[str, ...] = ()
     shared_values: bool = False
 
@@ -182,9 +180,7 @@ class SparsePlan:
                     raise ConfigError(f"{own}.moe_blocks={self.moe_blocks!r} is not allowed: must not "
                                       f"repeat a block")
         if self.kind == "memory":
-            if not isinstance(self.memory, PKMConfig | UltraMemConfig):
-                raise ConfigError(f"{own}.memory={self.memory!r} is not allowed: kind='memory' needs a "
-                                  f"PKMConfig or an UltraMemConfig")
+            memory_spec(self.memory, owner=f"{own}.memory")  # a registered memory config, else ConfigError
             if not placements:
                 raise ConfigError(f"{own}.placements=() is not allowed: kind='memory' needs at least one "
                                   f"'k:v' placement or 'full'")
@@ -198,10 +194,10 @@ class SparsePlan:
 
     @property
     def memory_type(self) -> str | None:
-        """"pkm" or "ultramem" (kind "memory"), else None."""
+        """The registered name of the memory ("pkm", "ultramem", ...; kind "memory"), else None."""
         if self.memory is None:
             return None
-        return "pkm" if isinstance(self.memory, PKMConfig) else "ultramem"
+        return memory_spec(self.memory).name
 
     def memory_pairs(self, n_layers: int) -> tuple[tuple[int, int], ...]:
         """The placements as ``(k, v)`` pairs; "full" expands to ``(i, i)`` for every block."""
@@ -217,7 +213,7 @@ class SparsePlan:
 
         ``{"kind": "moe", "moe": {...MoEConfig fields...}, "moe_blocks": [1, 3]}`` or
         ``{"kind": "memory", "memory": {"type": "ultramem", ...UltraMemConfig fields...},
-        "placements": "2:5/6:9", "shared_values": false}``. ``d_model`` (the model's) fills the layer
+        "placements": "2:5/6:9", "shared_values": false}``; ``type`` is any registered memory name. ``d_model`` (the model's) fills the layer
         configs' ``d_model`` when they omit it. Unknown keys raise ConfigError naming them.
         """
         data = dict(data)
@@ -232,11 +228,10 @@ class SparsePlan:
             data["moe"] = config_from_dict(MoEConfig, moe)
         if isinstance(data.get("memory"), Mapping):
             mem = dict(data["memory"])
-            mtype = mem.pop("type", None)
-            check_choice("SparsePlan.memory", "type", mtype, tuple(MEMORY_TYPES))
+            spec = memory_spec(mem.pop("type", None), owner="SparsePlan.memory.type")
             if d_model is not None:
                 mem.setdefault("d_model", d_model)
-            data["memory"] = config_from_dict(MEMORY_TYPES[mtype], mem)
+            data["memory"] = config_from_dict(spec.config, mem)
         if isinstance(data.get("moe_blocks"), list):
             data["moe_blocks"] = tuple(data["moe_blocks"])
         return cls(**data)
@@ -339,7 +334,7 @@ class ModelConfig:
         """The DenseFFN config of the non-MoE blocks."""
         return FFNConfig(d_model=self.d_model, d_hidden=self.d_ff, init_std=self.init_std)
 
-    def memory_layer_config(self) -> PKMConfig | UltraMemConfig | None:
+    def memory_layer_config(self) -> Any:
         """The config each memory layer is built with: the plan's, with ``n_model_layers`` (if the
         config has that field, as UltraMemConfig does for the paper init N(0, E / (2 m H L))) set to
         the number of memory layers in the plan, so L counts memories, whose outputs all add to the
@@ -537,8 +532,9 @@ class LM(nn.Module):
         self.memories = nn.ModuleList()
         mem_cfg = cfg.memory_layer_config()
         pool: nn.Embedding | None = None
+        mem_layer = memory_spec(mem_cfg).layer if mem_cfg is not None else None
         for _ in self.mem_pairs:
-            layer = MEMORY_LAYERS[type(mem_cfg)](mem_cfg, values=pool)
+            layer = mem_layer(mem_cfg, values=pool)
             if cfg.plan.shared_values and pool is None:
                 pool = layer.values  # the first memory's table, with its own init, shared by the rest
                 if not isinstance(pool, nn.Embedding):

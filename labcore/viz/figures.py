@@ -1,6 +1,7 @@
 """Figures of the ablation notebooks: pure functions, a result table in, a plotly Figure out.
 
 Every comparison shows its spread: one dot per seed, the mean with a 95% confidence interval.
+Cost curves (latency and memory bytes vs decode batch size) are drawn on log-log axes.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from labcore.experiments.core import mean_ci
-from labcore.plots import label
+from labcore.viz.style import label, layout
 
 SEED_DOT = "#9aa5b1"
 MEAN = "#1f77b4"
@@ -20,9 +21,7 @@ PAPER = "#ff7f0e"
 
 
 def _layout(fig: go.Figure, title: str, x: str, y: str, **kw) -> go.Figure:
-    fig.update_layout(title=dict(text=title), xaxis_title=x, yaxis_title=y, template="plotly_white",
-                      margin=dict(l=60, r=20, t=60, b=80), **kw)
-    return fig
+    return layout(fig, title, x, y, bottom=80, **kw)
 
 
 def variants_figure(table: pd.DataFrame, metric: str, order: Sequence[str] | None = None,
@@ -83,3 +82,14 @@ def xy_figure(summary: pd.DataFrame, x: str, y: str, text: str = "variant", titl
     if log_x:
         fig.update_xaxes(type="log")
     return _layout(fig, title or f"{y} vs {x}", label(x), label(y))
+
+
+def cost_curves_figure(cost: pd.DataFrame, y: str, title: str, x: str = "batch_size",
+                       x_title: str = "batch size B (tokens per decode step)") -> go.Figure:
+    """``y`` vs decode batch size, one line per variant, both axes logarithmic."""
+    fig = go.Figure()
+    for v, g in cost.groupby("variant", sort=False):
+        fig.add_trace(go.Scatter(x=g[x], y=g[y], mode="lines+markers", name=str(v)))
+    fig.update_xaxes(type="log")
+    fig.update_yaxes(type="log")
+    return _layout(fig, title, x_title, label(y))

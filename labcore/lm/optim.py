@@ -7,7 +7,7 @@ Parameter roles (``labcore.layers.base.param_role``) decide the groups, never mo
 * ``"memory_values"``: value tables of PKM / UltraMem, their own group with the value learning
   rate (``value_lr``, default ``lr``) and its own weight decay (default 0).
 
-Value learning-rate decay (UltraMem, papers.md §1.6; implementations.md "UltraMem")::
+Value learning-rate decay (UltraMem, docs/mechanisms.md §1.6; docs/implementations.md "UltraMem")::
 
     lr_values(step) = lr(step) * factor(step),   factor(step) = 1 + (M - 1) * max(0, 1 - step / T)
 
@@ -103,7 +103,7 @@ def apply_value_lr(optimizer: Optimizer, schedule: ValueLRSchedule | None, step:
     for i, group in enumerate(optimizer.param_groups):
         if "base_lr" not in group:
             raise ValueError(f"apply_value_lr: optimizer.param_groups[{i}] has no 'base_lr'; build the "
-                             "optimizer from labcore.optim.build_param_groups(...)")
+                             "optimizer from labcore.lm.optim.build_param_groups(...)")
         factor = value_factor if group.get("lr_role") == VALUE_ROLE else 1.0
         group["lr"] = group["base_lr"] * lr_scale * factor
 
