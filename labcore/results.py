@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import plotly.io as pio
 
 __all__ = [
     "RunDir",
@@ -356,12 +357,10 @@ class RunDir:
         return out
 
     def _write_png(self, fig: Any, path: Path, **kw: Any) -> None:
-        import plotly.io as pio
-
         pio.defaults.mathjax = None
         if not self._kaleido_started:  # one headless browser for all figures of this run
             try:
-                import kaleido
+                import kaleido  # starts a headless browser stack: only when a PNG is written
 
                 kaleido.start_sync_server(silence_warnings=True)
                 self._kaleido_started = True
@@ -375,7 +374,7 @@ class RunDir:
     def _stop_kaleido(self) -> None:
         if self._kaleido_started:
             try:
-                import kaleido
+                import kaleido  # see _write_png
 
                 kaleido.stop_sync_server(silence_warnings=True)
             except Exception:  # noqa: BLE001
@@ -589,7 +588,7 @@ def duckdb_connect(root: str | Path, database: str = ":memory:"):
     :func:`collect`) and ``summary`` (a view over the finished runs' summary.parquet files via
     ``read_parquet``, with a ``run_id`` column taken from the file's directory).
     """
-    import duckdb
+    import duckdb  # optional query engine: only for duckdb_connect
 
     con = duckdb.connect(database)
     runs = runs_table(root)

@@ -1,4 +1,4 @@
-"""Data: a byte tokenizer, three deterministic generators and a verified on-disk cache.
+"""Data: a byte tokenizer, four deterministic generators and a verified on-disk cache.
 
 Generators (each a frozen, validated config; ``kind`` is its name in YAML ``data:`` sections):
 
@@ -8,6 +8,7 @@ kind        config                 what
 knowledge   :class:`KnowledgeConfig`  fictional biographies + QA; knowledge recall eval, bits
 recall      :class:`RecallConfig`     associative recall rows (in-context key-value lookup)
 text        :class:`TextConfig`       any text file as bytes, contiguous train/val split
+facts       :class:`FactsConfig`      (subject, relation) -> object facts; loss on the answer token
 ==========  =====================  ==========================================================
 
 ``load_dataset(cfg)`` returns a :class:`Dataset` (train/val uint16 token streams, tokenizer,
@@ -31,6 +32,7 @@ from labcore.data.cache import (
     load_dataset,
     verify_dataset_dir,
 )
+from labcore.data.facts import FactsConfig
 from labcore.data.knowledge import (
     KnowledgeBase,
     KnowledgeConfig,
@@ -70,7 +72,7 @@ def data_config_from_dict(d: Mapping[str, Any]) -> Any:
 
 
 __all__ = [
-    "BatchSampler", "ByteTokenizer", "Dataset", "KnowledgeBase", "KnowledgeConfig", "RecallConfig",
+    "BatchSampler", "ByteTokenizer", "Dataset", "FactsConfig", "KnowledgeBase", "KnowledgeConfig", "RecallConfig",
     "RecallResult", "TextConfig", "associative_recall_accuracy", "build_dataset", "data_config_from_dict",
     "dataset_dir", "default_cache_dir", "greedy_generate", "knowledge_bits", "knowledge_recall",
     "load_dataset", "make_knowledge_base", "sample_path", "unigram_baseline", "verify_dataset_dir",

@@ -133,6 +133,7 @@ class TDQKRParams(LabParams):
     cores: list[int] = field(default_factory=lambda: [2])        # multi-core h for R=2 (1 = off)
     aux_loss: bool = True                                        # add an "R=2 +aux" variant
     exact_search: bool = True                                    # add an "R=2 exact" variant (m = n)
+    two_sided: bool = True                                       # add an "R=2 two-sided" search variant
     recall_tokens: int = 64                                      # tokens scored by brute force
 
     def __post_init__(self) -> None:
@@ -145,6 +146,7 @@ class TDQKRParams(LabParams):
         check_int_list(o, "cores", self.cores, min_value=1, max_value=8)
         check_bool(o, "aux_loss", self.aux_loss)
         check_bool(o, "exact_search", self.exact_search)
+        check_bool(o, "two_sided", self.two_sided)
 
 
 # ----------------------------------------------------------------------------------------------

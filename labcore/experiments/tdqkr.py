@@ -8,8 +8,11 @@ layer searches with the rank-1 approximation ``C ≈ λ₁ u tᵀ`` of the summe
 notebook measures:
 
 - **search recall**: the fraction of the exact top-K (brute force over the whole grid,
-  :func:`~labcore.layers.ultramem.ultramem_reference`) that the approximate search returns, on
-  the trained layer's real inputs (additive scoring is exact by construction: recall 1);
+  :meth:`~labcore.layers.ultramem.UltraMem.search_recall`) that the approximate search returns, on
+  the trained layer's real inputs (additive scoring is exact by construction: recall 1), for the
+  release's signed search (the m largest proxies per side) and the two-sided search
+  (``proxy_search="two_sided"``: also the m most negative per side, exact when the summed core is
+  rank 1 and the top-K scores are positive);
 - quality: validation loss and knowledge recall of additive vs R = 1..4, multi-core scoring h, and
   the Tucker auxiliary loss on/off (α = 0.001, τ = 0.15);
 - the Tucker singular values λ₁, λ₂ of the summed core over training (the aux loss keeps λ₂ > τ
@@ -30,7 +33,7 @@ import torch
 from labcore.experiments.common import lab_run, save_outputs
 from labcore.experiments.core import Variant, paired_deltas, run_variants, summarize
 from labcore.experiments.params import TDQKRParams
-from labcore.layers.ultramem import UltraMem, UltraMemConfig, ultramem_reference
+from labcore.layers.ultramem import UltraMem, UltraMemConfig
 from labcore.lm.model import SparsePlan
 from labcore.viz.figures import deltas_figure, history_lines, variants_figure
 
@@ -54,6 +57,8 @@ def tdqkr_variants(P: TDQKRParams) -> list[Variant]:
         out.append(v("R=2 +aux", dataclasses.replace(base, tucker_aux=True), rank=2, cores=1))
     if P.exact_search:
         out.append(v("R=2 exact", dataclasses.replace(base, candidate_m=P.n_keys), rank=2, cores=1))
+    if P.two_sided:
+        out.append(v("R=2 two-sided", dataclasses.replace(base, proxy_search="two_sided"), rank=2, cores=1))
     return out
 
 
@@ -73,16 +78,8 @@ def search_recall(model: torch.nn.Module, idx: torch.Tensor, n_tokens: int = 64)
     finally:
         for h in hooks:
             h.remove()
-    recalls = []
-    for i, layer in enumerate(layers):
-        x = captured[i].reshape(-1, layer.cfg.d_model)[:n_tokens]        # (n_tokens, D)
-        _, aux = layer(x)
-        _, exact, _ = ultramem_reference(layer, x)
-        K = layer.cfg.top_k
-        fast = aux.indices.view(x.shape[0], layer.cfg.heads, K)         # (N_tok, H, K)
-        ref = exact.view(x.shape[0], layer.cfg.heads, K)
-        hit = (fast.unsqueeze(-1) == ref.unsqueeze(-2)).any(-1).float()  # (N_tok, H, K)
-        recalls.append(float(hit.mean()))
+    recalls = [layer.search_recall(captured[i].reshape(-1, layer.cfg.d_model)[:n_tokens])  # (n_tokens, D)
+               for i, layer in enumerate(layers)]
     return float(sum(recalls) / len(recalls)) if recalls else float("nan")
 
 

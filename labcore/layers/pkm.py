@@ -105,8 +105,8 @@ from labcore.layers.fast.search import (  # noqa: F401  (SEARCH_CHUNK_BYTES, sea
     pruned_candidates,
     pruned_pair_topk,
     search_chunk,
+    side_search,
 )
-from labcore.layers.fast.topk import exact_topk
 from labcore.layers.registry import LayerSpec, register
 
 QUERY_NORMS = ("layernorm", "batchnorm", "none")
@@ -310,8 +310,7 @@ class PKM(nn.Module):
         # sub-key scores, one matmul per (head, half): (H*2, N_tok, D_k/2) @ (H*2, D_k/2, n)
         qs = rearrange(q, "t h s d -> (h s) t d")                           # (H*2, N_tok, D_k/2)
         keys = rearrange(self.keys, "h s n d -> (h s) d n")                 # (H*2, D_k/2, n)
-        sub = torch.bmm(qs, keys)                                           # (H*2, N_tok, n)  K_row q_row, K_col q_col
-        s_half, i_half = exact_topk(sub, K, sorted=True)                    # U2 eq. 3: (H*2, N_tok, K), descending
+        s_half, i_half = side_search(qs, keys, K)  # U2 eq. 3, TopK(qs @ keys): (H*2, N_tok, K), descending
         s_half = rearrange(s_half, "(h s) t k -> h s t k", s=2)             # [:, 0] rows, [:, 1] columns
         i_half = rearrange(i_half, "(h s) t k -> h s t k", s=2)             # (H, 2, N_tok, K)
         # U2 eq. 4 on the pruned grid: S[i, j] = s_row[i] + s_col[j], then I = TopK(S)

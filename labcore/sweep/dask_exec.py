@@ -48,7 +48,7 @@ def start_local_cluster(n_workers: int, *, threads_per_worker: int = 1, gpus: Se
     """A LocalCluster of ``n_workers`` process workers (with nannies, so a killed worker is
     restarted). The first ``len(gpus)`` workers declare ``resources={"GPU": 1}`` and get
     ``LABCORE_GPU=<id>`` in their environment. Returns ``(cluster, client)``."""
-    import dask
+    import dask  # heavy import (seconds): only when needed
     from distributed import Client, LocalCluster
 
     if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 1:
@@ -72,7 +72,7 @@ def start_local_cluster(n_workers: int, *, threads_per_worker: int = 1, gpus: Se
 def connect_scheduler(address: str, timeout: float = 20.0):
     """A Client connected to a running scheduler, or DaskUnavailable with the reason."""
     try:
-        from distributed import Client
+        from distributed import Client  # heavy import (seconds): only when needed
     except ImportError as e:  # pragma: no cover - dask is a dependency
         raise DaskUnavailable(f"dask.distributed is not installed: {e}") from None
     try:

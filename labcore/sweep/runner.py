@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TextIO
 
 import pandas as pd
+from tqdm.auto import tqdm
 
 from labcore.results import collect, run_status, runs_table, write_json_atomic, write_table
 from labcore.sweep.executors import Backend
@@ -127,7 +128,6 @@ def _write_sweep_json(spec: SweepSpec, sweep_dir: Path, backend: Backend) -> Non
 
 
 def _progress(total: int, initial: int, name: str, enabled: bool):
-    from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=f"sweep {name}", unit="run", file=sys.stderr,
                 disable=not enabled, dynamic_ncols=True, smoothing=0)
@@ -180,7 +180,7 @@ def run_sweep(spec: SweepSpec, results_root: str | Path, backend: Backend, *, re
         result.results_path = write_table(collect(sweep_dir, run_ids=ids), sweep_dir / "results.parquet")
         result.runs_path = write_table(runs_table(sweep_dir, run_ids=ids), sweep_dir / "runs.parquet")
         if report_root is not None:
-            from labcore.viz.report import write_report
+            from labcore.viz.report import write_report  # nbconvert/plotly: seconds, only with a report
 
             result.report_path = write_report(sweep_dir, Path(report_root) / spec.name)
     result.wall_s = time.time() - t_start

@@ -66,6 +66,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from labcore.params import (
     TypeMismatch,
     check_value,
@@ -145,7 +147,7 @@ class SweepSpec:
 
 def notebook_fingerprint(path: str | Path) -> str:
     """sha256 of a notebook's content without outputs: cell types, sources, tags (in order)."""
-    import nbformat
+    import nbformat  # heavy import (seconds): only when needed
 
     nb = nbformat.read(str(path), as_version=4)
     cells = [{"type": c.cell_type, "source": c.source, "tags": sorted(c.get("metadata", {}).get("tags", []))}
@@ -169,7 +171,6 @@ def make_run_id(notebook: str | Path, params: Mapping[str, Any], seed: int,
 
 def load_sweep(path: str | Path) -> SweepSpec:
     """Read and fully validate a sweep file; raise :class:`SweepError` listing every problem."""
-    import yaml
 
     path = Path(path)
     if not path.is_file():
@@ -408,7 +409,7 @@ def notebook_schema_ref(path: str | Path) -> tuple[str, str] | None:
     ``validate_notebook_params(NAME, globals())`` call and the ``from MODULE import NAME`` before
     it. None when the notebook has no such call or defines the class in a cell (then only the
     parameter types are checked before the run)."""
-    import nbformat
+    import nbformat  # heavy import (seconds): only when needed
 
     nb = nbformat.read(str(path), as_version=4)
     imported: dict[str, tuple[str, str] | None] = {}

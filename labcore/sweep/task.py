@@ -48,6 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from labcore.results import RUN_JSON, read_run_json, run_status, write_json_atomic
 from labcore.sweep.spec import RunSpec
 
@@ -104,7 +106,7 @@ def _dask_worker():
     if "distributed" not in sys.modules:
         return None
     try:
-        from distributed import get_worker
+        from distributed import get_worker  # heavy import (seconds): only when needed
 
         return get_worker()
     except (ImportError, ValueError):
@@ -165,7 +167,6 @@ def _kernel_env(task: RunTask, worker: str) -> dict[str, str]:
 def kill_tree(pid: int, create_time: float | None = None) -> None:
     """SIGKILL a process and all its descendants (a kernel may have DataLoader workers).
     With ``create_time``, only if ``pid`` is still that process (pids are reused)."""
-    import psutil
 
     try:
         root = psutil.Process(pid)
@@ -191,7 +192,6 @@ class _Kernel:
         self.lock = threading.Lock()
 
     def started(self, pid: int | None) -> None:
-        import psutil
 
         with self.lock:
             self.pid = pid
@@ -209,7 +209,7 @@ class _Kernel:
 def _kernel_manager_class(env: dict[str, str], kernel: _Kernel, log_path: Path):
     """An AsyncKernelManager subclass that launches the kernel with ``env`` (whole environment
     given explicitly: safe with several runs per worker process) and records its pid."""
-    from jupyter_client.manager import AsyncKernelManager
+    from jupyter_client.manager import AsyncKernelManager  # heavy import (seconds): only when needed
 
     class LabcoreKernelManager(AsyncKernelManager):
         async def start_kernel(self, **kw):
@@ -261,7 +261,7 @@ def _failed_cell(executed: Path) -> dict[str, Any]:
     from outside (timeout, dead kernel), the last cell that started. Its index in the *source*
     notebook (papermill's injected and error-marker cells skipped) and in executed.ipynb, and its
     execution count."""
-    import nbformat
+    import nbformat  # heavy import (seconds): only when needed
 
     try:
         nb = nbformat.read(str(executed), as_version=4)
@@ -285,7 +285,7 @@ def _failed_cell(executed: Path) -> dict[str, Any]:
 
 def _execute(task: RunTask, attempt_dir: Path, env: dict[str, str]) -> dict[str, Any] | None:
     """Run the notebook; None on success, else an error record."""
-    import papermill as pm
+    import papermill as pm  # heavy import (seconds): only when needed
     from papermill.exceptions import PapermillExecutionError
 
     run = task.run

@@ -19,11 +19,15 @@ from labcore.layers.fast.bags import core_major_proj_weight, ive_key_table, valu
 from labcore.layers.fast.caches import DerivedCache, reuse
 from labcore.layers.fast.experts import grouped_experts, grouped_mm_ok, padded_experts, swiglu_down
 from labcore.layers.fast.search import in_token_chunks, pruned_candidates, pruned_pair_topk, tucker_search
-from labcore.layers.fast.topk import block_size, exact_topk, ordered_int32
+from labcore.layers.fast.topk import block_size, exact_topk, ordered_int32, torch_exact_topk
 
 # ---------------------------------------------------------------------------------------------
 # topk.py
 # ---------------------------------------------------------------------------------------------
+
+# exact_topk (the compiled topk_rows when built, see test_compiled_*.py) and the PyTorch path
+TOPKS = pytest.mark.parametrize("topk", [exact_topk, torch_exact_topk],
+                                ids=["exact_topk", "torch_exact_topk"])
 
 
 def test_ordered_int32_orders_like_the_floats():
@@ -34,26 +38,28 @@ def test_ordered_int32_orders_like_the_floats():
     assert bool((x[order].diff() >= 0).all())
 
 
-def test_exact_topk_matches_torch_topk():
+@TOPKS
+def test_exact_topk_matches_torch_topk(topk):
     x = torch.randn(50, 40)
     x[0, :5] = torch.tensor([-0.0, 0.0, float("inf"), -float("inf"), 1e-40])
     x.requires_grad_(True)
-    v, i = exact_topk(x, 7, sorted=True)
+    v, i = topk(x, 7, sorted=True)
     v_ref, i_ref = x.topk(7, dim=-1)
     assert torch.equal(v, v_ref) and torch.equal(i, i_ref)
     v.sum().backward()
     expected = torch.zeros(50, 40).scatter_(1, i, 1.0)
     assert torch.equal(x.grad, expected)
-    vu, iu = exact_topk(x.detach(), 7, sorted=False)
+    vu, iu = topk(x.detach(), 7, sorted=False)
     assert torch.equal(iu.sort(-1).values, i_ref.sort(-1).values)
     neg = -(torch.randn(50, 40).abs() * 4)                  # all negative, across binades
     for largest_first in (neg, neg * 1e-30, neg * 1e30):
-        v, i = exact_topk(largest_first, 9, sorted=True)
+        v, i = topk(largest_first, 9, sorted=True)
         v_ref, i_ref = largest_first.topk(9, dim=-1)
         assert torch.equal(v, v_ref) and torch.equal(i, i_ref)
 
 
-def test_exact_topk_raw_bits_path_and_per_row_fallback():
+@TOPKS
+def test_exact_topk_raw_bits_path_and_per_row_fallback(topk):
     """Rows with >= K non-negative scores take the raw-bits path; rows with fewer are re-ranked
     with the order-preserving keys; either way the result is torch.topk's (no ties here)."""
     gen = torch.Generator().manual_seed(3)
@@ -68,7 +74,7 @@ def test_exact_topk_raw_bits_path_and_per_row_fallback():
         for grad in (True, False):
             xg = x.clone().requires_grad_(grad)
             with torch.set_grad_enabled(grad):
-                v, i = exact_topk(xg, 6, sorted=sorted_)
+                v, i = topk(xg, 6, sorted=sorted_)
             v_ref, i_ref = x.topk(6, dim=-1, sorted=sorted_)
             if sorted_:
                 assert torch.equal(i, i_ref) and torch.equal(v, v_ref)
@@ -78,11 +84,12 @@ def test_exact_topk_raw_bits_path_and_per_row_fallback():
             if grad:
                 v.sum().backward()
                 assert torch.equal(xg.grad, torch.zeros_like(x).scatter_(-1, i, 1.0))
-    v1, i1 = exact_topk(x[1, 7], 6, sorted=True)            # 1-D input, a fallback row
+    v1, i1 = topk(x[1, 7], 6, sorted=True)            # 1-D input, a fallback row
     assert torch.equal(i1, x[1, 7].topk(6).indices) and torch.equal(v1, x[1, 7].topk(6).values)
 
 
-def test_exact_topk_block_maxima_on_long_rows():
+@TOPKS
+def test_exact_topk_block_maxima_on_long_rows(topk):
     """n >= 16 K: ranking block maxima first; distinct values, so the result must be topk's exactly."""
     assert [block_size(n, k) for n, k in [(1024, 32), (1276, 16), (640, 8), (128, 32), (119, 32), (997, 4)]] == \
         [4, 4, 8, 1, 1, 1]                                   # 997 is prime: no divisor, no blocks
@@ -92,7 +99,7 @@ def test_exact_topk_block_maxima_on_long_rows():
     x[4, :8] = 1e3 + torch.arange(8.0)                      # the top 8 all in block 0
     for sorted_ in (True, False):
         xg = x.clone().requires_grad_(True)
-        v, i = exact_topk(xg, 8, sorted=sorted_)
+        v, i = topk(xg, 8, sorted=sorted_)
         v_ref, i_ref = x.topk(8, dim=-1, sorted=sorted_)
         if not sorted_:
             order, order_ref = i.argsort(-1), i_ref.argsort(-1)
@@ -102,7 +109,7 @@ def test_exact_topk_block_maxima_on_long_rows():
         v.sum().backward()
         assert torch.equal(xg.grad, torch.zeros_like(x).scatter_(-1, i_ref, 1.0))
     with torch.no_grad():
-        v, i = exact_topk(x.view(70, 1, 640), 8, sorted=True)  # leading dims kept
+        v, i = topk(x.view(70, 1, 640), 8, sorted=True)  # leading dims kept
     assert v.shape == (70, 1, 8) and torch.equal(i[:, 0], x.topk(8).indices)
 
 

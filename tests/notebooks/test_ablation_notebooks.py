@@ -20,8 +20,9 @@ NB = Path(__file__).resolve().parents[2] / "notebooks"
 
 # notebook -> (schema, smoke parameters, expected variants)
 CASES = {
-    "01_tdqkr": (TDQKRParams, dict(ranks=[2], cores=[1], aux_loss=True, exact_search=False, recall_tokens=16),
-                 ["additive", "R=2", "R=2 +aux"]),
+    "01_tdqkr": (TDQKRParams, dict(ranks=[2], cores=[1], aux_loss=True, exact_search=False, two_sided=True,
+                                 recall_tokens=16),
+                 ["additive", "R=2", "R=2 +aux", "R=2 two-sided"]),
     "02_layer_splitting": (SplittingParams, dict(splits=[1, 4], spans=[0], batch_sizes=[1, 4]),
                            ["1x24² span 0", "4x12² span 0"]),
     "03_virtual_memory": (VirtualMemoryParams, dict(expansions=[1, 4]), ["E=1", "E=4"]),

@@ -6,8 +6,13 @@ measured: ``docs/performance.md``.
 ==============  ===============================================================================
 module          what it makes fast
 ==============  ===============================================================================
-topk.py         ``exact_topk``: top-k of float32 rows ranked as int32, block-maxima pre-selection
-search.py       token-chunked search, PKM's pruned candidate grid, the fused two-sided TDQKR search
+topk.py         ``exact_topk``: top-k of float32 rows (the compiled ``topk_rows`` when built, else
+                ``torch_exact_topk``: ranked as int32, block-maxima pre-selection)
+compiled.py     the C++ extension (``csrc/topk_rows.cpp``, built on first use, ``LABCORE_COMPILED=0``
+                disables it): ``topk_rows`` (exact per-row top-k, threshold from lane maxima) and
+                ``side_topk`` (sub-key scores + top-k fused, the score matrix never written)
+search.py       PKM's per-side search (``side_search``: the fused ``side_topk`` in inference),
+                token-chunked search, PKM's pruned candidate grid, the fused two-sided TDQKR search
 caches.py       ``DerivedCache``: parameter-derived tensors reused in inference while unchanged
 bags.py         IVE value bags: sort / searchsorted into one ``embedding_bag`` call, permuted
                 projection columns

@@ -29,8 +29,9 @@ crashes. ``LABCORE_COMPILED=0`` disables the extension (for tests and A/B benchm
 ``side_topk(q, keys, k)`` is the product-key side search fused: the top-k of q @ keys^T per query,
 with the scores computed in cache-resident tiles and never written as a (G, T, n) matrix.
 
-``python -m labcore.layers.fast.compiled --bench`` times ``topk_rows`` against
-``labcore.layers.fast.topk.exact_topk`` and ``torch.topk`` on the PKM and UltraMem search shapes, and
+``labcore.layers.fast.topk.exact_topk`` (every layer's top-k) dispatches CPU float32 rows here.
+``python -m labcore.layers.fast.compiled --bench`` times ``topk_rows`` against the PyTorch path
+``labcore.layers.fast.topk.torch_exact_topk`` and ``torch.topk`` on the PKM and UltraMem search shapes, and
 ``side_topk`` against the readable ``torch.bmm`` + top-k (``bench_topk`` / ``bench_side`` return
 the numbers for the benchmark package).
 """
@@ -52,7 +53,7 @@ import torch
 from torch import Tensor
 
 from labcore.layers.base import ConfigError
-from labcore.layers.fast.topk import exact_topk, ordered_int32
+from labcore.layers.fast import topk as fast_topk  # module import: topk.exact_topk dispatches back here
 
 EXT_NAME = "labcore_topk_rows"
 CSRC = Path(__file__).resolve().parent / "csrc"
@@ -156,7 +157,7 @@ def isa() -> str:
 def reference_topk_rows(x: Tensor, k: int, sorted: bool = True) -> tuple[Tensor, Tensor]:
     """The readable PyTorch path with ``topk_rows``'s contract: rank the order-preserving int32 keys
     of the float bits with ``torch.topk``, then gather the values from x."""
-    idx = ordered_int32(x).topk(k, dim=-1, sorted=sorted).indices         # (..., k)
+    idx = fast_topk.ordered_int32(x).topk(k, dim=-1, sorted=sorted).indices        # (..., k)
     return x.gather(-1, idx), idx
 
 
@@ -246,9 +247,10 @@ BENCH_CASES = (
 
 
 def bench_topk(tokens: int = 4096, threads: int = 2, repeats: int = 9, seed: int = 0) -> list[dict]:
-    """Time ``topk_rows``, ``exact_topk`` and ``torch.topk`` on the PKM / UltraMem search shapes,
-    interleaved in one process (best of ``repeats`` rounds: the machine may be shared, and the minimum
-    is the least disturbed run). Returns one dict per case (ms)."""
+    """Time ``topk_rows``, the PyTorch path ``torch_exact_topk`` (column "exact_topk") and
+    ``torch.topk`` on the PKM / UltraMem search shapes, interleaved in one process (best of
+    ``repeats`` rounds: the machine may be shared, and the minimum is the least disturbed run).
+    Returns one dict per case (ms)."""
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(seed)
@@ -257,7 +259,7 @@ def bench_topk(tokens: int = 4096, threads: int = 2, repeats: int = 9, seed: int
         for name, per_token, n, k in BENCH_CASES:
             x = torch.randn(tokens * per_token, n, generator=gen)
             fns = {"torch.topk": lambda x=x, k=k: x.topk(k, dim=-1),
-                   "exact_topk": lambda x=x, k=k: exact_topk(x, k, sorted=True)}
+                   "exact_topk": lambda x=x, k=k: fast_topk.torch_exact_topk(x, k, sorted=True)}
             if available():
                 fns["topk_rows"] = lambda x=x, k=k: topk_rows(x, k)
             times: dict[str, list[float]] = {f: [] for f in fns}
@@ -298,7 +300,8 @@ def bench_side(tokens: int = 4096, threads: int = 2, repeats: int = 9, seed: int
             kt = keys.transpose(1, 2)
 
             def readable(q=q, kt=kt, k=k):
-                return [exact_topk(torch.bmm(qc, kt), k, sorted=True) for qc in q.split(chunk, dim=1)]
+                return [fast_topk.torch_exact_topk(torch.bmm(qc, kt), k, sorted=True)
+                        for qc in q.split(chunk, dim=1)]
 
             fns = {"bmm+exact_topk": readable}
             if available():

@@ -1,5 +1,8 @@
 """The product-key searches, written for speed (docs/performance.md, "Search").
 
+* :func:`side_search` is the per-side product-key search, top-K of ``q @ keys``: in inference on CPU
+  float32 the compiled ``side_topk`` (scores in cache-resident tiles, never written), otherwise
+  ``torch.bmm`` + :func:`~labcore.layers.fast.topk.exact_topk`.
 * :func:`in_token_chunks` runs a per-token search over a large batch in chunks whose biggest
   intermediate fits in cache (the search is per token, so the result is the same).
 * :func:`pruned_pair_topk` is PKM's candidate step on the pruned grid: only rank pairs (i, j) with
@@ -18,6 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from labcore.layers.fast import compiled
 from labcore.layers.fast.topk import exact_topk
 
 SEARCH_CHUNK_BYTES = 8 << 20
@@ -37,6 +41,24 @@ def in_token_chunks(search: Callable[[Tensor], tuple[Tensor, ...]], q: Tensor,
     :func:`search_chunk` tokens and concatenated along the token axis."""
     parts = [search(qc) for qc in q.split(search_chunk(values_per_token, q.element_size()))]
     return parts[0] if len(parts) == 1 else tuple(torch.cat(p) for p in zip(*parts))
+
+
+def side_search(q: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The top-k of the sub-key scores ``torch.bmm(q, keys)`` per row, descending.
+
+    q (G, T, D) queries, keys (G, D, n) sub-keys (G = heads x sides) -> scores (G, T, k) and sub-key
+    ids (G, T, k). Without an autograd graph to record (inference), on CPU float32 with the
+    compiled extension: ``compiled.side_topk``, which scores tiles of 8 queries into a cache-resident
+    buffer and ranks them there (the (G, T, n) scores are never written). Its dot products are
+    summed in another order than ``torch.bmm``'s, so the scores agree to float32 rounding and only a
+    near-tie (within rounding) at the k-th place can be resolved differently. With a graph to record
+    (training): ``torch.bmm`` + :func:`exact_topk` (faster forward + backward than recomputing the
+    selected scores from the fused search's indices)."""
+    records = torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad)
+    if (not records and q.device.type == "cpu" and q.dtype == keys.dtype == torch.float32
+            and compiled.available()):
+        return compiled.side_topk(q, keys.transpose(1, 2), k, sorted=True)   # keys^T: (G, n, D)
+    return exact_topk(torch.bmm(q, keys), k, sorted=True)                     # (G, T, n) -> (G, T, k)
 
 
 def pruned_candidates(k: int) -> tuple[Tensor, Tensor]:

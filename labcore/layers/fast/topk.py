@@ -1,7 +1,10 @@
-"""``exact_topk``: ``x.topk(k, dim=-1)`` with a faster CPU float32 path (docs/performance.md, "Top-k").
+"""``exact_topk``: ``x.topk(k, dim=-1)`` with a faster CPU float32 path (docs/performance.md, "Top-k"
+and "Compiled top-k").
 
 Every memory layer ranks scores twice per token (sub-keys, then candidates); on CPU float32 these
-rankings are a large share of the layer's time. The tricks below return the same selection as
+rankings are a large share of the layer's time. CPU float32 rows go to the compiled
+``labcore.layers.fast.compiled.topk_rows`` when it is built and not disabled (``LABCORE_COMPILED=0``);
+otherwise :func:`torch_exact_topk`, the PyTorch tricks below. Both return the same selection as
 ``torch.topk`` up to ties.
 """
 
@@ -12,6 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from labcore.layers.fast import compiled  # module import: compiled.py imports this module back
 
 
 def ordered_int32(x: Tensor) -> Tensor:
@@ -35,9 +40,23 @@ def block_size(n: int, k: int) -> int:
 
 
 def exact_topk(x: Tensor, k: int, sorted: bool) -> tuple[Tensor, Tensor]:
-    """``x.topk(k, dim=-1)``, faster on CPU float32. Same result up to ties (an element equal to the
-    K-th largest may be swapped for another equal one); NaN ranks above +inf only when its sign bit
-    is clear. Gradients flow to ``x`` as through ``topk``.
+    """``x.topk(k, dim=-1)``, faster on CPU float32: the compiled ``topk_rows`` when
+    ``compiled.available()``, else :func:`torch_exact_topk`; ``x.topk`` on other devices and dtypes.
+    Same selection up to ties (an element equal to the K-th largest may be swapped for another equal
+    one); the values are the selected entries of ``x`` and gradients flow to ``x`` as through ``topk``.
+    """
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return x.topk(k, dim=-1, sorted=sorted)
+    if x.dim() >= 1 and 0 <= k <= x.shape[-1] and compiled.available():
+        return compiled.topk_rows(x, k, sorted)
+    return torch_exact_topk(x, k, sorted)
+
+
+def torch_exact_topk(x: Tensor, k: int, sorted: bool) -> tuple[Tensor, Tensor]:
+    """``x.topk(k, dim=-1)`` with PyTorch ops only, faster on CPU float32 (the path of
+    :func:`exact_topk` without the compiled extension). Same result up to ties (an element equal to
+    the K-th largest may be swapped for another equal one); NaN ranks above +inf only when its sign
+    bit is clear. Gradients flow to ``x`` as through ``topk``.
 
     Three tricks, all exact:
 
@@ -60,16 +79,16 @@ def exact_topk(x: Tensor, k: int, sorted: bool) -> tuple[Tensor, Tensor]:
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return x.topk(k, dim=-1, sorted=sorted)
     if x.dim() == 1:
-        v, i = exact_topk(x.unsqueeze(0), k, sorted)
+        v, i = torch_exact_topk(x.unsqueeze(0), k, sorted)
         return v[0], i[0]
     n = x.shape[-1]
     g = block_size(n, k) if x.numel() >= 1 << 15 else 1                    # small inputs: fewer ops wins
     if g > 1:                                                               # step 1
         lead = x.shape[:-1]
         block_max = F.max_pool1d(x.detach().reshape(-1, 1, n), g).view(*lead, n // g)  # (..., n/g)
-        blocks = exact_topk(block_max, k, sorted=False)[1]                  # (..., K) best blocks
+        blocks = torch_exact_topk(block_max, k, sorted=False)[1]                # (..., K) best blocks
         pos = (blocks.unsqueeze(-1) * g + torch.arange(g, device=x.device)).flatten(-2)  # (..., K*g) entries
-        vals, best = exact_topk(x.gather(-1, pos), k, sorted)               # (..., K)
+        vals, best = torch_exact_topk(x.gather(-1, pos), k, sorted)             # (..., K)
         return vals, pos.gather(-1, best)
     vals, idx = x.detach().view(torch.int32).topk(k, dim=-1, sorted=sorted)  # step 2
     if k == 0 or x.numel() == 0:
