@@ -67,13 +67,12 @@ from labcore.layers.base import (
     LayerAux,
     LayerCost,
     check_bool,
-    check_choice,
     check_float,
     check_int,
     flatten_tokens,
     tag_param,
 )
-from labcore.layers.pkm import PKM, QUERY_NORMS, PKMConfig, pkm_reference
+from labcore.layers.pkm import PKM, PKMConfig, check_dropouts, check_product_keys, pkm_reference
 from labcore.layers.registry import LayerSpec, register
 
 FIXED_LR_ATTR = "_labcore_fixed_lr"
@@ -118,27 +117,14 @@ class MemoryPlusConfig:
 
     def __post_init__(self) -> None:
         o = "MemoryPlusConfig"
-        check_int(o, "d_model", self.d_model)
-        check_int(o, "n_keys", self.n_keys)
-        check_int(o, "heads", self.heads)
-        check_int(o, "k_dim", self.k_dim, min_value=2)
-        if self.k_dim % 2:
-            raise ConfigError(f"{o}.k_dim={self.k_dim!r} is not allowed: must be an even integer >= 2 "
-                              "(the key is split into a row half and a column half)")
-        check_int(o, "top_k", self.top_k, min_value=1, max_value=self.n_keys)
-        check_choice(o, "query_norm", self.query_norm, QUERY_NORMS)
+        check_product_keys(self, o)
         if self.d_value is not None:
             check_int(o, "d_value", self.d_value)
         if self.value_init_std is not None:
             check_float(o, "value_init_std", self.value_init_std, min_value=0.0, min_inclusive=False)
         for name in ("query_bias", "gate", "output_gate", "qk_norm"):
             check_bool(o, name, getattr(self, name))
-        for name in ("input_dropout", "query_dropout", "value_dropout"):
-            value = getattr(self, name)
-            check_float(o, name, value, min_value=0.0, max_value=1.0)
-            if value >= 1.0:
-                raise ConfigError(f"{o}.{name}={value!r} is not allowed: must be a finite number in [0, 1)")
-        check_float(o, "norm_eps", self.norm_eps, min_value=0.0, min_inclusive=False)
+        check_dropouts(self, o)
         if self.value_lr is not None:
             check_float(o, "value_lr", self.value_lr, min_value=0.0, min_inclusive=False)
         if self.gate and self.d_value not in (None, self.d_model):
@@ -298,8 +284,20 @@ def memory_plus_reference(layer: MemoryPlus, x: Tensor) -> tuple[Tensor, Tensor,
     return y.view(*lead, c.d_model), slots, weights
 
 
+def _three_memories(n_layers: int) -> tuple[int, int]:
+    """Three memories (fewer in a shallower model), each in parallel to one block's FFN (span 0):
+    "about three memory layers is best" (arXiv 2412.09764 §3; docs/mechanisms.md §5)."""
+    return min(3, n_layers), 0
+
+
 register(LayerSpec(name="memory_plus", role="memory", config=MemoryPlusConfig, layer=MemoryPlus,
                    label="Memory+", color="#17becf", size_field="n_keys",
                    min_size=lambda kw: kw.get("top_k", MemoryPlusConfig.top_k),
+                   # Meta's configs: 4 heads x top-32, k_dim D/2, D_v = D (the gate needs it), ONE value
+                   # pool shared by the memories (``shared_values`` is a keyword of the budget matcher,
+                   # labcore.lm.budget.match_memory), about three memory layers (arXiv 2412.09764 §3).
+                   family_kwargs=lambda D: {"heads": 4, "top_k": 32, "k_dim": 2 * max(1, D // 4), "d_value": D,
+                                            "shared_values": True},
+                   layout=_three_memories,
                    summary="PKM read, then y = W_o(m ⊙ SiLU(W_s x)); shared value pool, optional qk-norm "
                            "(arXiv 2412.09764)"))

@@ -57,8 +57,8 @@ both within ``tol`` (default 2%) of the target and of the base model:
   solved for the parameter target, starting from the spec's ``min_size``.
 
 A matcher that cannot get within ``tol`` raises ConfigError saying the closest it got.
-:func:`equal_budget_family` builds the matched configs (dense, MoE, every registered memory) from
-one dense base.
+:func:`equal_budget_family` builds the matched configs (dense, MoE, the memories of
+:func:`family_names`, or any registered ones by name) from one dense base.
 """
 
 from __future__ import annotations
@@ -186,12 +186,13 @@ def format_budget_table(configs: Mapping[str, ModelConfig], *, context_len: int 
     if not rows:
         return ""
     ref = rows[0][1]
-    head = (f"{'model':<10} {'total':>12} {'x ref':>6} {'active':>11} {'sparse':>12} {'fwd FLOPs/tok':>14} "
+    w = max(10, *(len(name) for name in configs))  # "ultramem_v2", "memory_plus" are 11 wide
+    head = (f"{'model':<{w}} {'total':>12} {'x ref':>6} {'active':>11} {'sparse':>12} {'fwd FLOPs/tok':>14} "
             f"{'x ref':>6} {'sparse B/tok':>12}  plan")
     lines = [head, "-" * len(head)]
     for name, b in rows:
         c = configs[name]
-        lines.append(f"{name:<10} {b.total_params:>12,} {b.total_params / ref.total_params:>6.2f} "
+        lines.append(f"{name:<{w}} {b.total_params:>12,} {b.total_params / ref.total_params:>6.2f} "
                      f"{b.active_params:>11,} {b.sparse_params:>12,} {b.flops_per_token:>14,} "
                      f"{b.flops_per_token / ref.flops_per_token:>6.3f} {b.sparse_bytes_per_token:>12,}  "
                      f"{describe_plan(c)}")
@@ -345,8 +346,8 @@ def match_memory(base: ModelConfig, target_total_params: int, memory: str, *,
 
     Placements: given; else ``n_memories`` memories with skip ``span`` spread by
     :func:`~labcore.lm.model.spread_placements`; else the spec's ``layout(L)`` (UltraMem: one memory
-    per 5 blocks, span 3 or less: the release's 20-block layout 2:5/6:9/10:13/14:17); else one memory
-    beside the middle block's FFN (``"L//2:L//2"``; PKM is best at an intermediate layer,
+    per 5 blocks, span 3 or less: the release's 20-block layout 2:5/6:9/10:13/14:17; UltraMemV2: one
+    beside every block's FFN; Memory+: three, span 0); else one memory beside the middle block's FFN (``"L//2:L//2"``; PKM is best at an intermediate layer,
     docs/mechanisms.md §4). ``memory_kwargs`` go to the memory's config (heads, k_dim, top_k, ...);
     a ``n_model_layers`` field is set by the model (number of memories). The search starts at the
     spec's ``min_size`` for those fields.
@@ -425,11 +426,26 @@ def small_base_config(**overrides: Any) -> ModelConfig:
     return ModelConfig(**fields)
 
 
+NAMED_ONLY = ("ultramem_v2", "memory_plus", "peer")
+"""Memories whose spec says how the family sizes them (``family_kwargs``) but which join the family
+only when named (``equal_budget_family(base, names=...)``, :func:`memory_family_names`): the default
+family stays the UltraMem paper's comparison (dense, MoE, PKM, UltraMem), which the architectures
+notebook and the benchmarks' default model lists train and time."""
+
+
 def family_names(every_memory: bool = False) -> tuple[str, ...]:
-    """Names in the equal-budget family, in registration order: "dense", "moe", then every memory
-    whose spec has ``family_kwargs`` ("pkm", "ultramem", ...); with ``every_memory``, every layer
-    registered with role "memory" (the names :func:`equal_budget_family` accepts)."""
-    return ("dense", "moe", *(s.name for s in specs("memory") if every_memory or s.family_kwargs is not None))
+    """Names in the default equal-budget family, in registration order: "dense", "moe", then every
+    memory whose spec has ``family_kwargs`` and is not in :data:`NAMED_ONLY` ("pkm", "ultramem", ...);
+    with ``every_memory``, every layer registered with role "memory" (the names
+    :func:`equal_budget_family` accepts)."""
+    return ("dense", "moe", *(s.name for s in specs("memory") if every_memory or (
+        s.family_kwargs is not None and s.name not in NAMED_ONLY)))
+
+
+def memory_family_names() -> tuple[str, ...]:
+    """"dense", "moe" and every memory whose spec has ``family_kwargs``, in registration order: the
+    whole memory family (``equal_budget_family(base, names=memory_family_names())``)."""
+    return ("dense", "moe", *(s.name for s in specs("memory") if s.family_kwargs is not None))
 
 
 def equal_budget_family(base: ModelConfig, ratio: float = 12.0, *, context_len: int | None = None,
@@ -439,14 +455,19 @@ def equal_budget_family(base: ModelConfig, ratio: float = 12.0, *, context_len: 
     registration order), a config at equal forward FLOPs per token (all of them) and equal total
     parameters (the sparse ones), within ``tol``. Keys are the registered names; by default
     :func:`family_names` ("dense", "moe", "pkm", "ultramem", ...); ``names`` picks others, any
-    registered memory included.
+    registered memory included (:func:`memory_family_names`: every memory with family sizing,
+    UltraMemV2, Memory+ and PEER too).
 
     ``ratio`` = sparse / dense parameters as in the paper's "x12": the sparse models' total is
     ``(1 + ratio) * dense total``. ``layer_kwargs``: per registered name, keyword arguments for its
     matcher (``moe={...}`` for :func:`match_moe`, ``pkm={...}`` for :func:`match_memory`, ...).
     Defaults: MoE top-2 (the paper's "2inN"); each memory's ``LayerSpec.family_kwargs(D)`` (PKM 4
     heads x top-32, k_dim = D/2; UltraMem 2 heads x top-16, k_dim D/4 per side, d_value D/2, E=4,
-    R=2, 2 cores: the release's 192 at D = 768 and Memory Layers at Scale's 2 x 256 at D = 1024).
+    R=2, 2 cores: the release's 192 at D = 768 and Memory Layers at Scale's 2 x 256 at D = 1024;
+    UltraMemV2 1 head x top-32 in every block, k_dim = D_v = D_p = D/4; Memory+ as PKM with D_v = D,
+    three memories sharing one value pool; PEER 8 heads x top-16, k_dim = D/2, beside the middle
+    block's FFN). A memory's ``family_kwargs`` may also hold :func:`match_memory` keywords
+    (Memory+'s ``shared_values``).
     ``multiple_of``: alignment of the searched widths (d_expert, d_ff).
     """
     fn = "equal_budget_family"

@@ -1,7 +1,10 @@
-"""The layer benchmark (labcore layers vs their PyPI peers): timing protocol on stubs, output columns and byte counts on a tiny run."""
+"""The layer benchmark (labcore layers vs their PyPI peers): timing protocol on stubs, output columns and
+byte counts on a tiny run."""
 
 import json
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -56,15 +59,22 @@ def test_moe_impl_reaches_the_layer(monkeypatch):
         lb.run_layer_bench(["moe8"], **kw)
 
 
-def test_missing_peer_skips_row_with_message(monkeypatch):
+def test_missing_peer_is_skipped_with_message_and_labcore_keeps_its_row(monkeypatch):
     def missing(module, package):
         raise lb.PeerMissing(f"peer '{module}' is not installed; pip install -e .[bench] ({package})")
 
     monkeypatch.setattr(lb, "_need", missing)
     msgs = []
-    df = lb.run_layer_bench(["pkm"], batch=1, seq=4, warmup=0, repeats=1, rounds=1, threads=None, log=msgs.append)
-    assert df.empty
+    df = lb.run_layer_bench(["pkm", "peer"], batch=1, seq=4, warmup=0, repeats=1, rounds=1, threads=None,
+                            log=msgs.append)
+    assert list(df["pair"]) == ["pkm", "peer"]
+    assert (df["labcore_ms"] > 0).all() and df["peer_ms"].isna().all() and df["speedup"].isna().all()
+    assert df["meets_target"].isna().all() and (df["peer"] == "-").all()
     assert any("skipped" in m and "product_key_memory" in m and "pip install" in m for m in msgs)
+    assert any("skipped" in m and "PEER_pytorch" in m for m in msgs)
+    peer = df.iloc[1]
+    assert peer["read_ms"] > 0 and peer["gbytes_per_s"] > 0  # the value read needs no peer
+    assert "pkm" in lb.format_table(df)
 
 
 def test_tiny_run_rows_and_bytes(tmp_path):
@@ -94,6 +104,48 @@ def test_tiny_run_rows_and_bytes(tmp_path):
     assert "ratio" in text and "pkm" in text and "gather" in text
 
 
+def test_memory_family_rows_time_the_layer_and_its_value_read():
+    """PEER against PEER-pytorch on copied weights (outputs agree), UltraMemV2 and Memory+ alone; each
+    with the bytes/s of its value read replayed alone, next to the copy ceiling."""
+    pytest.importorskip("PEER_pytorch", reason="PyPI PEER-pytorch (bench extra) is not installed")
+    df = lb.run_layer_bench(["peer", "ultramem_v2", "memory_plus"], batch=1, seq=8, warmup=0, repeats=2, rounds=2,
+                            threads=1, log=None)
+    assert list(df["pair"]) == ["peer", "ultramem_v2", "memory_plus"]
+    peer = df.iloc[0]
+    assert peer["max_abs_diff"] < 1e-5  # same layer, same weights: same outputs before timing
+    assert peer["peer_ms"] > 0 and peer["speedup"] > 0 and peer["speedup_q1"] <= peer["speedup"] <= peer["speedup_q3"]
+    assert peer["target"] is None or pd.isna(peer["target"])
+    for _, solo in df.iloc[1:].iterrows():
+        assert solo["peer"] == "none on PyPI" and pd.isna(solo["peer_ms"]) and pd.isna(solo["speedup"])
+    for _, r in df.iterrows():
+        assert r["labcore_ms"] > 0 and r["read_ms"] > 0 and r["copy_gbytes_per_s"] > 0
+        assert r["gbytes_per_s"] == pytest.approx(r["bytes"] / (r["read_ms"] / 1e3) / 1e9)
+        assert r["frac_of_copy"] == pytest.approx(r["gbytes_per_s"] / r["copy_gbytes_per_s"])
+    n_tok, D = 8, 256
+    # bytes by hand: PEER 2 rows (u_i, v_i) per selected expert, H*K = 8*16, + input/output, indices
+    # twice, three per-expert floats (h, weight, product); Memory+ the PKM gather (4*32 rows of D)
+    S = 8 * 16
+    assert df.iloc[0]["bytes"] == 2 * n_tok * S * D * 4 + 2 * n_tok * D * 4 + 2 * n_tok * S * 8 + 3 * n_tok * S * 4
+    S = 4 * 32
+    assert df.iloc[2]["bytes"] == n_tok * S * D * 4 + n_tok * D * 4 + n_tok * S * 12
+    # UltraMemV2: at least the value and pre-value rows of its H*K = 2*32 slots
+    assert df.iloc[1]["bytes"] >= n_tok * 64 * (256 + 64) * 4
+    text = lb.format_table(df)
+    assert "read ms" in text and "ultramem_v2" in text and "none on PyPI" in text
+
+
+def test_peer_pytorch_state_gives_the_same_layer():
+    lucid = pytest.importorskip("PEER_pytorch", reason="PyPI PEER-pytorch (bench extra) is not installed")
+    torch.manual_seed(0)
+    ours = lb.PEER(lb.PEERConfig(d_model=16, n_keys=6, heads=3, top_k=4, k_dim=8, query_norm="none",
+                                 query_bias=False)).double().eval()
+    theirs = lucid.PEER(16, heads=3, num_experts=36, num_experts_per_head=4, dim_key=4,
+                        non_competing_scores=False).double().eval()
+    theirs.load_state_dict(lb.peer_pytorch_state(ours))
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    torch.testing.assert_close(ours(x)[0], theirs(x), atol=1e-12, rtol=0)
+
+
 def test_main_writes_json_and_csv(tmp_path, capsys):
     j, c = tmp_path / "o" / "layers.json", tmp_path / "o" / "layers.csv"
     rc = lb.main(["--only", "gather", "--batch", "1", "--seq", "4", "--warmup", "0", "--repeats", "1",
@@ -121,4 +173,7 @@ def test_memory_layers_timed_without_slot_wide_diagnostics(monkeypatch):
 def test_all_pairs_small():
     df = lb.run_layer_bench(lb.ROWS, batch=1, seq=16, warmup=1, repeats=1, rounds=1, log=None)
     assert set(df["pair"]) == set(lb.ROWS)
-    assert (df.loc[df["pair"].str.startswith("moe"), "max_abs_diff"] < 1e-5).all()
+    assert (df.loc[df["pair"].isin(["moe8", "moe64", "peer"]), "max_abs_diff"] < 1e-5).all()
+    with_peer = df[df["pair"].isin(lb.PAIRS) & df["peer_ms"].notna()]  # peers that are installed
+    assert np.isfinite(with_peer["speedup"].to_numpy(dtype=float)).all() and (with_peer["speedup"] > 0).all()
+    assert (df.loc[df["pair"].isin(lb.SOLO), "peer"] == "none on PyPI").all()

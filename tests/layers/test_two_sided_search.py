@@ -17,6 +17,7 @@ import torch
 
 from labcore.layers.base import ConfigError
 from labcore.layers.fast.search import topk_recall, tucker_exact_topk, tucker_search, two_sided_tucker_search
+from labcore.layers.fast.topk import exact_topk
 from labcore.layers.ultramem import UltraMem, UltraMemConfig, search_candidates, ultramem_reference
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +142,7 @@ def test_all_equal_proxies_select_distinct_cells():
         assert bool((slots.sort(-1).values.diff(dim=-1) > 0).all())         # distinct within each row
         proxy = torch.einsum("r,stnrj->stnj", uv[0, 0], s)
         assert bool((proxy == 0).all())
-        rows, cols = proxy[0].topk(m).indices, proxy[1].topk(m).indices     # (5, 1, m) = I+ = I-
+        rows, cols = exact_topk(proxy[0], m, False)[1], exact_topk(proxy[1], m, False)[1]  # I+ = I-, same ties
         sub = s[1, :, :, 1].gather(-1, cols)[..., None, :] * s[0, :, :, 1].gather(-1, rows)[..., :, None]
         torch.testing.assert_close(scores, sub.flatten(-2).topk(K).values)  # top-K of ONE m x m grid
 
