@@ -46,12 +46,13 @@ import pandas as pd
 import torch
 from torch import nn
 
+from labcore.config import check_choice, check_float, check_int
 from labcore.data import KnowledgeConfig, load_dataset
-from labcore.layers.base import check_float, check_int
 from labcore.lm.budget import equal_budget_family, family_names, model_budget, small_base_config
 from labcore.lm.model import LM
 from labcore.lm.optim import refresh_all
 from labcore.lm.train import TrainConfig, autocast_dtype, build_optimizer, set_step_lr, value_lr_schedule
+from labcore.lm.train.config import OPTIMIZERS
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class TrainBenchConfig:
     threads: int = 2
     seed: int = 0
     device: str = "cpu"
+    optimizer: str = "adamw"
 
     def __post_init__(self) -> None:
         o = "TrainBenchConfig"
@@ -81,6 +83,7 @@ class TrainBenchConfig:
         check_int(o, "warmup", self.warmup, min_value=0)
         check_int(o, "seed", self.seed, min_value=0)
         check_float(o, "ratio", self.ratio, min_value=0.0, min_inclusive=False)
+        check_choice(o, "optimizer", self.optimizer, OPTIMIZERS)
 
 
 QUICK = dict(d_model=64, n_layers=4, n_heads=2, d_ff=256, seq_len=64, batch_size=8, warmup=1, rounds=2,
@@ -147,7 +150,7 @@ class Runner:
         torch.manual_seed(bcfg.seed)
         self.model = LM(model_cfg).to(device).train()
         self.tcfg = TrainConfig(steps=10_000, batch_size=bcfg.batch_size, seq_len=bcfg.seq_len, warmup_steps=0,
-                                device=bcfg.device, progress=False, seed=bcfg.seed)
+                                device=bcfg.device, progress=False, seed=bcfg.seed, optimizer=bcfg.optimizer)
         self.opt = build_optimizer(self.model, self.tcfg, device)
         self.vsched = value_lr_schedule(self.tcfg)
         self.amp = autocast_dtype(self.tcfg, device)
@@ -251,6 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.add_argument(f"--{f.replace('_', '-')}", type=int)
     ap.add_argument("--ratio", type=float, help="sparse / dense parameters (default 12, the paper's x12)")
     ap.add_argument("--device", choices=("cpu", "cuda"))
+    ap.add_argument("--optimizer", choices=OPTIMIZERS,
+                    help="adamw (every row every step) or lazy_adamw (value tables: touched rows only)")
     ap.add_argument("--archs", default=",".join(family_names()),
                     help="comma-separated subset of " + ",".join(family_names(every_memory=True)))
     ap.add_argument("--json", type=Path, help="also write the table (and the config) to this JSON file")
@@ -267,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     df = run(bcfg, archs)
     print(f"training throughput, equal budget (ratio x{bcfg.ratio:g}), B x T = {bcfg.batch_size} x {bcfg.seq_len}, "
-          f"device {bcfg.device}, torch threads {torch.get_num_threads()}, "
+          f"device {bcfg.device}, optimizer {bcfg.optimizer}, torch threads {torch.get_num_threads()}, "
           f"{bcfg.rounds} rounds x {bcfg.repeats} steps after {bcfg.warmup} warmup")
     print(format_table(df))
     print(f"({time.perf_counter() - t0:.1f} s)")

@@ -8,9 +8,12 @@ seed), evaluates it, adds its static budget (parameters, FLOPs per token) and re
 
 - :func:`summarize`: per variant, mean, standard deviation and a 95% confidence interval of the
   mean (Student t, n - 1 degrees of freedom) of each metric;
-- :func:`paired_deltas`: per variant, the difference to a baseline variant *paired by seed* (same
-  data order and same init seed), with its 95% CI and a plain verdict: an effect whose CI contains
-  0 is "inside seed noise" at this scale.
+- :func:`paired_deltas`: per variant, the difference to a baseline variant (or, chained, to the
+  previous variant) *paired by seed* (same data order and same init seed), with its 95% CI, the
+  design's resolution (the smallest effect 80% power would detect at this n and seed noise), the
+  seeds needed to resolve the paper's delta, Holm-adjusted p-values over the family of rows and a
+  verdict (:mod:`labcore.experiments.stats`): an effect not resolved is "inside seed noise" at
+  this scale, or "not resolvable at this n" when the paper's delta is below the resolution.
 
 Everything a notebook shows comes from these tables, and everything written goes through a
 :class:`~labcore.results.RunDir` (history.jsonl, summary.parquet, figures).
@@ -31,6 +34,7 @@ import pandas as pd
 import torch
 
 from labcore.data.knowledge import KnowledgeConfig
+from labcore.experiments import stats
 from labcore.layers.base import ConfigError
 from labcore.lm.budget import model_budget
 from labcore.lm.model import ModelConfig
@@ -96,7 +100,9 @@ def run_variants(variants: Sequence[Variant], seeds: Sequence[int], data: Any, t
     budget (``total_params``, ``active_params``, ``flops_per_token``), ``train_seconds`` and
     ``tokens_per_s``. ``log`` receives every training/eval history row tagged with variant and seed
     (pass ``RunDir.log``). ``extra_metrics(variant, train_result)`` adds columns (e.g. search recall).
-    Training runs live under ``workdir/<variant>/seed-<s>/`` (checkpoints only at the end).
+    Training runs live under ``workdir/<variant>/seed-<s>/`` (checkpoints only at the end; inside
+    :func:`labcore.experiments.common.lab_run` they are deleted once the whole run has finished,
+    unless ``keep_checkpoints``).
     """
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
@@ -134,22 +140,6 @@ def run_variants(variants: Sequence[Variant], seeds: Sequence[int], data: Any, t
     return pd.DataFrame(rows)
 
 
-def _t_quantile_975(dof: int) -> float:
-    """Two-sided 95% Student-t quantile (exact table for small dof, normal limit beyond)."""
-    table = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-             9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
-    if dof < 1:
-        return float("nan")
-    if dof in table:
-        return table[dof]
-    keys = sorted(table)
-    for lo, hi in zip(keys, keys[1:]):
-        if lo < dof < hi:  # interpolate in 1/dof, accurate to ~1e-3
-            w = (1 / dof - 1 / hi) / (1 / lo - 1 / hi)
-            return table[hi] + w * (table[lo] - table[hi])
-    return 1.96 + 2.4 / dof  # dof > 30
-
-
 def mean_ci(values: Sequence[float]) -> tuple[float, float, float, int]:
     """(mean, std, 95% CI half-width of the mean, n) of finite values; NaNs where undefined."""
     x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
@@ -160,7 +150,7 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float, float, int]:
     if n == 1:
         return mean, float("nan"), float("nan"), 1
     std = float(x.std(ddof=1))
-    return mean, std, _t_quantile_975(n - 1) * std / math.sqrt(n), n
+    return mean, std, stats.t_quantile_975(n - 1) * std / math.sqrt(n), n
 
 
 def summarize(df: pd.DataFrame, metrics: Sequence[str], by: str | Sequence[str] = "variant") -> pd.DataFrame:
@@ -183,34 +173,71 @@ def summarize(df: pd.DataFrame, metrics: Sequence[str], by: str | Sequence[str] 
 
 
 def paired_deltas(df: pd.DataFrame, metric: str, baseline: str | None = None, *, chain: bool = False,
-                  order: Sequence[str] | None = None) -> pd.DataFrame:
-    """Differences of ``metric`` between variants, paired by seed.
+                  order: Sequence[str] | None = None, paper: Mapping[str, float] | None = None,
+                  higher_is_better: bool = False) -> pd.DataFrame:
+    """Differences of ``metric`` between variants, paired by seed (:func:`labcore.experiments.stats.compare`).
 
     ``baseline``: compare every variant with this one. ``chain=True``: compare each variant with the
-    previous one in ``order`` (Table 2 style, each row adds one change). Columns: ``variant``,
-    ``reference``, ``delta_mean``, ``delta_ci95``, ``n`` and ``verdict`` ("inside seed noise" when the
-    CI contains 0, else "better"/"worse" for a loss-like metric read as lower = better).
+    previous one in ``order`` (Table 2 style, each row adds one change). The rows form one family:
+    their p-values are Holm-adjusted (``p_holm``). ``paper[variant]``: the paper's delta for that
+    row (same sign convention, variant - reference), the effect the design should resolve.
+
+    Columns: ``variant``, ``reference``, ``metric``, ``n`` (seeds), ``delta_mean``, ``delta_ci95``
+    (half-width of the 95% t-interval), ``ci_low``, ``ci_high``, ``sd`` (of the paired differences),
+    ``p_value``, ``p_holm``, ``resolution`` (the smallest |delta| detected with 80% power at this n
+    and sd), ``paper_delta`` and ``seeds_needed`` (to resolve the paper's delta; NaN without one)
+    and ``verdict`` (:func:`labcore.experiments.stats.verdict`: "resolved: ...", "inside seed noise
+    (resolution ...)" or "not resolvable at this n: ...").
     """
-    order = list(order) if order is not None else list(dict.fromkeys(df["variant"]))
-    if not chain and baseline not in order:
-        raise KeyError(f"paired_deltas: baseline={baseline!r} is not one of the variants {order}")
-    wide = df.pivot_table(index="seed", columns="variant", values=metric, aggfunc="mean")
-    rows = []
-    for i, v in enumerate(order):
-        ref = order[i - 1] if chain else baseline
-        if v == ref or (chain and i == 0):
-            continue
-        d = (wide[v] - wide[ref]).dropna().tolist()
-        mean, _, ci, n = mean_ci(d)
-        if n < 2 or not np.isfinite(ci):
-            verdict = "too few seeds"
-        elif abs(mean) <= ci:
-            verdict = "inside seed noise"
-        else:
-            verdict = "lower" if mean < 0 else "higher"
-        rows.append({"variant": v, "reference": ref, "metric": metric, "delta_mean": mean,
-                     "delta_ci95": ci, "n": n, "verdict": verdict})
-    return pd.DataFrame(rows)
+    out = stats.compare(df, metric, baseline=baseline, chain=chain, order=order,
+                        higher_is_better=higher_is_better, delta_of_interest=None)
+    out["delta_ci95"] = (out["ci_high"] - out["ci_low"]) / 2
+    out = out.drop(columns=["delta_of_interest", "seeds_needed"])
+    cols = ["variant", "reference", "metric", "n", "delta_mean", "delta_ci95", "ci_low", "ci_high", "sd",
+            "p_value", "p_holm", "resolution", "verdict"]
+    return with_paper_deltas(out[cols], paper or {}, higher_is_better=higher_is_better)
+
+
+def with_paper_deltas(deltas: pd.DataFrame, paper: Mapping[str, float], *,
+                      higher_is_better: bool = False) -> pd.DataFrame:
+    """A copy of a :func:`paired_deltas` table with ``paper_delta`` (``paper[variant]``, NaN where
+    the paper has none), ``seeds_needed`` (seeds that would resolve the paper's delta with 80% power
+    at the measured paired sd) and the verdict recomputed against the paper's delta."""
+    out = deltas.copy()
+    out["paper_delta"] = [float(paper[v]) if v in paper and paper[v] is not None else float("nan")
+                          for v in out["variant"]]
+    return _resolve_paper(out, higher_is_better=higher_is_better)
+
+
+def _resolve_paper(deltas: pd.DataFrame, *, higher_is_better: bool = False) -> pd.DataFrame:
+    """Fill ``seeds_needed`` and ``verdict`` of a deltas table from its ``paper_delta`` column."""
+    needed, verdicts = [], []
+    for r in deltas.to_dict("records"):
+        target = r.get("paper_delta")
+        target = float(target) if target is not None and np.isfinite(target) and target != 0 else None
+        sd, n = float(r["sd"]), int(r["n"])
+        ok = n >= 2 and math.isfinite(sd)
+        needed.append(stats.seeds_needed(target, sd) if target is not None and ok else None)
+        diff = stats.PairedDifference(n, float(r["delta_mean"]), sd, float(r["ci_low"]), float(r["ci_high"]),
+                                      float(r["p_value"]))
+        ph = r.get("p_holm")
+        verdicts.append(stats.verdict(diff, name=str(r["variant"]), reference=str(r["reference"]),
+                                      higher_is_better=higher_is_better,
+                                      p_adjusted=float(ph) if ph is not None and np.isfinite(ph) else None,
+                                      delta_of_interest=target))
+    deltas["seeds_needed"] = [float("nan") if x is None else float(x) for x in needed]
+    deltas["verdict"] = verdicts
+    return deltas
+
+
+def refresh_paper_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """For a :func:`paired_deltas` table whose ``paper_delta`` column was set afterwards (e.g.
+    ``deltas["paper_delta"] = deltas["variant"].map(PAPER)``): recompute ``seeds_needed`` and the
+    verdict against it. Any other table is returned unchanged."""
+    needed = {"variant", "reference", "n", "delta_mean", "sd", "ci_low", "ci_high", "p_value", "paper_delta"}
+    if not needed <= set(table.columns):
+        return table
+    return _resolve_paper(table.copy())
 
 
 def describe_device() -> str:
@@ -218,13 +245,21 @@ def describe_device() -> str:
 
 
 def describe_deltas(deltas: pd.DataFrame, unit: str = "nats") -> str:
-    """Plain-language reading of a :func:`paired_deltas` table, one line per variant, including the
-    paper's number when the table has a ``paper_delta`` column."""
+    """Plain-language reading of a :func:`paired_deltas` table, one line per variant: the delta with
+    its 95% interval, the design's resolution, the paper's delta and the seeds that would resolve
+    it (where the table has them), and the verdict."""
     lines = []
-    for r in deltas.itertuples(index=False):
-        paper = getattr(r, "paper_delta", None)
-        paper_txt = "" if paper is None or not np.isfinite(paper) else f"; paper {paper:+.3f}"
-        ci = "n/a" if not np.isfinite(r.delta_ci95) else f"± {r.delta_ci95:.3f}"
-        lines.append(f"{r.variant} vs {r.reference}: Δ{r.metric} = {r.delta_mean:+.4f} {ci} {unit} "
-                     f"(95% CI, n={r.n} seeds) -> {r.verdict}{paper_txt}")
+    for r in deltas.to_dict("records"):
+        ci = ("n/a" if not np.isfinite(r.get("ci_low", np.nan))
+              else f"95% CI {r['ci_low']:+.4f} .. {r['ci_high']:+.4f}")
+        res = r.get("resolution", np.nan)
+        res_txt = f"; resolution {res:.4f}" if np.isfinite(res) else ""
+        paper = r.get("paper_delta")
+        paper_txt = ""
+        if paper is not None and not pd.isna(paper):
+            need = r.get("seeds_needed")
+            need_txt = "" if need is None or pd.isna(need) else f", resolved by ~{int(need)} seeds"
+            paper_txt = f"; paper {paper:+.3f}{need_txt}"
+        lines.append(f"{r['variant']} vs {r['reference']}: Δ{r['metric']} = {r['delta_mean']:+.4f} {unit} "
+                     f"({ci}, n={r['n']} seeds{res_txt}{paper_txt}) -> {r['verdict']}")
     return "\n".join(lines)

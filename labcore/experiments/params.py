@@ -59,6 +59,7 @@ class LabParams:
     n_layers: int = 4            # transformer blocks L
     n_people: int = 100          # individuals in the synthetic knowledge base
     device: str = "auto"         # "auto" | "cpu" | "cuda"
+    keep_checkpoints: bool = False  # keep the training checkpoints once the run has finished
 
     def __post_init__(self) -> None:
         o = type(self).__name__
@@ -76,6 +77,7 @@ class LabParams:
         check_int(o, "n_layers", self.n_layers, min_value=2)
         check_int(o, "n_people", self.n_people, min_value=4)
         check_choice(o, "device", self.device, ("auto", "cpu", "cuda"))
+        check_bool(o, "keep_checkpoints", self.keep_checkpoints)
 
     # -- derived sizes -----------------------------------------------------------------------
     def effective(self) -> LabParams:

@@ -21,6 +21,7 @@ from labcore.config import (  # noqa: F401 - re-exported for the layer files
     check_float,
     check_int,
     check_str,
+    fail,
     from_dict,
     is_perfect_square,
 )

@@ -67,13 +67,12 @@ from labcore.layers.base import (
     LayerAux,
     LayerCost,
     check_bool,
-    check_choice,
     check_float,
     check_int,
     flatten_tokens,
     tag_param,
 )
-from labcore.layers.pkm import PKM, QUERY_NORMS, PKMConfig, pkm_reference
+from labcore.layers.pkm import PKM, PKMConfig, check_dropouts, check_product_keys, pkm_reference
 from labcore.layers.registry import LayerSpec, register
 
 FIXED_LR_ATTR = "_labcore_fixed_lr"
@@ -118,27 +117,14 @@ class MemoryPlusConfig:
 
     def __post_init__(self) -> None:
         o = "MemoryPlusConfig"
-        check_int(o, "d_model", self.d_model)
-        check_int(o, "n_keys", self.n_keys)
-        check_int(o, "heads", self.heads)
-        check_int(o, "k_dim", self.k_dim, min_value=2)
-        if self.k_dim % 2:
-            raise ConfigError(f"{o}.k_dim={self.k_dim!r} is not allowed: must be an even integer >= 2 "
-                              "(the key is split into a row half and a column half)")
-        check_int(o, "top_k", self.top_k, min_value=1, max_value=self.n_keys)
-        check_choice(o, "query_norm", self.query_norm, QUERY_NORMS)
+        check_product_keys(self, o)
         if self.d_value is not None:
             check_int(o, "d_value", self.d_value)
         if self.value_init_std is not None:
             check_float(o, "value_init_std", self.value_init_std, min_value=0.0, min_inclusive=False)
         for name in ("query_bias", "gate", "output_gate", "qk_norm"):
             check_bool(o, name, getattr(self, name))
-        for name in ("input_dropout", "query_dropout", "value_dropout"):
-            value = getattr(self, name)
-            check_float(o, name, value, min_value=0.0, max_value=1.0)
-            if value >= 1.0:
-                raise ConfigError(f"{o}.{name}={value!r} is not allowed: must be a finite number in [0, 1)")
-        check_float(o, "norm_eps", self.norm_eps, min_value=0.0, min_inclusive=False)
+        check_dropouts(self, o)
         if self.value_lr is not None:
             check_float(o, "value_lr", self.value_lr, min_value=0.0, min_inclusive=False)
         if self.gate and self.d_value not in (None, self.d_model):

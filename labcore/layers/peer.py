@@ -97,22 +97,19 @@ from labcore.layers.base import (
     check_bool,
     check_choice,
     check_float,
-    check_int,
     flatten_tokens,
     tag_param,
-    zero_loss,
 )
 from labcore.layers.fast.search import in_token_chunks, pruned_candidates, pruned_pair_topk
 from labcore.layers.fast.topk import exact_topk
-from labcore.layers.pkm import SubQueryLayerNorm
+from labcore.layers.pkm import ProductKeys, check_product_keys, query_network, reference_query, selection_aux
 from labcore.layers.registry import LayerSpec, register
 
-QUERY_NORMS = ("layernorm", "batchnorm", "none")
 ACTIVATIONS = ("gelu", "relu")
 
 
 @dataclass(frozen=True)
-class PEERConfig:
+class PEERConfig(ProductKeys):
     """Configuration of a PEER layer (paper defaults for H, K; N = n_keys^2 experts).
 
     d_model: D, input and output dimension (u_i, v_i in R^D).
@@ -141,32 +138,18 @@ class PEERConfig:
 
     def __post_init__(self) -> None:
         owner = "PEERConfig"
-        check_int(owner, "d_model", self.d_model)
-        check_int(owner, "n_keys", self.n_keys)
-        check_int(owner, "heads", self.heads)
-        check_int(owner, "top_k", self.top_k, min_value=1, max_value=self.n_keys)
-        check_int(owner, "k_dim", self.k_dim, min_value=2)
-        if self.k_dim % 2:
-            raise ConfigError(f"{owner}.k_dim={self.k_dim!r} is not allowed: must be an even integer >= 2 "
-                              "(the key is split into a row half and a column half)")
-        check_choice(owner, "query_norm", self.query_norm, QUERY_NORMS)
+        check_product_keys(self, owner)
         check_choice(owner, "activation", self.activation, ACTIVATIONS)
         for name in ("shared_keys", "query_bias"):
             check_bool(owner, name, getattr(self, name))
         if self.expert_init_std is not None:
             check_float(owner, "expert_init_std", self.expert_init_std, min_value=0.0, min_inclusive=False)
-        check_float(owner, "norm_eps", self.norm_eps, min_value=0.0, min_inclusive=False)
 
     # derived sizes ---------------------------------------------------------------------------
     @property
     def n_experts(self) -> int:
         """N = n^2 experts."""
         return self.n_keys * self.n_keys
-
-    @property
-    def half(self) -> int:
-        """D_k/2, the size of one sub-query / sub-key."""
-        return self.k_dim // 2
 
     @property
     def key_heads(self) -> int:
@@ -176,11 +159,6 @@ class PEERConfig:
     @property
     def expert_std(self) -> float:
         return self.d_model ** -0.5 if self.expert_init_std is None else self.expert_init_std
-
-    @property
-    def n_candidates(self) -> int:
-        """Candidates per head scored after the per-half top-K: #{(i, j): (i+1)(j+1) <= K}."""
-        return sum(self.top_k // (i + 1) for i in range(self.top_k))
 
     def flops_by_part(self) -> dict[str, int]:
         """Forward FLOPs per token by part (2 per multiply-add).
@@ -329,18 +307,8 @@ class PEER(nn.Module):
             raise ConfigError("PEER: values=<shared pool> is not allowed: must be None (PEER's expert tables "
                               "belong to one layer; the paper shares no pool across layers)")
         self.cfg = cfg
-        H, n, half, Dk, D = cfg.heads, cfg.n_keys, cfg.half, cfg.k_dim, cfg.d_model
-        self.query = nn.Linear(D, H * Dk, bias=cfg.query_bias)                # rows (head, half, d)
-        if cfg.query_bias:
-            tag_param(self.query.bias, "no_decay")
-        if cfg.query_norm == "layernorm":
-            self.norm: nn.Module = SubQueryLayerNorm(H, half, cfg.norm_eps)
-        elif cfg.query_norm == "batchnorm":
-            self.norm = nn.BatchNorm1d(H * Dk, eps=cfg.norm_eps)                # per feature over tokens
-            tag_param(self.norm.weight, "no_decay")
-            tag_param(self.norm.bias, "no_decay")
-        else:
-            self.norm = nn.Identity()
+        n, half, D = cfg.n_keys, cfg.half, cfg.d_model
+        self.query, self.norm = query_network(cfg)                              # W_q (head, half, d); norm
         bound = 1.0 / math.sqrt(half)
         keys = torch.empty(cfg.key_heads, 2, n, half).uniform_(-bound, bound)
         self.keys = tag_param(nn.Parameter(keys), "no_decay")                  # (1 or H, 2, n, D_k/2)
@@ -397,50 +365,19 @@ class PEER(nn.Module):
         aux = self._aux(x2d, y, experts, scores, g, h)
         return y.view(*lead, c.d_model), aux                                    # (B, T, D) or (N_tok, D)
 
-    @torch.no_grad()
     def _aux(self, x2d: Tensor, y: Tensor, experts: Tensor, scores: Tensor, g: Tensor, h: Tensor) -> LayerAux:
-        """The aux record; ``detailed_aux=False`` drops the O(N) parts (counts, coverage, KL)."""
-        c = self.cfg
-        vals = {"top1_score": scores.amax(-1).float().mean(),                  # best raw score per head
-                "top1_weight": g.view(-1, c.heads, c.top_k).amax(-1).float().mean(),
-                "active_fraction": (h > 0).float().mean()}                      # selected neurons with u^T x > 0
-        counts = None
-        if self.detailed_aux:
-            counts = torch.bincount(experts.reshape(-1), minlength=c.n_experts)  # (N,)
-            usage = counts.float() / max(experts.numel(), 1)
-            vals["coverage"] = (counts > 0).float().mean()                     # fraction of experts hit
-            vals["kl_uniform"] = torch.special.xlogy(usage, usage * c.n_experts).sum()  # KL(usage || uniform)
-        vals["output_std"] = y.float().std() if y.numel() > 1 else y.new_zeros((), dtype=torch.float32)
-        stats = dict(zip(vals, torch.stack(list(vals.values())).tolist()))     # one device sync
-        return LayerAux(aux_loss=zero_loss(x2d), indices=experts.detach(), scores=g.detach(),
-                        counts=counts, stats=stats)
+        """The aux record (``labcore.layers.pkm.selection_aux``) plus ``active_fraction``, the
+        selected neurons with u^T x > 0; ``detailed_aux=False`` drops the O(N) parts (counts,
+        coverage, KL)."""
+        with torch.no_grad():
+            active = (h > 0).float().mean()
+        return selection_aux(x2d, y, experts, scores, g, self.cfg.n_experts, self.detailed_aux,
+                             active_fraction=active)
 
 
 # ---------------------------------------------------------------------------------------------
 # The slow, obviously-correct reference: every token scores all N experts and loops over them.
 # ---------------------------------------------------------------------------------------------
-
-
-def _reference_query(layer: PEER, x2d: Tensor) -> Tensor:
-    """Query with the norm written out (BatchNorm: batch statistics in training mode, running ones
-    in eval, never updated)."""
-    c = layer.cfg
-    q = x2d @ layer.query.weight.T
-    if layer.query.bias is not None:
-        q = q + layer.query.bias                                                # (N_tok, H*D_k)
-    if c.query_norm == "layernorm":
-        g = q.view(-1, c.heads, 2, c.half)
-        mu = g.mean(-1, keepdim=True)
-        var = ((g - mu) ** 2).mean(-1, keepdim=True)
-        q = (g - mu) / torch.sqrt(var + c.norm_eps) * layer.norm.weight + layer.norm.bias
-    elif c.query_norm == "batchnorm":
-        bn = layer.norm
-        if bn.training:
-            mu, var = q.mean(0), ((q - q.mean(0)) ** 2).mean(0)                # per feature over tokens
-        else:
-            mu, var = bn.running_mean, bn.running_var
-        q = (q - mu) / torch.sqrt(var + c.norm_eps) * bn.weight + bn.bias
-    return q.reshape(-1, c.heads, 2, c.half)                                    # (N_tok, H, 2, D_k/2)
 
 
 def peer_reference(layer: PEER, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -452,7 +389,7 @@ def peer_reference(layer: PEER, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """
     c = layer.cfg
     x2d, lead = flatten_tokens(x, c.d_model, "peer_reference")
-    q = _reference_query(layer, x2d)
+    q = reference_query(layer, x2d)                                             # written-out norm
     act = F.gelu if c.activation == "gelu" else F.relu
     n = c.n_keys
     rows, all_experts, all_weights = [], [], []

@@ -82,6 +82,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -112,18 +113,54 @@ from labcore.layers.registry import LayerSpec, register
 QUERY_NORMS = ("layernorm", "batchnorm", "none")
 
 
-def _check_dropout(name: str, value: float) -> None:
+def check_product_keys(cfg: Any, owner: str) -> None:
+    """The product-key fields PKM, PEER and Memory+ configs share: d_model, n_keys, heads (>= 1),
+    k_dim (even, >= 2: a row half and a column half), top_k (1 <= K <= n), query_norm and its
+    norm_eps (> 0)."""
+    check_int(owner, "d_model", cfg.d_model)
+    check_int(owner, "n_keys", cfg.n_keys)
+    check_int(owner, "heads", cfg.heads)
+    check_int(owner, "k_dim", cfg.k_dim, min_value=2)
+    if cfg.k_dim % 2:
+        raise ConfigError(f"{owner}.k_dim={cfg.k_dim!r} is not allowed: must be an even integer >= 2 "
+                          "(the key is split into a row half and a column half)")
+    check_int(owner, "top_k", cfg.top_k, min_value=1, max_value=cfg.n_keys)
+    check_choice(owner, "query_norm", cfg.query_norm, QUERY_NORMS)
+    check_float(owner, "norm_eps", cfg.norm_eps, min_value=0.0, min_inclusive=False)
+
+
+def check_dropouts(cfg: Any, owner: str) -> None:
+    """input_dropout, query_dropout and value_dropout: each a finite number in [0, 1)."""
     allowed = "a finite number in [0, 1)"
-    try:
-        check_float("PKMConfig", name, value, min_value=0.0)
-    except ConfigError:
-        raise ConfigError(f"PKMConfig.{name}={value!r} is not allowed: must be {allowed}") from None
-    if value >= 1.0:
-        raise ConfigError(f"PKMConfig.{name}={value!r} is not allowed: must be {allowed}")
+    for name in ("input_dropout", "query_dropout", "value_dropout"):
+        value = getattr(cfg, name)
+        try:
+            check_float(owner, name, value, min_value=0.0)
+        except ConfigError:
+            raise ConfigError(f"{owner}.{name}={value!r} is not allowed: must be {allowed}") from None
+        if value >= 1.0:
+            raise ConfigError(f"{owner}.{name}={value!r} is not allowed: must be {allowed}")
+
+
+class ProductKeys:
+    """Derived sizes of the product-key search (PKMConfig, PEERConfig): k_dim and top_k fields."""
+
+    k_dim: int
+    top_k: int
+
+    @property
+    def half(self) -> int:
+        """D_k/2, the size of one sub-query / sub-key."""
+        return self.k_dim // 2
+
+    @property
+    def n_candidates(self) -> int:
+        """Candidates per head scored after the per-half top-K: #{(i, j): (i+1)(j+1) <= K}."""
+        return sum(self.top_k // (i + 1) for i in range(self.top_k))
 
 
 @dataclass(frozen=True)
-class PKMConfig:
+class PKMConfig(ProductKeys):
     """Configuration of a product-key memory layer (defaults: PKM notebook, except n_keys).
 
     d_model: D, input and output dimension.
@@ -155,23 +192,13 @@ class PKMConfig:
 
     def __post_init__(self) -> None:
         owner = "PKMConfig"
-        check_int(owner, "d_model", self.d_model)
-        check_int(owner, "n_keys", self.n_keys)
-        check_int(owner, "heads", self.heads)
-        check_int(owner, "k_dim", self.k_dim, min_value=2)
-        if self.k_dim % 2:
-            raise ConfigError(f"{owner}.k_dim={self.k_dim!r} is not allowed: must be an even integer >= 2 "
-                              "(the key is split into a row half and a column half)")
-        check_int(owner, "top_k", self.top_k, min_value=1, max_value=self.n_keys)
-        check_choice(owner, "query_norm", self.query_norm, QUERY_NORMS)
+        check_product_keys(self, owner)
         if self.d_value is not None:
             check_int(owner, "d_value", self.d_value)
         if self.value_init_std is not None:
             check_float(owner, "value_init_std", self.value_init_std, min_value=0.0, min_inclusive=False)
         check_choice(owner, "query_bias", self.query_bias, (True, False))
-        for name in ("input_dropout", "query_dropout", "value_dropout"):
-            _check_dropout(name, getattr(self, name))
-        check_float(owner, "norm_eps", self.norm_eps, min_value=0.0, min_inclusive=False)
+        check_dropouts(self, owner)
 
     # derived sizes ---------------------------------------------------------------------------
     @property
@@ -184,22 +211,12 @@ class PKMConfig:
         return self.d_model if self.d_value is None else self.d_value
 
     @property
-    def half(self) -> int:
-        """D_k/2, the size of one sub-query / sub-key."""
-        return self.k_dim // 2
-
-    @property
     def value_std(self) -> float:
         return self.d_v ** -0.5 if self.value_init_std is None else self.value_init_std
 
     @property
     def has_value_proj(self) -> bool:
         return self.d_v != self.d_model
-
-    @property
-    def n_candidates(self) -> int:
-        """Candidates per head scored after the per-half top-K: #{(i, j): (i+1)(j+1) <= K}."""
-        return sum(self.top_k // (i + 1) for i in range(self.top_k))
 
     def cost(self) -> LayerCost:
         """Exact parameter count by part and forward FLOPs per token (2 per multiply-add).
@@ -244,6 +261,47 @@ class SubQueryLayerNorm(nn.Module):
         return q.view(n_tok, -1)                                           # (N_tok, H*D_k)
 
 
+def query_network(cfg: Any) -> tuple[nn.Linear, nn.Module]:
+    """W_q (D -> H*D_k, rows (head, half, d); bias with ``cfg.query_bias``) and the query norm:
+    "layernorm" per (head, half) sub-query (:class:`SubQueryLayerNorm`), "batchnorm" per feature
+    over the tokens (PKM's; couples tokens), "none" an identity. For PKM and PEER configs."""
+    H, Dk = cfg.heads, cfg.k_dim
+    query = nn.Linear(cfg.d_model, H * Dk, bias=cfg.query_bias)
+    if cfg.query_bias:
+        tag_param(query.bias, "no_decay")
+    if cfg.query_norm == "layernorm":
+        norm: nn.Module = SubQueryLayerNorm(H, cfg.half, cfg.norm_eps)
+    elif cfg.query_norm == "batchnorm":
+        norm = nn.BatchNorm1d(H * Dk, eps=cfg.norm_eps)                    # per feature over tokens
+        tag_param(norm.weight, "no_decay")
+        tag_param(norm.bias, "no_decay")
+    else:
+        norm = nn.Identity()
+    return query, norm
+
+
+@torch.no_grad()
+def selection_aux(x2d: Tensor, y: Tensor, indices: Tensor, scores: Tensor, weights: Tensor, n_units: int,
+                  detailed: bool, **extra: Tensor) -> LayerAux:
+    """The aux record of a product-key read (PKM, PEER): indices and weights (N_tok, H*K), raw
+    scores (N_tok, H, K). Stats: top1_score (best raw score per head), top1_weight (its weight),
+    the ``extra`` stats, and with ``detailed`` (O(N) per call, which dominates a decode step of a few
+    tokens) ``counts`` (a bincount over all N units), coverage (fraction of units hit) and
+    kl_uniform = KL(usage || uniform); then output_std. ``detailed=False``: counts is None."""
+    vals = {"top1_score": scores.amax(-1).float().mean(),
+            "top1_weight": weights.view(scores.shape).amax(-1).float().mean(), **extra}
+    counts = None
+    if detailed:
+        counts = torch.bincount(indices.reshape(-1), minlength=n_units)    # (N,)
+        usage = counts.float() / max(indices.numel(), 1)
+        vals["coverage"] = (counts > 0).float().mean()                     # fraction of units hit
+        vals["kl_uniform"] = torch.special.xlogy(usage, usage * n_units).sum()  # KL(usage || uniform)
+    vals["output_std"] = y.float().std() if y.numel() > 1 else y.new_zeros((), dtype=torch.float32)
+    stats = dict(zip(vals, torch.stack(list(vals.values())).tolist()))    # one device sync
+    return LayerAux(aux_loss=zero_loss(x2d), indices=indices.detach(), scores=weights.detach(),
+                    counts=counts, stats=stats)
+
+
 class PKM(nn.Module):
     """Product-key memory layer: ``y, aux = pkm(x)`` with x (B, T, D) or (N_tok, D).
 
@@ -254,18 +312,8 @@ class PKM(nn.Module):
     def __init__(self, cfg: PKMConfig, values: nn.Embedding | None = None):
         super().__init__()
         self.cfg = cfg
-        H, n, half, Dk = cfg.heads, cfg.n_keys, cfg.half, cfg.k_dim
-        self.query = nn.Linear(cfg.d_model, H * Dk, bias=cfg.query_bias)   # rows (head, half, d)
-        if cfg.query_bias:
-            tag_param(self.query.bias, "no_decay")
-        if cfg.query_norm == "layernorm":
-            self.norm: nn.Module = SubQueryLayerNorm(H, half, cfg.norm_eps)
-        elif cfg.query_norm == "batchnorm":
-            self.norm = nn.BatchNorm1d(H * Dk, eps=cfg.norm_eps)           # per feature over tokens
-            tag_param(self.norm.weight, "no_decay")
-            tag_param(self.norm.bias, "no_decay")
-        else:
-            self.norm = nn.Identity()
+        H, n, half = cfg.heads, cfg.n_keys, cfg.half
+        self.query, self.norm = query_network(cfg)                          # W_q rows (head, half, d); norm
         bound = 1.0 / math.sqrt(half)                                       # XLM get_uniform_keys
         self.keys = tag_param(nn.Parameter(torch.empty(H, 2, n, half).uniform_(-bound, bound)), "no_decay")
         if values is None:
@@ -339,24 +387,10 @@ class PKM(nn.Module):
         aux = self._aux(x2d, y, slots, scores, weights)
         return y.view(*lead, c.d_model), aux                                # (B, T, D) or (N_tok, D)
 
-    @torch.no_grad()
     def _aux(self, x2d: Tensor, y: Tensor, slots: Tensor, scores: Tensor, weights: Tensor) -> LayerAux:
-        """The aux record. ``detailed_aux`` (default True) adds ``counts`` (a bincount over all N
-        slots), ``coverage`` and ``kl_uniform``: O(N) work per call, which dominates a decode step
-        of a few tokens; with ``detailed_aux=False`` ``counts`` is None and every stat is O(N_tok)."""
-        c = self.cfg
-        vals = {"top1_score": scores.amax(-1).float().mean(),                            # best raw score per head
-                "top1_weight": weights.view(-1, c.heads, c.top_k).amax(-1).float().mean()}  # its softmax weight
-        counts = None
-        if self.detailed_aux:
-            counts = torch.bincount(slots.reshape(-1), minlength=c.n_slots)  # (N,)
-            usage = counts.float() / max(slots.numel(), 1)
-            vals["coverage"] = (counts > 0).float().mean()                 # fraction of slots hit
-            vals["kl_uniform"] = torch.special.xlogy(usage, usage * c.n_slots).sum()  # KL(usage || uniform)
-        vals["output_std"] = y.float().std() if y.numel() > 1 else y.new_zeros((), dtype=torch.float32)
-        stats = dict(zip(vals, torch.stack(list(vals.values())).tolist()))    # one device sync
-        return LayerAux(aux_loss=zero_loss(x2d), indices=slots.detach(), scores=weights.detach(),
-                        counts=counts, stats=stats)
+        """The aux record (:func:`selection_aux`); ``detailed_aux`` (default True) adds the O(N)
+        ``counts``, ``coverage`` and ``kl_uniform``."""
+        return selection_aux(x2d, y, slots, scores, weights, self.cfg.n_slots, self.detailed_aux)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,8 +398,9 @@ class PKM(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def _reference_query(layer: PKM, x2d: Tensor) -> Tensor:
-    """Query with the norm written out (no running-stat updates); dropout is ignored."""
+def reference_query(layer: nn.Module, x2d: Tensor) -> Tensor:
+    """Query with the norm written out (no running-stat updates: BatchNorm uses batch statistics in
+    training mode, running ones in eval); dropout is ignored. For PKM and PEER layers."""
     c = layer.cfg
     q = x2d @ layer.query.weight.T
     if layer.query.bias is not None:
@@ -396,7 +431,7 @@ def pkm_reference(layer: PKM, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """
     c = layer.cfg
     x2d, lead = flatten_tokens(x, c.d_model, "pkm_reference")
-    q = _reference_query(layer, x2d)
+    q = reference_query(layer, x2d)
     n = c.n_keys
     out = torch.zeros(x2d.shape[0], c.d_v, dtype=x2d.dtype, device=x2d.device)
     all_slots, all_weights = [], []

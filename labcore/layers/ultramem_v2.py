@@ -130,10 +130,9 @@ the slow per-token reference every path is tested against.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,22 +149,26 @@ from labcore.layers.base import (
     check_choice,
     check_float,
     check_int,
-    config_from_dict,
     flatten_tokens,
-    is_perfect_square,
     tag_param,
     zero_loss,
 )
 from labcore.layers.fast import bags
-from labcore.layers.fast.caches import DerivedCache, reuse
-from labcore.layers.fast.search import PROXY_SEARCHES, in_token_chunks, tucker_search
+from labcore.layers.fast.search import in_token_chunks, tucker_search
 from labcore.layers.fast.topk import exact_topk
 from labcore.layers.registry import LayerSpec, register
-from labcore.layers.ultramem import UltraMem, _qk_norm
+from labcore.layers.ultramem import (
+    SearchGrid,
+    TuckerRetrieval,
+    _qk_norm,
+    check_common_fields,
+    check_search_grid,
+    qk_gain,
+    reference_qk_norm,
+    score_moments,
+)
 
 PROJECTIONS = ("single", "per_block")
-INITS = ("release", "paper")
-NORM_TYPES = ("layernorm", "rmsnorm")
 VALUE_LR_SCHEDULES = ("constant", "decay")
 _OWNER = "UltraMemV2Config"
 
@@ -175,7 +178,7 @@ def _bad(name: str, value: Any, allowed: str) -> ConfigError:
 
 
 @dataclass(frozen=True)
-class UltraMemV2Config:
+class UltraMemV2Config(SearchGrid):
     """Configuration of an UltraMemV2 layer (module doc); the v2 switches and their v1 settings:
 
     projection "single" (v2: sum the E blocks, one D_v -> D map) | "per_block" (v1: E*D_v -> D);
@@ -222,37 +225,18 @@ class UltraMemV2Config:
 
     def __post_init__(self) -> None:
         o = _OWNER
-        for name in ("d_model", "n_keys", "heads", "k_dim", "top_k", "rank", "n_cores", "expansion",
-                     "n_model_layers", "calib_samples"):
-            check_int(o, name, getattr(self, name))
-        check_int(o, "seed", self.seed, min_value=0)
-        for name in ("d_value", "d_pre", "candidate_m"):
-            if getattr(self, name) is not None:
-                check_int(o, name, getattr(self, name))
+        check_common_fields(self, o)
+        if self.d_pre is not None:
+            check_int(o, "d_pre", self.d_pre)
         for name in ("query_per_rank", "pre_values", "pre_gelu", "qk_norm", "share_query", "balance_loss"):
             check_bool(o, name, getattr(self, name))
         check_choice(o, "projection", self.projection, PROJECTIONS)
-        check_choice(o, "proxy_search", self.proxy_search, PROXY_SEARCHES)
-        check_choice(o, "init", self.init, INITS)
-        check_choice(o, "norm_type", self.norm_type, NORM_TYPES)
         check_choice(o, "value_lr_schedule", self.value_lr_schedule, VALUE_LR_SCHEDULES)
         check_float(o, "balance_coef", self.balance_coef, min_value=0.0)
         check_float(o, "ffn_ratio", self.ffn_ratio, min_value=0.0, min_inclusive=False)
-        check_float(o, "norm_eps", self.norm_eps, min_value=0.0, min_inclusive=False)
         check_float(o, "value_lr_multiplier", self.value_lr_multiplier, min_value=0.0, min_inclusive=False)
         # cross-field rules ---------------------------------------------------------------
-        if not is_perfect_square(self.expansion):
-            raise _bad("expansion", self.expansion, "a perfect square (1, 4, 9, 16, ...): keys per side "
-                       "grow by sqrt(E)")
-        if self.m > self.n_side:
-            name = "candidate_m" if self.candidate_m is not None else "top_k"
-            raise _bad(name, getattr(self, name), f"<= keys per side sqrt(expansion)*n_keys = {self.n_side} "
-                       "(candidate rows/columns per side; candidate_m defaults to top_k)")
-        if self.top_k > self.m * self.m:
-            raise _bad("top_k", self.top_k, f"<= candidate_m**2 = {self.m * self.m} (the candidate grid)")
-        if self.d_v % self.n_cores:
-            raise _bad("d_value", self.d_v, f"divisible by n_cores={self.n_cores} (each core weights "
-                       "its own chunk of the value vector)")
+        check_search_grid(self, o)
         if not self.pre_values and self.d_pre is not None:
             raise _bad("d_pre", self.d_pre, "None when pre_values=False")
         if not self.pre_values and self.pre_gelu:
@@ -265,14 +249,6 @@ class UltraMemV2Config:
             raise _bad("value_lr_multiplier", self.value_lr_multiplier, ">= 1 when value_lr_schedule="
                        "'decay' (the multiplier decays linearly from M to 1)")
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> UltraMemV2Config:
-        """Build from a mapping (YAML, notebook parameters); unknown keys raise ConfigError."""
-        return config_from_dict(cls, data)
-
-    def replace(self, **changes: Any) -> UltraMemV2Config:
-        return dataclasses.replace(self, **changes)
-
     # derived sizes ---------------------------------------------------------------------------
     @property
     def d_v(self) -> int:
@@ -284,29 +260,6 @@ class UltraMemV2Config:
         if not self.pre_values:
             return 0
         return self.d_pre if self.d_pre is not None else max(1, self.d_v // 3)
-
-    @property
-    def n_side(self) -> int:
-        """Keys per side searched: sqrt(E) * n."""
-        return math.isqrt(self.expansion) * self.n_keys
-
-    @property
-    def n_slots(self) -> int:
-        """N = n^2 physical rows the layer reads (its window of the pool)."""
-        return self.n_keys * self.n_keys
-
-    @property
-    def n_virtual(self) -> int:
-        """E * N virtual slots (= n_side^2 grid cells)."""
-        return self.expansion * self.n_slots
-
-    @property
-    def m(self) -> int:
-        return self.top_k if self.candidate_m is None else self.candidate_m
-
-    @property
-    def q_heads(self) -> int:
-        return 1 if self.share_query else self.heads
 
     @property
     def q_ranks(self) -> int:
@@ -409,23 +362,14 @@ def _selected_moments(cfg: UltraMemV2Config, core: Tensor, uv: Tensor) -> tuple[
     z = torch.randn((2, c.calib_samples, c.heads, c.rank, c.n_side), generator=gen, dtype=torch.float64)
     scores = tucker_search(z, uv.to(torch.float64), core.to(torch.float64), c.m, c.top_k,
                            c.proxy_search)[1]                               # (samples, H, K)
-    mu = scores.mean().item()
-    if not mu > 0:
-        raise RuntimeError(f"UltraMemV2 paper init: mean selected score at unit scale is {mu}; cannot "
-                           "calibrate the q/k norm gains")
-    return mu, scores.var(unbiased=False).item()
+    return score_moments(scores, "UltraMemV2")
 
 
 def _gain_for(cfg: UltraMemV2Config, mu: float) -> float:
-    """q/k norm gain g making the mean selected score 1 when it is ``mu`` at unit side-score scale.
-
-    Scores are quadratic in the side-score scale sigma = g^2 * std(q_hat . k_hat), so sigma =
-    mu^(-1/2); std(q_hat . k_hat) = sqrt(D_k) for rmsnorm and D_k / sqrt(D_k - 1) for layernorm
-    (zero-mean vectors), as in ``UltraMem.calibrated_gain``."""
-    dot_std = math.sqrt(cfg.k_dim)
-    if cfg.norm_type == "layernorm" and cfg.k_dim > 1:
-        dot_std = cfg.k_dim / math.sqrt(cfg.k_dim - 1)
-    return math.sqrt(mu**-0.5 / dot_std)
+    """q/k norm gain g making the mean selected score 1 when it is ``mu`` at unit side-score scale:
+    scores are quadratic in the side-score scale sigma = g^2 * std(q_hat . k_hat), so sigma =
+    mu^(-1/2) (:func:`labcore.layers.ultramem.qk_gain`)."""
+    return qk_gain(mu**-0.5, cfg.k_dim, cfg.norm_type)
 
 
 @functools.lru_cache(maxsize=64)
@@ -523,7 +467,7 @@ class UltraMemV2Aux(LayerAux):
     rows: Tensor | None = None
 
 
-class UltraMemV2(nn.Module):
+class UltraMemV2(TuckerRetrieval):
     """UltraMemV2 layer: ``y, aux = layer(x)`` with x (B, T, D) or (N_tok, D); see the module doc.
 
     ``values`` / ``pre_values``: an optional shared pool (``nn.Embedding(N_pool, D_v)`` /
@@ -538,17 +482,8 @@ class UltraMemV2(nn.Module):
         if not isinstance(cfg, UltraMemV2Config):
             raise TypeError(f"UltraMemV2: cfg must be an UltraMemV2Config, got {type(cfg).__name__}")
         self.cfg = c = cfg
-        H, Dk, ns, R = c.heads, c.k_dim, c.n_side, c.rank
-        self.query = nn.Linear(c.d_model, c.q_heads * 2 * c.q_ranks * Dk, bias=False)  # rows (head, side, rank, d)
-        if c.qk_norm:
-            self.query_gain = tag_param(nn.Parameter(torch.ones(Dk)), "no_decay")
-            self.key_gain = tag_param(nn.Parameter(torch.ones(Dk)), "no_decay")
-        else:
-            self.query_gain = self.key_gain = None
-        self.keys = tag_param(nn.Parameter(torch.empty(H, 2, R, ns, Dk)), "no_decay")  # [:, 0] K_row, [:, 1] K_col
-        self.cores = tag_param(nn.Parameter(torch.empty(c.n_cores, H, R, R)), "no_decay")  # C^(c) per head
-        self.register_buffer("u", torch.zeros(H, R))                       # rank-1 proxy, rows
-        self.register_buffer("t", torch.zeros(H, R))                       # rank-1 proxy, columns
+        # W_q rows (head, side, rank, d); q/k norm gains; keys (H, 2, R, n_s, D_k); cores and (u, t)
+        self._init_retrieval(c.q_heads * 2 * c.q_ranks * c.k_dim, c.rank)
         own_values = values is None
         self.values, self.pre_values = self._pool_tables(values, pre_values, window_start)
         self.pool_size = self.values.num_embeddings                         # N_pool
@@ -558,15 +493,10 @@ class UltraMemV2(nn.Module):
             tag_param(self.pre_values.weight, "memory_values")             # P_pre: (N_pool, D_p)
         self.pre_proj = nn.Linear(c.d_model, c.d_p, bias=False) if c.pre_values else None  # W_pre
         self.value_proj = nn.Linear(c.proj_in, c.d_model, bias=False)       # W (U2 eq. 12) or [W_p] (eq. 9)
-        if c.expansion > 1:                                                 # virtual -> (block, row) shuffle
-            gen = torch.Generator().manual_seed(c.seed)
-            self.register_buffer("perm", torch.randperm(c.n_virtual, generator=gen))
-        else:
-            self.perm = None
+        self._init_shuffle()                                                # virtual -> (block, row) shuffle
         block, rows = self._virtual_rows()
         self.register_buffer("slot_rows", rows, persistent=False)          # (E*N,) pool row of each virtual slot
         self.detailed_aux = True      # per-call diagnostics: counts, coverage, the balance loss report
-        self._derived = DerivedCache()                                      # inference caches (fast.caches)
         self.reset_parameters(init_values=own_values)
 
     def _pool_tables(self, values: nn.Embedding | None, pre_values: nn.Embedding | None,
@@ -627,11 +557,6 @@ class UltraMemV2(nn.Module):
         q = rearrange(self.query(x2d), "t (h s a d) -> t h s a d", s=2, a=c.q_ranks, d=c.k_dim)
         return _qk_norm(q, self.query_gain, c.norm_type, c.norm_eps) if c.qk_norm else q
 
-    def side_scores(self, x2d: Tensor) -> tuple[Tensor, Tensor]:
-        """(N_tok, D) -> S_row, S_col (N_tok, H, R, n_s): component a scored with q[side, a] (U2 eq. 6)."""
-        s = self._side_scores_q(self._queries(x2d))
-        return s[0], s[1]
-
     def _side_scores_q(self, q: Tensor) -> Tensor:
         """Queries (N_tok, Hq, 2, Rq, D_k) -> S (2, N_tok, H, R, n_s), one batched matmul."""
         c = self.cfg
@@ -656,12 +581,8 @@ class UltraMemV2(nn.Module):
         core_sum, uv = self._search_params(s.dtype)                         # C (H, R, R), (u, t) (2, H, R)
         cells, scores, vecs = tucker_search(s, uv, core_sum, c.m, c.top_k, c.proxy_search)  # (2, N_tok, H, K), ...
         slots = cells[0] * c.n_side + cells[1]                              # virtual slot v = i*n_s + j
-        if c.n_cores == 1:
-            per_core = scores.unsqueeze(-1)
-        else:   # MCS: s^(c)_k = S_row[:, i_k]^T C^(c) S_col[:, j_k], all cores in one small matmul
-            cores_cat = rearrange(self.cores, "c h a b -> h a (c b)")      # (H, R, h*R)
-            left = vecs[0].transpose(-1, -2) @ cores_cat                    # (N_tok, H, K, h*R)
-            per_core = (left.unflatten(-1, (c.n_cores, c.rank)) * vecs[1].transpose(-1, -2).unsqueeze(-2)).sum(-1)
+        # MCS: s^(c)_k = S_row[:, i_k]^T C^(c) S_col[:, j_k], all cores in one small matmul
+        per_core = scores.unsqueeze(-1) if c.n_cores == 1 else self.per_core_scores(vecs)  # (N_tok, H, K, h)
         out = (slots, scores, per_core)
         return out + self._balance_sums(s, uv) if with_balance else out
 
@@ -728,12 +649,11 @@ class UltraMemV2(nn.Module):
             if c.balance_loss:
                 aux_loss = aux_loss + c.balance_coef * balance.to(aux_loss.dtype)
         with torch.no_grad():
-            sc = scores.detach().view(-1, c.heads, c.top_k).float()
             lam = self._reuse("svdvals", (self.cores,), lambda: torch.linalg.svdvals(
                 self.cores.detach().sum(0).float()).mean(0))                # (R,)
-            vals = [sc[..., 0].mean(), sc[..., -1].mean(), sc.mean(),
-                    y.detach().float().std() if y.numel() > 1 else sc.new_zeros(()), lam[0]]
-            names = ["top1_score", "mth_score", "mean_score", "output_std", "lambda1"]
+            vals, names = self._score_stats(scores, y)
+            vals.append(lam[0])
+            names.append("lambda1")
             if lam.numel() > 1:
                 vals.append(lam[1])
                 names.append("lambda2")
@@ -748,7 +668,7 @@ class UltraMemV2(nn.Module):
                 counts = torch.bincount(slots.flatten(), minlength=c.n_virtual)  # (E*N,)
                 vals.append((counts > 0).float().mean())
                 names.append("coverage")
-            stats = dict(zip(names, torch.stack([v.to(sc.device) for v in vals]).tolist()))  # one sync
+            stats = dict(zip(names, torch.stack([v.to(vals[0].device) for v in vals]).tolist()))  # one sync
         return UltraMemV2Aux(aux_loss=aux_loss, indices=slots.detach(), scores=weights.sum(-1).detach(),
                              counts=counts, losses=losses, stats=stats, core_scores=weights.detach(),
                              pre_scores=None if pre is None else pre.detach(), rows=rows)
@@ -773,11 +693,7 @@ class UltraMemV2(nn.Module):
             nn.init.normal_(self.values.weight, std=std)
             if self.pre_values is not None:
                 nn.init.normal_(self.pre_values.weight, std=std)
-        self.refresh_retrieval()
-        if self.query_gain is not None:
-            gain = self.calibrated_gain() if paper else c.k_dim ** -0.4
-            self.query_gain.fill_(gain)
-            self.key_gain.fill_(gain)
+        self._init_proxy_and_gains(release_gain=c.k_dim ** -0.4)
 
     @torch.no_grad()
     def calibrated_gain(self) -> float:
@@ -787,12 +703,8 @@ class UltraMemV2(nn.Module):
         uv = torch.stack((self.u, self.t)).cpu()
         return _gain_for(self.cfg, _selected_moments(self.cfg, core, uv)[0])
 
-    # the rank-1 proxy (u, t) of the summed core, refreshed once per optimiser step with the
-    # release's sign smoothing: the same procedure (and the same attributes cores, u, t) as UltraMem
-    refresh_retrieval = UltraMem.refresh_retrieval
-
-    def cost(self) -> LayerCost:
-        return self.cfg.cost()
+    # refresh_retrieval (TuckerRetrieval): the rank-1 proxy (u, t) of the summed core, refreshed
+    # once per optimiser step with the release's sign smoothing, exactly as UltraMem's
 
     def extra_repr(self) -> str:
         c = self.cfg
@@ -802,37 +714,15 @@ class UltraMemV2(nn.Module):
                 f"projection={c.projection!r}, query_per_rank={c.query_per_rank}")
 
     # ----------------------------------------------------------------------------------------
-    # derived tensors, reused in inference while their sources are unchanged (fast.caches)
+    # derived tensors, reused in inference while their sources are unchanged (fast.caches;
+    # _reuse, _search_params: TuckerRetrieval)
     # ----------------------------------------------------------------------------------------
-    def _reuse(self, name: str, sources: tuple[Tensor, ...], compute: Callable[[], Any], *,
-               always: bool = False) -> Any:
-        return reuse(self._derived, self.training, name, sources, compute, always=always)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state["_derived"] = DerivedCache()                                  # never pickle / deepcopy the cache
-        return state
-
     def _key_matrix(self) -> Tensor:
         """Normalised keys laid out for the side-score bmm: share_query (2R, D_k, H*n_s), rows
         (side, rank); otherwise (H*2*R, D_k, n_s), rows (head, side, rank)."""
-        c = self.cfg
-
-        def compute() -> Tensor:
-            keys = self.keys                                                # (H, 2, R, n_s, D_k)
-            if c.qk_norm:
-                keys = _qk_norm(keys, self.key_gain, c.norm_type, c.norm_eps)
-            if c.share_query:
-                return rearrange(keys, "h s a n d -> (s a) d (h n)")
-            return rearrange(keys, "h s a n d -> (h s a) d n")
-
-        sources = (self.keys,) if self.key_gain is None else (self.keys, self.key_gain)
-        return self._reuse("keys", sources, compute)
-
-    def _search_params(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """Summed core C = sum_c C^(c) (H, R, R) and the proxy vectors (u, t) stacked: (2, H, R)."""
-        return self._reuse(f"search_params_{dtype}", (self.cores, self.u, self.t),
-                           lambda: (self.cores.sum(0), torch.stack((self.u, self.t)).to(dtype)))
+        if self.cfg.share_query:
+            return self._laid_out_keys("h s a n d -> (s a) d (h n)")
+        return self._laid_out_keys("h s a n d -> (h s a) d n")
 
     def _virtual_rows(self) -> tuple[Tensor, Tensor]:
         """(E*N,) block p and pool row of every virtual slot: P[v] = p*N + r, row = (r + start) mod N_pool."""
@@ -886,14 +776,10 @@ def ultramem_v2_reference(layer: UltraMemV2, x: Tensor) -> tuple[Tensor, Tensor,
     n_buf = c.expansion if (c.projection == "per_block" and c.expansion > 1) else 1
     q = (x2d @ layer.query.weight.T).view(-1, c.q_heads, 2, c.q_ranks, Dk)  # (N_tok, Hq, 2, Rq, D_k)
 
-    def norm(v: Tensor, gain: Tensor) -> Tensor:                            # written-out q/k norm
-        if c.norm_type == "layernorm":
-            v = v - v.mean(-1, keepdim=True)
-        return v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + c.norm_eps) * gain
-
     keys = layer.keys                                                       # (H, 2, R, n_s, D_k)
-    if c.qk_norm:
-        q, keys = norm(q, layer.query_gain), norm(keys, layer.key_gain)
+    if c.qk_norm:                                                           # written-out q/k norm
+        q = reference_qk_norm(q, layer.query_gain, c.norm_type, c.norm_eps)
+        keys = reference_qk_norm(keys, layer.key_gain, c.norm_type, c.norm_eps)
     V = layer.values.weight
     p_acc = torch.zeros(2, ns, dtype=x2d.dtype)
     hits = torch.zeros(2, ns, dtype=x2d.dtype)

@@ -83,7 +83,8 @@ from labcore.lm.model import ModelConfig, SparsePlan, spread_placements
 class Budget:
     """Static costs of one model config (all per token unless named otherwise).
 
-    total_params: every parameter, shared tensors once (tied embedding/head, shared value pool).
+    total_params: every parameter, shared tensors once (tied embedding/head, shared value pool:
+        N_pool rows, ``ModelConfig.pool_rows()``); blocks whose FFN a memory replaces count no FFN.
     active_params: parameters a token uses (see module docstring).
     sparse_params: parameters in sparse parts (MoE experts, memory value tables).
     flops_per_token: forward FLOPs at ``context_len``; train_flops_per_token = 3 x forward.
@@ -125,7 +126,8 @@ class Budget:
 def _layer_costs(cfg: ModelConfig) -> tuple[list[LayerCost], list[LayerCost], list[LayerCost]]:
     """(dense FFN costs, MoE costs, memory costs), one entry per layer."""
     moe_ids = cfg.moe_block_ids()
-    ffn = [cfg.ffn_config().cost()] * (cfg.n_layers - len(moe_ids))
+    # blocks whose FFN a memory replaces (SparsePlan.memory_replaces_ffn) have none
+    ffn = [cfg.ffn_config().cost()] * (cfg.n_layers - len(moe_ids) - len(cfg.replaced_ffn_blocks()))
     moe = [cfg.plan.moe.cost()] * len(moe_ids) if moe_ids else []
     mem_cfg = cfg.memory_layer_config()
     mem = [mem_cfg.cost()] * len(cfg.memory_pairs()) if mem_cfg is not None else []
@@ -148,9 +150,10 @@ def model_budget(cfg: ModelConfig, *, context_len: int | None = None, dtype_byte
 
     mem_params = sum(c.total_params for c in mem)
     mem_sparse = sum(_sparse(c) for c in mem)
-    if cfg.plan.shared_values and len(mem) > 1:  # one pool, counted once
-        mem_params -= (len(mem) - 1) * _sparse(mem[0])
-        mem_sparse = _sparse(mem[0])
+    if cfg.plan.shared_values and mem:  # one pool of N_pool rows (ring windows: N / share_ratio), counted once
+        pool = cfg.pool_rows() * mem[0].unit_params
+        mem_params += pool - sum(_sparse(c) for c in mem)
+        mem_sparse = pool
     params = {
         "embedding": V * D,
         "head": 0 if cfg.tie_embeddings else V * D,

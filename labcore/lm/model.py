@@ -30,8 +30,11 @@ block k's FFN, and its output is added to the residual stream *after* block v. F
                                                reads block 2's FFN input            added after block 5
 
 ``"k:k"`` is a memory in parallel to block k's FFN (``x' = h + FFN(u) + Mem(u)``), and ``"full"`` means
-one such memory in every block (the UltraMemV2 layout). Memory layers never replace the FFN: each
-block keeps its own FFN, so a memory model has the dense model's trunk plus the memories.
+one such memory in every block (the UltraMemV2 layout). By default memory layers never replace the
+FFN: each block keeps its own FFN, so a memory model has the dense model's trunk plus the memories.
+With ``SparsePlan(memory_replaces_ffn=True)`` ("k:k" placements or "full" only) a memory takes the
+place of block k's FFN, ``x' = h + Mem(u)`` (PKM, arXiv 1907.05242 §3.2; Memory Layers at Scale,
+arXiv 2412.09764 §3; docs/mechanisms.md §4, §5); the budget then has no FFN in those blocks.
 
 The paper's layout (docs/mechanisms.md §1.2). PKM puts one big memory in parallel with (or instead of) one FFN.
 UltraMem splits the big memory into several smaller ones spread over the depth, each connected by a
@@ -43,7 +46,11 @@ layouts for any depth. Table 2 row "+split big mem & skip": val loss -0.015, FLO
 Shared value pool (Memory Layers at Scale, docs/mechanisms.md §5): with ``shared_values=True`` all memory
 layers read ONE value table (each keeps its own query network and keys). The plan carries a single
 memory config, so every memory has identical sizes; the first memory's table is built (with that
-layer's own init) and handed to the others through the layers' ``values=`` argument.
+layer's own init) and handed to the others through the layers' ``values=`` argument. Memories
+whose layer reads a window of a pool (UltraMemV2's ring sharing, docs/mechanisms.md §3) get one
+pool of N / ``share_ratio`` rows from ``labcore.layers.ultramem_v2.value_pool`` (values and
+pre-values) and memory j reads ``ring_window(j, S, N_pool, share_ratio)``; the budget counts the
+pool once.
 
 Choices made here (documented, not from a paper)
 ------------------------------------------------
@@ -61,7 +68,8 @@ Choices made here (documented, not from a paper)
   head, a linear map, so it is decayed like the other matrices (nanoGPT's convention; OLMo does not
   decay embeddings). Layers tag their own parameters (value tables "memory_values", keys "no_decay").
 - ``aux`` holds the records of the *sparse* layers only (MoE blocks and memories); dense FFNs are not
-  listed. ``aux_loss`` is the sum of their (already weighted) ``aux_loss``.
+  listed. ``aux_loss`` combines their (already weighted) ``aux_loss``: the MoE layers' mean by
+  default (``SparsePlan.moe_aux_reduction``, "sum" available), plus every memory's.
 - Causality: attention is causal and every FFN / MoE / memory acts on each token separately, so a
   token's logits never depend on later tokens (tested for every plan kind). Two layer options
   couple the tokens of a batch and break this in training mode: an MoE ``capacity_factor`` (which
@@ -71,6 +79,7 @@ Choices made here (documented, not from a paper)
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -93,8 +102,15 @@ from labcore.layers.base import (
 from labcore.layers.ffn import DenseFFN, FFNConfig
 from labcore.layers.moe import MoE, MoEConfig
 from labcore.layers.registry import memory_spec
+from labcore.layers.ultramem_v2 import ring_window, value_pool
 
 PLAN_KINDS = ("dense", "moe", "memory")
+AUX_REDUCTIONS = ("mean", "sum")
+
+
+def _takes_window(memory_cfg: Any) -> bool:
+    """Whether the memory's layer reads a window of a shared pool (constructor ``window_start=``)."""
+    return "window_start" in inspect.signature(memory_spec(memory_cfg).layer).parameters
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,7 +138,8 @@ class SparsePlan:
     """Which sparse layers the LM has and where they sit.
 
     kind: "dense" (every block has a DenseFFN), "moe" (an MoE replaces the FFN of ``moe_blocks``),
-        or "memory" (memory layers of type ``memory`` wired in by ``placements``; FFNs are kept).
+        or "memory" (memory layers of type ``memory`` wired in by ``placements``; FFNs are kept
+        unless ``memory_replaces_ffn``).
     moe: the MoE config (kind "moe" only). ``moe_blocks``: block indices with an MoE; None = all.
     memory: the config of any memory layer in the registry (``labcore.layers.registry``, role
         "memory": PKMConfig, UltraMemConfig, ...; kind "memory" only); one config for every memory.
@@ -131,6 +148,24 @@ class SparsePlan:
         parallel to its FFN (UltraMemV2). Normalised to a tuple of strings.
     shared_values: all memory layers share ONE value table (Memory Layers at Scale); sizes are
         identical by construction (one config).
+    share_ratio: with ``shared_values``, the fraction of the pool each memory reads, for memories
+        whose layer reads a window of a pool (UltraMemV2's ring sharing, release ``share_ratio``,
+        docs/mechanisms.md §3): the pool has N_pool = N / share_ratio rows (N = n_keys**2, the
+        window) and memory j reads the window ``ring_window(j, S, N_pool, share_ratio)``. 1.0 (the
+        default): every memory reads the whole pool (rotated by j * N_pool / S for UltraMemV2).
+        Other memories (PKM, UltraMem, Memory+) take the pool as is and allow only 1.0.
+    memory_replaces_ffn: memories placed "k:k" (or "full") REPLACE block k's FFN instead of running
+        in parallel to it: the block computes ``x' = h + Mem(u)`` (PKM, arXiv 1907.05242 §3.2 and
+        Memory Layers at Scale / Memory+, arXiv 2412.09764 §3, swap the FFN of chosen layers for the
+        memory; docs/mechanisms.md §4, §5). Only "k:k" placements, each block at most once.
+        False (the default): every block keeps its FFN (UltraMem's placement, docs/mechanisms.md §1.2).
+    moe_aux_reduction: how the MoE blocks' aux losses (balance and router z-loss, each already
+        weighted by its coefficient) combine into ``LMOutput.aux_loss``: "mean" over the MoE layers
+        (the default: the OLMoE / HF transformers ``load_balancing_loss_func`` convention and
+        megablocks' ``batched_load_balancing_loss``, both divide by the number of MoE layers, so a
+        coefficient means the same at any depth; docs/mechanisms.md §7.1) or "sum" (the effective
+        coefficient grows with the number of MoE layers). Memory aux losses are always summed
+        (each memory layer's loss is its own term, as in the UltraMem release).
     """
 
     kind: str = "dense"
@@ -139,6 +174,9 @@ class SparsePlan:
     memory: Any = None                          # a registered memory config (PKMConfig, UltraMemConfig, ...)
     placements: tuple[str, ...] = ()
     shared_values: bool = False
+    share_ratio: float = 1.0
+    memory_replaces_ffn: bool = False
+    moe_aux_reduction: str = "mean"
 
     def __post_init__(self) -> None:
         own = "SparsePlan"
@@ -157,8 +195,17 @@ class SparsePlan:
                 raise ConfigError(f"{own}.moe_blocks={self.moe_blocks!r} is not allowed: must be None "
                                   f"(all blocks) or a tuple of block indices")
             object.__setattr__(self, "moe_blocks", tuple(self.moe_blocks))
-        if not isinstance(self.shared_values, bool):
-            raise ConfigError(f"{own}.shared_values={self.shared_values!r} is not allowed: must be a bool")
+        for name in ("shared_values", "memory_replaces_ffn"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{own}.{name}={getattr(self, name)!r} is not allowed: must be a bool")
+        check_choice(own, "moe_aux_reduction", self.moe_aux_reduction, AUX_REDUCTIONS)
+        check_float(own, "share_ratio", self.share_ratio, min_value=0.0, max_value=1.0, min_inclusive=False)
+        if self.share_ratio != 1.0 and not self.shared_values:
+            raise ConfigError(f"{own}.share_ratio={self.share_ratio!r} is not allowed with shared_values=False: "
+                              f"must be 1.0 unless the memories share one pool")
+        if self.memory_replaces_ffn and self.kind != "memory":
+            raise ConfigError(f"{own}.memory_replaces_ffn=True is not allowed with kind={self.kind!r}: must be "
+                              f"False unless kind='memory'")
 
         if self.kind != "moe" and (self.moe is not None or self.moe_blocks is not None):
             raise ConfigError(f"{own}.moe={self.moe!r}, moe_blocks={self.moe_blocks!r} are not allowed with "
@@ -191,6 +238,19 @@ class SparsePlan:
             else:
                 for p in placements:
                     parse_placement(p)
+            if self.memory_replaces_ffn and placements != ("full",):
+                pairs = [parse_placement(p) for p in placements]
+                if any(k != v for k, v in pairs):
+                    raise ConfigError(f"{own}.memory_replaces_ffn=True is not allowed with placements="
+                                      f"{placements!r}: must be 'k:k' placements (a memory that replaces "
+                                      f"block k's FFN reads its input and adds at the same block) or 'full'")
+                if len({k for k, _ in pairs}) != len(pairs):
+                    raise ConfigError(f"{own}.memory_replaces_ffn=True is not allowed with placements="
+                                      f"{placements!r}: must name each block at most once")
+            if self.share_ratio != 1.0 and not _takes_window(self.memory):
+                raise ConfigError(f"{own}.share_ratio={self.share_ratio!r} is not allowed for memory "
+                                  f"{self.memory_type!r}: must be 1.0 (its layer reads the whole pool; "
+                                  f"ring windows need a layer with window_start=, e.g. 'ultramem_v2')")
 
     @property
     def memory_type(self) -> str | None:
@@ -246,6 +306,10 @@ class SparsePlan:
             out["memory"] = {"type": self.memory_type, **dataclasses.asdict(self.memory)}
             out["placements"] = list(self.placements)
             out["shared_values"] = self.shared_values
+            out["share_ratio"] = self.share_ratio
+            out["memory_replaces_ffn"] = self.memory_replaces_ffn
+        if self.kind == "moe":
+            out["moe_aux_reduction"] = self.moe_aux_reduction
         return out
 
 
@@ -312,6 +376,45 @@ class ModelConfig:
                     raise ConfigError(f"{own}.plan.placements: placement {p!r} is not allowed with "
                                       f"n_layers={self.n_layers}: must have 0 <= k <= v <= "
                                       f"{self.n_layers - 1} (got k={k}, v={v})")
+            if plan.shared_values and _takes_window(plan.memory):
+                self.ring_windows()                              # pool size / windows valid, else ConfigError
+
+    def pool_rows(self) -> int | None:
+        """Rows N_pool of the shared value pool (``plan.shared_values``), else None: N = n_keys**2
+        for memories that read the whole pool; N / share_ratio (rounded) for ring windows."""
+        plan = self.plan
+        if plan.kind != "memory" or not plan.shared_values:
+            return None
+        n_rows = self.memory_layer_config().cost().n_units               # N rows per memory
+        if not _takes_window(plan.memory):
+            return n_rows
+        return round(n_rows / plan.share_ratio)
+
+    def ring_windows(self) -> tuple[Any, ...]:
+        """The ``RingWindow`` of every memory (``labcore.layers.ultramem_v2.ring_window``) when the
+        memories read windows of a shared pool; () otherwise. ConfigError when N_pool is not a
+        multiple of the number of memories or a window is not the layer's N = n_keys**2 rows."""
+        plan = self.plan
+        if plan.kind != "memory" or not plan.shared_values or not _takes_window(plan.memory):
+            return ()
+        S, pool, n = len(self.memory_pairs()), self.pool_rows(), plan.memory.n_keys
+        if pool % S:
+            raise ConfigError(f"ModelConfig.plan.share_ratio={plan.share_ratio!r} is not allowed: the pool of "
+                              f"N_pool = n_keys**2 / share_ratio = {pool} rows must split into {S} equal home "
+                              f"segments (one per memory); choose share_ratio = n_keys**2 / N_pool with N_pool "
+                              f"a multiple of {S}")
+        windows = tuple(ring_window(j, S, pool, plan.share_ratio) for j in range(S))
+        if windows[0].n_keys != n:
+            raise ConfigError(f"ModelConfig.plan.share_ratio={plan.share_ratio!r} is not allowed: a window of "
+                              f"floor(sqrt(N_pool * share_ratio))**2 = {windows[0].size} rows of the pool "
+                              f"({pool} rows) must equal the layer's n_keys**2 = {n * n}")
+        return windows
+
+    def replaced_ffn_blocks(self) -> tuple[int, ...]:
+        """Blocks without an FFN: those a memory replaces (``plan.memory_replaces_ffn``), sorted."""
+        if self.plan.kind != "memory" or not self.plan.memory_replaces_ffn:
+            return ()
+        return tuple(sorted(k for k, _ in self.memory_pairs()))
 
     @property
     def head_dim(self) -> int:
@@ -394,7 +497,9 @@ def split_memory(total_values: int, n_memories: int, n_layers: int, span: int) -
     Returns ``(n_keys, placements)``: each memory has ``N_i = n_keys**2 = total_values / n_memories``
     physical values (product keys need a square grid), and the placements come from
     :func:`spread_placements`. A total that does not split into equal perfect squares raises
-    ConfigError naming the two nearest totals that do.
+    ConfigError naming the two nearest totals that do. This splits the values only; for the
+    splitting ablation at equal activated values per token too (top-K divided over the memories)
+    use :func:`split_memory_plan`.
 
     >>> split_memory(4 * 808**2, 4, 20, 3)
     (808, ('2:5', '6:9', '10:13', '14:17'))
@@ -412,6 +517,48 @@ def split_memory(total_values: int, n_memories: int, n_layers: int, span: int) -
         f"{total_values / n_memories:g} values per memory, which is not a perfect square n**2 "
         f"(product keys need n row keys x n column keys); nearest totals that work: "
         f"{n_memories * lo * lo} (n_keys={lo}) or {n_memories * hi * hi} (n_keys={hi})")
+
+
+def split_memory_plan(memory: Any, n_memories: int, n_layers: int, span: int, *,
+                      shared_values: bool = False) -> SparsePlan:
+    """Split one big memory (config ``memory``) into ``n_memories`` = S smaller ones at equal TOTAL
+    values and equal ACTIVATED values per token (the layer-splitting ablation, docs/mechanisms.md §1.2).
+
+    The rule: each memory gets N_s = N / S value rows (``n_keys`` n_s = sqrt(N / S); N / S must be
+    a perfect square) and top-K_s = K / S slots per head (K must be divisible by S); heads H, key
+    and value widths are unchanged. Hence S * N_s = N values in total and S * H * K_s = H * K
+    value rows read per token, before and after. The candidate count m (``candidate_m``, rows /
+    columns kept per side before the exact scoring) follows K when it is None (m_s = K_s); an explicit
+    ``candidate_m`` is divided by S too (each memory searches m / S rows per side, so the candidates
+    over all memories stay m per side), requiring divisibility. Placements come from
+    :func:`spread_placements` (span ``span``). With S = 1 the config comes back unchanged.
+
+    Memories without ``top_k`` / the spec's ``size_field`` raise ConfigError. Returns the SparsePlan
+    (kind "memory"); wrap it in a ModelConfig for the budget (``model_budget(cfg).sparse_params``
+    is the total, ``sparse_bytes_per_token / dtype_bytes`` the activated values).
+    """
+    own = "split_memory_plan"
+    spec = memory_spec(memory, owner=f"{own}.memory")
+    check_int(own, "n_memories", n_memories, min_value=1)
+    size_field = spec.size_field
+    if size_field is None or not hasattr(memory, size_field) or not hasattr(memory, "top_k"):
+        raise ConfigError(f"{own}.memory={spec.name!r} is not allowed: must have a size field (n_keys) and "
+                          f"top_k to divide")
+    n, K, S = getattr(memory, size_field), memory.top_k, n_memories
+    n_split, _ = split_memory(n * n, S, n_layers, span)
+    if K % S:
+        raise ConfigError(f"{own}: top_k={K} is not allowed with n_memories={S}: must be divisible by it "
+                          f"(each memory keeps K / S slots per head so that activated values stay H*K)")
+    changes: dict[str, Any] = {size_field: n_split, "top_k": K // S}
+    m = getattr(memory, "candidate_m", None)
+    if m is not None:
+        if m % S:
+            raise ConfigError(f"{own}: candidate_m={m} is not allowed with n_memories={S}: must be divisible "
+                              f"by it (or None, to follow top_k)")
+        changes["candidate_m"] = m // S
+    small = dataclasses.replace(memory, **changes) if S > 1 else memory
+    return SparsePlan(kind="memory", memory=small, placements=spread_placements(S, n_layers, span),
+                      shared_values=shared_values)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -468,10 +615,12 @@ class CausalSelfAttention(nn.Module):
 class Block(nn.Module):
     """``h = x + Attn(Norm x); u = Norm h; x' = h + FFN(u)``; returns ``(x', u, ffn_aux)``.
 
+    ``ffn=None`` (a block whose FFN a memory replaces): ``x' = h`` and the LM adds ``Mem(u)``.
+
     ``u`` is returned so that memory layers placed at this block can read it (the skip-layer).
     """
 
-    def __init__(self, cfg: ModelConfig, ffn: nn.Module) -> None:
+    def __init__(self, cfg: ModelConfig, ffn: nn.Module | None) -> None:
         super().__init__()
         self.norm_attn = nn.RMSNorm(cfg.d_model, eps=1e-6)
         self.attn = CausalSelfAttention(cfg)
@@ -482,6 +631,8 @@ class Block(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, LayerAux | None]:
         h = x + self.drop(self.attn(self.norm_attn(x), cos, sin))
         u = self.norm_ffn(h)  # (B, T, D): this block's FFN input
+        if self.ffn is None:  # a memory placed "k:k" replaces the FFN: x' = h + Mem(u), added by the LM
+            return h, u, None
         y, aux = _call_layer(self.ffn, u)
         return h + self.drop(y), u, aux
 
@@ -497,7 +648,8 @@ def _call_layer(layer: nn.Module, x: Tensor) -> tuple[Tensor, LayerAux | None]:
 @dataclass(frozen=True, eq=False)
 class LMOutput:
     """logits (B, T, V); loss: mean cross-entropy over targets != -100 (None without targets);
-    aux_loss: () sum of the sparse layers' weighted aux losses; aux: their records by stable name
+    aux_loss: () the sparse layers' weighted aux losses: the MoE layers' mean (or sum, per
+    ``SparsePlan.moe_aux_reduction``) plus each memory's; aux: their records by stable name
     ("block3.moe", "mem0(2:5)")."""
 
     logits: Tensor
@@ -517,11 +669,12 @@ class LM(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         tag_param(self.tok_emb.weight, "default")
         self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
-        moe_ids = set(cfg.moe_block_ids())
+        moe_ids, no_ffn = set(cfg.moe_block_ids()), set(cfg.replaced_ffn_blocks())
         self.blocks = nn.ModuleList(
-            Block(cfg, MoE(cfg.plan.moe) if i in moe_ids else DenseFFN(cfg.ffn_config()))
+            Block(cfg, None if i in no_ffn else MoE(cfg.plan.moe) if i in moe_ids else DenseFFN(cfg.ffn_config()))
             for i in range(cfg.n_layers))
-        self.block_names = [f"block{i}.moe" if i in moe_ids else f"block{i}.ffn" for i in range(cfg.n_layers)]
+        self.block_names = [f"block{i}.moe" if i in moe_ids else f"block{i}.no_ffn" if i in no_ffn
+                            else f"block{i}.ffn" for i in range(cfg.n_layers)]
         self.norm_f = nn.RMSNorm(cfg.d_model, eps=1e-6)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.drop = nn.Dropout(cfg.dropout)
@@ -533,15 +686,21 @@ class LM(nn.Module):
         mem_cfg = cfg.memory_layer_config()
         pool: nn.Embedding | None = None
         mem_layer = memory_spec(mem_cfg).layer if mem_cfg is not None else None
-        for _ in self.mem_pairs:
-            layer = mem_layer(mem_cfg, values=pool)
-            if cfg.plan.shared_values and pool is None:
-                pool = layer.values  # the first memory's table, with its own init, shared by the rest
-                if not isinstance(pool, nn.Embedding):
-                    raise TypeError(f"LM: shared_values needs {type(layer).__name__}.values to be an "
-                                    f"nn.Embedding, got {type(pool).__name__}")
-                tag_param(pool.weight, "memory_values")
-            self.memories.append(layer)
+        windows = cfg.ring_windows()
+        if windows:  # a pool read through ring windows (UltraMemV2): values and pre-values, built once
+            pool, pre_pool = value_pool(mem_cfg, cfg.pool_rows())
+            for w in windows:
+                self.memories.append(mem_layer(mem_cfg, values=pool, pre_values=pre_pool, window_start=w.start))
+        else:
+            for _ in self.mem_pairs:
+                layer = mem_layer(mem_cfg, values=pool)
+                if cfg.plan.shared_values and pool is None:
+                    pool = layer.values  # the first memory's table, with its own init, shared by the rest
+                    if not isinstance(pool, nn.Embedding):
+                        raise TypeError(f"LM: shared_values needs {type(layer).__name__}.values to be an "
+                                        f"nn.Embedding, got {type(pool).__name__}")
+                    tag_param(pool.weight, "memory_values")
+                self.memories.append(layer)
         self._reads: dict[int, list[int]] = {}   # block k -> memories reading its FFN input
         self._adds: dict[int, list[int]] = {}    # block v -> memories added after it
         for j, (k, v) in enumerate(self.mem_pairs):
@@ -617,8 +776,13 @@ class LM(nn.Module):
         logits = F.linear(x, weight)  # (B, T, V)
 
         aux_loss = torch.zeros((), device=logits.device, dtype=torch.float32)
-        for a in aux.values():
-            if a is not None:
+        moe_losses = [a.aux_loss for n, a in aux.items() if a is not None and n.endswith(".moe")]
+        if moe_losses:  # MoE layers: mean (OLMoE / megablocks) or sum, SparsePlan.moe_aux_reduction
+            moe_total = torch.stack(moe_losses).sum()
+            aux_loss = aux_loss + (moe_total / len(moe_losses) if cfg.plan.moe_aux_reduction == "mean"
+                                   else moe_total)
+        for n, a in aux.items():  # memory layers: each its own term
+            if a is not None and not n.endswith(".moe"):
                 aux_loss = aux_loss + a.aux_loss
         loss = None
         if targets is not None:

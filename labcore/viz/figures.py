@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 from labcore.experiments.core import mean_ci
 from labcore.viz.style import label, layout
@@ -46,17 +47,36 @@ def variants_figure(table: pd.DataFrame, metric: str, order: Sequence[str] | Non
 
 
 def deltas_figure(deltas: pd.DataFrame, paper: Mapping[str, float] | None = None,
-                  title: str | None = None) -> go.Figure:
-    """Paired deltas (lab, with 95% CI) next to the paper's deltas, one bar pair per variant."""
-    fig = go.Figure()
+                  title: str | None = None, *, panel_ratio: float = 3.0) -> go.Figure:
+    """Paired deltas (lab, mean ± 95% CI over seeds) and the paper's deltas, one bar per variant.
+
+    Like is compared with like: when the lab's intervals are much wider than the paper's deltas (the
+    median CI half-width is more than ``panel_ratio`` times the median |paper delta|), one shared
+    axis would squash the paper's bars to nothing, so the paper's deltas get a second panel below
+    with their own scale (same x). Otherwise the bars are grouped on one axis."""
     x = deltas["variant"].tolist()
-    fig.add_trace(go.Bar(x=x, y=deltas["delta_mean"], name="lab (mean ± 95% CI over seeds)",
-                         marker_color=MEAN,
-                         error_y=dict(type="data", array=deltas["delta_ci95"].fillna(0.0), visible=True)))
-    if paper:
-        fig.add_trace(go.Bar(x=x, y=[paper.get(v, np.nan) for v in x], name="paper", marker_color=PAPER))
     metric = deltas["metric"].iloc[0] if len(deltas) else "metric"
-    return _layout(fig, title or f"Δ {metric} per change", "change", f"Δ {label(metric)}", barmode="group")
+    ci = deltas["delta_ci95"].astype(float).fillna(0.0)
+    lab = go.Bar(x=x, y=deltas["delta_mean"], name="lab (mean ± 95% CI over seeds)", marker_color=MEAN,
+                 error_y=dict(type="data", array=ci, visible=True))
+    paper_y = [paper.get(v, np.nan) for v in x] if paper else []
+    paper_bar = go.Bar(x=x, y=paper_y, name="paper", marker_color=PAPER)
+    finite = np.abs(np.asarray([p for p in paper_y if p is not None and np.isfinite(p)], dtype=float))
+    wide = (len(finite) > 0 and float(np.median(finite)) > 0
+            and float(np.nanmedian(deltas["delta_ci95"].astype(float))) > panel_ratio * float(np.median(finite)))
+    ytitle = f"Δ {label(metric)}"
+    if not wide:
+        fig = go.Figure([lab, paper_bar] if paper else [lab])
+        return _layout(fig, title or f"Δ {metric} per change", "change", ytitle, barmode="group")
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.12, row_heights=[0.6, 0.4],
+                        subplot_titles=("lab: mean ± 95% CI over seeds",
+                                        "paper (own scale: its deltas are much smaller than the lab's intervals)"))
+    fig.add_trace(lab, row=1, col=1)
+    fig.add_trace(paper_bar, row=2, col=1)
+    fig = _layout(fig, title or f"Δ {metric} per change", "", ytitle, height=620)
+    fig.update_xaxes(title_text="change", row=2, col=1)
+    fig.update_yaxes(title_text=ytitle, row=2, col=1)
+    return fig
 
 
 def history_lines(history: pd.DataFrame, metric: str, title: str | None = None) -> go.Figure:

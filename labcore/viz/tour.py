@@ -1,4 +1,5 @@
-"""A guided tour: follow ONE token through MoE routing, PKM retrieval, TDQKR, topology bias and IVE.
+"""A guided tour: follow ONE token through MoE routing, PKM retrieval, TDQKR, topology bias, IVE,
+and the memory family (PEER, Memory+, UltraMemV2).
 
 Everything here is small, explicit numpy so that each step of the mechanisms is visible; the
 functions return tidy frozen records (and ``.table()`` DataFrames) that ``labcore.viz.tour_plots``
@@ -59,6 +60,15 @@ One token ``x`` (D,) goes through five stations:
     the E copies of a physical row sit at aligned grid positions (when sqrt(E) divides n: the
     same column, N/(sqrt(E) n) rows apart) and each block is a band of consecutive rows.
 
+(f)-(h) The memory family, run as labcore's REAL layers (float64, eval mode) on the same token, each
+    returning a small record read from the layer's ``aux`` and documented attributes:
+    PEER (docs/mechanisms.md §6, :func:`peer_station`): per head the top-K single-neuron experts,
+    their softmax router weights and activations sigma(u_i^T x), and the bytes touched vs dense FFNs;
+    Memory+ (§5, :func:`memory_plus_station`): the PKM read m(x), the gate SiLU(W_s x), the output
+    W_o(m * gate), and L layers reading ONE value table; UltraMemV2 (§3, :func:`ultramem_v2_station`):
+    pre-value weights g = <P_pre[row], W_pre x>, the single projection after summing the E blocks vs
+    v1's per-block projections (a twin layer), and the ring windows of a shared pool.
+
 Where the tour differs from the papers and labcore's layers: its query projection has no norm
 and no conv (the real layers have them); one head and one Tucker core (the summed core of MCS);
 the core is drawn Uniform[0, 1) like the release's init; the SVD proxy's sign is fixed by a
@@ -75,8 +85,13 @@ from functools import lru_cache
 
 import numpy as np
 import pandas as pd
+import torch
+import torch.nn.functional as F
 
 from labcore.config import ConfigError, check_bool, check_choice, check_int, check_str, is_perfect_square
+from labcore.layers.memory_plus import MemoryPlus, MemoryPlusConfig
+from labcore.layers.peer import PEER, PEERConfig
+from labcore.layers.ultramem_v2 import RingWindow, UltraMemV2, UltraMemV2Config, ring_window, value_pool
 
 ROUTERS = ("softmax_topk_renorm", "topk_softmax", "softmax_topk")
 SCORINGS = ("additive", "tucker", "random")
@@ -98,6 +113,9 @@ class TourParams:
     batch_size: B tokens for the load histograms. n_queries: random queries for the bias measure.
     token: which of the B tokens is "the" token followed through the tour (0-based).
     ive_shuffle: apply IVE's fixed random permutation (False shows the aligned, unshuffled layout).
+    heads: H retrieval heads of PEER and Memory+. memory_layers: L memory layers sharing one value
+    pool (Memory+, UltraMemV2). ring_share: g, pool segments each UltraMemV2 layer's ring window
+    spans (share_ratio = g / L; 1 <= g <= L).
     """
 
     smoke: bool = False
@@ -115,6 +133,9 @@ class TourParams:
     n_queries: int = 2000
     token: int = 0
     ive_shuffle: bool = True
+    heads: int = 2
+    memory_layers: int = 3
+    ring_share: int = 2
 
     def __post_init__(self) -> None:
         o = type(self).__name__
@@ -136,6 +157,9 @@ class TourParams:
         check_int(o, "batch_size", self.batch_size, min_value=1, max_value=65536)
         check_int(o, "n_queries", self.n_queries, min_value=10, max_value=1_000_000)
         check_int(o, "token", self.token, min_value=0, max_value=self.batch_size - 1)
+        check_int(o, "heads", self.heads, min_value=1, max_value=16)
+        check_int(o, "memory_layers", self.memory_layers, min_value=1, max_value=8)
+        check_int(o, "ring_share", self.ring_share, min_value=1, max_value=self.memory_layers)
 
     def resolved(self) -> TourParams:
         """The sizes actually used: in smoke mode n_queries <= 300 and batch_size <= 32."""
@@ -615,6 +639,327 @@ def ive_output_materialized(mapping: IVEMapping, values: np.ndarray, projectors:
 
 
 # ----------------------------------------------------------------------------------------------
+# (f)-(h) The memory family: PEER, Memory+, UltraMemV2, each the REAL labcore layer on one token.
+# ----------------------------------------------------------------------------------------------
+# Unlike stations (a)-(e), these run labcore's layers (float64, eval mode, tiny sizes) and read
+# what they did from ``aux`` and the layers' documented attributes (tables, projections,
+# ``ring_window``); tests/viz/test_tour.py checks each record against direct layer calls.
+
+FP32_BYTES = 4   # bytes per parameter in the byte counts (fp32 weights)
+
+
+def _build(seed: int, make):
+    """Build torch modules with ``make()`` under a private seed; float64, eval mode."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mods = make()
+    for m in mods:
+        m.double().eval()
+    return mods
+
+
+def _t(x: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(x), dtype=torch.float64)
+
+
+def _np(x: torch.Tensor) -> np.ndarray:
+    return x.detach().cpu().numpy()
+
+
+@dataclass(frozen=True)
+class PEERStation:
+    """One token through a PEER layer (docs/mechanisms.md §6, arXiv 2407.04153 §2).
+
+    experts, weights, activations: (H, K) per head, sorted by router weight (best first): expert ids
+    i = i_row * n + i_col found by product keys, router weights g = softmax over the head's K
+    scores (aux.scores), and each neuron's activation sigma(u_i^T x); y: (D,) the layer output
+    sum_h sum_i g_i sigma(u_i^T x) v_i. batch_experts: distinct experts hit by the B tokens.
+    """
+
+    n_keys: int
+    d_model: int
+    k_dim: int
+    experts: np.ndarray
+    weights: np.ndarray
+    activations: np.ndarray
+    y: np.ndarray
+    batch_size: int
+    batch_experts: int
+
+    @property
+    def heads(self) -> int:
+        return self.experts.shape[0]
+
+    @property
+    def top_k(self) -> int:
+        return self.experts.shape[1]
+
+    @property
+    def n_experts(self) -> int:
+        return self.n_keys ** 2
+
+    @property
+    def contributions(self) -> np.ndarray:
+        """(H, K) g_i sigma(u_i^T x): the coefficient of v_i in the output."""
+        return self.weights * self.activations
+
+    def table(self) -> pd.DataFrame:
+        H, K = self.experts.shape
+        return pd.DataFrame({"head": np.repeat(np.arange(H), K), "rank": np.tile(np.arange(K), H),
+                             "expert": self.experts.ravel(), "row": self.experts.ravel() // self.n_keys,
+                             "col": self.experts.ravel() % self.n_keys, "router_weight": self.weights.ravel(),
+                             "activation": self.activations.ravel(), "coefficient": self.contributions.ravel()})
+
+    def touched(self) -> pd.DataFrame:
+        """What one token reads (fp32 bytes): PEER's H*K neurons (u_i and v_i, 2D numbers each) and
+        its sub-keys, vs a dense FFN of equal activated FLOPs (hidden width H*K: the same 2 D H*K
+        numbers, but the SAME neurons for every token) and a dense FFN of equal parameters (width N).
+        Over the batch the dense FFN still reads H*K neurons; PEER reads ``batch_experts``."""
+        H, K, D, n, N = self.heads, self.top_k, self.d_model, self.n_keys, self.n_experts
+        per_neuron = 2 * D * FP32_BYTES
+        keys = 2 * n * (self.k_dim // 2) * FP32_BYTES                     # shared sub-keys, both sides
+        distinct = len(np.unique(self.experts))
+        rows = [("PEER (this token)", H * K, distinct, distinct * per_neuron + keys),
+                ("dense FFN, equal activated FLOPs (width H*K)", H * K, H * K, H * K * per_neuron),
+                ("dense FFN, equal parameters (width N)", N, N, N * per_neuron),
+                (f"PEER over the batch (B={self.batch_size})", H * K * self.batch_size, self.batch_experts,
+                 self.batch_experts * per_neuron + keys),
+                (f"dense FFN width H*K over the batch (B={self.batch_size})", H * K * self.batch_size, H * K,
+                 H * K * per_neuron)]
+        t = pd.DataFrame(rows, columns=["what", "neuron_uses", "distinct_neurons", "bytes_read"])
+        t["fraction_of_pool"] = t["distinct_neurons"] / N
+        return t
+
+
+def peer_layer(params: TourParams) -> PEER:
+    """The tour's PEER layer (float64, eval): H heads x top-K of N = n^2 experts, D_k/2 = k_dim per
+    half, LayerNorm'd queries, GELU; the same weights for the same params."""
+    p = params.resolved()
+    cfg = PEERConfig(d_model=p.d_model, n_keys=p.n_keys, heads=p.heads, top_k=p.top_k, k_dim=2 * p.k_dim)
+    return _build(p.seed + 11, lambda: [PEER(cfg)])[0]
+
+
+def peer_station(weights: TourWeights) -> PEERStation:
+    """Run labcore's PEER layer (H heads x top-K, LayerNorm'd queries, GELU) on the followed token
+    and on the batch (for the distinct experts touched)."""
+    p = weights.params
+    layer = peer_layer(p)
+    cfg = layer.cfg
+    with torch.no_grad():
+        X = _t(weights.X)
+        y, aux = layer(X[p.token:p.token + 1])                              # (1, D), aux over H*K
+        _, batch_aux = layer(X)
+        experts = aux.indices.view(p.heads, p.top_k)                        # (H, K)
+        g = aux.scores.view(p.heads, p.top_k)                               # softmax over each head's K
+        order = torch.argsort(g, dim=1, descending=True, stable=True)
+        experts, g = experts.gather(1, order), g.gather(1, order)
+        h = layer.down.weight[experts] @ X[p.token]                         # u_i^T x: (H, K)
+        act = F.gelu(h) if cfg.activation == "gelu" else F.relu(h)
+    return PEERStation(n_keys=p.n_keys, d_model=p.d_model, k_dim=cfg.k_dim, experts=_np(experts), weights=_np(g),
+                       activations=_np(act), y=_np(y[0]), batch_size=p.batch_size,
+                       batch_experts=int(batch_aux.indices.unique().numel()))
+
+
+@dataclass(frozen=True)
+class MemoryPlusStation:
+    """One token through Memory+ (docs/mechanisms.md §5, arXiv 2412.09764 §3): m = the PKM read
+    (D,), gate = SiLU(W_s x) (D,), gated = m * gate (D,), y = W_o gated (D,); slots / weights
+    (H*K,): the pool rows the first layer read and their softmax weights. Shared pool: L layers
+    built on ONE value table; layer_slots (L, H*K) the rows each reads for this token, pool_counts
+    (L, N) each layer's hits per row over the batch; shared: every layer's ``values`` is that table."""
+
+    n_keys: int
+    slots: np.ndarray
+    weights: np.ndarray
+    read: np.ndarray
+    gate: np.ndarray
+    gated: np.ndarray
+    y: np.ndarray
+    layer_slots: np.ndarray
+    pool_counts: np.ndarray
+    shared: bool
+
+    @property
+    def n_layers(self) -> int:
+        return self.layer_slots.shape[0]
+
+    def norms(self) -> pd.DataFrame:
+        """L2 norms of the read, the gated read and the output, and the fraction of features the
+        gate shrinks (|SiLU| < 1) or flips (SiLU < 0)."""
+        return pd.DataFrame([{"read |m|": float(np.linalg.norm(self.read)),
+                              "gated |m * gate|": float(np.linalg.norm(self.gated)),
+                              "output |y|": float(np.linalg.norm(self.y)),
+                              "gate shrinks (|gate| < 1)": float((np.abs(self.gate) < 1).mean()),
+                              "gate flips sign (gate < 0)": float((self.gate < 0).mean())}])
+
+    def pool_table(self) -> pd.DataFrame:
+        """Per layer: rows read by this token, rows hit by the batch, and rows it shares with layer 0."""
+        hit = self.pool_counts > 0
+        return pd.DataFrame({"layer": np.arange(self.n_layers),
+                             "token_rows": [" ".join(map(str, sorted(s))) for s in self.layer_slots.tolist()],
+                             "batch_rows_hit": hit.sum(1), "rows_also_hit_by_layer_0": (hit & hit[0]).sum(1)})
+
+
+def memory_plus_layers(params: TourParams) -> list[MemoryPlus]:
+    """The tour's L Memory+ layers (float64, eval), built on ONE value table (the first layer's),
+    H heads x top-K of N = n^2 rows, D_k/2 = k_dim per half."""
+    p = params.resolved()
+    cfg = MemoryPlusConfig(d_model=p.d_model, n_keys=p.n_keys, heads=p.heads, top_k=p.top_k, k_dim=2 * p.k_dim)
+
+    def make():
+        first = MemoryPlus(cfg)
+        return [first] + [MemoryPlus(cfg, values=first.values) for _ in range(p.memory_layers - 1)]
+
+    return _build(p.seed + 12, make)
+
+
+def memory_plus_station(weights: TourWeights) -> MemoryPlusStation:
+    """Run ``memory_layers`` labcore Memory+ layers that share one value pool (H heads x top-K)."""
+    p = weights.params
+    layers = memory_plus_layers(p)
+    N = p.n_keys ** 2
+    with torch.no_grad():
+        X = _t(weights.X)
+        x = X[p.token:p.token + 1]                                          # (1, D)
+        first = layers[0]
+        y, aux = first(x)
+        m, _ = first.memory(x)                                              # the PKM read m(x): (1, D)
+        gate = F.silu(first.gate(x))                                        # SiLU(W_s x): (1, D)
+        layer_slots = np.stack([_np(layer(x)[1].indices[0]) for layer in layers])       # (L, H*K)
+        counts = np.stack([np.bincount(_np(layer(X)[1].indices).ravel(), minlength=N) for layer in layers])
+    shared = all(layer.values.weight is first.values.weight for layer in layers)
+    return MemoryPlusStation(n_keys=p.n_keys, slots=_np(aux.indices[0]), weights=_np(aux.scores[0]),
+                             read=_np(m[0]), gate=_np(gate[0]), gated=_np((m * gate)[0]), y=_np(y[0]),
+                             layer_slots=layer_slots, pool_counts=counts, shared=shared)
+
+
+@dataclass(frozen=True)
+class UltraMemV2Station:
+    """One token through UltraMemV2 layers sharing a ring pool (docs/mechanisms.md §3, U2 §3.2).
+
+    For the first layer: slots (K,) virtual slots, rows (K,) pool rows, blocks (K,) IVE block of
+    each slot, scores (K,) retrieval scores s (summed over cores, before pre-values), pre (K,)
+    pre-value weights g = <P_pre[row], W_pre x>, weights (K,) s * g (aux.scores); pooled (E, D_v)
+    the weighted value sums per block; y (D,) the layer output (ONE projection of the sum over
+    blocks, U2 eq. 12); y_per_block (D,) v1's per-block projection of the same pooled values by a
+    twin layer with ``projection="per_block"`` (U2 eq. 9). Ring: windows (L, 2) (start, n) per
+    layer from ``ring_window``; layer_rows (L, K) the pool rows each layer reads for this token.
+    """
+
+    pool_size: int
+    n_keys: int
+    expansion: int
+    d_model: int
+    d_value: int
+    slots: np.ndarray
+    rows: np.ndarray
+    blocks: np.ndarray
+    scores: np.ndarray
+    pre: np.ndarray
+    weights: np.ndarray
+    pooled: np.ndarray
+    y: np.ndarray
+    y_per_block: np.ndarray
+    windows: np.ndarray
+    layer_rows: np.ndarray
+
+    @property
+    def n_layers(self) -> int:
+        return self.windows.shape[0]
+
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame({"rank": np.arange(len(self.slots)), "virtual_slot": self.slots, "block": self.blocks,
+                             "pool_row": self.rows, "score s": self.scores, "pre-value g": self.pre,
+                             "weight s*g": self.weights})
+
+    def window_mask(self) -> np.ndarray:
+        """(L, N_pool) bool: the pool rows each layer's ring window holds."""
+        mask = np.zeros((self.n_layers, self.pool_size), dtype=bool)
+        for layer, (start, n) in enumerate(self.windows):
+            mask[layer, (start + np.arange(n * n)) % self.pool_size] = True
+        return mask
+
+    def projections(self) -> pd.DataFrame:
+        """v2's single projection vs v1's per-block projections: parameters and FLOPs per token."""
+        D, Dv, E = self.d_model, self.d_value, self.expansion
+        return pd.DataFrame([
+            {"projection": "single (v2, U2 eq. 12)", "params": D * Dv, "flops_per_token": 2 * D * Dv,
+             "|y|": float(np.linalg.norm(self.y))},
+            {"projection": "per_block (v1, U2 eq. 9)", "params": E * D * Dv, "flops_per_token": 2 * E * D * Dv,
+             "|y|": float(np.linalg.norm(self.y_per_block))}])
+
+
+def ultramem_v2_config(params: TourParams, n_keys: int, projection: str = "single") -> UltraMemV2Config:
+    """The tour's UltraMemV2: one head, Tucker rank R, 2 cores, IVE expansion E, pre-values, D_v = D
+    (rounded down to even: 2 cores split it), window of n_keys^2 rows."""
+    p = params
+    return UltraMemV2Config(d_model=p.d_model, n_keys=n_keys, heads=1, k_dim=p.k_dim, top_k=p.top_k,
+                            d_value=max(2, p.d_model - p.d_model % 2), rank=p.rank, n_cores=2,
+                            expansion=p.expansion, projection=projection, seed=p.seed)
+
+
+def ultramem_v2_windows(params: TourParams) -> list[RingWindow]:
+    """Ring windows of the tour's L UltraMemV2 layers: a pool of N_pool = L * n^2 rows (n^2 per
+    layer's home segment), layer l's window ``ring_window(l, L, N_pool, g / L)`` with g = ring_share."""
+    p = params.resolved()
+    L = p.memory_layers
+    return [ring_window(i, L, L * p.n_keys ** 2, p.ring_share / L) for i in range(L)]
+
+
+def ultramem_v2_layers(params: TourParams) -> tuple[list[UltraMemV2], UltraMemV2]:
+    """The tour's L UltraMemV2 layers on one shared pool (float64, eval), each reading its ring
+    window, and a v1 twin of the first layer: the same weights and window but
+    ``projection="per_block"`` (its own E*D_v -> D projection)."""
+    p = params.resolved()
+    wins = ultramem_v2_windows(p)
+    pool_size = wins[0].pool_size
+    cfg = ultramem_v2_config(p, wins[0].n_keys)
+
+    def make():
+        values, pre = value_pool(cfg, pool_size)
+        layers = [UltraMemV2(cfg, values=values, pre_values=pre, window_start=w.start) for w in wins]
+        twin = UltraMemV2(cfg.replace(projection="per_block"), values=values, pre_values=pre)
+        return layers + [twin]
+
+    *layers, twin = _build(p.seed + 13, make)
+    twin.load_state_dict({k: v for k, v in layers[0].state_dict().items() if not k.startswith("value_proj.")},
+                         strict=False)
+    return layers, twin
+
+
+def ultramem_v2_station(weights: TourWeights) -> UltraMemV2Station:
+    """Run ``memory_layers`` labcore UltraMemV2 layers on one pool of L * n^2 rows, layer l reading
+    its ring window ``ring_window(l, L, N_pool, ring_share / L)``."""
+    p = weights.params
+    layers, twin = ultramem_v2_layers(p)
+    first, cfg = layers[0], layers[0].cfg
+    pool_size = first.pool_size
+    wins = ultramem_v2_windows(p)
+    with torch.no_grad():
+        x = _t(weights.X[p.token:p.token + 1])                              # (1, D)
+        y, aux = first(x)
+        y_v1, aux_v1 = twin(x)
+        if not torch.equal(aux_v1.indices, aux.indices):
+            raise RuntimeError("ultramem_v2_station: the per-block twin selected other slots than the layer")
+        slots, rows = aux.indices[0], aux.rows[0]                           # (K,) virtual slots, pool rows
+        N = cfg.n_slots
+        blocks = first.perm[slots] // N if first.perm is not None else torch.zeros_like(slots)
+        s_row, s_col = first.side_scores(x)
+        _, s, _ = first.search(s_row, s_col)                                # retrieval scores (1, H, K)
+        w_core = aux.core_scores[0]                                         # (K, h): w^(c) = s^(c) * g
+        h = cfg.n_cores
+        chunks = first.values.weight[rows].view(len(rows), h, cfg.d_v // h)   # (K, h, D_v/h)
+        pooled = torch.zeros(cfg.expansion, h, cfg.d_v // h, dtype=x.dtype)
+        pooled.index_add_(0, blocks, w_core[:, :, None] * chunks)          # per block: sum_k w_k V[row_k]
+        layer_rows = np.stack([_np(layer(x)[1].rows[0]) for layer in layers])   # (L, K)
+    return UltraMemV2Station(
+        pool_size=pool_size, n_keys=cfg.n_keys, expansion=cfg.expansion, d_model=cfg.d_model, d_value=cfg.d_v,
+        slots=_np(slots), rows=_np(rows), blocks=_np(blocks), scores=_np(s[0, 0]), pre=_np(aux.pre_scores[0]),
+        weights=_np(aux.scores[0]), pooled=_np(pooled.reshape(cfg.expansion, cfg.d_v)), y=_np(y[0]),
+        y_per_block=_np(y_v1[0]), windows=np.array([(w.start, w.n_keys) for w in wins]), layer_rows=layer_rows)
+
+
+# ----------------------------------------------------------------------------------------------
 # The whole tour for one token.
 # ----------------------------------------------------------------------------------------------
 
@@ -675,6 +1020,9 @@ class TourRecord:
     slot_counts: np.ndarray           # (N,) PKM slot hits over the batch
     tdqkr_recalls: np.ndarray         # (B,) per token: fraction of the exact top-K the proxy finds
     physical_counts: np.ndarray       # (N,) IVE physical-row hits over the batch
+    peer: PEERStation
+    memory_plus: MemoryPlusStation
+    ultramem_v2: UltraMemV2Station
     extra: dict = field(default_factory=dict)
 
     def ive_route(self) -> pd.DataFrame:
@@ -697,6 +1045,11 @@ class TourRecord:
             "moe_experts_touched": int((self.expert_counts > 0).sum()),
             "pkm_slots_touched": int((self.slot_counts > 0).sum()),
             "ive_physical_touched": int((self.physical_counts > 0).sum()),
+            "peer_experts": " ".join(map(str, self.peer.experts.ravel())),
+            "peer_batch_experts_touched": self.peer.batch_experts,
+            "memory_plus_read_norm": float(np.linalg.norm(self.memory_plus.read)),
+            "memory_plus_gated_norm": float(np.linalg.norm(self.memory_plus.gated)),
+            "ultramem_v2_pool_rows": " ".join(map(str, self.ultramem_v2.rows)),
         }])
 
 
@@ -723,7 +1076,9 @@ def follow_token(weights: TourWeights) -> TourRecord:
     bias = topology_bias_table(p.n_keys, p.n_queries, rank=p.rank, k_dim=p.k_dim, seed=p.seed)
     return TourRecord(params=p, moe=moe, pkm=pkm, tdqkr=td, ive=ive, ive_map=weights.ive, bias=bias,
                       expert_counts=expert_load(weights.X, weights.router, p.moe_top_k),
-                      slot_counts=slot_counts, tdqkr_recalls=recalls, physical_counts=phys_counts)
+                      slot_counts=slot_counts, tdqkr_recalls=recalls, physical_counts=phys_counts,
+                      peer=peer_station(weights), memory_plus=memory_plus_station(weights),
+                      ultramem_v2=ultramem_v2_station(weights))
 
 
 def run_tour(params: TourParams) -> TourRecord:

@@ -2,8 +2,9 @@
 as a run directory.
 
 Figures: MoE router probabilities, score grids of PKM / TDQKR with the selected cells marked, the
-topology-bias bars, the IVE virtual grid coloured by block, and load bars (tokens per expert, hits
-per value slot). Axis titles carry units; notation as in ``labcore/__init__.py``. Static export
+topology-bias bars, the IVE virtual grid coloured by block, load bars (tokens per expert, hits
+per value slot), PEER's selected neurons, Memory+'s gate and shared pool, UltraMemV2's pre-values
+and ring windows. Axis titles carry units; notation as in ``labcore/__init__.py``. Static export
 (PNG/SVG via kaleido) is the caller's business: ``fig.write_image(path)``.
 """
 
@@ -18,7 +19,16 @@ import plotly.graph_objects as go
 
 from labcore.results import RunDir, free_run_dir, repo_path
 from labcore.viz.style import CANDIDATE, CHOSEN, EXACT, OTHER, layout
-from labcore.viz.tour import IVEMapping, MoERouting, PKMRetrieval, TDQKRRetrieval, TourRecord
+from labcore.viz.tour import (
+    IVEMapping,
+    MemoryPlusStation,
+    MoERouting,
+    PEERStation,
+    PKMRetrieval,
+    TDQKRRetrieval,
+    TourRecord,
+    UltraMemV2Station,
+)
 
 
 def _cells(slots: Sequence[int], n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -148,6 +158,96 @@ def ive_figure(mapping: IVEMapping, virtual_slots: Sequence[int] = (), title: st
     return _square_grid_axes(fig, side)
 
 
+ACTIVATION = "#1f77b4"   # input-dependent factors (PEER activations, UltraMemV2 pre-values)
+
+
+def _kib(b: float) -> str:
+    return f"{b / 1024:.1f} KiB"
+
+
+def peer_figure(st: PEERStation, title: str | None = None) -> go.Figure:
+    """PEER's H*K selected single-neuron experts (x: head h, expert id): router weight g (softmax
+    over the head's K), activation sigma(u_i^T x) and their product, the coefficient of v_i."""
+    t = st.table()
+    x = [f"h{h}: e{e}" for h, e in zip(t["head"], t["expert"])]
+    fig = go.Figure([
+        go.Bar(x=x, y=t["router_weight"], name="router weight g (softmax over K)", marker_color=OTHER),
+        go.Bar(x=x, y=t["activation"], name="activation σ(u_i·x)", marker_color=ACTIVATION),
+        go.Bar(x=x, y=t["coefficient"], name="coefficient g·σ(u_i·x) of v_i", marker_color=CHOSEN)])
+    touched = st.touched().set_index("what")["bytes_read"]
+    H, K = st.heads, st.top_k
+    t0 = title or (f"PEER: {H}x{K} = {H * K} of N={st.n_experts} neurons<br>reads "
+                   f"{_kib(touched.iloc[0])} (dense FFN width {H * K}: {_kib(touched.iloc[1])}, "
+                   f"equal params: {_kib(touched.iloc[2])})")
+    return layout(fig, t0, "head h: expert id i (index)", "value (dimensionless)", barmode="group",
+                  bottom=140, legend=dict(orientation="h", y=-0.45))
+
+
+def memory_plus_gate_figure(st: MemoryPlusStation, title: str | None = None) -> go.Figure:
+    """Per feature d: the PKM read m_d, the gate SiLU(W_s x)_d and the gated read m_d * gate_d."""
+    d = np.arange(len(st.read))
+    fig = go.Figure([
+        go.Bar(x=d, y=st.read, name="read m(x)", marker_color=OTHER),
+        go.Bar(x=d, y=st.gated, name="gated m ⊙ SiLU(W_s x)", marker_color=CHOSEN),
+        go.Scatter(x=d, y=st.gate, mode="markers", name="gate SiLU(W_s x)",
+                   marker=dict(symbol="diamond", size=9, color=EXACT))])
+    nrm = st.norms().iloc[0]
+    t0 = title or (f"Memory+: gate per feature<br>|m| = {nrm['read |m|']:.3f} -> |m ⊙ gate| = "
+                   f"{nrm['gated |m * gate|']:.3f} -> |y| = {nrm['output |y|']:.3f}")
+    return layout(fig, t0, "feature d (index)", "value (dimensionless)", barmode="group",
+                  legend=dict(orientation="h", y=-0.2))
+
+
+def memory_plus_pool_figure(st: MemoryPlusStation, title: str | None = None) -> go.Figure:
+    """Heatmap (layers x pool rows) of each layer's hits over the batch on the ONE shared value
+    table; crosses: the rows this token reads at each layer."""
+    L, N = st.pool_counts.shape
+    fig = go.Figure(go.Heatmap(z=st.pool_counts, x=np.arange(N), y=np.arange(L), colorscale="Blues",
+                               name="hits", colorbar=dict(title=dict(text="hits (count)")),
+                               hovertemplate="layer %{y}, row %{x}<br>hits=%{z}<extra></extra>"))
+    ly, lx = np.repeat(np.arange(L), st.layer_slots.shape[1]), st.layer_slots.ravel()
+    fig.add_trace(go.Scatter(x=lx, y=ly, mode="markers", name="this token's rows",
+                             marker=dict(symbol="x", size=10, color=CHOSEN)))
+    shared = "one shared table" if st.shared else "separate tables"
+    fig = layout(fig, title or f"Memory+: {L} layers read {shared} of N={N} value rows",
+                 "value row (index)", "memory layer l (index)", bottom=90, legend=dict(orientation="h", y=-0.3))
+    fig.update_yaxes(autorange="reversed", dtick=1)
+    return fig
+
+
+def ultramem_v2_figure(st: UltraMemV2Station, title: str | None = None) -> go.Figure:
+    """UltraMemV2's K selected slots: retrieval score s, pre-value g = <P_pre[row], W_pre x> and the
+    weight s * g that multiplies each value row (labels: virtual slot, block, pool row)."""
+    t = st.table()
+    x = [f"v{v} (p{b}, row {r})" for v, b, r in zip(t["virtual_slot"], t["block"], t["pool_row"])]
+    fig = go.Figure([
+        go.Bar(x=x, y=t["score s"], name="retrieval score s", marker_color=OTHER),
+        go.Bar(x=x, y=t["pre-value g"], name="pre-value g = <P_pre[row], W_pre x>", marker_color=ACTIVATION),
+        go.Bar(x=x, y=t["weight s*g"], name="weight s·g", marker_color=CHOSEN)])
+    return layout(fig, title or (f"UltraMemV2: top-{len(t)} of E·N = {st.expansion}·{st.n_keys ** 2} virtual "
+                                 "slots, weighted by pre-values"),
+                  "virtual slot v (block p, pool row)", "value (dimensionless)", barmode="group",
+                  bottom=140, legend=dict(orientation="h", y=-0.45))
+
+
+def ultramem_v2_ring_figure(st: UltraMemV2Station, title: str | None = None) -> go.Figure:
+    """Ring windows: which rows of the shared pool each layer reads (shaded), and the rows this
+    token's selected slots read at each layer (crosses)."""
+    mask = st.window_mask().astype(int)
+    L, P = mask.shape
+    fig = go.Figure(go.Heatmap(z=mask, x=np.arange(P), y=np.arange(L), colorscale=[[0, "#f4f4f4"], [1, "#aec7e8"]],
+                               zmin=0, zmax=1, showscale=False, name="window",
+                               hovertemplate="layer %{y}, pool row %{x}<br>in window=%{z}<extra></extra>"))
+    ly, lx = np.repeat(np.arange(L), st.layer_rows.shape[1]), st.layer_rows.ravel()
+    fig.add_trace(go.Scatter(x=lx, y=ly, mode="markers", name="this token's rows",
+                             marker=dict(symbol="x", size=10, color=CHOSEN)))
+    n = int(st.windows[0, 1])
+    fig = layout(fig, title or (f"UltraMemV2 ring: {L} layers, windows of {n}² = {n * n} rows in a pool of {P}"),
+                 "pool row (index)", "memory layer l (index)", bottom=90, legend=dict(orientation="h", y=-0.3))
+    fig.update_yaxes(autorange="reversed", dtick=1)
+    return fig
+
+
 def tour_figures(record: TourRecord) -> dict[str, go.Figure]:
     """All figures of the tour for one record, by name (the panes of ``widgets.TourControls``)."""
     p = record.params
@@ -166,6 +266,11 @@ def tour_figures(record: TourRecord) -> dict[str, go.Figure]:
         "ive_load": load_figure(record.physical_counts, unit="physical row", y_title="hits (count)",
                                 title=f"IVE physical-row hits over B={p.batch_size} tokens "
                                       f"(each row serves E={p.expansion} virtual slots)"),
+        "peer": peer_figure(record.peer),
+        "memory_plus": memory_plus_gate_figure(record.memory_plus),
+        "memory_plus_pool": memory_plus_pool_figure(record.memory_plus),
+        "ultramem_v2": ultramem_v2_figure(record.ultramem_v2),
+        "ultramem_v2_ring": ultramem_v2_ring_figure(record.ultramem_v2),
     }
 
 
@@ -173,7 +278,7 @@ def tour_figures(record: TourRecord) -> dict[str, go.Figure]:
 # Saving the tour as a run directory (figures and summary).
 # ----------------------------------------------------------------------------------------------
 
-TOUR_SAVED_FIGURES = ("moe", "pkm", "tdqkr", "bias", "ive")
+TOUR_SAVED_FIGURES = ("moe", "pkm", "tdqkr", "bias", "ive", "peer", "memory_plus", "ultramem_v2_ring")
 
 
 def save_tour(record: TourRecord, out_dir: str | Path, png: bool = True) -> Path:

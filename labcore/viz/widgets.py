@@ -4,7 +4,8 @@ Two controllers, each a plain class holding its ipywidgets controls, its current
 callback logic (set a control's ``.value`` in a test and read the new figure back):
 
 - :class:`TourControls` (``notebooks/00_tour.ipynb``): sliders for n, top-K, rank R, IVE expansion
-  E, batch size B, the followed token and the seed; every change re-runs the tour
+  E, batch size B, the followed token, the seed, heads H (PEER, Memory+), memory layers L sharing a
+  pool and UltraMemV2's ring share g; every change re-runs the tour
   (``labcore.viz.tour.run_tour``) and redraws its figures (``labcore.viz.tour_plots.tour_figures``).
 - :class:`ResultsExplorer` (``notebooks/06_results_explorer.ipynb``): dropdowns for notebook,
   metric, x and colour over a results table (``labcore.results.collect``); draws
@@ -79,6 +80,11 @@ TOUR_PANELS: dict[str, tuple[str, ...]] = {
     "bias": ("n_keys", "rank"),
     "ive": ("n_keys", "top_k", "expansion", "ive_shuffle", "token"),
     "ive_load": ("batch_size", "expansion", "ive_shuffle"),
+    "peer": ("n_keys", "top_k", "heads", "token"),
+    "memory_plus": ("n_keys", "top_k", "heads", "token"),
+    "memory_plus_pool": ("batch_size", "memory_layers"),
+    "ultramem_v2": ("n_keys", "top_k", "rank", "expansion", "token"),
+    "ultramem_v2_ring": ("memory_layers", "ring_share"),
 }
 
 
@@ -132,6 +138,13 @@ class TourControls(_Guarded):
             "seed": W.BoundedIntText(value=p.seed, min=0, max=2**31 - 1, description="seed",
                                      style=style, layout=W.Layout(width="220px")),
             "ive_shuffle": W.Checkbox(value=p.ive_shuffle, description="IVE shuffle", indent=False),
+            "heads": W.IntSlider(value=p.heads, min=1, max=max(8, p.heads), description="heads H",
+                                 style=style, layout=lay, continuous_update=False),
+            "memory_layers": W.IntSlider(value=p.memory_layers, min=1, max=max(6, p.memory_layers),
+                                         description="memory layers L", style=style, layout=lay,
+                                         continuous_update=False),
+            "ring_share": W.IntSlider(value=p.ring_share, min=1, max=p.memory_layers, description="ring share g",
+                                      style=style, layout=lay, continuous_update=False),
         }
         self.panes = {name: FigurePane() for name in TOUR_PANELS}
         self.status = W.HTML()
@@ -148,10 +161,11 @@ class TourControls(_Guarded):
         return dataclasses.replace(self.base, **values)
 
     def _clamp(self) -> None:
-        """Dependent limits: top-K <= n keys per side, token < batch size."""
+        """Dependent limits: top-K <= n keys per side, token < batch size, ring share g <= layers L."""
         c = self.controls
         c["top_k"].max = c["n_keys"].value           # lowering max clamps value (ipywidgets)
         c["token"].max = c["batch_size"].value - 1
+        c["ring_share"].max = c["memory_layers"].value
 
     def _on_change(self, change: dict) -> None:
         if self._busy:
@@ -171,7 +185,7 @@ class TourControls(_Guarded):
             self.panes[name].show(fig)
         p = self.record.params
         self.status.value = (f"n={p.n_keys}, K={p.top_k}, R={p.rank}, E={p.expansion}, B={p.batch_size}, "
-                             f"token {p.token}, seed {p.seed}")
+                             f"token {p.token}, seed {p.seed}, H={p.heads}, L={p.memory_layers}, g={p.ring_share}")
 
     @property
     def figures(self) -> dict[str, go.Figure]:

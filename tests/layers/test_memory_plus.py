@@ -4,6 +4,13 @@ import re
 
 import pytest
 import torch
+from layerhelpers import (
+    assert_bitwise_deterministic,
+    assert_cuda_matches_cpu,
+    grads_of,
+    per_head_sorted,
+    randomize_norm,
+)
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -34,18 +41,8 @@ def small_cfg(**kw) -> MemoryPlusConfig:
 def build(seed: int = 0, dtype=torch.float64, **kw) -> MemoryPlus:
     torch.manual_seed(seed)
     layer = MemoryPlus(small_cfg(**kw)).to(dtype)
-    with torch.no_grad():                                      # non-trivial norm parameters
-        for name, p in layer.memory.norm.named_parameters():
-            p.copy_(torch.randn_like(p) * 0.3 + (1.0 if name == "weight" else 0.0))
+    randomize_norm(layer.memory.norm)
     return layer
-
-
-def per_head_sorted(slots: torch.Tensor, other: torch.Tensor, heads: int):
-    """Each head's K (slot, value) pairs in slot order (PKM returns a head's K in no fixed order)."""
-    s = slots.reshape(slots.shape[0], heads, -1)
-    o = other.reshape(other.shape[0], heads, -1)
-    s_sorted, order = s.sort(-1)
-    return s_sorted, o.gather(-1, order)
 
 
 VARIANTS = [dict(), dict(qk_norm=True), dict(output_gate=True), dict(gate=False),
@@ -74,13 +71,7 @@ def test_gradients_match_reference(kw):
     layer = build(**kw).train()
     x = torch.randn(7, D, dtype=torch.float64, requires_grad=True)
     r = torch.randn(7, D, dtype=torch.float64)
-    grads = []
-    for fn in (lambda: layer(x)[0], lambda: memory_plus_reference(layer, x)[0]):
-        layer.zero_grad()
-        x.grad = None
-        (fn() * r).sum().backward()
-        grads.append({"x": x.grad.clone(), **{n: p.grad.clone() for n, p in layer.named_parameters()}})
-    fast, ref = grads
+    fast, ref = grads_of(layer, x, r, lambda: layer(x)[0], lambda: memory_plus_reference(layer, x)[0])
     for name in fast:
         torch.testing.assert_close(fast[name], ref[name], atol=GRAD_TOL, rtol=GRAD_TOL, msg=name)
     assert fast["memory.values.weight"].abs().sum() > 0 and fast["memory.keys"].abs().sum() > 0
@@ -194,17 +185,10 @@ def test_shared_value_pool_and_fixed_value_lr():
 
 
 def test_bitwise_deterministic_on_cpu():
-    x = torch.randn(4, 6, D)
-    runs = []
-    for _ in range(2):
-        layer = build(seed=5, dtype=torch.float32, qk_norm=True, output_gate=True).train()
-        xi = x.clone().requires_grad_(True)
-        y, aux = layer(xi)
-        (y * y).sum().backward()
-        runs.append((y.detach(), aux.indices, xi.grad, [p.grad for p in layer.parameters()]))
-    (y0, i0, gx0, g0), (y1, i1, gx1, g1) = runs
-    assert torch.equal(y0, y1) and torch.equal(i0, i1) and torch.equal(gx0, gx1)
-    assert all(torch.equal(a, b) for a, b in zip(g0, g1))
+    def make():
+        return build(seed=5, dtype=torch.float32, qk_norm=True, output_gate=True).train()
+
+    assert_bitwise_deterministic(make, torch.randn(4, 6, D))
 
 
 def test_shapes_and_aux():
@@ -290,18 +274,4 @@ def test_registered_once():
 @pytest.mark.gpu
 def test_cuda_matches_cpu():
     layer = build(dtype=torch.float32, qk_norm=True, output_gate=True).train()
-    x = torch.randn(4, 8, D, requires_grad=True)
-    y_cpu, aux_cpu = layer(x)
-    (y_cpu * y_cpu).sum().backward()
-    grads_cpu = {n: p.grad.clone() for n, p in layer.named_parameters()}
-    layer.zero_grad()
-    layer.cuda()
-    y_gpu, aux_gpu = layer(x.detach().cuda())
-    (y_gpu * y_gpu).sum().backward()
-    torch.testing.assert_close(y_gpu.cpu(), y_cpu.detach(), atol=1e-5, rtol=1e-4)
-    s_cpu, w_cpu = per_head_sorted(aux_cpu.indices, aux_cpu.scores, 3)
-    s_gpu, w_gpu = per_head_sorted(aux_gpu.indices.cpu(), aux_gpu.scores.cpu(), 3)
-    assert torch.equal(s_gpu, s_cpu)
-    torch.testing.assert_close(w_gpu, w_cpu, atol=1e-6, rtol=1e-5)
-    for n, p in layer.named_parameters():
-        torch.testing.assert_close(p.grad.cpu(), grads_cpu[n], atol=1e-4, rtol=1e-3, msg=n)
+    assert_cuda_matches_cpu(layer, torch.randn(4, 8, D, requires_grad=True), heads=3)

@@ -5,6 +5,13 @@ import re
 
 import pytest
 import torch
+from layerhelpers import (
+    assert_bitwise_deterministic,
+    assert_cuda_matches_cpu,
+    grads_of,
+    per_head_sorted,
+    randomize_norm,
+)
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -23,28 +30,10 @@ def small_cfg(**kw) -> PEERConfig:
     return PEERConfig(**base)
 
 
-def per_head_sorted(experts: torch.Tensor, other: torch.Tensor, heads: int):
-    """Each head's K (expert, value) pairs in expert order (a head's K come in no fixed order)."""
-    e = experts.reshape(experts.shape[0], heads, -1)
-    o = other.reshape(other.shape[0], heads, -1)
-    e_sorted, order = e.sort(-1)
-    return e_sorted, o.gather(-1, order)
-
-
-def randomize_norm(layer: PEER) -> None:
-    """Non-trivial norm parameters / running statistics so the tests exercise them."""
-    for name, p in layer.norm.named_parameters():
-        with torch.no_grad():
-            p.copy_(torch.randn_like(p) * 0.3 + (1.0 if name == "weight" else 0.0))
-    if isinstance(layer.norm, nn.BatchNorm1d):
-        layer.norm.running_mean.normal_(0, 0.5)
-        layer.norm.running_var.uniform_(0.5, 2.0)
-
-
 def build(seed: int = 0, dtype=torch.float64, **kw) -> PEER:
     torch.manual_seed(seed)
     layer = PEER(small_cfg(**kw)).to(dtype)
-    randomize_norm(layer)
+    randomize_norm(layer.norm)
     return layer
 
 
@@ -77,13 +66,7 @@ def test_gradients_match_reference(query_norm, shared_keys):
     layer = build(query_norm=query_norm, shared_keys=shared_keys, query_bias=True).train()
     x = torch.randn(7, D, dtype=torch.float64, requires_grad=True)
     r = torch.randn(7, D, dtype=torch.float64)
-    grads = []
-    for fn in (lambda: layer(x)[0], lambda: peer_reference(layer, x)[0]):
-        layer.zero_grad()
-        x.grad = None
-        (fn() * r).sum().backward()
-        grads.append({"x": x.grad.clone(), **{n: p.grad.clone() for n, p in layer.named_parameters()}})
-    fast, ref = grads
+    fast, ref = grads_of(layer, x, r, lambda: layer(x)[0], lambda: peer_reference(layer, x)[0])
     assert set(fast) == set(ref)
     for name in fast:
         torch.testing.assert_close(fast[name], ref[name], atol=1e-11, rtol=0, msg=name)
@@ -92,24 +75,39 @@ def test_gradients_match_reference(query_norm, shared_keys):
     assert fast["keys"].abs().sum() > 0
 
 
+def gather_operands(seed: int, in_width: int, out_width: int, repeat_row: int, repeat: list[int]):
+    """Float64 operands of expert_down / expert_up: the input (7, in_width) and a table (9, 5), both
+    requiring grad, experts (7, 3) with token ``repeat_row``'s set to ``repeat`` (repeated experts
+    within a token), and an upstream gradient r (7, out_width)."""
+    torch.manual_seed(seed)
+    a = torch.randn(7, in_width, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    experts = torch.randint(0, 9, (7, 3))
+    experts[repeat_row] = torch.tensor(repeat)
+    r = torch.randn(7, out_width, dtype=torch.float64)
+    return a, table, experts, r
+
+
+def check_against_plain(op, plain, a, table, experts, r) -> None:
+    """``op(a, experts, table)`` equals ``plain`` (autograd through table[experts]): values, the
+    gradients for a and the table, and a gradcheck."""
+    out_plain = plain(a, experts, table)
+    ga_plain, gt_plain = torch.autograd.grad((out_plain * r).sum(), (a, table))
+    out = op(a, experts, table)
+    ga, gt = torch.autograd.grad((out * r).sum(), (a, table))
+    torch.testing.assert_close(out, out_plain, atol=1e-14, rtol=0)
+    torch.testing.assert_close(ga, ga_plain, atol=1e-13, rtol=0)
+    torch.testing.assert_close(gt, gt_plain, atol=1e-13, rtol=0)
+    assert torch.autograd.gradcheck(lambda a_, t_: op(a_, experts, t_), (a, table))
+
+
 @pytest.mark.parametrize("chunk_bytes", [8 << 20, 3 * 5 * 8])        # one chunk; 1 token per chunk
 def test_expert_down_matches_plain_gather(monkeypatch, chunk_bytes):
     """The chunked, gather-free-backward u_i^T x equals autograd through table[experts] @ x."""
     monkeypatch.setattr(peer_module, "EXPERT_CHUNK_BYTES", chunk_bytes)
-    torch.manual_seed(0)
-    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
-    table = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
-    experts = torch.randint(0, 9, (7, 3))
-    experts[0] = torch.tensor([4, 4, 2])                               # a repeat within a token
-    r = torch.randn(7, 3, dtype=torch.float64)
-    h_plain = torch.bmm(table[experts], x[:, :, None]).squeeze(-1)
-    gx_plain, gt_plain = torch.autograd.grad((h_plain * r).sum(), (x, table))
-    h = expert_down(x, experts, table)
-    gx, gt = torch.autograd.grad((h * r).sum(), (x, table))
-    torch.testing.assert_close(h, h_plain, atol=1e-14, rtol=0)
-    torch.testing.assert_close(gx, gx_plain, atol=1e-13, rtol=0)
-    torch.testing.assert_close(gt, gt_plain, atol=1e-13, rtol=0)
-    assert torch.autograd.gradcheck(lambda a, b: expert_down(a, experts, b), (x, table))
+    x, table, experts, r = gather_operands(seed=0, in_width=5, out_width=3, repeat_row=0, repeat=[4, 4, 2])
+    check_against_plain(expert_down, lambda x_, e, t: torch.bmm(t[e], x_[:, :, None]).squeeze(-1),
+                        x, table, experts, r)
     # only what needs a gradient gets one
     h = expert_down(x.detach(), experts, table)
     (gt_only,) = torch.autograd.grad(h.sum(), (table,))
@@ -120,20 +118,8 @@ def test_expert_down_matches_plain_gather(monkeypatch, chunk_bytes):
 def test_expert_up_matches_plain_gather(monkeypatch, chunk_bytes):
     """Σ_s w[t, s] table[experts[t, s]] equals autograd through the plain weighted gather."""
     monkeypatch.setattr(peer_module, "EXPERT_CHUNK_BYTES", chunk_bytes)
-    torch.manual_seed(1)
-    w = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
-    table = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
-    experts = torch.randint(0, 9, (7, 3))
-    experts[2] = torch.tensor([1, 1, 1])
-    r = torch.randn(7, 5, dtype=torch.float64)
-    y_plain = (w[:, :, None] * table[experts]).sum(1)
-    gw_plain, gt_plain = torch.autograd.grad((y_plain * r).sum(), (w, table))
-    y = expert_up(w, experts, table)
-    gw, gt = torch.autograd.grad((y * r).sum(), (w, table))
-    torch.testing.assert_close(y, y_plain, atol=1e-14, rtol=0)
-    torch.testing.assert_close(gw, gw_plain, atol=1e-13, rtol=0)
-    torch.testing.assert_close(gt, gt_plain, atol=1e-13, rtol=0)
-    assert torch.autograd.gradcheck(lambda a, b: expert_up(a, experts, b), (w, table))
+    w, table, experts, r = gather_operands(seed=1, in_width=3, out_width=5, repeat_row=2, repeat=[1, 1, 1])
+    check_against_plain(expert_up, lambda w_, e, t: (w_[:, :, None] * t[e]).sum(1), w, table, experts, r)
 
 
 def test_token_chunked_search_is_per_token(monkeypatch):
@@ -177,17 +163,8 @@ def test_shapes_and_rows_agree():
 
 
 def test_bitwise_deterministic_on_cpu():
-    x = torch.randn(4, 6, D)
-    runs = []
-    for _ in range(2):
-        layer = build(seed=3, dtype=torch.float32, query_norm="batchnorm").train()
-        xi = x.clone().requires_grad_(True)
-        y, aux = layer(xi)
-        (y * y).sum().backward()
-        runs.append((y.detach(), aux.indices, xi.grad, [p.grad for p in layer.parameters()]))
-    (y0, i0, gx0, g0), (y1, i1, gx1, g1) = runs
-    assert torch.equal(y0, y1) and torch.equal(i0, i1) and torch.equal(gx0, gx1)
-    assert all(torch.equal(a, b) for a, b in zip(g0, g1))
+    assert_bitwise_deterministic(lambda: build(seed=3, dtype=torch.float32, query_norm="batchnorm").train(),
+                                 torch.randn(4, 6, D))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,20 +331,5 @@ def test_matches_peer_pytorch_on_copied_weights(shared_keys):
 @pytest.mark.gpu
 def test_cuda_matches_cpu():
     layer = build(dtype=torch.float32, query_norm="batchnorm").train()
-    x = torch.randn(4, 8, D, requires_grad=True)
-    y_cpu, aux_cpu = layer(x)
-    (y_cpu * y_cpu).sum().backward()
-    grads_cpu = {n: p.grad.clone() for n, p in layer.named_parameters()}
-    layer.zero_grad()
-    layer.cuda()
-    xg = x.detach().cuda().requires_grad_(True)
-    y_gpu, aux_gpu = layer(xg)
-    (y_gpu * y_gpu).sum().backward()
-    torch.testing.assert_close(y_gpu.cpu(), y_cpu.detach(), atol=1e-5, rtol=1e-4)
-    e_gpu, w_gpu = per_head_sorted(aux_gpu.indices.cpu(), aux_gpu.scores.cpu(), 3)
-    e_cpu, w_cpu = per_head_sorted(aux_cpu.indices, aux_cpu.scores, 3)
-    assert torch.equal(e_gpu, e_cpu)
-    torch.testing.assert_close(w_gpu, w_cpu, atol=1e-6, rtol=1e-5)
+    aux_cpu, aux_gpu = assert_cuda_matches_cpu(layer, torch.randn(4, 8, D, requires_grad=True), heads=3)
     assert torch.equal(aux_gpu.counts.cpu(), aux_cpu.counts)
-    for n, p in layer.named_parameters():
-        torch.testing.assert_close(p.grad.cpu(), grads_cpu[n], atol=1e-4, rtol=1e-3, msg=n)

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from layerhelpers import grads_of, per_head_sorted, randomize_norm
 from torch import nn
 
 from labcore.layers.base import ConfigError, param_role
@@ -18,24 +19,6 @@ def small_cfg(**kw) -> PKMConfig:
     return PKMConfig(**base)
 
 
-def per_head_sorted(slots: torch.Tensor, other: torch.Tensor, heads: int):
-    """Put each head's K (slot, value) pairs in slot order, so fast and reference line up."""
-    s = slots.reshape(slots.shape[0], heads, -1)
-    o = other.reshape(other.shape[0], heads, -1)
-    s_sorted, order = s.sort(-1)
-    return s_sorted, o.gather(-1, order)
-
-
-def randomize_norm(layer: PKM) -> None:
-    """Non-trivial norm parameters / running statistics so the tests exercise them."""
-    for name, p in layer.norm.named_parameters():
-        with torch.no_grad():
-            p.copy_(torch.randn_like(p) * 0.3 + (1.0 if name == "weight" else 0.0))
-    if isinstance(layer.norm, nn.BatchNorm1d):
-        layer.norm.running_mean.normal_(0, 0.5)
-        layer.norm.running_var.uniform_(0.5, 2.0)
-
-
 # ---------------------------------------------------------------------------------------------
 # fast == brute-force reference
 # ---------------------------------------------------------------------------------------------
@@ -46,7 +29,7 @@ def randomize_norm(layer: PKM) -> None:
 @pytest.mark.parametrize("training", [True, False])
 def test_fast_matches_reference(query_norm, shape, training):
     layer = PKM(small_cfg(query_norm=query_norm)).train(training)
-    randomize_norm(layer)
+    randomize_norm(layer.norm)
     x = torch.randn(*shape, D)
     y, aux = layer(x)
     y_ref, slots_ref, w_ref = pkm_reference(layer, x)
@@ -95,7 +78,7 @@ def test_search_in_token_chunks_changes_nothing(monkeypatch, query_norm):
     import labcore.layers.fast.search as search_mod
 
     layer = PKM(small_cfg(query_norm=query_norm, d_value=10)).train()
-    randomize_norm(layer)
+    randomize_norm(layer.norm)
     x = torch.randn(3, 5, D)
     outs = []
     for chunk_bytes in (search_mod.SEARCH_CHUNK_BYTES, 2 * 3 * 2 * 12 * 4):   # whole batch; 2 tokens per chunk
@@ -113,14 +96,10 @@ def test_search_in_token_chunks_changes_nothing(monkeypatch, query_norm):
 
 def test_gradients_match_reference():
     layer = PKM(small_cfg(query_norm="layernorm", d_value=10))
-    randomize_norm(layer)
+    randomize_norm(layer.norm)
     x = torch.randn(3, 4, D)
     g = torch.randn(3, 4, D)
-    grads = []
-    for fn in (lambda: layer(x)[0], lambda: pkm_reference(layer, x)[0]):
-        layer.zero_grad()
-        (fn() * g).sum().backward()
-        grads.append({n: p.grad.clone() for n, p in layer.named_parameters()})
+    grads = grads_of(layer, x, g, lambda: layer(x)[0], lambda: pkm_reference(layer, x)[0])
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5), name
 
@@ -164,7 +143,7 @@ def test_product_key_layout_matches_xlm_convention():
 def test_heads_summed_equals_sum_of_single_head_layers():
     cfg = small_cfg(query_norm="layernorm")
     big = PKM(cfg).eval()
-    randomize_norm(big)
+    randomize_norm(big.norm)
     x = torch.randn(2, 4, D)
     y, aux = big(x)
     total = torch.zeros_like(y)

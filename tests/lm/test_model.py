@@ -13,6 +13,7 @@ from labcore.layers.base import ConfigError, param_role
 from labcore.layers.moe import MoEConfig
 from labcore.layers.pkm import PKMConfig
 from labcore.layers.ultramem import UltraMemConfig
+from labcore.layers.ultramem_v2 import UltraMemV2Config
 from labcore.lm.model import (
     LM,
     ModelConfig,
@@ -50,6 +51,11 @@ PLANS = {
     "ultramem_skip_shared": SparsePlan(kind="memory", memory=um_cfg(), placements="0:2/1:3",
                                        shared_values=True),
     "ultramem_full": SparsePlan(kind="memory", memory=um_cfg(expansion=1), placements="full"),
+    "pkm_replaces_ffn": SparsePlan(kind="memory", memory=pkm_cfg(), placements="1:1/3:3",
+                                   memory_replaces_ffn=True),
+    "ultramem_v2_ring_pool": SparsePlan(kind="memory", memory=UltraMemV2Config(
+        d_model=D, n_keys=6, heads=1, k_dim=8, top_k=4, d_value=12, d_pre=4), placements="0:2/1:3",
+        shared_values=True, share_ratio=0.5),
 }
 
 
@@ -164,13 +170,13 @@ def test_loss_is_mean_cross_entropy_over_non_ignored_targets():
     assert lm(idx).loss is None
 
 
-def test_aux_records_names_and_aux_loss_sum():
+def test_aux_records_names_and_aux_loss_mean_over_moe_layers():
     lm = LM(cfg_with(PLANS["moe_some_blocks"]))
     out = lm(torch.randint(0, V, (2, 6)))
     assert list(out.aux) == ["block1.moe", "block3.moe"]
     assert [n for n, _ in lm.sparse_layers()] == ["block1.moe", "block3.moe"]
     total = out.aux["block1.moe"].aux_loss + out.aux["block3.moe"].aux_loss
-    assert out.aux_loss.item() > 0 and torch.allclose(out.aux_loss, total)
+    assert out.aux_loss.item() > 0 and torch.allclose(out.aux_loss, total / 2)  # default "mean"
     assert out.aux["block3.moe"].indices.shape == (12, 1)
 
     lm = LM(cfg_with(PLANS["ultramem_skip_shared"]))
@@ -354,7 +360,8 @@ def test_from_dict_round_trip_and_yaml_forms():
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["moe_some_blocks", "pkm_skip", "ultramem_skip_shared"])
+@pytest.mark.parametrize("name", ["moe_some_blocks", "pkm_skip", "ultramem_skip_shared", "pkm_replaces_ffn",
+                                  "ultramem_v2_ring_pool"])
 def test_every_parameter_gets_a_gradient_and_a_few_steps_fit_a_batch(name):
     lm = LM(cfg_with(PLANS[name]))
     groups = build_param_groups(lm, lr=2e-2, weight_decay=0.0)

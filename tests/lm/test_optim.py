@@ -190,3 +190,119 @@ def test_refresh_all_calls_each_layer_once():
     assert refresh_all(lm.extra) == 1 and lm.extra.calls == 3
     assert refresh_all(nn.Sequential(nn.Linear(2, 2), lm.pkm)) == 0
     assert refresh_all(nn.ModuleList([FakeMemory(), FakeMemory()])) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight decay by kind ("default" / "release") and Memory+'s fixed value lr
+# ---------------------------------------------------------------------------------------------
+
+
+def _um_lm():
+    from labcore.layers.ultramem import UltraMemConfig
+    from labcore.lm.model import LM, ModelConfig, SparsePlan
+
+    mem = UltraMemConfig(d_model=16, n_keys=4, heads=2, k_dim=4, top_k=2, d_value=8, n_cores=2, query_bias=True)
+    return LM(ModelConfig(vocab_size=11, d_model=16, n_layers=2, n_heads=2, d_ff=16, max_seq_len=8,
+                          plan=SparsePlan(kind="memory", memory=mem, placements="0:1")))
+
+
+def _wd_by_name(model, groups):
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: g["weight_decay"] for g in groups for p in g["params"]}
+
+
+def _expected_kind(name):
+    last = name.rsplit(".", 1)[-1]
+    if last in ("keys", "cores"):
+        return last
+    if last == "bias":
+        return "bias"
+    if last in ("query_gain", "key_gain") or "norm" in name:
+        return "norms"
+    if "values" in name:
+        return "values"
+    return "matrix"
+
+
+@pytest.mark.parametrize("decay, decayed", [("default", {"matrix"}),
+                                            ("release", {"matrix", "keys", "cores", "norms", "values"}),
+                                            (["keys", "values"], {"matrix", "keys", "values"})])
+def test_weight_decay_per_kind(decay, decayed):
+    lm = _um_lm()
+    groups = build_param_groups(lm, lr=1e-3, weight_decay=0.1, value_lr=4e-3, decay=decay)
+    wd = _wd_by_name(lm, groups)
+    kinds = {n: _expected_kind(n) for n in wd}
+    assert set(kinds.values()) == {"keys", "cores", "norms", "values", "matrix", "bias"}
+    assert "memories.0.query_gain" in wd and "blocks.0.norm_ffn.weight" in wd
+    for name, kind in kinds.items():
+        assert wd[name] == (0.1 if kind in decayed else 0.0), (name, kind)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(lm.parameters()))
+    for g in groups:                                           # values keep the value lr, decayed or not
+        assert g["lr"] == (4e-3 if g["lr_role"] == "memory_values" else 1e-3)
+    if decay == "default":                                     # today's groups: exactly the three roles
+        assert [g["lr_role"] for g in groups] == ["default", "no_decay", "memory_values"]
+
+
+def test_release_decay_acts_at_each_groups_lr():
+    """AdamW with zero gradients only decays: p <- p * (1 - lr * wd), values at the value lr."""
+    lm = _um_lm()
+    opt = torch.optim.AdamW(build_param_groups(lm, lr=1e-2, weight_decay=0.1, value_lr=5e-2, decay="release"))
+    mem = lm.memories[0]
+    before = {n: t.detach().clone() for n, t in (("values", mem.values.weight), ("keys", mem.keys),
+                                                 ("gain", mem.query_gain), ("bias", mem.query.bias))}
+    for p in lm.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    torch.testing.assert_close(mem.values.weight.detach(), before["values"] * (1 - 5e-2 * 0.1))
+    torch.testing.assert_close(mem.keys.detach(), before["keys"] * (1 - 1e-2 * 0.1))
+    torch.testing.assert_close(mem.query_gain.detach(), before["gain"] * (1 - 1e-2 * 0.1))
+    torch.testing.assert_close(mem.query.bias.detach(), before["bias"])       # biases never decayed
+
+
+def test_value_weight_decay_override_and_bad_decay():
+    lm = _um_lm()
+    g = build_param_groups(lm, lr=1e-3, weight_decay=0.1, decay="release", value_weight_decay=0.0)
+    assert [x["weight_decay"] for x in g if x["lr_role"] == "memory_values"] == [0.0]
+    for bad in ("nosuch", ["keys", "bogus"], ["keys", "keys"], 3):
+        with pytest.raises(ConfigError, match="decay="):
+            build_param_groups(lm, lr=1e-3, weight_decay=0.1, decay=bad)
+
+
+def test_train_config_weight_decay_kinds_reaches_the_optimizer():
+    from labcore.lm.train import TrainConfig, build_optimizer
+
+    lm = _um_lm()
+    assert TrainConfig().weight_decay_kinds == "default"
+    for kinds, key_wd in (("default", 0.0), ("release", 0.1), (["keys"], 0.1)):
+        cfg = TrainConfig(weight_decay_kinds=kinds)
+        assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+        opt = build_optimizer(lm, cfg, torch.device("cpu"))
+        assert _wd_by_name(lm, opt.param_groups)["memories.0.keys"] == key_wd
+    with pytest.raises(ConfigError, match="TrainConfig.weight_decay_kinds"):
+        TrainConfig(weight_decay_kinds="paper")
+
+
+def test_memory_plus_fixed_value_lr_group_ignores_every_schedule():
+    from labcore.layers.memory_plus import MemoryPlus, MemoryPlusConfig
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fixed = MemoryPlus(MemoryPlusConfig(d_model=16, n_keys=4, heads=2, k_dim=8, top_k=2,
+                                                     value_lr=1e-3))
+            self.free = PKM(PKMConfig(d_model=16, n_keys=4, heads=2, k_dim=8, top_k=2))
+
+    model = Two()
+    groups = build_param_groups(model, lr=3e-4, weight_decay=0.1, value_lr=6e-4)
+    by_role = {g["lr_role"]: g for g in groups}
+    assert by_role["memory_values_fixed_lr"]["params"] == [model.fixed.values.weight]
+    assert by_role["memory_values"]["params"] == [model.free.values.weight]
+    assert by_role["memory_values_fixed_lr"]["lr"] == 1e-3
+    opt = torch.optim.AdamW(groups)
+    for step, scale in ((0, 0.01), (7, 0.5), (500, 0.1)):
+        apply_value_lr(opt, ValueLRSchedule(4.0, end_step=10), step=step, lr_scale=scale)
+        lrs = {g["lr_role"]: g["lr"] for g in opt.param_groups}
+        assert lrs["memory_values_fixed_lr"] == 1e-3                          # constant
+        assert lrs["memory_values"] == pytest.approx(6e-4 * scale * ValueLRSchedule(4.0, end_step=10).factor(step))
+        assert lrs["default"] == pytest.approx(3e-4 * scale)

@@ -18,7 +18,7 @@ from labcore.bench.training import SparseTimer
 from labcore.data import KnowledgeConfig, load_dataset, unigram_baseline
 from labcore.layers.base import ConfigError, LayerAux
 from labcore.layers.moe import MoEConfig
-from labcore.layers.pkm import PKMConfig
+from labcore.layers.pkm import PKM, PKMConfig
 from labcore.layers.ultramem import UltraMemConfig
 from labcore.lm.model import LM, ModelConfig, SparsePlan
 from labcore.lm.train import (
@@ -387,3 +387,56 @@ def test_bench_sparse_timer_brackets_forward_and_backward():
     timer.reset()
     layer(x)
     assert timer.forward_s == 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Lazy value updates (optimizer="lazy_adamw").
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "lazy_adamw"])
+def test_lazy_adamw_moves_only_the_rows_a_step_touched(kb_data, tmp_path, optimizer):
+    """After each step, the value rows that changed are exactly the rows with a non-zero gradient
+    under lazy_adamw; AdamW also moves rows touched only earlier (their momentum)."""
+    torch.manual_seed(0)
+    model = LM(model_cfg("pkm"))
+    table = next(m.values.weight for m in model.modules() if isinstance(m, PKM))
+    prev = [table.detach().clone()]
+    extra_moved = []
+
+    def check(step, row):
+        touched = table.grad.abs().sum(1) > 0
+        moved = (table.detach() != prev[0]).any(1)
+        assert not (touched & ~moved).any()                          # every touched row moves
+        extra_moved.append(int((moved & ~touched).sum()))
+        prev[0] = table.detach().clone()
+
+    cfg = tcfg(steps=4, warmup_steps=0, weight_decay=0.0, eval_every=0, checkpoint_every=0, recall_max_people=0,
+               optimizer=optimizer)
+    train(model, cfg, kb_data, tmp_path / "r", callbacks=[check])
+    assert extra_moved[0] == 0                                        # step 1: no momentum anywhere yet
+    if optimizer == "lazy_adamw":
+        assert extra_moved == [0, 0, 0, 0]
+    else:
+        assert sum(extra_moved[1:]) > 0
+
+
+def test_lazy_adamw_run_resumes_to_identical_result(kb_data, tmp_path):
+    cfg = tcfg(optimizer="lazy_adamw")
+    full = train(model_cfg("ultramem"), cfg, kb_data, tmp_path / "full")
+
+    def kill_at_5(step, row):
+        if step == 5:
+            raise Kill()
+
+    with pytest.raises(Kill):
+        train(model_cfg("ultramem"), cfg, kb_data, tmp_path / "cut", callbacks=[kill_at_5])
+    resumed = train(model_cfg("ultramem"), cfg, kb_data, tmp_path / "cut")
+    assert resumed.resumed_from == 4 and resumed.final == full.final
+    sf, sr = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(sf[k], sr[k]) for k in sf)
+
+
+def test_train_config_rejects_an_unknown_optimizer():
+    with pytest.raises(ConfigError, match=r"TrainConfig.optimizer='sgd' is not allowed"):
+        TrainConfig(optimizer="sgd")

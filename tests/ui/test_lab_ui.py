@@ -160,11 +160,12 @@ def test_tour_runs_renders_figures_and_reacts_to_a_slider(page, lab, tmp_path):
         nb = copy_notebook(lab, "00_tour.ipynb", f"00_tour_ui_{attempt}.ipynb",
                            {"smoke": True, "out_dir": str(tmp_path / f"tour_run_{attempt}")})
         open_and_run(page, lab, nb)
-        # 8 figures: moe + load, pkm + load, tdqkr, bias, ive + load
-        page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 8",
+        # 13 figures: moe + load, pkm + load, tdqkr, bias, ive + load, peer, memory+ + pool,
+        # ultramemv2 + ring
+        page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 13",
                                timeout=UPDATE_TIMEOUT_MS)
         figs = figures(page)
-        assert len(figs) == 8, [f["title"] for f in figs]
+        assert len(figs) == 13, [f["title"] for f in figs]
         pkm = find(figs, "PKM: additive grid")
         assert (pkm["zRows"], pkm["zCols"]) == (8, 8)
         assert pkm["types"][0] == "heatmap" and "selected" in pkm["names"]

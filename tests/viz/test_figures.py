@@ -69,3 +69,15 @@ def test_cost_curves_one_log_log_line_per_variant():
     assert fig.layout.yaxis.title.text == "latency_ms (ms)"
     assert fig.layout.xaxis.title.text.startswith("batch size B")
     assert fig.layout.title.text == "decode latency"
+
+
+def test_deltas_figure_puts_tiny_paper_deltas_in_their_own_panel():
+    deltas = pd.DataFrame({"variant": ["x", "y"], "metric": ["val_loss"] * 2, "delta_mean": [-0.1, 0.2],
+                           "delta_ci95": [0.3, 0.25]})
+    fig = deltas_figure(deltas, {"x": -0.015, "y": 0.003})      # CI ~0.28 >> paper ~0.009
+    lab, paper = fig.data
+    assert (lab.yaxis, paper.yaxis) == ("y", "y2")                # two panels, each its own scale
+    assert lab.xaxis != paper.xaxis and fig.layout.xaxis.matches == "x2"   # same x (shared)
+    assert list(paper.y) == [-0.015, 0.003] and list(lab.error_y.array) == [0.3, 0.25]
+    same = deltas_figure(deltas, {"x": -0.015, "y": 0.003}, panel_ratio=100.0)
+    assert [t.yaxis for t in same.data] == [None, None]           # comparable: one axis, grouped bars

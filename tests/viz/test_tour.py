@@ -16,9 +16,14 @@ import labcore.layers.moe as moe_mod
 import labcore.layers.pkm as pkm_mod
 import labcore.layers.ultramem as um
 from labcore.layers.base import ConfigError
+from labcore.layers.memory_plus import memory_plus_reference
+from labcore.layers.peer import peer_reference
+from labcore.layers.pkm import pkm_reference
+from labcore.layers.ultramem_v2 import ring_window, ultramem_v2_reference
 from labcore.params import schema_mismatches
 from labcore.results import RunDir
 from labcore.viz.tour import (
+    FP32_BYTES,
     IVEMapping,
     TourParams,
     build_tour,
@@ -27,6 +32,10 @@ from labcore.viz.tour import (
     ive_mapping,
     ive_output,
     ive_output_materialized,
+    memory_plus_layers,
+    memory_plus_station,
+    peer_layer,
+    peer_station,
     pkm_as_tucker,
     pkm_retrieve,
     pkm_slots_batch,
@@ -42,6 +51,8 @@ from labcore.viz.tour import (
     tdqkr_slots_batch,
     topology_bias,
     topology_bias_table,
+    ultramem_v2_layers,
+    ultramem_v2_station,
 )
 from labcore.viz.tour_plots import TOUR_SAVED_FIGURES, save_tour
 from labcore.viz.widgets import ExplorerParams
@@ -68,6 +79,7 @@ def _brute_topk(values: np.ndarray, k: int) -> list[int]:
 @pytest.mark.parametrize("field, value", [
     ("n_keys", 1), ("expansion", 2), ("expansion", 8), ("top_k", 9), ("moe_top_k", 9), ("smoke", 1),
     ("ive_shuffle", "yes"), ("out_dir", ""), ("seed", -1), ("token", 64), ("rank", 0), ("n_queries", 5),
+    ("heads", 0), ("memory_layers", 0), ("ring_share", 4),
 ])
 def test_tour_params_reject_bad_values_naming_the_field(field, value):
     with pytest.raises(ConfigError, match=rf"TourParams\.{field}={value!r}"):
@@ -400,6 +412,147 @@ def test_ive_mapping_validation():
 
 
 # ----------------------------------------------------------------------------------------------
+# (f)-(h) The memory family: the stations' records against direct calls of the real layers
+# ----------------------------------------------------------------------------------------------
+
+FAMILY = TourParams(smoke=True, n_keys=5, top_k=3, batch_size=8, heads=2, memory_layers=3, ring_share=2,
+                    token=3, seed=4)
+
+
+@pytest.fixture
+def family():
+    """The tour's weights and tokens (float64); the layers' references run without autograd."""
+    w = build_tour(FAMILY)
+    with torch.no_grad():
+        yield w, torch.as_tensor(w.X, dtype=torch.float64)
+
+
+def test_peer_station_equals_the_layer_and_its_brute_force_reference(family):
+    w, X = family
+    p = w.params
+    st = peer_station(w)
+    layer = peer_layer(p)                                             # same params -> same weights
+    x = X[p.token:p.token + 1]
+    y_ref, experts_ref, g_ref = peer_reference(layer, x)              # scores all N experts
+    H, K, D = p.heads, p.top_k, p.d_model
+    assert st.experts.shape == st.weights.shape == st.activations.shape == (H, K)
+    for h in range(H):                                                # per head: same K experts, same g
+        _assert_same_selection(st.experts[h], st.weights[h], experts_ref[0, h * K:(h + 1) * K].numpy(),
+                               g_ref[0, h * K:(h + 1) * K].numpy(), rtol=1e-10)
+        assert np.all(np.diff(st.weights[h]) <= 0)                      # sorted by router weight
+    np.testing.assert_allclose(st.weights.sum(1), 1.0, rtol=1e-12)    # softmax over each head's K
+    u = layer.down.weight.detach().numpy()
+    v = layer.up.weight.detach().numpy()
+    x_np = w.X[p.token]
+    pre = u[st.experts] @ x_np                                        # u_i^T x, (H, K)
+    gelu = 0.5 * pre * (1 + np.vectorize(math.erf)(pre / math.sqrt(2)))
+    np.testing.assert_allclose(st.activations, gelu, rtol=1e-10, atol=1e-14)
+    y_hand = np.einsum("hk,hkd->d", st.weights * gelu, v[st.experts])  # sum g_i σ(u_i^T x) v_i
+    np.testing.assert_allclose(st.y, y_hand, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(st.y, y_ref[0].detach().numpy(), rtol=1e-10, atol=1e-14)
+    # what is touched, by hand: 2D numbers per neuron (u_i, v_i) and the shared sub-keys (2 n D_k/2)
+    t = st.touched().set_index("what")
+    distinct = len(set(st.experts.ravel().tolist()))
+    keys = 2 * p.n_keys * p.k_dim * FP32_BYTES
+    assert t.loc["PEER (this token)", "bytes_read"] == distinct * 2 * D * 4 + keys
+    assert t.loc["PEER (this token)", "neuron_uses"] == H * K
+    assert t.loc["dense FFN, equal activated FLOPs (width H*K)", "bytes_read"] == H * K * 2 * D * 4
+    assert t.loc["dense FFN, equal parameters (width N)", "distinct_neurons"] == p.n_keys ** 2
+    _, batch_experts, _ = peer_reference(layer, X)
+    assert st.batch_experts == len(set(batch_experts.ravel().tolist()))
+    assert H * K <= st.batch_experts <= min(p.n_keys ** 2, p.batch_size * H * K)
+
+
+def test_memory_plus_station_read_gate_output_and_shared_pool(family):
+    w, X = family
+    p = w.params
+    st = memory_plus_station(w)
+    layers = memory_plus_layers(p)
+    first = layers[0]
+    x = X[p.token:p.token + 1]
+    y_ref, slots_ref, wts_ref = memory_plus_reference(first, x)       # brute force: all n^2 slots scored
+    m_ref, _, _ = pkm_reference(first.memory, x)
+    D = p.d_model
+    assert st.read.shape == st.gate.shape == st.gated.shape == st.y.shape == (D,)
+    # PKM's layer takes its softmax over the K scores in float32 (also for float64 input): 1e-6 agreement
+    np.testing.assert_allclose(st.read, m_ref[0].detach().numpy(), rtol=1e-5, atol=1e-9)
+    s = w.X[p.token] @ first.gate.weight.detach().numpy().T           # W_s x
+    np.testing.assert_allclose(st.gate, s / (1 + np.exp(-s)), rtol=1e-10)     # SiLU(s) = s sigmoid(s)
+    np.testing.assert_allclose(st.gated, st.read * st.gate, rtol=1e-12)
+    np.testing.assert_allclose(st.y, first.w_out.weight.detach().numpy() @ st.gated, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(st.y, y_ref[0].detach().numpy(), rtol=1e-5, atol=1e-9)
+    for h in range(p.heads):
+        sl = slice(h * p.top_k, (h + 1) * p.top_k)
+        _assert_same_selection(st.slots[sl], st.weights[sl], slots_ref[0, sl].numpy(), wts_ref[0, sl].numpy(),
+                               rtol=1e-6)
+    np.testing.assert_allclose(st.read, st.weights @ first.values.weight.detach().numpy()[st.slots],
+                               rtol=1e-10, atol=1e-14)                # m = sum of weighted value rows
+    nrm = st.norms().iloc[0]
+    assert nrm["read |m|"] == pytest.approx(np.linalg.norm(st.read))
+    assert nrm["gated |m * gate|"] == pytest.approx(np.linalg.norm(st.read * st.gate))
+    assert nrm["gate flips sign (gate < 0)"] == pytest.approx((s < 0).mean())
+    # the shared pool: L layers, one table; each layer's rows for the token and its batch hits
+    assert st.shared and all(layer.values.weight is first.values.weight for layer in layers)
+    L, N = p.memory_layers, p.n_keys ** 2
+    assert st.layer_slots.shape == (L, p.heads * p.top_k) and st.pool_counts.shape == (L, N)
+    for i, layer in enumerate(layers):
+        _, slots_l, _ = memory_plus_reference(layer, x)
+        assert sorted(st.layer_slots[i].tolist()) == sorted(slots_l[0].tolist())
+        _, slots_b, _ = memory_plus_reference(layer, X)
+        np.testing.assert_array_equal(st.pool_counts[i], np.bincount(slots_b.ravel().numpy(), minlength=N))
+    assert (st.pool_counts.sum(1) == p.batch_size * p.heads * p.top_k).all()
+    assert not np.array_equal(st.layer_slots[0], st.layer_slots[1])   # different keys: other rows
+
+
+def test_ultramem_v2_station_pre_values_projection_and_ring(family):
+    w, X = family
+    p = w.params
+    st = ultramem_v2_station(w)
+    layers, twin = ultramem_v2_layers(p)
+    first = layers[0]
+    c = first.cfg
+    x = X[p.token:p.token + 1]
+    y_ref, slots_ref, w_ref, _ = ultramem_v2_reference(first, x)      # per-token loops
+    E, N, Dv = p.expansion, c.n_slots, c.d_v
+    assert st.slots.tolist() == slots_ref[0].tolist()                 # descending, like the reference
+    np.testing.assert_allclose(st.weights, w_ref[0].sum(-1).detach().numpy(), rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(st.y, y_ref[0].detach().numpy(), rtol=1e-10, atol=1e-14)
+    # virtual slot -> (block, physical row) -> pool row, by hand from the fixed permutation
+    perm = first.perm.numpy()
+    np.testing.assert_array_equal(st.blocks, perm[st.slots] // N)
+    np.testing.assert_array_equal(st.rows, (perm[st.slots] % N + first.window_start) % first.pool_size)
+    # pre-values: g = <P_pre[row], W_pre x>, and the weight that multiplies each value is s * g
+    z = first.pre_proj.weight.detach().numpy() @ w.X[p.token]
+    g = first.pre_values.weight.detach().numpy()[st.rows] @ z
+    np.testing.assert_allclose(st.pre, g, rtol=1e-10, atol=1e-15)
+    np.testing.assert_allclose(st.weights, st.scores * st.pre, rtol=1e-10, atol=1e-15)
+    assert np.all(np.diff(st.scores) <= 1e-12)                        # retrieval scores, best first
+    # one projection of the sum over blocks (v2) vs one projection per block (v1, the twin)
+    assert st.pooled.shape == (E, Dv)
+    W = first.value_proj.weight.detach().numpy()                      # (D, D_v)
+    np.testing.assert_allclose(st.y, W @ st.pooled.sum(0), rtol=1e-10, atol=1e-14)
+    W1 = twin.value_proj.weight.detach().numpy()                      # (D, E*D_v), columns (p, d)
+    per_block = sum(W1[:, b * Dv:(b + 1) * Dv] @ st.pooled[b] for b in range(E))
+    np.testing.assert_allclose(st.y_per_block, per_block, rtol=1e-10, atol=1e-14)
+    y_twin, _, _, _ = ultramem_v2_reference(twin, x)
+    np.testing.assert_allclose(st.y_per_block, y_twin[0].detach().numpy(), rtol=1e-10, atol=1e-14)
+    proj = st.projections().set_index("projection")["params"]
+    assert proj.tolist() == [p.d_model * Dv, E * p.d_model * Dv]
+    # ring windows: L layers, pool L * n^2 rows, window n_w = floor(sqrt(g * n^2)) from start l * n^2
+    L = p.memory_layers
+    assert st.pool_size == L * p.n_keys ** 2
+    for i in range(L):
+        rw = ring_window(i, L, st.pool_size, p.ring_share / L)
+        assert tuple(st.windows[i]) == (rw.start, rw.n_keys) == (i * p.n_keys ** 2, math.isqrt(2 * 25))
+        assert layers[i].window_start == rw.start
+        mask = st.window_mask()[i]
+        np.testing.assert_array_equal(np.nonzero(mask)[0], np.sort(rw.rows().numpy()))
+        assert mask[st.layer_rows[i]].all()                           # a layer reads only its window
+        assert st.layer_rows[i].tolist() == layers[i](x)[1].rows[0].tolist()
+    assert st.window_mask().sum() == L * 49 and st.window_mask().any(0).all()   # 7^2 rows each; all covered
+
+
+# ----------------------------------------------------------------------------------------------
 # The whole tour
 # ----------------------------------------------------------------------------------------------
 
@@ -463,7 +616,7 @@ def test_tour_notebook_runs_headless_in_smoke_mode(tmp_path):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     views = [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
-    assert len(views) == 5                                         # one panel per station
+    assert len(views) == 8                                         # one panel per station
     run = RunDir(tmp_path / "run")
     assert run.is_done() and run.read()["params"]["smoke"] is True
     s = run.summary()

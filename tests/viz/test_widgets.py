@@ -82,7 +82,7 @@ def test_tour_controls_start_from_the_params(tour):
     expected = run_tour(SMALL)
     np.testing.assert_allclose(np.asarray(tour.figures["pkm"].data[0].z), expected.pkm.grid)
     assert all(p.figure is not None for p in tour.panes.values())
-    assert tour.status.value == "n=6, K=3, R=2, E=4, B=16, token 0, seed 0"
+    assert tour.status.value == "n=6, K=3, R=2, E=4, B=16, token 0, seed 0, H=2, L=3, g=2"
 
 
 def test_n_keys_slider_resizes_grids_and_clamps_top_k(tour):
@@ -128,6 +128,30 @@ def test_batch_token_and_moe_controls(tour):
     assert np.asarray(tour.figures["moe_load"].data[0].y).sum() == 64 * 3
     tour.controls["batch_size"].value = 8                                  # token 50 no longer exists
     assert tour.controls["token"].value == 7 and tour.record.params.token == 7
+
+
+def test_memory_family_controls_redraw_their_stations(tour):
+    base = dict(smoke=False, n_keys=6, top_k=3, batch_size=16, n_queries=200)
+    tour.controls["heads"].value = 3                                       # PEER and Memory+: H x K bars
+    want = run_tour(TourParams(**base, heads=3))
+    peer = tour.figures["peer"]
+    assert len(peer.data[0].y) == 3 * 3 and "3x3 = 9 of N=36" in peer.layout.title.text
+    np.testing.assert_allclose(np.asarray(peer.data[0].y), want.peer.weights.ravel())
+    np.testing.assert_allclose(np.asarray(peer.data[1].y), want.peer.activations.ravel())
+    np.testing.assert_allclose(np.asarray(tour.figures["memory_plus"].data[0].y), want.memory_plus.read)
+    np.testing.assert_allclose(np.asarray(tour.figures["memory_plus"].data[2].y), want.memory_plus.gate)
+    tour.controls["memory_layers"].value = 2                               # clamps ring share g <= L
+    assert tour.controls["ring_share"].value == 2 and tour.controls["ring_share"].max == 2
+    ring = tour.figures["ultramem_v2_ring"]
+    z = np.asarray(ring.data[0].z)
+    assert z.shape == (2, 2 * 36) and (z.sum(1) == 64).all()               # pool 2 n^2, windows 8^2 rows
+    assert np.asarray(tour.figures["memory_plus_pool"].data[0].z).shape == (2, 36)
+    tour.controls["ring_share"].value = 1                                  # each layer: its own segment
+    z = np.asarray(tour.figures["ultramem_v2_ring"].data[0].z)
+    assert (z.sum(1) == 36).all() and (z.sum(0) == 1).all()                # disjoint windows cover the pool
+    want = run_tour(TourParams(**base, heads=3, memory_layers=2, ring_share=1))
+    np.testing.assert_allclose(np.asarray(tour.figures["ultramem_v2"].data[1].y), want.ultramem_v2.pre)
+    assert tour.record.ultramem_v2.windows.tolist() == [[0, 6], [36, 6]]
 
 
 def test_tour_panel_shows_the_figures_controls(tour):

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from labcore.layers.base import ConfigError, check_choice, check_float, check_int
+from labcore.lm.optim import resolve_decay
+
+OPTIMIZERS = ("adamw", "lazy_adamw")
 
 
 @dataclass(frozen=True)
@@ -17,11 +20,18 @@ class TrainConfig:
     steps S: optimiser steps. batch_size B: sequences per micro-batch; grad_accum A micro-batches
     per step (B*A sequences of seq_len T tokens per step). lr: peak learning rate; min_lr_ratio r:
     final lr / peak; warmup_steps W. weight_decay, betas: AdamW. grad_clip: max global grad norm
-    (0 = off). value_lr_multiplier M, value_lr_end_step T_v (None = steps): value-LR decay.
+    (0 = off). weight_decay_kinds: which parameters besides matrices get ``weight_decay``
+    (``labcore.lm.optim.build_param_groups``'s ``decay``): "default" (none: keys, Tucker cores, norm
+    gains and memory values undecayed), "release" (all four, as the UltraMem release; values decay at
+    the value lr), or a list of kinds from "keys", "cores", "norms", "values".
+    value_lr_multiplier M, value_lr_end_step T_v (None = steps): value-LR decay.
     eval_every / checkpoint_every: in steps (0 = only at the end). eval_batches: validation batches
     per evaluation. recall_max_people: people scored by knowledge recall per evaluation.
     device: "auto" | "cpu" | "cuda". dtype: "auto" (bf16 autocast on CUDA, fp32 on CPU) | "fp32" |
     "bf16". threads: torch CPU threads (None = leave as is). progress: tqdm bar.
+    optimizer: "adamw" (torch AdamW on every parameter) | "lazy_adamw" (memory value tables updated
+    only on the rows a step touches, :class:`labcore.lm.sparse_optim.LazyAdamW`; the PKM authors'
+    ``--mem_sparse`` idea); lazy_bias_correction: "row" (each row's own step count) | "global".
     """
 
     steps: int = 200
@@ -31,6 +41,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
     weight_decay: float = 0.1
+    weight_decay_kinds: str | tuple[str, ...] = "default"
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     grad_accum: int = 1
@@ -46,6 +57,8 @@ class TrainConfig:
     dtype: str = "auto"
     threads: int | None = None
     progress: bool = True
+    optimizer: str = "adamw"
+    lazy_bias_correction: str = "row"
 
     def __post_init__(self) -> None:
         o = "TrainConfig"
@@ -56,6 +69,9 @@ class TrainConfig:
         check_float(o, "min_lr_ratio", self.min_lr_ratio, min_value=0.0, max_value=1.0)
         check_int(o, "warmup_steps", self.warmup_steps, min_value=0, max_value=self.steps)
         check_float(o, "weight_decay", self.weight_decay, min_value=0.0)
+        if isinstance(self.weight_decay_kinds, list):
+            object.__setattr__(self, "weight_decay_kinds", tuple(self.weight_decay_kinds))
+        resolve_decay(self.weight_decay_kinds, owner=f"{o}.weight_decay_kinds")
         betas = tuple(self.betas) if isinstance(self.betas, list | tuple) else self.betas
         if not isinstance(betas, tuple) or len(betas) != 2:
             raise ConfigError(f"{o}.betas={self.betas!r} is not allowed: must be two numbers in [0, 1)")
@@ -76,6 +92,8 @@ class TrainConfig:
         check_int(o, "seed", self.seed, min_value=0, max_value=2**63 - 1)
         check_choice(o, "device", self.device, ("auto", "cpu", "cuda"))
         check_choice(o, "dtype", self.dtype, ("auto", "fp32", "bf16"))
+        check_choice(o, "optimizer", self.optimizer, OPTIMIZERS)
+        check_choice(o, "lazy_bias_correction", self.lazy_bias_correction, ("row", "global"))
         if self.threads is not None:
             check_int(o, "threads", self.threads, min_value=1, max_value=1024)
         if not isinstance(self.progress, bool):
@@ -95,6 +113,8 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
+        if isinstance(self.weight_decay_kinds, tuple):
+            d["weight_decay_kinds"] = list(self.weight_decay_kinds)
         return d
 
     @property

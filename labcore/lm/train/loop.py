@@ -58,6 +58,7 @@ from labcore.data import Dataset, data_config_from_dict, load_dataset
 from labcore.layers.base import ConfigError
 from labcore.lm.model import LM, ModelConfig
 from labcore.lm.optim import refresh_all
+from labcore.lm.sparse_optim import clip_grad_norm_
 from labcore.lm.train.checkpoints import (
     checkpoint_step,
     clear_checkpoints,
@@ -243,7 +244,7 @@ def train(model_cfg: Any, train_cfg: TrainConfig | Mapping[str, Any], data: Any,
                 loss_sum += float(out.loss.detach())
                 aux_sum += float(aux_loss.detach())
             if cfg.grad_clip > 0:
-                gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+                gnorm = float(clip_grad_norm_(params, cfg.grad_clip))            # = torch's on dense grads
             else:
                 gnorm = float(torch.linalg.vector_norm(
                     torch.stack([p.grad.detach().float().norm() for p in params if p.grad is not None])))
