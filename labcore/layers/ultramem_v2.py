@@ -103,7 +103,7 @@ with k_inner = ``ffn_ratio`` (FFN width / D) and L = ``n_model_layers``. Without
 same derivation gives sigma_V^2 = 0.08 * k_inner * D / (K * H * (1 + sigma_s^2) * D_v * L)
 (labcore's, docs/mechanisms.md §3.2 [D]).
 
-Differences from the release (docs/implementations.md "UltraMem")
+Differences from the release (docs/implementations.md "UltraMemV2")
 ----------------------------------------------------------------
 * Per-rank queries: the release's CUDA path reads the rank-0 and rank-1 queries of the ROW side as
   the row and column queries for every rank component (it indexes the (side, rank*D_k) query by
