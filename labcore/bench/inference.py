@@ -87,7 +87,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from labcore.layers.base import ConfigError, LayerCost, check_choice, check_float, check_int, set_detailed_aux
+from labcore.config import ConfigError, check_choice, check_float, check_int
+from labcore.layers.base import LayerCost, set_detailed_aux
 from labcore.layers.registry import get, memory_spec
 from labcore.lm.budget import (
     describe_plan,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from labcore.bench import stages
 from labcore.bench.inference import DEFAULT_BATCHES, format_table, model_names, run_inference_bench
-from labcore.layers.base import ConfigError
+from labcore.config import ConfigError
 from labcore.lm.budget import small_base_config
 
 

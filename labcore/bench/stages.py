@@ -80,7 +80,8 @@ from labcore.bench.inference import (
     to_units,
     validate,
 )
-from labcore.layers.base import ConfigError, check_choice, check_int, set_detailed_aux
+from labcore.config import ConfigError, check_choice, check_int
+from labcore.layers.base import set_detailed_aux
 from labcore.layers.registry import get, spec_for
 from labcore.lm.model import LM
 from labcore.profiling.ceilings import DTYPES, Ceilings, dtype_name, get_ceilings

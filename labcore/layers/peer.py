@@ -90,16 +90,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from labcore.layers.base import (
-    ConfigError,
-    LayerAux,
-    LayerCost,
-    check_bool,
-    check_choice,
-    check_float,
-    flatten_tokens,
-    tag_param,
-)
+from labcore.config import ConfigError, check_bool, check_choice, check_float
+from labcore.layers.base import LayerAux, LayerCost, flatten_tokens, tag_param
 from labcore.layers.fast.search import in_token_chunks, pruned_candidates, pruned_pair_topk
 from labcore.layers.fast.topk import exact_topk
 from labcore.layers.pkm import ProductKeys, check_product_keys, query_network, reference_query, selection_aux

@@ -41,7 +41,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from labcore.layers.base import ConfigError
+from labcore.config import ConfigError
 
 ROLES = ("ffn", "memory")
 

@@ -141,18 +141,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from labcore.layers.base import (
-    ConfigError,
-    LayerAux,
-    LayerCost,
-    check_bool,
-    check_choice,
-    check_float,
-    check_int,
-    flatten_tokens,
-    tag_param,
-    zero_loss,
-)
+from labcore.config import ConfigError, check_bool, check_choice, check_float, check_int
+from labcore.layers.base import LayerAux, LayerCost, flatten_tokens, tag_param, zero_loss
 from labcore.layers.fast import bags
 from labcore.layers.fast.search import in_token_chunks, tucker_search
 from labcore.layers.fast.topk import exact_topk

@@ -89,16 +89,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from labcore.layers.base import (
+from labcore.config import (
     ConfigError,
-    LayerAux,
     check_choice,
     check_float,
     check_int,
-    config_from_dict,
     is_perfect_square,
-    tag_param,
 )
+from labcore.config import (
+    from_dict as config_from_dict,
+)
+from labcore.layers.base import LayerAux, tag_param
 from labcore.layers.ffn import DenseFFN, FFNConfig
 from labcore.layers.moe import MoE, MoEConfig
 from labcore.layers.registry import memory_spec

@@ -13,7 +13,8 @@ from torch import nn
 
 import labcore.bench.inference_cli as inference_cli
 import labcore.bench.stages as stages
-from labcore.layers.base import ConfigError, set_detailed_aux
+from labcore.config import ConfigError
+from labcore.layers.base import set_detailed_aux
 from labcore.layers.fast import search
 from labcore.layers.ffn import FFNConfig
 from labcore.layers.memory_plus import MemoryPlusConfig

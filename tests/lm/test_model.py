@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from labcore.layers.base import ConfigError, param_role
+from labcore.config import ConfigError
+from labcore.layers.base import param_role
 from labcore.layers.moe import MoEConfig
 from labcore.layers.peer import PEERConfig
 from labcore.layers.pkm import PKMConfig
