@@ -87,7 +87,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from labcore.layers.base import ConfigError, LayerCost, check_choice, check_float, check_int, set_detailed_aux
+from labcore.config import ConfigError, check_choice, check_float, check_int
+from labcore.layers.base import LayerCost, set_detailed_aux
 from labcore.layers.registry import get, memory_spec
 from labcore.lm.budget import (
     describe_plan,
@@ -130,7 +131,7 @@ def model_names(every_memory: bool = False) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _sparse_layer_cfg(cfg) -> Any:
+def sparse_layer_cfg(cfg) -> Any:
     """The config of the layer timed at scope "layer"."""
     if cfg.plan.kind == "moe":
         return cfg.plan.moe
@@ -139,18 +140,28 @@ def _sparse_layer_cfg(cfg) -> Any:
     return cfg.ffn_config()
 
 
+def sparse_layer(lm: LM, cfg) -> torch.nn.Module:
+    """The layer timed at scope "layer" in the built model: the first MoE layer, the first memory or
+    block 0's dense FFN."""
+    if cfg.plan.kind == "moe":
+        return lm.blocks[cfg.moe_block_ids()[0]].ffn
+    if cfg.plan.kind == "memory":
+        return lm.memories[0]
+    return lm.blocks[0].ffn
+
+
 def _activation_values_per_token(cfg) -> float:
     """A generous count of the floats alive per token in a decode step (logits, trunk, sparse layer)."""
     D, V = cfg.d_model, cfg.vocab_size
     per = 4 * V + 32 * D + 8 * cfg.d_ff
-    lc = _sparse_layer_cfg(cfg)
+    lc = sparse_layer_cfg(cfg)
     if cfg.plan.kind == "moe":
         per += 8 * lc.top_k * (D + lc.d_expert) + 4 * lc.n_experts
     elif cfg.plan.kind == "memory":
         side = getattr(lc, "n_side", lc.n_keys) * getattr(lc, "key_rank", 1)
         m = getattr(lc, "m", lc.top_k)
         per += 4 * lc.heads * 2 * side + 4 * lc.heads * m * m + 16 * lc.heads * lc.top_k * 2
-        per += 4 * getattr(lc, "expansion", 1) * lc.d_v
+        per += 4 * getattr(lc, "expansion", 1) * getattr(lc, "d_v", D)          # PEER: no value table, D out
     return float(per)
 
 
@@ -161,24 +172,25 @@ def estimate_bytes(cfg, batch: int, dtype_bytes: int) -> int:
 
 
 def validate(batch_sizes: Sequence[int], models: Sequence[str], device: torch.device, dtype: str,
-             repeats: int, warmup: int) -> None:
+             repeats: int, warmup: int, owner: str = "run_inference_bench") -> None:
+    """Raise ConfigError (naming ``owner``, the parameter and what is allowed) on bad input."""
     if len(batch_sizes) == 0:
-        raise ConfigError("run_inference_bench.batch_sizes=() is not allowed: must list at least one batch size")
+        raise ConfigError(f"{owner}.batch_sizes=() is not allowed: must list at least one batch size")
     for b in batch_sizes:
-        check_int("run_inference_bench", "batch_sizes", b, min_value=1)
+        check_int(owner, "batch_sizes", b, min_value=1)
     if len(models) == 0:
-        raise ConfigError("run_inference_bench.models=() is not allowed: must list at least one of "
+        raise ConfigError(f"{owner}.models=() is not allowed: must list at least one of "
                           + ", ".join(model_names(every_memory=True)))
     for m in models:
-        check_choice("run_inference_bench", "models", m, model_names(every_memory=True))
-    check_choice("run_inference_bench", "dtype", dtype, tuple(DTYPES))
-    check_int("run_inference_bench", "repeats", repeats, min_value=1)
-    check_int("run_inference_bench", "warmup", warmup, min_value=0)
+        check_choice(owner, "models", m, model_names(every_memory=True))
+    check_choice(owner, "dtype", dtype, tuple(DTYPES))
+    check_int(owner, "repeats", repeats, min_value=1)
+    check_int(owner, "warmup", warmup, min_value=0)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"run_inference_bench.device={str(device)!r} is not allowed: CUDA is not available "
+        raise ConfigError(f"{owner}.device={str(device)!r} is not allowed: CUDA is not available "
                           "here; use 'cpu'")
     if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"run_inference_bench.device={str(device)!r} is not allowed: must be 'cpu' or 'cuda'")
+        raise ConfigError(f"{owner}.device={str(device)!r} is not allowed: must be 'cpu' or 'cuda'")
 
 
 def check_fits(configs: Mapping[str, Any], max_batch: int, device: torch.device, dtype_bytes: int,
@@ -239,7 +251,7 @@ def _model_parts(cfg) -> dict[str, LayerCost]:
     return {"trunk": trunk, **parts}
 
 
-def _to_units(layer) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def to_units(layer) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """UltraMem with IVE selects virtual slots; the permutation maps them to physical rows."""
     perm = getattr(layer, "perm", None)
     if perm is None:
@@ -256,7 +268,7 @@ def _model_touched_bytes(lm, parts: Mapping[str, LayerCost], aux: Mapping[str, A
             continue
         a = aux.get(name)
         total += touched_bytes(cost, None if a is None else a.indices, bytes_per_param=b,
-                               to_units=_to_units(layers[name]))
+                               to_units=to_units(layers[name]))
     return total
 
 
@@ -394,13 +406,8 @@ def _bench_one(name: str, cfg, batch_sizes: Sequence[int], *, scopes, dev, dt, b
     set_detailed_aux(lm, False)                 # no O(N_slots) per-call diagnostics (module docstring)
     budget = model_budget(cfg, context_len=1, dtype_bytes=b)
     parts = _model_parts(cfg)
-    if cfg.plan.kind == "moe":
-        layer = lm.blocks[cfg.moe_block_ids()[0]].ffn
-    elif cfg.plan.kind == "memory":
-        layer = lm.memories[0]
-    else:
-        layer = lm.blocks[0].ffn
-    layer_cost = _layer_cost(_sparse_layer_cfg(cfg))
+    layer = sparse_layer(lm, cfg)
+    layer_cost = _layer_cost(sparse_layer_cfg(cfg))
     gen = torch.Generator(device="cpu").manual_seed(seed)
     common = {"model": name, "total_params": budget.total_params, "active_params": budget.active_params,
               "copy_bytes_per_s": ceil.copy_bytes_per_s, "matmul_flops_per_s": ceil.matmul_flops_per_s,
@@ -417,7 +424,7 @@ def _bench_one(name: str, cfg, batch_sizes: Sequence[int], *, scopes, dev, dt, b
                 t = time_fn(lambda x=x: layer(x), warmup=warmup, repeats=repeats, device=dev)
                 _, aux = layer(x)
                 indices = getattr(aux, "indices", None) if layer_cost.sparse_part else None
-                accessed = touched_bytes(layer_cost, indices, bytes_per_param=b, to_units=_to_units(layer))
+                accessed = touched_bytes(layer_cost, indices, bytes_per_param=b, to_units=to_units(layer))
                 pred = layer_step_cost(layer_cost, B, bytes_per_param=b, ceilings=ceil)
                 extra = dict(nan_cols)
                 if cfg.plan.kind == "memory":
@@ -549,6 +556,6 @@ def format_table(df: pd.DataFrame) -> str:
 
 
 __all__ = ["COLUMNS", "DEFAULT_BATCHES", "check_fits", "default_configs", "estimate_bytes", "format_table",
-           "measure_overlap", "model_names", "moe_ultramem_ratio", "run_inference_bench",
-           "write_outputs"]
+           "measure_overlap", "model_names", "moe_ultramem_ratio", "run_inference_bench", "sparse_layer",
+           "sparse_layer_cfg", "to_units", "validate", "write_outputs"]
 

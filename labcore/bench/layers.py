@@ -101,8 +101,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from labcore.config import ConfigError, check_choice, check_int
 from labcore.interop import moe_to_hf
-from labcore.layers.base import ConfigError, check_choice, check_int, set_detailed_aux
+from labcore.layers.base import set_detailed_aux
 from labcore.layers.memory_plus import MemoryPlus, MemoryPlusConfig
 from labcore.layers.moe import EXPERT_IMPLS, MoE, MoEConfig
 from labcore.layers.peer import PEER, PEERConfig, expert_down, expert_up

@@ -33,9 +33,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from labcore.config import ConfigError
 from labcore.data.knowledge import KnowledgeConfig
 from labcore.experiments import stats
-from labcore.layers.base import ConfigError
 from labcore.lm.budget import model_budget
 from labcore.lm.model import ModelConfig
 from labcore.lm.train import TrainConfig, train

@@ -260,6 +260,116 @@ class PaperTableParams(LabParams):
 
 
 # ----------------------------------------------------------------------------------------------
+# 00_tour (its logic and drawings: labcore.viz.tour, labcore.viz.tour_plots)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TourParams:
+    """Parameters of ``notebooks/00_tour.ipynb`` (and the sizes of :class:`labcore.viz.widgets.TourControls`).
+
+    smoke: tiny sizes for a fast headless run (caps n_queries and batch_size, see :meth:`resolved`).
+    out_dir: run directory for the saved figures and summary. seed: one seed for every random draw.
+    d_model: D. n_experts / moe_top_k: E and K of the MoE router. n_keys: n sub-keys per side
+    (N = n^2 physical slots). k_dim: D_k per half-query. top_k: K slots per token (also m, the
+    candidates per side of the TDQKR search). rank: R. expansion: E of IVE (a perfect square).
+    batch_size: B tokens for the load histograms. n_queries: random queries for the bias measure.
+    token: which of the B tokens is "the" token followed through the tour (0-based).
+    ive_shuffle: apply IVE's fixed random permutation (False shows the aligned, unshuffled layout).
+    heads: H retrieval heads of PEER and Memory+. memory_layers: L memory layers sharing one value
+    pool (Memory+, UltraMemV2). ring_share: g, pool segments each UltraMemV2 layer's ring window
+    spans (share_ratio = g / L; 1 <= g <= L).
+    """
+
+    smoke: bool = False
+    out_dir: str = "runs/tour"
+    seed: int = 0
+    d_model: int = 16
+    n_experts: int = 8
+    moe_top_k: int = 2
+    n_keys: int = 8
+    k_dim: int = 8
+    top_k: int = 4
+    rank: int = 2
+    expansion: int = 4
+    batch_size: int = 64
+    n_queries: int = 2000
+    token: int = 0
+    ive_shuffle: bool = True
+    heads: int = 2
+    memory_layers: int = 3
+    ring_share: int = 2
+
+    def __post_init__(self) -> None:
+        o = type(self).__name__
+        for name in ("smoke", "ive_shuffle"):
+            check_bool(o, name, getattr(self, name))
+        check_str(o, "out_dir", self.out_dir)
+        check_int(o, "seed", self.seed, min_value=0)
+        check_int(o, "d_model", self.d_model, min_value=1, max_value=4096)
+        check_int(o, "n_experts", self.n_experts, min_value=1, max_value=1024)
+        check_int(o, "moe_top_k", self.moe_top_k, min_value=1, max_value=self.n_experts)
+        check_int(o, "n_keys", self.n_keys, min_value=2, max_value=64)
+        check_int(o, "k_dim", self.k_dim, min_value=1, max_value=1024)
+        check_int(o, "top_k", self.top_k, min_value=1, max_value=self.n_keys)
+        check_int(o, "rank", self.rank, min_value=1, max_value=8)
+        check_int(o, "expansion", self.expansion, min_value=1, max_value=16)
+        if not is_perfect_square(self.expansion):
+            raise ConfigError(f"{o}.expansion={self.expansion!r} is not allowed: must be a perfect square "
+                              "(1, 4, 9, 16): keys per side grow by sqrt(E)")
+        check_int(o, "batch_size", self.batch_size, min_value=1, max_value=65536)
+        check_int(o, "n_queries", self.n_queries, min_value=10, max_value=1_000_000)
+        check_int(o, "token", self.token, min_value=0, max_value=self.batch_size - 1)
+        check_int(o, "heads", self.heads, min_value=1, max_value=16)
+        check_int(o, "memory_layers", self.memory_layers, min_value=1, max_value=8)
+        check_int(o, "ring_share", self.ring_share, min_value=1, max_value=self.memory_layers)
+
+    def resolved(self) -> TourParams:
+        """The sizes actually used: in smoke mode n_queries <= 300 and batch_size <= 32."""
+        if not self.smoke:
+            return self
+        b = min(self.batch_size, 32)
+        return dataclasses.replace(self, n_queries=min(self.n_queries, 300), batch_size=b, token=min(self.token, b - 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# 06_results_explorer (its widgets: labcore.viz.widgets)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExplorerParams:
+    """Parameters of ``notebooks/06_results_explorer.ipynb``.
+
+    results_root: a results directory (a sweep's root, or any folder of run directories); relative
+    paths resolve against the repository root (``labcore.results.repo_path``); "" means the sweep
+    this notebook runs in (``LABCORE_SWEEP_DIR``, set by ``labcore sweep``). notebook / metric:
+    initial selections ("" = the first available). out_dir: where the explorer saves its figure
+    and a per-notebook summary. smoke, seed: as in every notebook (nothing random here).
+    """
+
+    smoke: bool = False
+    out_dir: str = "runs/explorer"
+    seed: int = 0
+    results_root: str = "runs/quick"
+    notebook: str = ""
+    metric: str = ""
+
+    def __post_init__(self) -> None:
+        o = type(self).__name__
+        check_bool(o, "smoke", self.smoke)
+        check_str(o, "out_dir", self.out_dir)
+        check_int(o, "seed", self.seed, min_value=0)
+        if not isinstance(self.results_root, str):
+            raise ConfigError(f"{o}.results_root={self.results_root!r} is not allowed: must be a path string "
+                              "(\"\" for the sweep this notebook runs in)")
+        for name in ("notebook", "metric"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{o}.{name}={getattr(self, name)!r} is not allowed: must be a string "
+                                  "(\"\" for the first available)")
+
+
+# ----------------------------------------------------------------------------------------------
 # 07_memory_family
 # ----------------------------------------------------------------------------------------------
 

@@ -28,7 +28,8 @@ from __future__ import annotations
 # Each file registers its layer when imported; this order is the order of tables, legends and families.
 from labcore.layers import ffn, moe, pkm, ultramem, ultramem_v2, memory_plus, peer  # noqa: F401
 # isort: on
-from labcore.layers.base import ConfigError, LayerAux, LayerCost
+from labcore.config import ConfigError
+from labcore.layers.base import LayerAux, LayerCost
 from labcore.layers.ffn import DenseFFN, FFNConfig
 from labcore.layers.memory_plus import MemoryPlus, MemoryPlusConfig
 from labcore.layers.moe import MoE, MoEConfig

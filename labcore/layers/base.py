@@ -14,22 +14,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from labcore.config import (  # noqa: F401 - re-exported for the layer files
-    ConfigError,
-    check_bool,
-    check_choice,
-    check_float,
-    check_int,
-    check_str,
-    fail,
-    from_dict,
-    is_perfect_square,
-)
-
-# Config validation lives in labcore.config (torch-free); the names stay importable from here.
-config_from_dict = from_dict
-
-
 # ----------------------------------------------------------------------------------------------
 # The aux record.
 # ----------------------------------------------------------------------------------------------

@@ -33,15 +33,8 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from labcore.layers.base import (
-    ConfigError,
-    LayerAux,
-    LayerCost,
-    check_float,
-    check_int,
-    flatten_tokens,
-    zero_loss,
-)
+from labcore.config import ConfigError, check_float, check_int
+from labcore.layers.base import LayerAux, LayerCost, flatten_tokens, zero_loss
 from labcore.layers.registry import LayerSpec, register
 
 

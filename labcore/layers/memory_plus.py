@@ -62,16 +62,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from labcore.layers.base import (
-    ConfigError,
-    LayerAux,
-    LayerCost,
-    check_bool,
-    check_float,
-    check_int,
-    flatten_tokens,
-    tag_param,
-)
+from labcore.config import ConfigError, check_bool, check_float, check_int
+from labcore.layers.base import LayerAux, LayerCost, flatten_tokens, tag_param
 from labcore.layers.pkm import PKM, PKMConfig, check_dropouts, check_product_keys, pkm_reference
 from labcore.layers.registry import LayerSpec, register
 

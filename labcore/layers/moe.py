@@ -113,15 +113,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from labcore.layers.base import (
-    ConfigError,
-    LayerAux,
-    LayerCost,
-    check_choice,
-    check_float,
-    check_int,
-    flatten_tokens,
-)
+from labcore.config import ConfigError, check_choice, check_float, check_int
+from labcore.layers.base import LayerAux, LayerCost, flatten_tokens
 from labcore.layers.fast import experts as fast_experts
 from labcore.layers.fast.experts import (  # noqa: F401  (public names, kept importable from here)
     CPU_BLOCK_BYTES,

@@ -90,16 +90,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from labcore.layers.base import (
-    ConfigError,
-    LayerAux,
-    LayerCost,
-    check_bool,
-    check_choice,
-    check_float,
-    flatten_tokens,
-    tag_param,
-)
+from labcore.config import ConfigError, check_bool, check_choice, check_float
+from labcore.layers.base import LayerAux, LayerCost, flatten_tokens, tag_param
 from labcore.layers.fast.search import in_token_chunks, pruned_candidates, pruned_pair_topk
 from labcore.layers.fast.topk import exact_topk
 from labcore.layers.pkm import ProductKeys, check_product_keys, query_network, reference_query, selection_aux
@@ -420,5 +412,6 @@ register(LayerSpec(name="peer", role="memory", config=PEERConfig, layer=PEER, la
                    # §3); D/4 key features per half (k_dim = D/2) as PKM's family shape.
                    family_kwargs=lambda D: {"heads": 8, "top_k": 16, "k_dim": 2 * max(1, D // 4)},
                    layout=None,  # one PEER layer beside the middle block's FFN, as the paper places it
+                   shares_values=False,  # two expert tables (u_i, v_i) per layer: no single value pool
                    summary="N = n^2 single-neuron experts σ(u_i·x) v_i, H heads x top-K by product keys, "
                            "softmax router weights (arXiv 2407.04153)"))

@@ -89,17 +89,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from labcore.layers.base import (
-    ConfigError,
-    LayerAux,
-    LayerCost,
-    check_choice,
-    check_float,
-    check_int,
-    flatten_tokens,
-    tag_param,
-    zero_loss,
-)
+from labcore.config import ConfigError, check_choice, check_float, check_int
+from labcore.layers.base import LayerAux, LayerCost, flatten_tokens, tag_param, zero_loss
 from labcore.layers.fast.search import (  # noqa: F401  (SEARCH_CHUNK_BYTES, search_chunk: public, kept here)
     SEARCH_CHUNK_BYTES,
     in_token_chunks,

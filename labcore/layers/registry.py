@@ -41,7 +41,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from labcore.layers.base import ConfigError
+from labcore.config import ConfigError
 
 ROLES = ("ffn", "memory")
 
@@ -62,6 +62,7 @@ class LayerSpec:
     family_kwargs: Callable[[int], Mapping[str, Any]] | None = None   # D -> config fields in the family
     layout: Callable[[int], tuple[int, int]] | None = None   # L -> (memories, span) when none are given
     value_read: Callable[[Any, Any], tuple[Callable[[], Any], Callable[[], Any]]] | None = None
+    shares_values: bool = True                  # memory: can read a value pool shared across layers
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.isidentifier() or self.name != self.name.lower():

@@ -146,20 +146,18 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from labcore.layers.base import (
+from labcore.config import (
     ConfigError,
-    LayerAux,
-    LayerCost,
     check_choice,
     check_float,
     check_int,
-    config_from_dict,
     fail,
-    flatten_tokens,
     is_perfect_square,
-    tag_param,
-    zero_loss,
 )
+from labcore.config import (
+    from_dict as config_from_dict,
+)
+from labcore.layers.base import LayerAux, LayerCost, flatten_tokens, tag_param, zero_loss
 from labcore.layers.fast import bags
 from labcore.layers.fast.caches import DerivedCache, reuse
 from labcore.layers.fast.search import (

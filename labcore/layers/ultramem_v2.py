@@ -103,7 +103,7 @@ with k_inner = ``ffn_ratio`` (FFN width / D) and L = ``n_model_layers``. Without
 same derivation gives sigma_V^2 = 0.08 * k_inner * D / (K * H * (1 + sigma_s^2) * D_v * L)
 (labcore's, docs/mechanisms.md §3.2 [D]).
 
-Differences from the release (docs/implementations.md "UltraMem")
+Differences from the release (docs/implementations.md "UltraMemV2")
 ----------------------------------------------------------------
 * Per-rank queries: the release's CUDA path reads the rank-0 and rank-1 queries of the ROW side as
   the row and column queries for every rank component (it indexes the (side, rank*D_k) query by
@@ -141,18 +141,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from labcore.layers.base import (
-    ConfigError,
-    LayerAux,
-    LayerCost,
-    check_bool,
-    check_choice,
-    check_float,
-    check_int,
-    flatten_tokens,
-    tag_param,
-    zero_loss,
-)
+from labcore.config import ConfigError, check_bool, check_choice, check_float, check_int
+from labcore.layers.base import LayerAux, LayerCost, flatten_tokens, tag_param, zero_loss
 from labcore.layers.fast import bags
 from labcore.layers.fast.search import in_token_chunks, tucker_search
 from labcore.layers.fast.topk import exact_topk

@@ -69,7 +69,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from labcore.layers.base import ConfigError, LayerCost, check_float, check_int
+from labcore.config import ConfigError, check_float, check_int
+from labcore.layers.base import LayerCost
 from labcore.layers.moe import MoEConfig
 from labcore.layers.registry import get, memory_spec, specs
 from labcore.lm.model import ModelConfig, SparsePlan, spread_placements

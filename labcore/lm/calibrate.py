@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from labcore.layers.base import ConfigError, check_float, check_int
+from labcore.config import ConfigError, check_float, check_int
 from labcore.lm.model import LM
 
 

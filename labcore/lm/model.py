@@ -89,16 +89,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from labcore.layers.base import (
+from labcore.config import (
     ConfigError,
-    LayerAux,
     check_choice,
     check_float,
     check_int,
-    config_from_dict,
     is_perfect_square,
-    tag_param,
 )
+from labcore.config import (
+    from_dict as config_from_dict,
+)
+from labcore.layers.base import LayerAux, tag_param
 from labcore.layers.ffn import DenseFFN, FFNConfig
 from labcore.layers.moe import MoE, MoEConfig
 from labcore.layers.registry import memory_spec
@@ -227,7 +228,10 @@ class SparsePlan:
                     raise ConfigError(f"{own}.moe_blocks={self.moe_blocks!r} is not allowed: must not "
                                       f"repeat a block")
         if self.kind == "memory":
-            memory_spec(self.memory, owner=f"{own}.memory")  # a registered memory config, else ConfigError
+            spec = memory_spec(self.memory, owner=f"{own}.memory")  # a registered memory config, else ConfigError
+            if self.shared_values and not spec.shares_values:
+                raise ConfigError(f"{own}.shared_values=True is not allowed with memory type {spec.name!r}: "
+                                  f"it has no single value table to share (must be False)")
             if not placements:
                 raise ConfigError(f"{own}.placements=() is not allowed: kind='memory' needs at least one "
                                   f"'k:v' placement or 'full'")

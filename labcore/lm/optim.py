@@ -53,7 +53,8 @@ from typing import Any
 from torch import nn
 from torch.optim import Optimizer
 
-from labcore.layers.base import ConfigError, check_float, check_int, param_role
+from labcore.config import ConfigError, check_float, check_int
+from labcore.layers.base import param_role
 from labcore.layers.memory_plus import fixed_lr
 
 VALUE_ROLE = "memory_values"

@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import ipywidgets as W
@@ -33,7 +32,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
 
-from labcore.config import ConfigError, check_bool, check_int, check_str
+from labcore.experiments.params import ExplorerParams  # torch-free: the sweep validates it without torch
 from labcore.results import RunDir, collect, free_run_dir, repo_path
 from labcore.viz.plots import metric_figure
 from labcore.viz.tour import TourParams, TourRecord, run_tour
@@ -211,38 +210,6 @@ class TourControls(_Guarded):
 
 NONE = "(none)"
 ID_COLUMNS = ("run_id", "sweep", "notebook")
-
-
-@dataclass(frozen=True)
-class ExplorerParams:
-    """Parameters of ``notebooks/06_results_explorer.ipynb``.
-
-    results_root: a results directory (a sweep's root, or any folder of run directories); relative
-    paths resolve against the repository root (``labcore.results.repo_path``); "" means the sweep
-    this notebook runs in (``LABCORE_SWEEP_DIR``, set by ``labcore sweep``). notebook / metric:
-    initial selections ("" = the first available). out_dir: where the explorer saves its figure
-    and a per-notebook summary. smoke, seed: as in every notebook (nothing random here).
-    """
-
-    smoke: bool = False
-    out_dir: str = "runs/explorer"
-    seed: int = 0
-    results_root: str = "runs/quick"
-    notebook: str = ""
-    metric: str = ""
-
-    def __post_init__(self) -> None:
-        o = type(self).__name__
-        check_bool(o, "smoke", self.smoke)
-        check_str(o, "out_dir", self.out_dir)
-        check_int(o, "seed", self.seed, min_value=0)
-        if not isinstance(self.results_root, str):
-            raise ConfigError(f"{o}.results_root={self.results_root!r} is not allowed: must be a path string "
-                              "(\"\" for the sweep this notebook runs in)")
-        for name in ("notebook", "metric"):
-            if not isinstance(getattr(self, name), str):
-                raise ConfigError(f"{o}.{name}={getattr(self, name)!r} is not allowed: must be a string "
-                                  "(\"\" for the first available)")
 
 
 def load_results(results_root: str | Path) -> pd.DataFrame:

@@ -9,7 +9,7 @@ import torch
 
 import labcore.bench.inference as inf
 import labcore.bench.inference_cli as inference_cli
-from labcore.layers.base import ConfigError
+from labcore.config import ConfigError
 from labcore.layers.moe import MoEConfig
 from labcore.layers.pkm import PKM, PKMConfig
 from labcore.layers.registry import get

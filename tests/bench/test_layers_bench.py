@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import labcore.bench.layers as lb
-from labcore.layers.base import ConfigError
+from labcore.config import ConfigError
 from labcore.layers.moe import MoE
 from labcore.profiling.timer import summarize
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from labcore.config import ConfigError
 from labcore.data import (
     KnowledgeConfig,
     RecallConfig,
@@ -16,7 +17,6 @@ from labcore.data import (
     verify_dataset_dir,
 )
 from labcore.data.cache import BatchSampler
-from labcore.layers.base import ConfigError
 
 SMALL = KnowledgeConfig(n_people=12, bios_per_person=2, seed=3)
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from labcore.config import ConfigError
 from labcore.data import KnowledgeConfig, knowledge_bits, knowledge_recall, load_dataset, unigram_baseline
 from labcore.data.knowledge import (
     BIO_TEMPLATES,
@@ -16,7 +17,6 @@ from labcore.data.knowledge import (
     recall_items,
 )
 from labcore.data.tokenizer import ByteTokenizer
-from labcore.layers.base import ConfigError
 
 TOK = ByteTokenizer()
 CFG = KnowledgeConfig(n_people=30, bios_per_person=3, qa_fraction=0.5, seed=1)

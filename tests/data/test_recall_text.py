@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from labcore.config import ConfigError
 from labcore.data import RecallConfig, TextConfig, associative_recall_accuracy, load_dataset, sample_path
 from labcore.data.tokenizer import ByteTokenizer
-from labcore.layers.base import ConfigError
 
 TOK = ByteTokenizer()
 

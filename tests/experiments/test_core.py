@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from labcore.config import ConfigError
 from labcore.experiments import stats
 from labcore.experiments.common import lab_run
 from labcore.experiments.core import (
@@ -20,7 +21,6 @@ from labcore.experiments.core import (
     summarize,
 )
 from labcore.experiments.params import LabParams
-from labcore.layers.base import ConfigError
 from labcore.lm.model import ModelConfig
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from labcore.layers.base import ConfigError
+from labcore.config import ConfigError
 from labcore.layers.fast import compiled
 from labcore.layers.fast.topk import ordered_int32
 

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from labcore.layers.base import ConfigError, LayerAux
+from labcore.config import ConfigError
+from labcore.layers.base import LayerAux
 from labcore.layers.ffn import DenseFFN, FFNConfig
 
 

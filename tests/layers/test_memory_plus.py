@@ -14,8 +14,9 @@ from layerhelpers import (
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from labcore.config import ConfigError
 from labcore.layers import registry
-from labcore.layers.base import ConfigError, param_role, set_detailed_aux
+from labcore.layers.base import param_role, set_detailed_aux
 from labcore.layers.memory_plus import (
     FIXED_LR_ATTR,
     MemoryPlus,

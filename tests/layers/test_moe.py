@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import labcore.layers.fast.experts as fast_experts
-from labcore.layers.base import ConfigError, LayerAux
+from labcore.config import ConfigError
+from labcore.layers.base import LayerAux
 from labcore.layers.moe import (
     ROUTERS,
     MoE,

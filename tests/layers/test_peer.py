@@ -15,9 +15,10 @@ from layerhelpers import (
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from labcore.config import ConfigError
 from labcore.layers import peer as peer_module
 from labcore.layers import registry
-from labcore.layers.base import ConfigError, param_role, set_detailed_aux
+from labcore.layers.base import param_role, set_detailed_aux
 from labcore.layers.fast import search as fast_search
 from labcore.layers.peer import PEER, PEERConfig, expert_down, expert_up, peer_reference
 

@@ -7,7 +7,8 @@ import torch
 from layerhelpers import grads_of, per_head_sorted, randomize_norm
 from torch import nn
 
-from labcore.layers.base import ConfigError, param_role
+from labcore.config import ConfigError
+from labcore.layers.base import param_role
 from labcore.layers.pkm import PKM, PKMConfig, pkm_reference
 
 D = 24

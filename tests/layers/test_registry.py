@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import labcore.bench.inference as inf
+from labcore.config import ConfigError
 from labcore.layers import (
     FFNConfig,
     LayerAux,
@@ -16,7 +17,6 @@ from labcore.layers import (
     UltraMemConfig,
     build,
 )
-from labcore.layers.base import ConfigError
 from labcore.layers.pkm import PKM
 from labcore.layers.registry import LAYERS, LayerSpec, get, names, register, spec_for, unregister
 from labcore.lm.budget import describe_plan, equal_budget_family, family_names, match_memory, model_budget

@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from labcore.layers.base import ConfigError
+from labcore.config import ConfigError
 from labcore.layers.fast.search import topk_recall, tucker_exact_topk, tucker_search, two_sided_tucker_search
 from labcore.layers.fast.topk import exact_topk
 from labcore.layers.ultramem import UltraMem, UltraMemConfig, search_candidates, ultramem_reference

@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from labcore.layers.base import ConfigError, LayerAux, param_role
+from labcore.config import ConfigError
+from labcore.layers.base import LayerAux, param_role
 from labcore.layers.pkm import PKM, PKMConfig
 from labcore.layers.ultramem import (
     UltraMem,

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from labcore.config import ConfigError
 from labcore.layers import registry
-from labcore.layers.base import ConfigError, param_role
+from labcore.layers.base import param_role
 from labcore.layers.fast import search as fast_search
 from labcore.layers.ultramem import UltraMem, UltraMemConfig
 from labcore.layers.ultramem_v2 import (

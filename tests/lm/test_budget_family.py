@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from labcore.layers.base import ConfigError
+from labcore.config import ConfigError
 from labcore.layers.memory_plus import MemoryPlusConfig
 from labcore.layers.peer import PEERConfig
 from labcore.layers.registry import get, names

@@ -9,8 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from labcore.layers.base import ConfigError, param_role
+from labcore.config import ConfigError
+from labcore.layers.base import param_role
 from labcore.layers.moe import MoEConfig
+from labcore.layers.peer import PEERConfig
 from labcore.layers.pkm import PKMConfig
 from labcore.layers.ultramem import UltraMemConfig
 from labcore.layers.ultramem_v2 import UltraMemV2Config
@@ -185,6 +187,13 @@ def test_aux_records_names_and_aux_loss_mean_over_moe_layers():
     assert [n for n, _ in lm.memory_layers()] == ["mem0(0:2)", "mem1(1:3)"]
     assert out.aux["mem1(1:3)"].indices.shape == (12, 2 * 4)
     assert LM(cfg_with()).forward(torch.randint(0, V, (1, 3))).aux == {}
+
+
+def test_shared_values_rejected_for_a_memory_without_one_value_table():
+    peer = PEERConfig(d_model=16, n_keys=8, heads=2, k_dim=8, top_k=4)
+    with pytest.raises(ConfigError, match=r"shared_values=True is not allowed with memory type 'peer'"):
+        SparsePlan(kind="memory", memory=peer, placements="0:0/1:1", shared_values=True)
+    SparsePlan(kind="memory", memory=peer, placements="0:0/1:1")             # unshared: fine
 
 
 def test_shared_value_pool_is_one_tensor():

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from labcore.layers.base import ConfigError, tag_param
+from labcore.config import ConfigError
+from labcore.layers.base import tag_param
 from labcore.layers.pkm import PKM, PKMConfig
 from labcore.lm.optim import ValueLRSchedule, apply_value_lr, build_param_groups, refresh_all
 

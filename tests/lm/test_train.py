@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from labcore.bench.training import SparseTimer
+from labcore.config import ConfigError
 from labcore.data import KnowledgeConfig, load_dataset, unigram_baseline
-from labcore.layers.base import ConfigError, LayerAux
+from labcore.layers.base import LayerAux
 from labcore.layers.moe import MoEConfig
 from labcore.layers.pkm import PKM, PKMConfig
 from labcore.layers.ultramem import UltraMemConfig

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from labcore.layers.base import ConfigError, LayerCost
+from labcore.config import ConfigError
+from labcore.layers.base import LayerCost
 from labcore.profiling.cost_model import (
     embedding_cost,
     expected_distinct,

@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from labcore.layers.base import ConfigError
+from labcore.config import ConfigError
 from labcore.profiling.memory import MemoryTracker, available_memory_bytes, measure_peak_memory
 
 MiB = 1 << 20

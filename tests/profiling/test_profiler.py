@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from labcore.layers.base import ConfigError
+from labcore.config import ConfigError
 from labcore.profiling.profiler import COLUMNS, profile_ops
 
 

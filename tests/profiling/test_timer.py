@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from labcore.layers.base import ConfigError
+from labcore.config import ConfigError
 from labcore.profiling.timer import Timer, summarize, time_fn
 
 

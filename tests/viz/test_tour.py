@@ -15,7 +15,7 @@ import torch
 import labcore.layers.moe as moe_mod
 import labcore.layers.pkm as pkm_mod
 import labcore.layers.ultramem as um
-from labcore.layers.base import ConfigError
+from labcore.config import ConfigError
 from labcore.layers.memory_plus import memory_plus_reference
 from labcore.layers.peer import peer_reference
 from labcore.layers.pkm import pkm_reference

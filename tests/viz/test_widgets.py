@@ -15,7 +15,7 @@ import papermill
 import plotly.graph_objects as go
 import pytest
 
-from labcore.layers.base import ConfigError
+from labcore.config import ConfigError
 from labcore.results import RunDir
 from labcore.viz.tour import TourParams, run_tour
 from labcore.viz.widgets import (

@@ -52,7 +52,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from labcore.layers.base import ConfigError
+from labcore.config import ConfigError
 from labcore.layers.fast import topk as fast_topk  # module import: topk.exact_topk dispatches back here
 
 EXT_NAME = "labcore_topk_rows"

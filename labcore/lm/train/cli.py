@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from labcore.config import ConfigError
 from labcore.data.cache import generator_for
-from labcore.layers.base import ConfigError
 from labcore.lm.train.device import resolve_device
 from labcore.lm.train.loop import train
 from labcore.lm.train.run_config import load_run_config

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from labcore.layers.base import ConfigError, check_choice, check_float, check_int
+from labcore.config import ConfigError, check_choice, check_float, check_int
 from labcore.lm.optim import resolve_decay
 
 OPTIMIZERS = ("adamw", "lazy_adamw")

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from labcore.layers.base import ConfigError
+from labcore.config import ConfigError
 from labcore.lm.train.config import TrainConfig
 
 

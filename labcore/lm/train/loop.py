@@ -54,8 +54,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from labcore.config import ConfigError
 from labcore.data import Dataset, data_config_from_dict, load_dataset
-from labcore.layers.base import ConfigError
 from labcore.lm.model import LM, ModelConfig
 from labcore.lm.optim import refresh_all
 from labcore.lm.sparse_optim import clip_grad_norm_

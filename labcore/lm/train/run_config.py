@@ -19,9 +19,9 @@ from typing import Any
 
 import yaml
 
+from labcore.config import ConfigError
 from labcore.data import data_config_from_dict
 from labcore.data.tokenizer import ByteTokenizer
-from labcore.layers.base import ConfigError
 from labcore.lm.model import ModelConfig
 from labcore.lm.train.config import TrainConfig
 
