@@ -323,24 +323,14 @@ def _device(E: MemoryFamilyParams) -> str:
     return "cuda" if E.device == "cuda" or (E.device == "auto" and torch.cuda.is_available()) else "cpu"
 
 
-def bench_family(fam: dict[str, ModelConfig], E: MemoryFamilyParams) -> tuple[pd.DataFrame, dict[str, str]]:
-    """The decode-step bench (layer scope) of every model, one model at a time, so that one the bench
-    cannot time yet is left out with its error (returned per name) instead of stopping the run. A
-    shared value pool (Memory+) is timed as one layer with its own table of the pool's size."""
-    parts, skipped = [], {}
-    for name, cfg in fam.items():
-        if cfg.plan.shared_values:
-            # The bench's cost model has no shared pool; one layer alone reads its own N rows either way,
-            # so the layer-scope step is timed with per-memory tables of the pool's size.
-            cfg = dataclasses.replace(cfg, plan=dataclasses.replace(cfg.plan, shared_values=False))
-        try:
-            parts.append(run_inference_bench(list(E.batch_sizes), configs={name: cfg}, device=_device(E), warmup=1,
-                                             repeats=2 if E.smoke else 5, scopes=("layer",), overlap=False,
-                                             log=None))
-        except (AttributeError, NotImplementedError) as e:  # a layer type the bench does not support yet
-            skipped[name] = f"{type(e).__name__}: {e}"
-    return (pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["model", "scope", "batch"]),
-            skipped)
+def bench_family(fam: dict[str, ModelConfig], E: MemoryFamilyParams) -> pd.DataFrame:
+    """The decode-step bench (layer scope) of every model at ``E.batch_sizes``. A shared value pool
+    (Memory+) is timed as one layer with its own table of the pool's size: the bench's cost model has
+    no shared pool, and one layer alone reads its own N rows either way."""
+    configs = {name: dataclasses.replace(cfg, plan=dataclasses.replace(cfg.plan, shared_values=False))
+               if cfg.plan.shared_values else cfg for name, cfg in fam.items()}
+    return run_inference_bench(list(E.batch_sizes), configs=configs, device=_device(E), warmup=1,
+                               repeats=2 if E.smoke else 5, scopes=("layer",), overlap=False, log=None)
 
 
 def run(P: MemoryFamilyParams) -> MemoryFamilyResult:
@@ -365,16 +355,9 @@ def run(P: MemoryFamilyParams) -> MemoryFamilyResult:
         headline = headline_table(table, order)
         cap_archs = [a for a in E.capacity_archs if a in set(table["arch"])]
         capacity = capacity_table(table[table["arch"].isin(cap_archs + ["dense", "moe"])])
-        inference, skipped = bench_family(fam, E)
-        for name, why in skipped.items():
-            rd.log({"kind": "inference_skipped", "variant": name, "error": why})
+        inference = bench_family(fam, E)
         cost = inference_table(inference)
-        if skipped:
-            cost = pd.concat([cost.assign(note=""), pd.DataFrame(
-                [{"architecture": n, "note": f"not measured: {why}"} for n, why in skipped.items()])],
-                ignore_index=True)
-        cost["batch"] = cost["batch"].astype("Int64")
-        timed = cost.dropna(subset=["latency_ms"]).rename(columns={"architecture": "model"})
+        timed = cost.rename(columns={"architecture": "model"})
         claims = claims_table(table, inference, order)
         family_rows = table[table["variant"].isin(order)]
         figures = {
@@ -421,6 +404,6 @@ def describe(result: MemoryFamilyResult) -> str:
         if "moe" in at.index:
             for a in at.index:
                 if a not in ("moe", "dense"):
-                    lines.append(f"B={int(bmax)}: MoE / {a} layer latency {at.at['moe', 'latency_ms'] / at.at[a, 'latency_ms']:.2f}x, "
+                    lines.append(f"B={bmax}: MoE / {a} layer latency {at.at['moe', 'latency_ms'] / at.at[a, 'latency_ms']:.2f}x, "
                                  f"bytes/token {at.at['moe', 'bytes_per_token'] / max(at.at[a, 'bytes_per_token'], 1e-12):.2f}x")
     return "\n".join(lines)

@@ -50,7 +50,11 @@ def test_notebook_runs_in_smoke_mode(tmp_path):
     headline = pd.read_parquet(out / "tables" / "1_headline.parquet")
     assert headline["architecture"].tolist() == ARCHS
     cost = pd.read_parquet(out / "tables" / "3_inference_cost.parquet")
-    assert set(cost["architecture"]) == set(ARCHS)
+    assert set(cost["architecture"]) == set(ARCHS) and len(cost) == 2 * len(ARCHS)   # every model at B = 1, 8
+    assert (cost["latency_ms"] > 0).all() and (cost["bytes_per_token"] > 0).all()
+    b1 = cost[cost["batch"] == 1].set_index("architecture")["bytes_per_token"]
+    b8 = cost[cost["batch"] == 8].set_index("architecture")["bytes_per_token"]
+    assert (b8 <= b1).all()          # the dense part is read once per step: bytes per token fall with B
     claims = pd.read_parquet(out / "tables" / "4_paper_claims.parquet")
     assert claims["architecture"].tolist() == ARCHS[1:]
     history = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
