@@ -77,10 +77,11 @@ anything is allocated) raises :class:`~labcore.layers.base.ConfigError` before a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -375,14 +376,8 @@ def run_inference_bench(batch_sizes: Sequence[int] = DEFAULT_BATCHES, models: Se
     dt = DTYPES[dt_name]
     b = torch.tensor([], dtype=dt).element_size()
     check_fits({m: configs[m] for m in models}, max(batch_sizes), dev, b)
-
-    old_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        ceil = ceilings if ceilings is not None else get_ceilings(dev, dt, force=remeasure_ceilings)
-        say(f"ceilings on {dev} ({dt_name}, {torch.get_num_threads()} threads): copy "
-            f"{ceil.copy_bytes_per_s / 1e9:.2f} GB/s, matmul {ceil.matmul_flops_per_s / 1e9:.1f} GFLOP/s")
+    with bench_threads(threads):
+        ceil = ceilings_for(dev, dt, ceilings, remeasure_ceilings, say)
         skipping = [m for m in models if _has_skip_layer(configs[m])]
         if overlap and skipping and dev.type != "cuda":
             say("skip-layer overlap: not measured on CPU (it needs two CUDA streams); overlap_* columns are NaN")
@@ -391,12 +386,31 @@ def run_inference_bench(batch_sizes: Sequence[int] = DEFAULT_BATCHES, models: Se
             rows += _bench_one(name, configs[name], batch_sizes, scopes=scopes, dev=dev, dt=dt, b=b,
                                ceil=ceil, warmup=warmup, repeats=repeats, context_len=context_len,
                                overlap=overlap and name in skipping and dev.type == "cuda", seed=seed, say=say)
-    finally:
-        torch.set_num_threads(old_threads)
     df = pd.DataFrame(rows, columns=COLUMNS)
     if out_dir is not None:
         write_outputs(df, out_dir)
     return df
+
+
+@contextlib.contextmanager
+def bench_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` torch CPU threads (None: as they are), restored afterwards."""
+    old = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def ceilings_for(dev: torch.device, dt: torch.dtype, ceilings: Ceilings | None, remeasure: bool,
+                 say: Callable[[str], None]) -> Ceilings:
+    """``ceilings`` if given, else the machine's measured (cached) ceilings; says which it uses."""
+    ceil = ceilings if ceilings is not None else get_ceilings(dev, dt, force=remeasure)
+    say(f"ceilings on {dev} ({dtype_name(dt)}, {torch.get_num_threads()} threads): copy "
+        f"{ceil.copy_bytes_per_s / 1e9:.2f} GB/s, matmul {ceil.matmul_flops_per_s / 1e9:.1f} GFLOP/s")
+    return ceil
 
 
 def _bench_one(name: str, cfg, batch_sizes: Sequence[int], *, scopes, dev, dt, b, ceil, warmup, repeats,

@@ -72,6 +72,8 @@ import torch
 from torch import nn
 
 from labcore.bench.inference import (
+    bench_threads,
+    ceilings_for,
     check_fits,
     default_configs,
     model_names,
@@ -84,7 +86,7 @@ from labcore.config import ConfigError, check_choice, check_int
 from labcore.layers.base import set_detailed_aux
 from labcore.layers.registry import get, spec_for
 from labcore.lm.model import LM
-from labcore.profiling.ceilings import DTYPES, Ceilings, dtype_name, get_ceilings
+from labcore.profiling.ceilings import DTYPES, Ceilings, dtype_name
 from labcore.profiling.cost_model import touched_bytes
 from labcore.profiling.timer import resolve_device, synchronize
 from labcore.results import write_atomic
@@ -471,20 +473,12 @@ def run_stage_bench(batch_sizes: Sequence[int] = DEFAULT_BATCHES, models: Sequen
     dt = DTYPES[dt_name]
     b = torch.tensor([], dtype=dt).element_size()
     check_fits({m: configs[m] for m in models}, max(batch_sizes), dev, b)
-
-    old_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        ceil = ceilings if ceilings is not None else get_ceilings(dev, dt, force=remeasure_ceilings)
-        say(f"ceilings on {dev} ({dt_name}, {torch.get_num_threads()} threads): copy "
-            f"{ceil.copy_bytes_per_s / 1e9:.2f} GB/s, matmul {ceil.matmul_flops_per_s / 1e9:.1f} GFLOP/s")
+    with bench_threads(threads):
+        ceil = ceilings_for(dev, dt, ceilings, remeasure_ceilings, say)
         rows = []
         for name in models:
             rows += _stages_one(name, configs[name], batch_sizes, dev=dev, dt=dt, b=b, ceil=ceil, warmup=warmup,
                                 repeats=repeats, seed=seed, say=say)
-    finally:
-        torch.set_num_threads(old_threads)
     df = pd.DataFrame(rows, columns=COLUMNS)
     if out_dir is not None:
         write_stage_outputs(df, out_dir)

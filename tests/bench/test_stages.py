@@ -235,7 +235,7 @@ def test_outputs_are_written_and_read_back(result):
 def _no_work(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("work started before the input was validated")
-    monkeypatch.setattr(stages, "get_ceilings", boom)
+    monkeypatch.setattr(stages, "ceilings_for", boom)
     monkeypatch.setattr(stages, "_stages_one", boom)
 
 
