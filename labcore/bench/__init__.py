@@ -1,4 +1,4 @@
-"""Benchmark entry points: ``python -m labcore.bench layers|inference|training`` or ``labcore bench ...``.
+"""Benchmark entry points: ``python -m labcore.bench layers|inference|training|kernels`` or ``labcore bench ...``.
 
 ==============  ====================================================================================
 layers          labcore layers vs their PyPI peers, forward latency at 4x256 tokens
@@ -6,6 +6,7 @@ inference       decode-step latency / memory access of Dense, MoE and every regi
                 batch size (the paper's Figure 1 on this machine), with the analytical cost model's
                 prediction (``labcore.bench.inference_cli``; the measurement is ``labcore.bench.inference``)
 training        training throughput (``labcore.bench.training``, imported only when asked for)
+kernels         the compiled top-k and fused side search vs the PyTorch paths (``labcore.bench.kernels``)
 ==============  ====================================================================================
 
 Every sub-benchmark module has ``main(argv) -> int``; they are imported lazily so that
@@ -23,6 +24,7 @@ COMMANDS = {
     "layers": ("labcore.bench.layers", "labcore layers vs PyPI peers: forward latency"),
     "inference": ("labcore.bench.inference_cli", "decode-step latency and memory access vs batch size (Figure 1)"),
     "training": ("labcore.bench.training", "training throughput"),
+    "kernels": ("labcore.bench.kernels", "compiled top-k and fused side search vs the PyTorch paths"),
 }
 
 

@@ -1,4 +1,4 @@
-"""labcore.viz has no import cycles: the package-internal import graph (every import statement,
+"""labcore (and so labcore.viz) has no import cycles: the package-internal import graph (every import statement,
 top-level or inside a function) has no cycle through a viz module."""
 
 from __future__ import annotations
@@ -57,4 +57,11 @@ def test_no_import_cycle_through_viz():
     viz = sorted(m for m in g if m.startswith("labcore.viz"))
     assert len(viz) >= 9
     cycles = {m: c for m in viz if (c := _cycle_through(g, m))}
+    assert cycles == {}
+
+
+def test_no_import_cycle_anywhere_in_labcore():
+    g = _graph()
+    assert len(g) > 60
+    cycles = {m: c for m in sorted(g) if (c := _cycle_through(g, m))}
     assert cycles == {}

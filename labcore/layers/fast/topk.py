@@ -16,16 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from labcore.layers.fast import compiled  # module import: compiled.py imports this module back
-
-
-def ordered_int32(x: Tensor) -> Tensor:
-    """float32 -> int32 keys with the same order (sign-magnitude to two's complement), no grad."""
-    b = x.detach().view(torch.int32)
-    key = b >> 31                                   # -1 where negative, else 0
-    key &= 0x7FFFFFFF                               # flip magnitude bits of negatives only
-    key ^= b
-    return key
+from labcore.layers.fast import compiled
+from labcore.layers.fast.bits import ordered_int32
 
 
 def block_size(n: int, k: int) -> int:
