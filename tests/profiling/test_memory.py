@@ -1,5 +1,6 @@
 """Peak memory: the tracker sees a known allocation on CPU (RSS) and on GPU (allocator)."""
 
+import mmap
 import time
 
 import pytest
@@ -12,10 +13,16 @@ MiB = 1 << 20
 
 
 def _allocate(n_bytes):
+    # A fresh anonymous mapping with every page written: its pages are new to the process whatever
+    # the allocator kept from earlier tests (a torch tensor could reuse resident heap pages).
     def fn():
-        t = torch.ones(n_bytes // 4)  # touches every page
+        m = mmap.mmap(-1, n_bytes)
+        for i in range(0, n_bytes, mmap.PAGESIZE):
+            m[i] = 1
         time.sleep(0.03)              # several sampling intervals while it is alive
-        return float(t[-1])
+        out = float(m[n_bytes - mmap.PAGESIZE])
+        m.close()
+        return out
     return fn
 
 

@@ -81,3 +81,21 @@ def test_report_pages_load_offline_without_raw_tex(browser, tmp_path):
     assert any(u.endswith("/assets/plotly.min.js") for u in nb["requested"]), nb["requested"]
     assert "$" not in nb["text"] and "\\sum" not in nb["text"], nb["text"]
     assert nb["n_math"] == 5                                           # its TeX, drawn as MathML
+
+
+@pytest.mark.ui
+def test_notebook_page_renders_math_and_figure_offline(browser, tmp_path):
+    """One page of labcore.viz.offline_html (the viz tests' notebook: inline and display math, a
+    LaTeX output, a plotly figure): every request stays on disk, the math is laid out as MathML
+    boxes, the figure draws its trace."""
+    oh = _load("test_offline_html")
+    page_dir = tmp_path / "runs" / "r1"
+    page_dir.mkdir(parents=True)
+    path = page_dir / "notebook.html"
+    path.write_text(oh.notebook_to_offline_html(oh._notebook(widget=True), tmp_path / "assets", page_dir=page_dir))
+    seen = _open_offline(browser, path, ".plotly-graph-div svg.main-svg")
+    assert seen["blocked"] == [] and seen["failed"] == [] and seen["errors"] == [], seen
+    assert any(u.endswith("/assets/plotly.min.js") for u in seen["requested"]), seen["requested"]
+    assert all(u.startswith("file:") for u in seen["requested"]), seen["requested"]
+    assert "$" not in seen["text"] and "\\sum" not in seen["text"], seen["text"]
+    assert seen["n_math"] == 5

@@ -34,7 +34,8 @@ def _cells(trace):
 
 def test_every_tour_figure_has_axis_titles_with_units(record):
     figs = tour_plots.tour_figures(record)
-    assert set(figs) == {"moe", "moe_load", "pkm", "pkm_load", "tdqkr", "bias", "ive", "ive_load"}
+    assert set(figs) == {"moe", "moe_load", "pkm", "pkm_load", "tdqkr", "bias", "ive", "ive_load", "peer",
+                         "memory_plus", "memory_plus_pool", "ultramem_v2", "ultramem_v2_ring"}
     for name, fig in figs.items():
         assert UNIT.search(fig.layout.xaxis.title.text or ""), (name, fig.layout.xaxis.title.text)
         assert UNIT.search(fig.layout.yaxis.title.text or ""), (name, fig.layout.yaxis.title.text)
