@@ -12,8 +12,10 @@ ultramem_v2  UltraMemV2Config /          UltraMemV2: one value projection, pre-v
 memory_plus  MemoryPlusConfig /          Memory Layers at Scale: PKM read, SiLU-gated output
   .py        MemoryPlus                  projection, optional qk-norm (arXiv 2412.09764)
 peer.py      PEERConfig / PEER           single-neuron experts chosen by product keys (arXiv 2407.04153)
-base.py      ConfigError, LayerAux,      the shared contract: validation, the aux record, costs,
-             LayerCost, tag_param        parameter roles for optimiser groups
+tucker.py    SearchGrid, TuckerRetrieval what UltraMem and UltraMemV2 share: the search grid's config
+                                         rules, W_q, keys, Tucker cores and their rank-1 proxy
+base.py      LayerAux, LayerCost,        the shared contract: the aux record, costs, parameter
+             tag_param                   roles for optimiser groups (validation: labcore.config)
 registry.py  LayerSpec, register, ...    the one registry: each layer file ends with its
                                          ``register(LayerSpec(...))``; everything else iterates it
 ===========  ==========================  ===========================================================

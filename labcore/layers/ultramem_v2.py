@@ -147,10 +147,10 @@ from labcore.layers.fast import bags
 from labcore.layers.fast.search import in_token_chunks, tucker_search
 from labcore.layers.fast.topk import exact_topk
 from labcore.layers.registry import LayerSpec, register
-from labcore.layers.ultramem import (
+from labcore.layers.tucker import (
     SearchGrid,
     TuckerRetrieval,
-    _qk_norm,
+    apply_qk_norm,
     check_common_fields,
     check_search_grid,
     qk_gain,
@@ -358,7 +358,7 @@ def _selected_moments(cfg: UltraMemV2Config, core: Tensor, uv: Tensor) -> tuple[
 def _gain_for(cfg: UltraMemV2Config, mu: float) -> float:
     """q/k norm gain g making the mean selected score 1 when it is ``mu`` at unit side-score scale:
     scores are quadratic in the side-score scale sigma = g^2 * std(q_hat . k_hat), so sigma =
-    mu^(-1/2) (:func:`labcore.layers.ultramem.qk_gain`)."""
+    mu^(-1/2) (:func:`labcore.layers.tucker.qk_gain`)."""
     return qk_gain(mu**-0.5, cfg.k_dim, cfg.norm_type)
 
 
@@ -545,7 +545,7 @@ class UltraMemV2(TuckerRetrieval):
         """(N_tok, D) -> normalised queries (N_tok, Hq, 2, Rq, D_k): [:, h, side, a]."""
         c = self.cfg
         q = rearrange(self.query(x2d), "t (h s a d) -> t h s a d", s=2, a=c.q_ranks, d=c.k_dim)
-        return _qk_norm(q, self.query_gain, c.norm_type, c.norm_eps) if c.qk_norm else q
+        return apply_qk_norm(q, self.query_gain, c.norm_type, c.norm_eps) if c.qk_norm else q
 
     def _side_scores_q(self, q: Tensor) -> Tensor:
         """Queries (N_tok, Hq, 2, Rq, D_k) -> S (2, N_tok, H, R, n_s), one batched matmul."""
