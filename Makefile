@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 setup: $(STAMP) system-deps  ## create .venv and install labcore with its dev/bench extras
-	@# the compiled top-k kernel (cached; without a compiler it says so in one line and is skipped)
-	@$(PY) -m labcore.layers.fast.compiled --build
+	@# the compiled top-k kernel (cached; without a compiler it says so in one line and is skipped);
+	@# called, not run with -m: importing labcore.layers loads the module first (runpy would warn)
+	@$(PY) -c 'from labcore.layers.fast.compiled import main; raise SystemExit(main(["--build"]))'
 
 system-deps:  ## Debian chromium for kaleido (static figures) and the browser tests
 	@bash scripts/system_deps.sh
