@@ -147,7 +147,14 @@ def test_scheduler_going_away_stops_the_sweep_and_a_rerun_resumes(tmp_path):
     try:
         driver = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 240
-        while time.time() < deadline and not any(f[1] == "end" for f in marker_lines(marker)):
+
+        def published() -> bool:  # a run ended AND its run directory is published (run.json done)
+            root = tmp_path / "results" / "sched"
+            return any(f[1] == "end" for f in marker_lines(marker)) and root.is_dir() and any(
+                d.is_dir() and not d.name.startswith(".") and (d / "run.json").exists()
+                and read_run_json(d)["status"] == "done" for d in root.iterdir())
+
+        while time.time() < deadline and not published():
             time.sleep(0.2)
         _stop(sched)
         out, _ = driver.communicate(timeout=120)
