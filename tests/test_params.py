@@ -212,7 +212,7 @@ def test_lab_params_defaults_are_valid_and_shared_checks_apply(cls):
     (lab_params.SplittingParams, {"splits": [2]}, "SplittingParams.splits=[2] is not allowed with total_values=576"),
     (lab_params.SplittingParams, {"splits": [4], "top_k": 13}, "12 keys per side < top_k"),
     (lab_params.SplittingParams, {"spans": [4]}, "SplittingParams.spans=[4] is not allowed: must be a non-empty "
-                                                 "list of integers in [0, 3]"),
+                                                 "list of integers in [0, 1]"),
     (lab_params.VirtualMemoryParams, {"expansions": [4, 9]}, "including 1 (the baseline)"),
     (lab_params.VirtualMemoryParams, {"expansions": [1, 8]}, "VirtualMemoryParams.expansions=[1, 8] is not allowed"),
     (lab_params.ArchitecturesParams, {"ratio": 100.0}, "ArchitecturesParams.ratio=100.0 is not allowed: must be a "

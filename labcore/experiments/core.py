@@ -15,6 +15,19 @@ seed), evaluates it, adds its static budget (parameters, FLOPs per token) and re
   verdict (:mod:`labcore.experiments.stats`): an effect not resolved is "inside seed noise" at
   this scale, or "not resolvable at this n" when the paper's delta is below the resolution.
 
+The ablation notebooks train on the **facts task** (:mod:`labcore.data.facts`: (subject,
+relation) -> object, one answer token, ``log2 n_objects`` bits per fact), where a small dense
+trunk cannot store every fact at equal activated FLOPs and a memory layer can: when ``data`` is a
+:class:`~labcore.data.facts.FactsConfig`, each run is :func:`labcore.experiments.facts_pilot.train_facts`
+(loss on the answer token only) and its row holds ``answer_accuracy``, ``answer_loss``,
+``stored_kbit`` and ``bits_per_param`` on the fixed evaluation set (every stored fact). Before
+training, every memory's value table is rescaled so that its output std at step 0 equals the
+trunk's mean FFN output std (:func:`labcore.lm.calibrate.calibrate_memory_init`, the lab's default;
+``Variant.calibrate=False`` or ``run_variants(calibrate=False)`` turns it off) and the row records
+the step-0 stds before and after (``init_std_before``, ``init_std``, ``init_target``), so no arm is
+louder than another for reasons unrelated to its mechanism. Any other ``data`` (the knowledge-base
+text task) trains with :func:`labcore.lm.train.train`.
+
 Everything a notebook shows comes from these tables, and everything written goes through a
 :class:`~labcore.results.RunDir` (history.jsonl, summary.parquet, figures).
 """
@@ -34,6 +47,7 @@ import pandas as pd
 import torch
 
 from labcore.config import ConfigError
+from labcore.data.facts import FactsConfig, inputs_targets
 from labcore.data.knowledge import KnowledgeConfig
 from labcore.experiments import stats
 from labcore.lm.budget import model_budget
@@ -42,6 +56,10 @@ from labcore.lm.train import TrainConfig, train
 
 # Metrics every run reports (when they exist): final validation loss, knowledge recall.
 CORE_METRICS = ("val_loss", "recall_qa", "recall_bio")
+# What a facts run reports (answer token only, on every stored fact).
+FACTS_METRICS = ("answer_accuracy", "answer_loss", "stored_kbit")
+# Memory diagnostics aggregated over memory layers (mean), from the layers' aux records.
+MEMORY_DIAGNOSTICS = ("coverage", "kl_uniform", "top1_score", "output_std", "lambda1", "lambda2")
 
 
 @dataclass(frozen=True)
@@ -54,6 +72,7 @@ class Variant:
     model: ModelConfig
     train_overrides: Mapping[str, Any] = field(default_factory=dict)
     tags: Mapping[str, Any] = field(default_factory=dict)
+    calibrate: bool | None = None  # facts runs: calibrate the memory init (None: run_variants' default)
 
 
 def knowledge_data(n_people: int, seed: int = 0, bios_per_person: int = 4) -> KnowledgeConfig:
@@ -91,7 +110,8 @@ def memory_metric(row: Mapping[str, Any], metric: str, how: str = "mean") -> flo
 def run_variants(variants: Sequence[Variant], seeds: Sequence[int], data: Any, train_cfg: TrainConfig,
                  workdir: str | Path, *, log: Callable[[dict[str, Any]], None] | None = None,
                  context_len: int | None = None,
-                 extra_metrics: Callable[[Variant, Any], Mapping[str, Any]] | None = None) -> pd.DataFrame:
+                 extra_metrics: Callable[[Variant, Any], Mapping[str, Any]] | None = None,
+                 calibrate: bool = True, init_target: float | None = None) -> pd.DataFrame:
     """Train every (variant, seed) and return one row per pair.
 
     Columns: ``variant``, ``seed``, the variant's tags, every scalar final metric of the run
@@ -103,6 +123,14 @@ def run_variants(variants: Sequence[Variant], seeds: Sequence[int], data: Any, t
     Training runs live under ``workdir/<variant>/seed-<s>/`` (checkpoints only at the end; inside
     :func:`labcore.experiments.common.lab_run` they are deleted once the whole run has finished,
     unless ``keep_checkpoints``).
+
+    With ``data`` a :class:`~labcore.data.facts.FactsConfig` the run is :func:`facts_cell` instead
+    (no files under ``workdir``): columns ``answer_accuracy``, ``answer_loss``, ``stored_kbit``,
+    ``bits_per_param``, the step-0 output stds (``init_std_before``, ``init_std``, ``init_target``;
+    NaN for a model without memory), the memory diagnostics on the evaluation set, the budget,
+    ``n_values``, ``reads_per_token``, ``train_seconds``. ``calibrate`` / ``init_target``: see
+    :func:`facts_cell` (a variant's own ``calibrate`` wins). ``extra_metrics`` then receives the
+    :class:`~labcore.experiments.facts_pilot.FactsRun`.
     """
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
@@ -114,6 +142,11 @@ def run_variants(variants: Sequence[Variant], seeds: Sequence[int], data: Any, t
         budget = model_budget(v.model, context_len=context_len or train_cfg.seq_len).row()
         for s in seeds:
             cfg = dataclasses.replace(train_cfg, seed=int(s), **dict(v.train_overrides))
+            if isinstance(data, FactsConfig):
+                cal = calibrate if v.calibrate is None else v.calibrate
+                rows.append(facts_cell(v, cfg, data, calibrate=cal, init_target=init_target, log=log,
+                                       extra_metrics=extra_metrics))
+                continue
             t0 = time.perf_counter()
 
             def _cb(step: int, row: dict[str, Any], _v: Variant = v, _s: int = s) -> None:
@@ -138,6 +171,86 @@ def run_variants(variants: Sequence[Variant], seeds: Sequence[int], data: Any, t
             rows.append(row)
             del res
     return pd.DataFrame(rows)
+
+
+def _memory_diagnostics(model: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Per-layer sparse metrics (``"<layer>/coverage"``, ...) of one eval-mode forward on ``x`` and
+    their means over memory layers (:data:`MEMORY_DIAGNOSTICS`)."""
+    from labcore.lm.train.metrics import sparse_metrics
+
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        model.train(was)
+    per_layer = _scalar_metrics(sparse_metrics({k: [a] for k, a in out.aux.items() if a is not None}))
+    return {**per_layer, **{m: memory_metric(per_layer, m) for m in MEMORY_DIAGNOSTICS}}
+
+
+def facts_cell(v: Variant, train_cfg: TrainConfig, facts: FactsConfig, *, calibrate: bool = True,
+               init_target: float | None = None, log: Callable[[dict[str, Any]], None] | None = None,
+               extra_metrics: Callable[[Variant, Any], Mapping[str, Any]] | None = None,
+               calib_rows: int = 256) -> dict[str, Any]:
+    """Train one (variant, seed) on the facts task and return its row (see :func:`run_variants`).
+
+    The model is built with ``torch.manual_seed(train_cfg.seed)``. Step 0: the output std of every
+    memory and FFN is measured on a fixed batch (the first ``calib_rows`` stored facts, the same
+    for every variant and seed); with ``calibrate`` every memory's value table is first rescaled so
+    that its output std equals ``init_target`` (default: the mean FFN output std of this model,
+    :func:`labcore.lm.calibrate.calibrate_memory_init`). Then :func:`train_facts` trains on the
+    answer tokens; the row's metrics come from its final evaluation on every stored fact and the
+    memory diagnostics from one eval-mode forward on the calibration batch."""
+    from labcore.data.cache import load_dataset
+    from labcore.experiments.facts_pilot import memory_reads, train_facts
+    from labcore.lm.calibrate import calibrate_memory_init, output_stds
+    from labcore.lm.model import LM
+
+    torch.manual_seed(train_cfg.seed)
+    model = LM(v.model)
+    fs = load_dataset(facts, False).extras["facts"]
+    ev = fs.eval_set("stored")
+    x0, _ = inputs_targets(ev.tokens[:calib_rows], ev.answer_mask[:calib_rows])  # (calib_rows, row_len - 1)
+    init: dict[str, float] = {"init_std_before": float("nan"), "init_std": float("nan"),
+                              "init_target": float("nan")}
+    if any(True for _ in model.memory_layers()):
+        if calibrate:
+            c = calibrate_memory_init(model, x0, init_target)
+            before = [r["std_before"] for r in c.rows]
+            after = [r["std_after"] for r in c.rows]
+            init["init_target"] = float(c.target)
+        else:
+            ffn, mem = output_stds(model, x0)
+            before = after = list(mem.values())
+            init["init_target"] = float(np.mean(list(ffn.values()))) if ffn else float("nan")
+        init["init_std_before"] = float(np.mean(before))
+        init["init_std"] = float(np.mean(after))
+
+    def tagged(row: dict[str, Any]) -> None:
+        if log is not None:
+            log({"variant": v.name, "seed": int(train_cfg.seed),
+                 **{k: x for k, x in row.items() if not isinstance(x, list)}})
+
+    run = train_facts(model, facts, train_cfg, log_every=max(1, train_cfg.steps // 8),
+                      eval_every=train_cfg.eval_every, log=tagged)
+    f = run.final
+    ctx = facts.row_len - 1
+    n_values, reads = memory_reads(v.model)
+    row: dict[str, Any] = {"variant": v.name, "seed": int(train_cfg.seed), **dict(v.tags),
+                           "answer_accuracy": f["answer_accuracy"], "answer_loss": f["answer_loss"],
+                           "stored_kbit": f["stored_bits"] / 1e3, "bits_per_param": f["bits_per_param"],
+                           **init, **_memory_diagnostics(run.model, x0.to(next(run.model.parameters()).device)),
+                           **model_budget(v.model, context_len=ctx).row(),
+                           "n_values": n_values, "reads_per_token": reads,
+                           "exposures_per_fact": train_cfg.steps * train_cfg.batch_size / facts.n_facts,
+                           "train_seconds": run.seconds,
+                           "tokens_per_s": train_cfg.steps * train_cfg.batch_size * ctx / max(run.seconds, 1e-9)}
+    if extra_metrics is not None:
+        row.update(extra_metrics(v, run))
+    tagged({"kind": "final", **{k: x for k, x in row.items() if isinstance(x, int | float)
+                                and not isinstance(x, bool)}})
+    return row
 
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float, float, int]:

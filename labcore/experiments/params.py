@@ -30,7 +30,7 @@ from labcore.config import (
 )
 
 if TYPE_CHECKING:
-    from labcore.data.knowledge import KnowledgeConfig
+    from labcore.data.facts import FactsConfig
     from labcore.lm.model import ModelConfig, SparsePlan
     from labcore.lm.train import TrainConfig
 
@@ -42,24 +42,36 @@ __all__ = ["LabParams", "TDQKRParams", "SplittingParams", "VirtualMemoryParams",
 class LabParams:
     """Parameters shared by the ablation notebooks (mirrored by their ``parameters`` cells).
 
-    ``smoke=True`` shrinks everything (:meth:`effective`). The defaults are the quick sweep's lab
-    scale: a 4-block, D = 64 byte-level LM trained for a few hundred steps on the synthetic
-    knowledge base.
+    Every ablation trains on the **facts task** (:mod:`labcore.data.facts`): ``n_facts`` facts
+    (subject, relation) -> object over 4 relations, ``n_objects`` possible answers (``log2
+    n_objects`` bits per fact), loss and metrics on the answer token only. The trunk is ``d_model``
+    x ``n_layers`` (D/16 heads, d_ff 4D), too small to store every fact at equal activated FLOPs in
+    ``steps`` steps; a memory layer with ~10x its parameters can. ``batch_size`` counts fact rows.
+
+    Confound-free defaults, the same in every arm unless the arm is about them: the memory init is
+    calibrated to the trunk's FFN output std at step 0 (``calibrate_init``; the step-0 stds are
+    reported), the memory values train at ``value_lr_multiplier`` x the LR decaying linearly to 1x
+    (UltraMem's schedule, docs/mechanisms.md §1.6), no weight decay on any parameter (so no group is
+    restrained more than another), MoE balance loss averaged over layers.
+
+    ``smoke=True`` shrinks everything (:meth:`effective`). The defaults are the quick sweep's scale.
     """
 
     smoke: bool = False          # tiny sizes and few steps (tests, CI)
     out_dir: str = "runs/manual"  # run directory (the sweep runner sets it)
     seed: int = 0                # first seed; seeds are seed, seed+1, ...
-    n_seeds: int = 3             # seeds per variant (spread and confidence intervals)
-    steps: int = 300             # optimiser steps per training run
-    batch_size: int = 16         # sequences per step
-    seq_len: int = 64            # tokens per sequence
+    n_seeds: int = 3             # seeds per variant (paired: same init seed and batch order)
+    steps: int = 400             # optimiser steps per training run
+    batch_size: int = 256        # fact rows per step
     lr: float = 3e-3             # peak learning rate (warmup + cosine)
-    d_model: int = 64            # model width D
-    n_layers: int = 4            # transformer blocks L
-    n_people: int = 100          # individuals in the synthetic knowledge base
+    d_model: int = 32            # trunk width D
+    n_layers: int = 2            # trunk blocks L
+    n_facts: int = 2000          # facts (subject, relation) -> object; a multiple of 4 (4 relations)
+    n_objects: int = 128         # answer space (log2 of it = bits per fact)
+    value_lr_multiplier: float = 10.0  # memory values' LR factor at step 0 (decays linearly to 1x)
+    calibrate_init: bool = True  # rescale memory values so their step-0 output std = the FFNs'
     device: str = "auto"         # "auto" | "cpu" | "cuda"
-    keep_checkpoints: bool = False  # keep the training checkpoints once the run has finished
+    keep_checkpoints: bool = False  # keep training checkpoints once the run has finished
 
     def __post_init__(self) -> None:
         o = type(self).__name__
@@ -69,54 +81,67 @@ class LabParams:
         check_int(o, "n_seeds", self.n_seeds, min_value=1, max_value=100)
         check_int(o, "steps", self.steps, min_value=1)
         check_int(o, "batch_size", self.batch_size, min_value=1)
-        check_int(o, "seq_len", self.seq_len, min_value=8, max_value=4096)
         check_float(o, "lr", self.lr, min_value=0.0, max_value=1.0, min_inclusive=False)
         check_int(o, "d_model", self.d_model, min_value=16)
         if self.d_model % 16:
             raise ConfigError(f"{o}.d_model={self.d_model!r} is not allowed: must be a multiple of 16")
         check_int(o, "n_layers", self.n_layers, min_value=2)
-        check_int(o, "n_people", self.n_people, min_value=4)
+        check_int(o, "n_facts", self.n_facts, min_value=8, max_value=400_000)
+        if self.n_facts % 4:
+            raise ConfigError(f"{o}.n_facts={self.n_facts!r} is not allowed: must be a multiple of 4 "
+                              "(4 relations per subject)")
+        check_int(o, "n_objects", self.n_objects, min_value=2, max_value=200)
+        check_float(o, "value_lr_multiplier", self.value_lr_multiplier, min_value=0.0, max_value=100.0,
+                    min_inclusive=False)
+        check_bool(o, "calibrate_init", self.calibrate_init)
         check_choice(o, "device", self.device, ("auto", "cpu", "cuda"))
         check_bool(o, "keep_checkpoints", self.keep_checkpoints)
 
     # -- derived sizes -----------------------------------------------------------------------
     def effective(self) -> LabParams:
-        """The sizes actually run: ``smoke`` shrinks steps, width, people and seeds."""
+        """The sizes actually run: ``smoke`` shrinks steps, seeds, rows per step and facts."""
         if not self.smoke:
             return self
         return dataclasses.replace(self, steps=min(self.steps, 12), n_seeds=min(self.n_seeds, 2),
-                                   batch_size=min(self.batch_size, 8), seq_len=min(self.seq_len, 64),
-                                   d_model=32, n_people=min(self.n_people, 12))
+                                   batch_size=min(self.batch_size, 64), n_facts=min(self.n_facts, 200),
+                                   d_model=32, n_layers=2)
 
     @property
     def seeds(self) -> list[int]:
         return [self.seed + i for i in range(self.n_seeds)]
 
+    @property
+    def context_len(self) -> int:
+        """Tokens one fact row feeds the model (row_len - 1): the context FLOPs are counted at."""
+        return self.data_config().row_len - 1
+
     # -- configs (these import the torch-based modules when called) --------------------------
+    def data_config(self) -> FactsConfig:
+        """The facts: the same for every seed (seeds vary the model init and the batch order)."""
+        from labcore.data.facts import FactsConfig
+
+        return FactsConfig(n_subjects=self.n_facts // 4, n_relations=4, n_objects=self.n_objects, seed=0)
+
     def train_config(self, **overrides: Any) -> TrainConfig:
+        """AdamW without weight decay, warmup (min(20, steps/10)) then cosine to 0.1x, memory values
+        at ``value_lr_multiplier`` decaying linearly to 1x."""
         from labcore.lm.train import TrainConfig
 
-        fields = dict(steps=self.steps, batch_size=self.batch_size, seq_len=self.seq_len, lr=self.lr,
-                      warmup_steps=max(1, self.steps // 10), eval_every=0, checkpoint_every=0,
-                      eval_batches=2 if self.smoke else 8, recall_max_people=min(self.n_people, 64),
-                      value_lr_multiplier=1.0, device=self.device, progress=False)
+        fields = dict(steps=self.steps, batch_size=self.batch_size, seq_len=self.context_len, lr=self.lr,
+                      warmup_steps=max(1, min(20, self.steps // 10)), weight_decay=0.0, eval_every=0,
+                      checkpoint_every=0, value_lr_multiplier=self.value_lr_multiplier, device=self.device,
+                      progress=False)
         fields.update(overrides)
         return TrainConfig(**fields)
 
-    def data_config(self) -> KnowledgeConfig:
-        from labcore.data.knowledge import KnowledgeConfig
-
-        # The knowledge base is the same for every seed: seeds vary the model init and batch order.
-        return KnowledgeConfig(n_people=self.n_people, bios_per_person=4, seed=0)
-
     def model(self, plan: SparsePlan | None = None, **overrides: Any) -> ModelConfig:
+        """The dense trunk (``plan`` None) or the trunk with ``plan``'s sparse layers."""
         from labcore.data.tokenizer import ByteTokenizer
         from labcore.lm.model import ModelConfig, SparsePlan
 
-        # Long enough for a bio prompt + answer (knowledge recall skips prompts longer than this).
         fields = dict(vocab_size=ByteTokenizer().vocab_size, d_model=self.d_model, n_layers=self.n_layers,
                       n_heads=max(1, self.d_model // 16), d_ff=4 * self.d_model,
-                      max_seq_len=max(self.seq_len, 160), plan=plan or SparsePlan())
+                      max_seq_len=max(16, self.context_len), plan=plan or SparsePlan())
         fields.update(overrides)
         return ModelConfig(**fields)
 
@@ -383,19 +408,15 @@ CAPACITY_ARCHS = ("pkm", "ultramem", "ultramem_v2", "memory_plus", "peer")
 class MemoryFamilyParams(LabParams):
     """07_memory_family: the whole family at equal activated FLOPs on the facts task.
 
-    The trunk is ``d_model`` x ``n_layers`` (heads D/16, d_ff 4D); ``seq_len`` is not used (a facts
-    row fixes the sequence length) and ``batch_size`` counts fact rows per step.
+    The task, trunk and training defaults are :class:`LabParams`' (the facts task); this notebook
+    runs fewer steps on fewer facts by default (the family is seven models).
     """
 
     out_dir: str = "runs/manual/07_memory_family"  # run directory (the sweep runner sets it)
     steps: int = 150                  # optimiser steps per training run
     batch_size: int = 128             # fact rows per step
-    d_model: int = 32                 # trunk width D
-    n_layers: int = 2                 # trunk blocks L
     n_facts: int = 800                # facts (subject, relation) -> object; 4 relations
-    n_objects: int = 128              # answer space (log2 of it = bits per fact)
     ratio: float = 10.0               # sparse / dense parameters of the family (total = (1 + ratio) x dense)
-    value_lr_multiplier: float = 10.0  # memory value tables' LR factor (decays linearly to 1x)
     architectures: list[str] = field(default_factory=lambda: list(MEMORY_FAMILY))  # "dense" first
     capacity_archs: list[str] = field(default_factory=lambda: ["pkm", "ultramem"])  # memories for the curve
     capacity_ratios: list[float] = field(default_factory=lambda: [2.5, 10.0, 40.0])  # memory sizes (ratio) on the curve
@@ -404,14 +425,7 @@ class MemoryFamilyParams(LabParams):
     def __post_init__(self) -> None:
         super().__post_init__()
         o = type(self).__name__
-        check_int(o, "n_facts", self.n_facts, min_value=8, max_value=400_000)
-        if self.n_facts % 4:
-            raise ConfigError(f"{o}.n_facts={self.n_facts!r} is not allowed: must be a multiple of 4 "
-                              "(4 relations per subject)")
-        check_int(o, "n_objects", self.n_objects, min_value=2, max_value=200)
         check_float(o, "ratio", self.ratio, min_value=0.5, max_value=64.0)
-        check_float(o, "value_lr_multiplier", self.value_lr_multiplier, min_value=0.0, max_value=100.0,
-                    min_inclusive=False)
         check_int_list(o, "batch_sizes", self.batch_sizes, min_value=1, max_value=65536)
         if (not isinstance(self.architectures, list | tuple) or not self.architectures
                 or self.architectures[0] != "dense" or len(set(self.architectures)) != len(self.architectures)
