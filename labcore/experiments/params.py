@@ -183,53 +183,114 @@ class TDQKRParams(LabParams):
 
 @dataclass(frozen=True)
 class SplittingParams(LabParams):
+    """02_layer_splitting: one memory of ``total_values`` values vs S smaller ones (docs/mechanisms.md §1.2).
+
+    The split keeps the TOTAL values and the ACTIVATED values per token equal
+    (:func:`labcore.lm.model.split_memory_plan`): each of the S memories holds ``total_values / S``
+    values (a perfect square: product keys) and reads ``top_k / S`` values per head, so S * H * K / S
+    = H * K value rows per token before and after. Arms: "S=1" (one memory, the baseline), for each
+    S > 1 in ``splits`` "S=<S> same block" (the S memories side by side at the baseline's block:
+    the split alone, when ``same_block``) and, for each span in ``spans``, "S=<S> depth span <s>"
+    (spread over the depth with skip span s, :func:`labcore.lm.model.spread_placements`). Splitting
+    over depth needs more than 2 blocks: the trunk has ``n_layers`` = 4 by default.
+    """
+
     out_dir: str = "runs/manual/02_layer_splitting"  # run directory (the sweep runner sets it)
-    total_values: int = 576                                          # physical values over all memories
-    splits: list[int] = field(default_factory=lambda: [1, 4])        # numbers of memories S
-    spans: list[int] = field(default_factory=lambda: [0, 1])         # skip spans (v - k)
-    top_k: int = 8                                                   # values per head K
+    steps: int = 250                  # optimiser steps per training run
+    batch_size: int = 128             # fact rows per step
+    n_layers: int = 4                 # trunk blocks L (> 2: the memories spread over the depth)
+    n_facts: int = 1000               # facts (subject, relation) -> object; 4 relations
+    total_values: int = 9216          # physical values N summed over all memories (96^2)
+    top_k: int = 32                   # values per head K of the single memory; S memories read K/S each
+    splits: list[int] = field(default_factory=lambda: [1, 4])        # numbers of memories S (1: baseline)
+    spans: list[int] = field(default_factory=lambda: [0])            # skip spans (v - k) of the depth arms
+    same_block: bool = True           # also an arm with the S memories side by side at the baseline's block
     batch_sizes: list[int] = field(default_factory=lambda: [1, 16, 256])  # decode batch sizes timed
 
     def __post_init__(self) -> None:
         super().__post_init__()
         o = type(self).__name__
-        check_int(o, "total_values", self.total_values, min_value=16)
+        check_int(o, "n_layers", self.n_layers, min_value=3)
+        check_int(o, "total_values", self.total_values, min_value=16, max_value=1 << 24)
         check_int(o, "top_k", self.top_k, min_value=1)
-        check_int_list(o, "splits", self.splits, min_value=1)
+        check_int_list(o, "splits", self.splits, min_value=1, max_value=64)
+        if 1 not in self.splits:
+            raise ConfigError(f"{o}.splits={self.splits!r} is not allowed: must include 1 (the single memory, "
+                              "the baseline)")
         check_int_list(o, "spans", self.spans, min_value=0, max_value=self.n_layers - 1)
+        check_bool(o, "same_block", self.same_block)
         check_int_list(o, "batch_sizes", self.batch_sizes, min_value=1)
         for s in self.splits:
             per, rem = divmod(self.total_values, s)
             if rem or not is_perfect_square(per):
                 raise ConfigError(f"{o}.splits={self.splits!r} is not allowed with total_values="
-                                  f"{self.total_values}: {self.total_values}/{s} is not a perfect square")
-            if math.isqrt(per) < self.top_k:
+                                  f"{self.total_values}: {self.total_values}/{s} is not a perfect square "
+                                  "(each memory's values form an n x n product-key grid)")
+            if self.top_k % s:
+                raise ConfigError(f"{o}.splits={self.splits!r} is not allowed with top_k={self.top_k}: "
+                                  f"top_k must be divisible by every S (each of S memories reads top_k/S "
+                                  "values per head, so activated values stay equal)")
+            if math.isqrt(per) < self.top_k // s:
                 raise ConfigError(f"{o}.splits={self.splits!r} is not allowed with top_k={self.top_k}: "
                                   f"{s} memories of {per} values have {math.isqrt(per)} keys per side "
-                                  f"< top_k")
+                                  f"< top_k/S = {self.top_k // s}")
+
+    def effective(self) -> SplittingParams:
+        """Smoke: a dozen steps, 2 seeds, 200 facts, 64 rows per step; the depth (n_layers) is kept."""
+        if not self.smoke:
+            return self
+        return dataclasses.replace(self, steps=min(self.steps, 12), n_seeds=min(self.n_seeds, 2),
+                                   batch_size=min(self.batch_size, 64), n_facts=min(self.n_facts, 200),
+                                   d_model=32)
 
 
 # ----------------------------------------------------------------------------------------------
 # 03_virtual_memory
 # ----------------------------------------------------------------------------------------------
 
+VALUE_WIDTH_REFERENCES = ("full_width", "full_width_proj")
+
 
 @dataclass(frozen=True)
 class VirtualMemoryParams(LabParams):
+    """03_virtual_memory: implicit value expansion (IVE, docs/mechanisms.md §1.4) at equal physical values.
+
+    Every arm has the same N = ``n_keys``^2 physical values and reads the same H * K of them per
+    token. "E=<E>" arms (``expansions``, perfect squares, 1 = IVE off, the baseline) store values of
+    width ``d_value`` (the paper's D/2) behind the E*D_v -> D projection; E grows the virtual rows
+    (E * N), the keys per side (sqrt(E) * n) and the projection. ``references`` adds E = 1 arms
+    with full-width values: "full_width" (D_v = D, no projection: the lab's facts default) and
+    "full_width_proj" (D_v = D with a D -> D projection), which separate the cost of the
+    projection from that of the half width.
+    """
+
     out_dir: str = "runs/manual/03_virtual_memory"  # run directory (the sweep runner sets it)
-    n_keys: int = 16                                                 # physical keys per side n
-    top_k: int = 8                                                   # values per head K
-    expansions: list[int] = field(default_factory=lambda: [1, 4, 9, 16])  # E (perfect squares)
+    steps: int = 500                  # optimiser steps per training run
+    batch_size: int = 128             # fact rows per step
+    n_facts: int = 1000               # facts (subject, relation) -> object; 4 relations
+    n_keys: int = 64                  # physical keys per side n (N = n^2 physical values in every arm)
+    top_k: int = 16                   # values per head K
+    d_value: int = 16                 # value width D_v of the E arms (the paper's D/2; projection to D)
+    expansions: list[int] = field(default_factory=lambda: [1, 4])    # E (perfect squares, 1 = baseline)
+    references: list[str] = field(default_factory=lambda: ["full_width"])  # E=1 full-width reference arms
 
     def __post_init__(self) -> None:
         super().__post_init__()
         o = type(self).__name__
-        check_int(o, "n_keys", self.n_keys, min_value=4)
+        check_int(o, "n_keys", self.n_keys, min_value=4, max_value=4096)
         check_int(o, "top_k", self.top_k, min_value=1, max_value=self.n_keys)
-        check_int_list(o, "expansions", self.expansions, min_value=1)
+        check_int(o, "d_value", self.d_value, min_value=2, max_value=4096)
+        if self.d_value % 2:
+            raise ConfigError(f"{o}.d_value={self.d_value!r} is not allowed: must be even (2 scoring cores "
+                              "each weight half of the value vector)")
+        check_int_list(o, "expansions", self.expansions, min_value=1, max_value=64)
         if any(not is_perfect_square(e) for e in self.expansions) or 1 not in self.expansions:
             raise ConfigError(f"{o}.expansions={self.expansions!r} is not allowed: must list perfect squares "
                               ">= 1 including 1 (the baseline)")
+        if (not isinstance(self.references, list | tuple) or len(set(self.references)) != len(self.references)
+                or any(r not in VALUE_WIDTH_REFERENCES for r in self.references)):
+            raise ConfigError(f"{o}.references={self.references!r} is not allowed: must list distinct names of "
+                              f"{list(VALUE_WIDTH_REFERENCES)} (may be empty)")
 
 
 # ----------------------------------------------------------------------------------------------
