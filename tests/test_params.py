@@ -209,12 +209,20 @@ def test_lab_params_defaults_are_valid_and_shared_checks_apply(cls):
                                                 "list of integers in [1, 8]"),
     (lab_params.TDQKRParams, {"cores": []}, "TDQKRParams.cores=[] is not allowed"),
     (lab_params.TDQKRParams, {"aux_loss": "yes"}, "TDQKRParams.aux_loss='yes' is not allowed: must be True or False"),
-    (lab_params.SplittingParams, {"splits": [2]}, "SplittingParams.splits=[2] is not allowed with total_values=576"),
-    (lab_params.SplittingParams, {"splits": [4], "top_k": 13}, "12 keys per side < top_k"),
+    (lab_params.SplittingParams, {"splits": [1, 2]}, "SplittingParams.splits=[1, 2] is not allowed with "
+                                                     "total_values=9216: 9216/2 is not a perfect square"),
+    (lab_params.SplittingParams, {"splits": [4]}, "SplittingParams.splits=[4] is not allowed: must include 1"),
+    (lab_params.SplittingParams, {"top_k": 30}, "SplittingParams.splits=[1, 4] is not allowed with top_k=30: "
+                                                "top_k must be divisible by every S"),
     (lab_params.SplittingParams, {"spans": [4]}, "SplittingParams.spans=[4] is not allowed: must be a non-empty "
-                                                 "list of integers in [0, 1]"),
+                                                 "list of integers in [0, 3]"),
+    (lab_params.SplittingParams, {"n_layers": 2}, "SplittingParams.n_layers=2 is not allowed: must be an integer "
+                                                  "in [3, inf]"),
     (lab_params.VirtualMemoryParams, {"expansions": [4, 9]}, "including 1 (the baseline)"),
     (lab_params.VirtualMemoryParams, {"expansions": [1, 8]}, "VirtualMemoryParams.expansions=[1, 8] is not allowed"),
+    (lab_params.VirtualMemoryParams, {"references": ["half"]}, "VirtualMemoryParams.references=['half'] is not "
+                                                               "allowed: must list distinct names of"),
+    (lab_params.VirtualMemoryParams, {"d_value": 15}, "VirtualMemoryParams.d_value=15 is not allowed: must be even"),
     (lab_params.ArchitecturesParams, {"ratio": 100.0}, "ArchitecturesParams.ratio=100.0 is not allowed: must be a "
                                                        "finite number in [0.5, 64.0]"),
     (lab_params.ArchitecturesParams, {"batch_sizes": [0]}, "ArchitecturesParams.batch_sizes=[0] is not allowed"),

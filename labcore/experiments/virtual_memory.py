@@ -259,23 +259,35 @@ def interpret(result: Any) -> str:
     if ive_down:
         out.append("IVE costs accuracy here: the bigger search grid (sqrt(E) more keys per side) has to be learnt "
                    "with the same steps, and E virtual copies share one physical row's gradient.")
+    width_loss = getattr(result, "width_loss_deltas", None)
     if width is not None and len(width):
         for r in width.to_dict("records"):
-            what = ("half-width values behind a projection" if r["variant"] == "E=1"
-                    else "a projection alone (full-width values)")
+            what = ("Half-width values behind a projection" if r["variant"] == "E=1"
+                    else "A projection alone (full-width values)")
+            lr = None
+            if width_loss is not None and len(width_loss):
+                m = width_loss[width_loss["variant"] == r["variant"]]
+                lr = m.iloc[0].to_dict() if len(m) else None
             out.append(f"{what} vs full-width values without projection ({r['reference']}): "
                        f"{_effect(r, 'accuracy points', 100, '+.1f')} "
-                       f"({'resolved' if _resolved(r) else 'not resolved'}).")
+                       f"({'resolved' if _resolved(r) else 'not resolved'})"
+                       + (f"; answer loss {_effect(lr, 'nats')} ({'resolved' if _resolved(lr) else 'not resolved'})"
+                          if lr else "") + ".")
             if not _resolved(r):
                 unresolved.append(r)
         half = width[width["variant"] == "E=1"]
-        if len(half) and _resolved(half.iloc[0].to_dict()) and half["delta_mean"].iloc[0] < 0:
+        half_loss = (width_loss[width_loss["variant"] == "E=1"] if width_loss is not None and len(width_loss)
+                     else pd.DataFrame())
+        slower = ((len(half) and _resolved(half.iloc[0].to_dict()) and half["delta_mean"].iloc[0] < 0)
+                  or (len(half_loss) and _resolved(half_loss.iloc[0].to_dict())
+                      and half_loss["delta_mean"].iloc[0] > 0))
+        if slower:
             out.append("So what slows learning on this small trunk is the value width and projection the paper "
                        "pairs with IVE (Table 2 '+half vdim + proj', -0.022 val loss at scale), not IVE itself: "
                        "the answer has to pass through a product of two trained matrices (values at a high value "
                        "LR, the projection at the base LR), each value row has half the features, and a few "
                        "hundred steps on a D=32 model do not let that product catch up. It is a small-model, "
-                       "short-run effect; the paper's claim is about loss at scale.")
+                       "short-run effect, opposite in direction to the paper's, whose claim is about loss at scale.")
     cov = {v: _mean(summ, v, "coverage") for v in summ["variant"]}
     if all(np.isfinite(c) for c in cov.values()) and "E=1" in cov:
         out.append("Share of slots read on the calibration batch: " + ", ".join(

@@ -80,7 +80,7 @@ def test_tdqkr_variants():
 
 
 def test_ive_variants_keep_physical_values_fixed():
-    vs = ive_variants(VirtualMemoryParams(expansions=[1, 4, 9]))
+    vs = ive_variants(VirtualMemoryParams(expansions=[1, 4, 9], references=[]))
     mems = [v.model.plan.memory for v in vs]
     assert [m.expansion for m in mems] == [1, 4, 9]
     costs = [m.cost() for m in mems]
@@ -91,11 +91,12 @@ def test_ive_variants_keep_physical_values_fixed():
 
 
 def test_split_variants_keep_total_values_and_build():
-    P = SplittingParams(total_values=576, splits=[1, 4], spans=[0, 1])
+    P = SplittingParams(total_values=576, top_k=8, splits=[1, 4], spans=[0, 1])
     vs = split_variants(P)
     for v in vs:
         plan = v.model.plan
         assert len(plan.placements) * plan.memory.n_keys ** 2 == 576
+        assert len(plan.placements) * plan.memory.top_k == 8   # activated values equal too
         LM(v.model)  # every plan is buildable
     with pytest.raises(ValueError, match="perfect square"):
-        SplittingParams(total_values=576, splits=[2])
+        SplittingParams(total_values=576, top_k=8, splits=[1, 2])
