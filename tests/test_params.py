@@ -204,10 +204,10 @@ def test_lab_params_defaults_are_valid_and_shared_checks_apply(cls):
 
 
 @pytest.mark.parametrize("cls, kw, fragment", [
-    (lab_params.TDQKRParams, {"top_k": 17}, "TDQKRParams.top_k=17 is not allowed: must be an integer in [1, 16]"),
+    (lab_params.TDQKRParams, {"top_k": 65}, "TDQKRParams.top_k=65 is not allowed: must be an integer in [1, 64]"),
     (lab_params.TDQKRParams, {"ranks": [2, 9]}, "TDQKRParams.ranks=[2, 9] is not allowed: must be a non-empty "
-                                                "list of integers in [1, 8]"),
-    (lab_params.TDQKRParams, {"cores": []}, "TDQKRParams.cores=[] is not allowed"),
+                                                "list of integers in [2, 8]"),
+    (lab_params.TDQKRParams, {"ranks": []}, "TDQKRParams.ranks=[] is not allowed"),
     (lab_params.TDQKRParams, {"aux_loss": "yes"}, "TDQKRParams.aux_loss='yes' is not allowed: must be True or False"),
     (lab_params.SplittingParams, {"splits": [2]}, "SplittingParams.splits=[2] is not allowed with total_values=576"),
     (lab_params.SplittingParams, {"splits": [4], "top_k": 13}, "12 keys per side < top_k"),

@@ -153,27 +153,52 @@ class LabParams:
 
 @dataclass(frozen=True)
 class TDQKRParams(LabParams):
+    """01_tdqkr: additive vs rank-R Tucker scoring inside one UltraMem, on the facts task.
+
+    Every arm: ``heads`` x ``top_k`` reads, ``k_dim`` key features per side (the additive arm
+    ``2 x k_dim`` with ``additive_equal_keys``: equal key parameters and key-score FLOPs), full-width
+    values, E = 1, raw scores, beside the middle block's FFN, at (1 + ``ratio``) x the dense trunk's
+    parameters and its forward FLOPs (values and d_ff solved per arm). Arms: "additive", "R=<r>" for
+    ``ranks``, "R=2 two-sided" (``two_sided``), "R=2 h=2" (``multi_core``), "R=2 +aux" (``aux_loss``).
+    Defaults: 2,000 facts and 300 steps keep the additive arm off its accuracy ceiling.
+    """
+
     out_dir: str = "runs/manual/01_tdqkr"  # run directory (the sweep runner sets it)
-    n_keys: int = 16                                             # physical keys per side n
-    top_k: int = 8                                               # values per head K (= search m)
-    ranks: list[int] = field(default_factory=lambda: [1, 2, 4])  # Tucker ranks R to compare
-    cores: list[int] = field(default_factory=lambda: [2])        # multi-core h for R=2 (1 = off)
-    aux_loss: bool = True                                        # add an "R=2 +aux" variant
-    exact_search: bool = True                                    # add an "R=2 exact" variant (m = n)
-    two_sided: bool = True                                       # add an "R=2 two-sided" search variant
-    recall_tokens: int = 64                                      # tokens scored by brute force
+    steps: int = 300             # optimiser steps per training run
+    ratio: float = 10.0          # memory model params = (1 + ratio) x the dense trunk's
+    heads: int = 2               # memory heads H
+    top_k: int = 16              # values per head K (= candidates per side m)
+    k_dim: int = 8               # key features per side D_k of the Tucker arms
+    additive_equal_keys: bool = True  # additive keys get R=2 x k_dim features (equal key params and FLOPs)
+    ranks: list[int] = field(default_factory=lambda: [2])  # Tucker ranks R, one arm each (2 = the release)
+    two_sided: bool = True       # add "R=2 two-sided" (two-sided proxy search)
+    multi_core: bool = False     # add "R=2 h=2" (multi-core scoring, 2 cores)
+    aux_loss: bool = False       # add "R=2 +aux" (Tucker aux loss, alpha 0.001, tau 0.15)
+    recall_rows: int = 512       # stored facts whose answer position is searched by brute force
 
     def __post_init__(self) -> None:
         super().__post_init__()
         o = type(self).__name__
-        check_int(o, "n_keys", self.n_keys, min_value=4)
-        check_int(o, "top_k", self.top_k, min_value=1, max_value=self.n_keys)
-        check_int(o, "recall_tokens", self.recall_tokens, min_value=1, max_value=4096)
-        check_int_list(o, "ranks", self.ranks, min_value=1, max_value=8)
-        check_int_list(o, "cores", self.cores, min_value=1, max_value=8)
-        check_bool(o, "aux_loss", self.aux_loss)
-        check_bool(o, "exact_search", self.exact_search)
-        check_bool(o, "two_sided", self.two_sided)
+        check_float(o, "ratio", self.ratio, min_value=0.5, max_value=64.0)
+        check_int(o, "heads", self.heads, min_value=1, max_value=16)
+        check_int(o, "top_k", self.top_k, min_value=1, max_value=64)
+        check_int(o, "k_dim", self.k_dim, min_value=1, max_value=256)
+        check_bool(o, "additive_equal_keys", self.additive_equal_keys)
+        check_int_list(o, "ranks", self.ranks, min_value=2, max_value=8)
+        if len(set(self.ranks)) != len(self.ranks):
+            raise ConfigError(f"{o}.ranks={self.ranks!r} is not allowed: must list distinct ranks")
+        for name in ("two_sided", "multi_core", "aux_loss"):
+            check_bool(o, name, getattr(self, name))
+        needs_r2 = [n for n in ("two_sided", "multi_core", "aux_loss") if getattr(self, n)]
+        if needs_r2 and 2 not in self.ranks:
+            raise ConfigError(f"{o}.ranks={self.ranks!r} is not allowed with {'/'.join(needs_r2)}=True: must "
+                              "include 2 (those arms are compared with R=2)")
+        check_int(o, "recall_rows", self.recall_rows, min_value=1, max_value=400_000)
+
+    def effective(self) -> TDQKRParams:
+        """Smoke: LabParams' shrink, and 64 recall rows."""
+        e = super().effective()
+        return e if not self.smoke else dataclasses.replace(e, recall_rows=min(self.recall_rows, 64))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ import pytest
 
 from labcore.experiments.paper_table import ROWS, PaperTableParams, table2_variants
 from labcore.experiments.splitting import SplittingParams, split_variants
-from labcore.experiments.tdqkr import TDQKRParams, tdqkr_variants
 from labcore.experiments.virtual_memory import VirtualMemoryParams, ive_variants
 from labcore.lm.model import LM
 
@@ -63,20 +62,6 @@ def test_table2_subset_and_bad_rows():
         PaperTableParams(rows=["+IVE"])
     with pytest.raises(ValueError, match="rows"):
         PaperTableParams(rows=["PKM", "+nope"])
-
-
-def test_tdqkr_variants():
-    vs = {v.name: v for v in tdqkr_variants(TDQKRParams(ranks=[1, 3], cores=[1, 2]))}
-    assert list(vs) == ["additive", "R=1", "R=3", "R=2 h=2", "R=2 +aux", "R=2 exact", "R=2 two-sided"]
-    assert vs["additive"].model.plan.memory.scoring == "additive"
-    assert vs["R=3"].model.plan.memory.rank == 3
-    assert vs["R=2 +aux"].model.plan.memory.tucker_aux is True
-    assert vs["R=2 exact"].model.plan.memory.candidate_m == 16
-    assert vs["R=2 two-sided"].model.plan.memory.proxy_search == "two_sided"
-    assert vs["R=2 h=2"].model.plan.memory.proxy_search == "signed"
-    assert "R=2 two-sided" not in [v.name for v in tdqkr_variants(TDQKRParams(two_sided=False))]
-    with pytest.raises(ValueError, match="ranks"):
-        TDQKRParams(ranks=[])
 
 
 def test_ive_variants_keep_physical_values_fixed():

@@ -20,9 +20,8 @@ NB = Path(__file__).resolve().parents[2] / "notebooks"
 
 # notebook -> (schema, smoke parameters, expected variants)
 CASES = {
-    "01_tdqkr": (TDQKRParams, dict(ranks=[2], cores=[1], aux_loss=True, exact_search=False, two_sided=True,
-                                 recall_tokens=16),
-                 ["additive", "R=2", "R=2 +aux", "R=2 two-sided"]),
+    "01_tdqkr": (TDQKRParams, dict(ranks=[2], two_sided=True, multi_core=False, aux_loss=True, recall_rows=16),
+                 ["additive", "R=2", "R=2 two-sided", "R=2 +aux"]),
     "02_layer_splitting": (SplittingParams, dict(splits=[1, 4], spans=[0], batch_sizes=[1, 4]),
                            ["1x24² span 0", "4x12² span 0"]),
     "03_virtual_memory": (VirtualMemoryParams, dict(expansions=[1, 4]), ["E=1", "E=4"]),
