@@ -314,8 +314,8 @@ def interpret(result: Any) -> str:
         out.append(f"Rank-2 Tucker scoring (R=2, the release's signed search) ends with a {direction} answer "
                    f"loss than additive scoring: Δ = {_said(r, 'nats')}; {verdict}.")
         if a is not None:
-            out.append(f"In accuracy that is {_said(a, 'points', '+.3f').replace(' points', '')} (fraction of facts "
-                       "answered exactly).")
+            pts = {k: 100 * a[k] for k in ("delta_mean", "ci_low", "ci_high", "resolution")}
+            out.append(f"In exact-match accuracy that is {_said({**a, **pts}, 'points', '+.1f')}.")
         res = r.get("resolution", math.nan)
         if math.isfinite(res):
             out.append(f"With this many seeds the design detects an answer-loss effect of {res:.3f} nats or more "
@@ -323,7 +323,8 @@ def interpret(result: Any) -> str:
                        "(validation loss of a 151M-activated LM, not an answer-token loss on facts), are not "
                        "resolved here: only the direction can be compared with the paper's claim.")
         same = (r["delta_mean"] < 0) == (PAPER_DELTAS[RELEASE] < 0)
-        out.append(f"The direction {'agrees' if same else 'disagrees'} with the paper's (TDQKR lowers loss).")
+        out.append(f"The direction {'agrees' if same else 'disagrees'} with the paper's (TDQKR lowers loss)"
+                   + ("." if _resolved(r) else ", but the sign of an unresolved difference is not evidence either way."))
     two = _row(d, "R=2 two-sided")
     if not rec.empty:
         rr = rec.iloc[0].to_dict()
@@ -332,12 +333,13 @@ def interpret(result: Any) -> str:
                    f"{rr['two_sided_mean']:.3f} on the same weights (Δ {rr['delta_mean']:+.3f}, {_ci(rr)}).")
         init_s = rr.get("init_signed_mean", math.nan)
         if math.isfinite(init_s):
+            change = rr["signed_mean"] - init_s
+            how = ("training shaped the keys around the signed search, which misses less than at init"
+                   if change > 0.05 else
+                   "training did not teach the keys to avoid the signed search's misses" if abs(change) <= 0.05
+                   else "the signed search misses more after training than at init")
             out.append(f"At step 0 the signed search found {init_s:.3f} and the two-sided "
-                       f"{rr.get('init_two_sided_mean', math.nan):.3f}: training shapes the keys around the search "
-                       "it is given, which is why the release's search misses less after training than at init."
-                       if rr['signed_mean'] > init_s else
-                       f"At step 0 the signed search found {init_s:.3f} and the two-sided "
-                       f"{rr.get('init_two_sided_mean', math.nan):.3f}.")
+                       f"{rr.get('init_two_sided_mean', math.nan):.3f}: {how} ({change:+.3f}).")
     if two is not None and r is not None:
         diff = two["delta_mean"] - r["delta_mean"]
         out.append(f"Whether the better search pays off in answer loss: two-sided minus signed is {diff:+.3f} nats "

@@ -47,7 +47,7 @@ def test_params_reject_bad_values_naming_field_value_and_allowed(kw, message):
 
 def test_params_defaults_and_smoke():
     P = TDQKRParams()
-    assert (P.n_facts, P.steps, P.batch_size, P.n_seeds, P.d_model) == (2000, 300, 256, 3, 32)
+    assert (P.n_facts, P.steps, P.batch_size, P.n_seeds, P.d_model) == (2000, 400, 256, 3, 32)
     assert P.effective() == P
     S = TDQKRParams(smoke=True).effective()
     assert isinstance(S, TDQKRParams) and S.steps <= 12 and S.recall_rows == 64 and S.n_facts <= 200
@@ -222,14 +222,15 @@ def test_interpret_reads_the_numbers_of_the_run():
     text = tdqkr.interpret(_synthetic(-0.30, [0.01, -0.01, 0.02, -0.02]))
     assert "lower answer loss than additive scoring: Δ = -0.300 nats" in text
     assert "; resolved." in text and "agrees with the paper" in text
+    assert "In exact-match accuracy that is +7.5 points (95% CI +7.5 .. +7.5" in text
     assert "signed search finds 0.810" in text and "two-sided search 0.970" in text
-    assert "At step 0 the signed search found 0.520" in text
+    assert "At step 0 the signed search found 0.520" in text and "misses less than at init (+0.290)" in text
     assert "λ₁/λ₂ = 8.0" in text and "close to rank 1" in text
     assert "two-sided minus signed is +0.010 nats" in text
     assert "What this does not resolve" in text
     noisy = tdqkr.interpret(_synthetic(0.05, [0.4, -0.4, 0.3, -0.3]))
     assert "higher answer loss" in noisy and "not resolved: the interval contains zero" in noisy
-    assert "disagrees with the paper" in noisy
+    assert "disagrees with the paper" in noisy and "not evidence either way" in noisy
 
 
 # ----------------------------------------------------------------------------------------------
