@@ -344,7 +344,8 @@ def interpret(result: Any) -> str:
         diff = two["delta_mean"] - r["delta_mean"]
         out.append(f"Whether the better search pays off in answer loss: two-sided minus signed is {diff:+.3f} nats "
                    "in the means (its paired interval is in the table against R=2); a search that finds more of "
-                   "the exact top-K need not train better, because the keys also adapt to the signed search.")
+                   "the exact top-K need not train better: training only sees the cells its own search selects, "
+                   "and the cells the signed search misses need not be the ones an answer depends on.")
     if "lambda2_mean" in summ.columns and "lambda1_mean" in summ.columns:
         lam = summ[summ["variant"] == RELEASE]
         if not lam.empty and math.isfinite(lam["lambda2_mean"].iloc[0]) and lam["lambda2_mean"].iloc[0] > 0:
