@@ -408,8 +408,12 @@ CAPACITY_ARCHS = ("pkm", "ultramem", "ultramem_v2", "memory_plus", "peer")
 class MemoryFamilyParams(LabParams):
     """07_memory_family: the whole family at equal activated FLOPs on the facts task.
 
-    The task, trunk and training defaults are :class:`LabParams`' (the facts task); this notebook
-    runs fewer steps on fewer facts by default (the family is seven models).
+    The task, trunk, training and confound-free defaults are :class:`LabParams`' (facts task, D=32
+    L=2 trunk, value-LR multiplier in every memory, init calibrated to the FFN output std, no weight
+    decay); this notebook runs fewer steps on fewer facts by default, because it trains seven models
+    plus the capacity points per seed. ``ratio``: the family's sparse / dense parameters;
+    ``capacity_archs`` x ``capacity_ratios``: the memories and sizes of the capacity curve (all at
+    the dense model's activated FLOPs); ``batch_sizes``: the decode batches timed.
     """
 
     out_dir: str = "runs/manual/07_memory_family"  # run directory (the sweep runner sets it)
