@@ -11,9 +11,8 @@ answer token only). What is held equal across arms (docs/mechanisms.md §1.6, §
 
 - activated FLOPs per token (within 2%) and, for the sparse arms, total parameters (within 2%);
 - the memory init: every memory's value table is rescaled so that its output std at step 0 equals
-  the trunk's mean FFN output std (``calibrate_init``; the step-0 stds are in :func:`init_table`).
-  PEER is the exception: its expert tables are ``down`` / ``up``, not a ``values`` table, so the
-  calibration cannot rescale it and its step-0 std is reported uncalibrated (:data:`UNCALIBRATED`);
+  the trunk's mean FFN output std (``calibrate_init``; the step-0 stds are in :func:`init_table`;
+  PEER's up experts v_i are the table rescaled there, its output being linear in them);
 - the value-LR multiplier (``value_lr_multiplier``, decaying linearly to 1x) in every memory arm;
 - no weight decay anywhere, the same facts, and per seed the same init seed and batch order (a pair).
 
@@ -78,8 +77,8 @@ __all__ = ["MemoryFamilyParams", "MEMORY_FAMILY", "PAPER_CLAIMS", "NOTEBOOK", "U
 NOTEBOOK = "07_memory_family"
 
 # Memories whose init the step-0 calibration cannot rescale (why), run uncalibrated and reported so.
-UNCALIBRATED = {"peer": "PEER's experts are two tables (down u_i, up v_i), not a `values` table the "
-                        "calibration rescales: its step-0 output std is the layer's own init"}
+# Empty: every registered memory has an output table labcore.lm.calibrate rescales.
+UNCALIBRATED: dict[str, str] = {}
 
 # Each paper's claim about its architecture, as docs/mechanisms.md states it, and the lab number that
 # speaks to it (filled by claims_table).
@@ -152,7 +151,7 @@ def memory_size(cfg: ModelConfig) -> int:
 def variants(E: MemoryFamilyParams) -> list[Variant]:
     """The arms: the family (named as the architecture, tag ``role`` "family") and the capacity
     points (``"pkm x2.5"``, role "capacity"); tags ``arch`` and ``ratio`` (0 for dense). Every arm
-    shares the training config; PEER runs uncalibrated (:data:`UNCALIBRATED`). Sizing happens here,
+    shares the training config; arms in :data:`UNCALIBRATED` (none today) run uncalibrated. Sizing happens here,
     so a size that cannot be matched stops before any training."""
     out = []
     for name, cfg in family(E).items():
