@@ -69,7 +69,7 @@ class LabParams:
     n_facts: int = 2000          # facts (subject, relation) -> object; a multiple of 4 (4 relations)
     n_objects: int = 128         # answer space (log2 of it = bits per fact)
     value_lr_multiplier: float = 10.0  # memory values' LR factor at step 0 (decays linearly to 1x)
-    calibrate_init: bool = True  # rescale memory values so their step-0 output std = the FFNs'
+    calibrate_init: bool = True  # rescale memory values so their step-0 output std matches the FFNs
     device: str = "auto"         # "auto" | "cpu" | "cuda"
     keep_checkpoints: bool = False  # keep training checkpoints once the run has finished
 
