@@ -26,8 +26,8 @@ CASES = {
     "02_layer_splitting": (SplittingParams, dict(splits=[1, 4], spans=[0], batch_sizes=[1, 4]),
                            ["1x24² span 0", "4x12² span 0"]),
     "03_virtual_memory": (VirtualMemoryParams, dict(expansions=[1, 4]), ["E=1", "E=4"]),
-    "04_architectures": (ArchitecturesParams, dict(ratio=4.0, batch_sizes=[1, 8]),
-                         ["dense", "moe", "pkm", "ultramem"]),
+    "04_architectures": (ArchitecturesParams, dict(batch_sizes=[1, 8]),
+                         ["dense", "moe", "pkm", "pkm_replaces_ffn", "ultramem"]),
     "05_paper_table": (PaperTableParams, dict(rows=["PKM", "+rm softmax", "+TDQKR"]),
                        ["PKM", "+rm softmax", "+TDQKR"]),
 }
