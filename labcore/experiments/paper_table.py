@@ -49,6 +49,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from labcore.experiments import stats
 from labcore.experiments.common import lab_run, save_outputs
 from labcore.experiments.core import Variant, paired_deltas, run_variants, summarize
 from labcore.experiments.params import PAPER_VAL_DELTAS, ROWS, PaperTableParams
@@ -370,10 +371,14 @@ def interpret(result: Any) -> str:
               ", at the edge of the measurable range, which hides effects in one direction")
            + f", and ends at {last} with {acc[last]:.2f} ({loss[last]:.2f} nats)."]
     if len(order) > 1:
-        net = acc[last] - acc[first]
-        out.append(f"Net effect of the walk: {100 * net:+.1f} accuracy points"
-                   + ("; on this trunk the paper's changes together slow the learning of facts."
-                      if net < -0.02 else "; the paper's changes together help here." if net > 0.02 else "."))
+        wide = t.pivot_table(index="seed", columns="variant", values="answer_accuracy")
+        net = stats.paired_difference(wide[last].to_numpy(), wide[first].to_numpy())
+        clear = len(wide) >= 2 and (net.ci_low > 0 or net.ci_high < 0)
+        out.append(f"Net effect of the walk: {100 * net.mean:+.1f} accuracy points (95% CI {100 * net.ci_low:+.1f} .. "
+                   f"{100 * net.ci_high:+.1f})" + (
+                       ("; on this trunk the paper's changes together slow the learning of facts." if net.mean < 0
+                        else "; the paper's changes together help here.") if clear
+                       else ", not resolved at this n."))
     res = [r for r in d.to_dict("records") if str(r["verdict"]).startswith("resolved")]
     if res:
         parts = []
@@ -386,12 +391,18 @@ def interpret(result: Any) -> str:
         out.append(f"{len(res)} of {len(d)} changes are resolved after Holm correction: " + "; ".join(parts) + ".")
     else:
         out.append(f"None of the {len(d)} changes is resolved after Holm correction.")
+    hint = [r for r in d.to_dict("records") if not str(r["verdict"]).startswith("resolved")
+            and (r["ci_low"] > 0 or r["ci_high"] < 0)]
+    if hint:
+        out.append("Suggestive only (the 95% interval of the single comparison excludes zero, the Holm-corrected "
+                   "test over the family does not): " + "; ".join(
+                       f"{r['variant']} {r['delta_mean']:+.3f} nats" for r in hint) + ".")
     resolution = d["resolution"].to_numpy(dtype=float)
     paper = d.get("paper_delta", pd.Series(dtype=float)).to_numpy(dtype=float)
     finite = np.isfinite(resolution)
     if finite.any():
-        out.append(f"The design resolves answer-loss changes of {np.nanmin(resolution):.2f} to "
-                   f"{np.nanmax(resolution):.2f} nats at n={int(d['n'].max())} seeds")
+        out.append(f"The design resolves answer-loss changes of {np.nanmin(resolution):.3g} to "
+                   f"{np.nanmax(resolution):.3g} nats at n={int(d['n'].max())} seeds")
         if np.isfinite(paper).any():
             need = d["seeds_needed"].to_numpy(dtype=float) if "seeds_needed" in d else np.array([np.nan])
             need_txt = (f"; about {int(np.nanmedian(need))} seeds (median) would resolve changes of the paper's size"

@@ -134,10 +134,10 @@ def test_direction_table_and_interpret():
     r = R()
     r.table, r.deltas = table, d
     text = T.interpret(r)
-    assert "starts at PKM with answer accuracy 0.49" in text and "off its ceiling" in text
+    assert "starts at PKM with answer accuracy 0.50" in text and "off its ceiling" in text
     assert "2 of 3 changes are resolved" in text
     assert "+rm softmax +0.300 nats (against the paper's -0.006)" in text
-    assert "+half vdim + proj -0.200 nats (the paper's direction)" in text
+    assert "+half vdim + proj -0.198 nats (the paper's direction)" in text
     assert "only their direction is compared" in text
 
 
