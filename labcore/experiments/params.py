@@ -69,7 +69,7 @@ class LabParams:
     n_facts: int = 2000          # facts (subject, relation) -> object; a multiple of 4 (4 relations)
     n_objects: int = 128         # answer space (log2 of it = bits per fact)
     value_lr_multiplier: float = 10.0  # memory values' LR factor at step 0 (decays linearly to 1x)
-    calibrate_init: bool = True  # rescale memory values so their step-0 output std = the FFNs'
+    calibrate_init: bool = True  # rescale memory values so their step-0 output std matches the FFNs
     device: str = "auto"         # "auto" | "cpu" | "cuda"
     keep_checkpoints: bool = False  # keep training checkpoints once the run has finished
 
@@ -434,8 +434,12 @@ CAPACITY_ARCHS = ("pkm", "ultramem", "ultramem_v2", "memory_plus", "peer")
 class MemoryFamilyParams(LabParams):
     """07_memory_family: the whole family at equal activated FLOPs on the facts task.
 
-    The task, trunk and training defaults are :class:`LabParams`' (the facts task); this notebook
-    runs fewer steps on fewer facts by default (the family is seven models).
+    The task, trunk, training and confound-free defaults are :class:`LabParams`' (facts task, D=32
+    L=2 trunk, value-LR multiplier in every memory, init calibrated to the FFN output std, no weight
+    decay); this notebook runs fewer steps on fewer facts by default, because it trains seven models
+    plus the capacity points per seed. ``ratio``: the family's sparse / dense parameters;
+    ``capacity_archs`` x ``capacity_ratios``: the memories and sizes of the capacity curve (all at
+    the dense model's activated FLOPs); ``batch_sizes``: the decode batches timed.
     """
 
     out_dir: str = "runs/manual/07_memory_family"  # run directory (the sweep runner sets it)
