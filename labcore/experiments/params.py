@@ -35,7 +35,8 @@ if TYPE_CHECKING:
     from labcore.lm.train import TrainConfig
 
 __all__ = ["LabParams", "TDQKRParams", "SplittingParams", "VirtualMemoryParams", "ArchitecturesParams",
-           "PaperTableParams", "PAPER_VAL_DELTAS", "ROWS", "MemoryFamilyParams", "MEMORY_FAMILY"]
+           "PaperTableParams", "PAPER_VAL_DELTAS", "ROWS", "MemoryFamilyParams", "MEMORY_FAMILY",
+           "FactsTaskParams"]
 
 
 @dataclass(frozen=True)
@@ -482,3 +483,65 @@ class MemoryFamilyParams(LabParams):
                                    batch_size=min(self.batch_size, 64), n_facts=min(self.n_facts, 200),
                                    d_model=32, n_layers=2, capacity_ratios=sorted(self.capacity_ratios)[:2],
                                    batch_sizes=sorted({min(b, 8) for b in self.batch_sizes}))
+
+
+# ----------------------------------------------------------------------------------------------
+# 08_facts_task
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FactsTaskParams(LabParams):
+    """08_facts_task: the facts task's own property, a dense trunk's stored knowledge vs the load.
+
+    Every trunk of ``d_models`` (D x ``n_layers``, D/16 heads, d_ff 4D; no memory) is trained on
+    each fact count of ``fact_counts`` with the same number of **exposures per fact**: steps =
+    round(``exposures`` x n_facts / ``batch_size``), so a larger load gets proportionally more steps
+    and every fact is seen about ``exposures`` times at every size. ``capacity_bits``: the bits per
+    parameter of the capacity line drawn beside the measurements (Allen-Zhu & Li, arXiv 2404.05405:
+    about 2 after ~1000 exposures, about 1 after ~100). ``eval_points``: evaluations during each
+    run (the learning curves; 0: only the final one).
+
+    Not used here: ``steps`` (derived per load, above), ``n_facts`` (``fact_counts``), ``d_model``
+    (``d_models``), ``value_lr_multiplier`` and ``calibrate_init`` (a dense trunk has no memory).
+    The defaults are the quick setting: one D = 16 trunk (12,416 parameters) on 400-3,200 facts,
+    measured at about two minutes of one CPU thread.
+    """
+
+    out_dir: str = "runs/manual/08_facts_task"  # run directory (the sweep runner sets it)
+    n_seeds: int = 3                 # seeds per (trunk, load): paired by init seed and batch order
+    lr: float = 1e-2                 # peak learning rate (a D = 16 trunk learns faster at 1e-2 than 3e-3)
+    d_model: int = 16                # not used here: d_models lists the trunks
+    fact_counts: list[int] = field(default_factory=lambda: [400, 800, 1600, 3200])  # loads, increasing
+    d_models: list[int] = field(default_factory=lambda: [16])  # trunk widths D (multiples of 16)
+    exposures: int = 160             # exposures per fact: steps = exposures * n_facts / batch_size
+    capacity_bits: float = 2.0       # bits per parameter of the capacity line (Allen-Zhu & Li)
+    eval_points: int = 4             # evaluations per run for the learning curves (0: final only)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        o = type(self).__name__
+        check_int_list(o, "fact_counts", self.fact_counts, min_value=8, max_value=400_000)
+        fc = list(self.fact_counts)
+        if len(fc) < 2 or any(b <= a for a, b in zip(fc, fc[1:])) or any(c % 4 for c in fc):
+            raise ConfigError(f"{o}.fact_counts={self.fact_counts!r} is not allowed: must list at least 2 "
+                              "strictly increasing multiples of 4 (4 relations per subject) in [8, 400000]")
+        check_int_list(o, "d_models", self.d_models, min_value=16, max_value=512)
+        if len(set(self.d_models)) != len(self.d_models) or any(d % 16 for d in self.d_models):
+            raise ConfigError(f"{o}.d_models={self.d_models!r} is not allowed: must list distinct multiples "
+                              "of 16 in [16, 512]")
+        check_int(o, "exposures", self.exposures, min_value=1, max_value=100_000)
+        check_float(o, "capacity_bits", self.capacity_bits, min_value=0.0, max_value=64.0, min_inclusive=False)
+        check_int(o, "eval_points", self.eval_points, min_value=0, max_value=20)
+
+    def effective(self) -> FactsTaskParams:
+        """Smoke: 2 seeds, loads of 40 and 80 facts, 16 exposures, 32 rows per step (trunks as given)."""
+        if not self.smoke:
+            return self
+        return dataclasses.replace(self, n_seeds=min(self.n_seeds, 2), fact_counts=[40, 80],
+                                   exposures=min(self.exposures, 16), batch_size=min(self.batch_size, 32),
+                                   eval_points=min(self.eval_points, 2))
+
+    def steps_for(self, n_facts: int) -> int:
+        """Optimiser steps that show each of ``n_facts`` facts ``exposures`` times (at least 1)."""
+        return max(1, round(self.exposures * n_facts / self.batch_size))
