@@ -221,6 +221,7 @@ def test_lab_params_defaults_are_valid_and_shared_checks_apply(cls):
     (lab_params.PaperTableParams, {"rows": ["+IVE"]}, "PaperTableParams.rows=['+IVE'] is not allowed: must start "
                                                       "with 'PKM'"),
     (lab_params.PaperTableParams, {"heads": 0}, "PaperTableParams.heads=0 is not allowed"),
+    (lab_params.PaperTableParams, {"top_k": 7}, "PaperTableParams.top_k=7 is not allowed: must be even"),
 ])
 def test_lab_params_reject_bad_values_naming_field_value_and_allowed(cls, kw, fragment):
     with pytest.raises(ConfigError) as e:

@@ -265,15 +265,23 @@ class VirtualMemoryParams(LabParams):
 
 @dataclass(frozen=True)
 class ArchitecturesParams(LabParams):
+    """04_architectures: dense, MoE, PKM (beside and replacing the FFN) and UltraMem at equal
+    activated FLOPs, the sparse arms at ``(1 + ratio)`` x the dense parameters, on the facts task.
+    Five arms x ``n_seeds``: the defaults train fewer facts for fewer steps than :class:`LabParams`'
+    (same exposures per fact scale) to fit the quick sweep."""
+
     out_dir: str = "runs/manual/04_architectures"  # run directory (the sweep runner sets it)
-    ratio: float = 12.0                                                     # sparse / dense parameters
+    steps: int = 300                   # optimiser steps per training run
+    batch_size: int = 128              # fact rows per step
+    n_facts: int = 1000                # facts (subject, relation) -> object; a multiple of 4 (4 relations)
+    ratio: float = 10.0                # sparse / dense parameters (total = (1 + ratio) x dense)
     batch_sizes: list[int] = field(default_factory=lambda: [1, 16, 256, 4096])  # decode batches timed
 
     def __post_init__(self) -> None:
         super().__post_init__()
         o = type(self).__name__
         check_float(o, "ratio", self.ratio, min_value=0.5, max_value=64.0)
-        check_int_list(o, "batch_sizes", self.batch_sizes, min_value=1)
+        check_int_list(o, "batch_sizes", self.batch_sizes, min_value=1, max_value=65536)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,22 +300,40 @@ ROWS = ("PKM", *PAPER_VAL_DELTAS)
 
 @dataclass(frozen=True)
 class PaperTableParams(LabParams):
+    """05_paper_table: Table 2 walked on the facts task, one cumulative switch per row.
+
+    The walk is the lab's most expensive notebook (eleven rows x seeds), so its defaults train fewer
+    facts for fewer steps than :class:`LabParams`' and pick the PKM row's memory (``n_keys`` per
+    side, ``heads`` x ``top_k``, ``k_dim`` key features per side) so that the first row sits off its
+    ceiling. ``top_k`` is even: the split row gives each of its two memories top_k / 2.
+    """
+
     out_dir: str = "runs/manual/05_paper_table"  # run directory (the sweep runner sets it)
-    n_keys: int = 16          # PKM row: physical keys per side n (N = n^2 values)
+    n_seeds: int = 3          # seeds per row (paired: same init seed and batch order)
+    steps: int = 150          # optimiser steps per training run
+    batch_size: int = 128     # fact rows per step
+    n_facts: int = 800        # facts (subject, relation) -> object; a multiple of 4 (4 relations)
+    n_keys: int = 29          # PKM row: physical keys per side n (N = n^2 values)
     heads: int = 2            # memory query heads H
-    top_k: int = 8            # values selected per head K
+    top_k: int = 16           # values selected per head K (even: the split row halves it)
+    k_dim: int = 16           # key features per side D_k
     rows: list[str] = field(default_factory=lambda: list(ROWS))  # which rows to walk (in table order)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         o = type(self).__name__
-        check_int(o, "n_keys", self.n_keys, min_value=4)
-        check_int(o, "heads", self.heads, min_value=1)
-        check_int(o, "top_k", self.top_k, min_value=1, max_value=self.n_keys)
+        check_int(o, "n_keys", self.n_keys, min_value=4, max_value=4096)
+        check_int(o, "heads", self.heads, min_value=1, max_value=16)
+        check_int(o, "top_k", self.top_k, min_value=2, max_value=self.n_keys)
+        if self.top_k % 2:
+            raise ConfigError(f"{o}.top_k={self.top_k!r} is not allowed: must be even (the split row gives each "
+                              "of its 2 memories top_k / 2 slots per head)")
+        check_int(o, "k_dim", self.k_dim, min_value=2, max_value=1024)
         if (not isinstance(self.rows, list | tuple) or not self.rows or self.rows[0] != "PKM"
-                or any(r not in ROWS for r in self.rows)):
-            raise ConfigError(f"{o}.rows={self.rows!r} is not allowed: must start with 'PKM' and use "
-                              f"rows of {list(ROWS)}")
+                or any(r not in ROWS for r in self.rows) or len(set(self.rows)) != len(self.rows)
+                or list(self.rows) != sorted(self.rows, key=ROWS.index)):
+            raise ConfigError(f"{o}.rows={self.rows!r} is not allowed: must start with 'PKM' and list distinct "
+                              f"rows of {list(ROWS)} in table order")
 
 
 # ----------------------------------------------------------------------------------------------
