@@ -7,9 +7,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.labcore-installed
 PYTEST_ARGS ?=
 SWEEP ?= sweeps/quick.yaml
+SWEEP_DIR ?= runs/standard
 JOBS ?= 2
 
-.PHONY: setup system-deps lab test test-fast lint bench jupyter clean-runs
+.PHONY: setup system-deps lab findings test test-fast lint bench jupyter clean-runs
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +30,10 @@ system-deps:  ## Debian chromium for kaleido (static figures) and the browser te
 
 lab: setup  ## the main job: quick ablation sweep of all notebooks + report
 	$(VENV)/bin/labcore sweep $(SWEEP) --jobs $(JOBS) --results-root runs --reports-root reports
+
+findings: setup  ## the published findings (docs/findings.md, CSVs, figures) of a finished sweep, then checked
+	$(VENV)/bin/labcore findings $(SWEEP_DIR) --out docs
+	$(VENV)/bin/labcore findings --check --out docs
 
 test: setup  ## the whole test suite (unit, notebooks, sweeps, slow, real-browser UI)
 	$(VENV)/bin/pytest -m "not gpu" $(PYTEST_ARGS)

@@ -6,6 +6,8 @@
                   [--retries K] [--results-root DIR] [--reports-root DIR] [--gpus 0,1]
                   [--dry-run] [--no-report] [--no-progress]
     labcore report SWEEP_DIR [--out DIR]       regenerate a sweep's report from its run directories
+    labcore findings SWEEP_DIR [--out docs]    write the published findings (docs/findings.md, its CSVs
+                                               and figures) of a finished sweep; --check / --rerender
     labcore train ...                          labcore.lm.train.cli.cli_main(argv)
     labcore bench ...                          labcore.bench.cli_main(argv)
     labcore lab [--dry-run]                    start JupyterLab on notebooks/ (127.0.0.1)
@@ -30,6 +32,7 @@ from labcore.sweep.dask_exec import DaskBackend, DaskUnavailable
 from labcore.sweep.executors import LocalPoolBackend, detect_local_gpus, local_cores, parse_gpus
 from labcore.sweep.runner import SweepLocked, run_sweep
 from labcore.sweep.spec import SweepError, load_sweep
+from labcore.viz.findings import check_findings, rerender, write_findings
 from labcore.viz.report import write_report
 
 __all__ = ["main", "build_parser"]
@@ -80,7 +83,7 @@ def _scheduler(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="labcore", description="UltraMem Lab command line")
-    sub = p.add_subparsers(dest="command", metavar="{sweep,report,train,bench,lab}")
+    sub = p.add_subparsers(dest="command", metavar="{sweep,report,findings,train,bench,lab}")
 
     s = sub.add_parser("sweep", help="run a sweep file's notebooks (parallel, resumable)",
                        description="Validate a sweep file, run every notebook x parameters x seed not "
@@ -109,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="(re)write the HTML report of a sweep directory")
     r.add_argument("sweep_dir", type=Path, help="<results root>/<sweep name>")
     r.add_argument("--out", type=Path, default=None, help="default: reports/<sweep name>")
+
+    f = sub.add_parser("findings", help="write the lab's published findings (findings.md) from a finished sweep",
+                       description="Read a finished sweep's run directories and write <out>/findings.md, with each "
+                                   "notebook's headline table (CSV) and figure (PNG) under <out>/findings/.")
+    f.add_argument("sweep_dir", type=Path, nargs="?", help="<results root>/<sweep name>, e.g. runs/standard")
+    f.add_argument("--out", type=Path, default=Path("docs"), help="default: docs")
+    mode = f.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true",
+                      help="check <out>/findings.md against its CSVs (exit 1 on a mismatch); reads no sweep")
+    mode.add_argument("--rerender", action="store_true",
+                      help="rewrite <out>/findings.md from its snapshot.json and CSVs; reads no sweep")
 
     for name, module in DELEGATES.items():
         t = sub.add_parser(name, help=f"{module}.cli_main(...) (arguments passed through)", add_help=False)
@@ -194,6 +208,36 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_findings(args: argparse.Namespace) -> int:
+    if args.check or args.rerender:
+        if args.sweep_dir is not None:
+            print("error: --check and --rerender read <out> only; give no SWEEP_DIR", file=sys.stderr)
+            return EXIT_USAGE
+        if not (args.out / "findings" / "snapshot.json").exists():
+            print(f"error: {args.out}/findings/snapshot.json does not exist: generate the findings first "
+                  "(labcore findings SWEEP_DIR --out DIR)", file=sys.stderr)
+            return EXIT_USAGE
+        if args.rerender:
+            print(f"findings: {rerender(args.out)}")
+            return EXIT_OK
+        problems = check_findings(args.out)
+        for p in problems:
+            print(f"mismatch: {p}", file=sys.stderr)
+        print(f"findings: {args.out / 'findings.md'} " + ("matches its CSVs" if not problems
+                                                          else f"has {len(problems)} problem(s)"))
+        return EXIT_FAILED if problems else EXIT_OK
+    if args.sweep_dir is None:
+        print("error: SWEEP_DIR is required (e.g. labcore findings runs/standard --out docs)", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        path = write_findings(args.sweep_dir, args.out)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"findings: {path}")
+    return EXIT_OK
+
+
 def _cmd_lab(args: argparse.Namespace) -> int:
     cmd = ["jupyter", "lab", "--ip", "127.0.0.1", "--notebook-dir", str(args.notebook_dir)]
     if args.port:
@@ -220,7 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    return {"sweep": _cmd_sweep, "report": _cmd_report, "lab": _cmd_lab}[args.command](args)
+    return {"sweep": _cmd_sweep, "report": _cmd_report, "findings": _cmd_findings,
+            "lab": _cmd_lab}[args.command](args)
 
 
 if __name__ == "__main__":

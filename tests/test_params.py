@@ -204,10 +204,10 @@ def test_lab_params_defaults_are_valid_and_shared_checks_apply(cls):
 
 
 @pytest.mark.parametrize("cls, kw, fragment", [
-    (lab_params.TDQKRParams, {"top_k": 17}, "TDQKRParams.top_k=17 is not allowed: must be an integer in [1, 16]"),
+    (lab_params.TDQKRParams, {"top_k": 65}, "TDQKRParams.top_k=65 is not allowed: must be an integer in [1, 64]"),
     (lab_params.TDQKRParams, {"ranks": [2, 9]}, "TDQKRParams.ranks=[2, 9] is not allowed: must be a non-empty "
-                                                "list of integers in [1, 8]"),
-    (lab_params.TDQKRParams, {"cores": []}, "TDQKRParams.cores=[] is not allowed"),
+                                                "list of integers in [2, 8]"),
+    (lab_params.TDQKRParams, {"ranks": []}, "TDQKRParams.ranks=[] is not allowed"),
     (lab_params.TDQKRParams, {"aux_loss": "yes"}, "TDQKRParams.aux_loss='yes' is not allowed: must be True or False"),
     (lab_params.SplittingParams, {"splits": [1, 2]}, "SplittingParams.splits=[1, 2] is not allowed with "
                                                      "total_values=9216: 9216/2 is not a perfect square"),
@@ -229,6 +229,7 @@ def test_lab_params_defaults_are_valid_and_shared_checks_apply(cls):
     (lab_params.PaperTableParams, {"rows": ["+IVE"]}, "PaperTableParams.rows=['+IVE'] is not allowed: must start "
                                                       "with 'PKM'"),
     (lab_params.PaperTableParams, {"heads": 0}, "PaperTableParams.heads=0 is not allowed"),
+    (lab_params.PaperTableParams, {"top_k": 7}, "PaperTableParams.top_k=7 is not allowed: must be even"),
 ])
 def test_lab_params_reject_bad_values_naming_field_value_and_allowed(cls, kw, fragment):
     with pytest.raises(ConfigError) as e:

@@ -143,8 +143,7 @@ def run_variants(variants: Sequence[Variant], seeds: Sequence[int], data: Any, t
         for s in seeds:
             cfg = dataclasses.replace(train_cfg, seed=int(s), **dict(v.train_overrides))
             if isinstance(data, FactsConfig):
-                cal = calibrate if v.calibrate is None else v.calibrate
-                rows.append(facts_cell(v, cfg, data, calibrate=cal, init_target=init_target, log=log,
+                rows.append(facts_cell(v, cfg, data, calibrate=calibrate, init_target=init_target, log=log,
                                        extra_metrics=extra_metrics))
                 continue
             t0 = time.perf_counter()
@@ -201,7 +200,8 @@ def facts_cell(v: Variant, train_cfg: TrainConfig, facts: FactsConfig, *, calibr
     that its output std equals ``init_target`` (default: the mean FFN output std of this model,
     :func:`labcore.lm.calibrate.calibrate_memory_init`). Then :func:`train_facts` trains on the
     answer tokens; the row's metrics come from its final evaluation on every stored fact and the
-    memory diagnostics from one eval-mode forward on the calibration batch."""
+    memory diagnostics from one eval-mode forward on the calibration batch. ``v.calibrate``, when
+    set, wins over ``calibrate``."""
     from labcore.data.cache import load_dataset
     from labcore.experiments.facts_pilot import memory_reads, train_facts
     from labcore.lm.calibrate import calibrate_memory_init, output_stds
@@ -214,6 +214,8 @@ def facts_cell(v: Variant, train_cfg: TrainConfig, facts: FactsConfig, *, calibr
     x0, _ = inputs_targets(ev.tokens[:calib_rows], ev.answer_mask[:calib_rows])  # (calib_rows, row_len - 1)
     init: dict[str, float] = {"init_std_before": float("nan"), "init_std": float("nan"),
                               "init_target": float("nan")}
+    if v.calibrate is not None:
+        calibrate = v.calibrate
     if any(True for _ in model.memory_layers()):
         if calibrate:
             c = calibrate_memory_init(model, x0, init_target)

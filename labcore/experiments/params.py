@@ -35,7 +35,8 @@ if TYPE_CHECKING:
     from labcore.lm.train import TrainConfig
 
 __all__ = ["LabParams", "TDQKRParams", "SplittingParams", "VirtualMemoryParams", "ArchitecturesParams",
-           "PaperTableParams", "PAPER_VAL_DELTAS", "ROWS", "MemoryFamilyParams", "MEMORY_FAMILY"]
+           "PaperTableParams", "PAPER_VAL_DELTAS", "ROWS", "MemoryFamilyParams", "MEMORY_FAMILY",
+           "FactsTaskParams"]
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class LabParams:
     n_facts: int = 2000          # facts (subject, relation) -> object; a multiple of 4 (4 relations)
     n_objects: int = 128         # answer space (log2 of it = bits per fact)
     value_lr_multiplier: float = 10.0  # memory values' LR factor at step 0 (decays linearly to 1x)
-    calibrate_init: bool = True  # rescale memory values so their step-0 output std = the FFNs'
+    calibrate_init: bool = True  # rescale memory values so their step-0 output std matches the FFNs
     device: str = "auto"         # "auto" | "cpu" | "cuda"
     keep_checkpoints: bool = False  # keep training checkpoints once the run has finished
 
@@ -153,27 +154,52 @@ class LabParams:
 
 @dataclass(frozen=True)
 class TDQKRParams(LabParams):
+    """01_tdqkr: additive vs rank-R Tucker scoring inside one UltraMem, on the facts task.
+
+    Every arm: ``heads`` x ``top_k`` reads, ``k_dim`` key features per side (the additive arm
+    ``2 x k_dim`` with ``additive_equal_keys``: equal key parameters and key-score FLOPs), full-width
+    values, E = 1, raw scores, beside the middle block's FFN, at (1 + ``ratio``) x the dense trunk's
+    parameters and its forward FLOPs (values and d_ff solved per arm). Arms: "additive", "R=<r>" for
+    ``ranks``, "R=2 two-sided" (``two_sided``), "R=2 h=2" (``multi_core``), "R=2 +aux" (``aux_loss``).
+    Defaults (LabParams': 2,000 facts, 400 steps of 256 rows): past the steep take-off of the
+    learning curves, where the seed-to-seed spread of the answer loss is largest.
+    """
+
     out_dir: str = "runs/manual/01_tdqkr"  # run directory (the sweep runner sets it)
-    n_keys: int = 16                                             # physical keys per side n
-    top_k: int = 8                                               # values per head K (= search m)
-    ranks: list[int] = field(default_factory=lambda: [1, 2, 4])  # Tucker ranks R to compare
-    cores: list[int] = field(default_factory=lambda: [2])        # multi-core h for R=2 (1 = off)
-    aux_loss: bool = True                                        # add an "R=2 +aux" variant
-    exact_search: bool = True                                    # add an "R=2 exact" variant (m = n)
-    two_sided: bool = True                                       # add an "R=2 two-sided" search variant
-    recall_tokens: int = 64                                      # tokens scored by brute force
+    ratio: float = 10.0          # memory model params = (1 + ratio) x the dense trunk's
+    heads: int = 2               # memory heads H
+    top_k: int = 16              # values per head K (= candidates per side m)
+    k_dim: int = 8               # key features per side D_k of the Tucker arms
+    additive_equal_keys: bool = True  # additive keys get R=2 x k_dim features (equal key params and FLOPs)
+    ranks: list[int] = field(default_factory=lambda: [2])  # Tucker ranks R, one arm each (2 = the release)
+    two_sided: bool = True       # add the arm R=2 two-sided (two-sided proxy search)
+    multi_core: bool = False     # add the arm R=2 h=2 (multi-core scoring, 2 cores)
+    aux_loss: bool = False       # add the arm R=2 +aux (Tucker aux loss, alpha 0.001, tau 0.15)
+    recall_rows: int = 512       # stored facts whose answer position is searched by brute force
 
     def __post_init__(self) -> None:
         super().__post_init__()
         o = type(self).__name__
-        check_int(o, "n_keys", self.n_keys, min_value=4)
-        check_int(o, "top_k", self.top_k, min_value=1, max_value=self.n_keys)
-        check_int(o, "recall_tokens", self.recall_tokens, min_value=1, max_value=4096)
-        check_int_list(o, "ranks", self.ranks, min_value=1, max_value=8)
-        check_int_list(o, "cores", self.cores, min_value=1, max_value=8)
-        check_bool(o, "aux_loss", self.aux_loss)
-        check_bool(o, "exact_search", self.exact_search)
-        check_bool(o, "two_sided", self.two_sided)
+        check_float(o, "ratio", self.ratio, min_value=0.5, max_value=64.0)
+        check_int(o, "heads", self.heads, min_value=1, max_value=16)
+        check_int(o, "top_k", self.top_k, min_value=1, max_value=64)
+        check_int(o, "k_dim", self.k_dim, min_value=1, max_value=256)
+        check_bool(o, "additive_equal_keys", self.additive_equal_keys)
+        check_int_list(o, "ranks", self.ranks, min_value=2, max_value=8)
+        if len(set(self.ranks)) != len(self.ranks):
+            raise ConfigError(f"{o}.ranks={self.ranks!r} is not allowed: must list distinct ranks")
+        for name in ("two_sided", "multi_core", "aux_loss"):
+            check_bool(o, name, getattr(self, name))
+        needs_r2 = [n for n in ("two_sided", "multi_core", "aux_loss") if getattr(self, n)]
+        if needs_r2 and 2 not in self.ranks:
+            raise ConfigError(f"{o}.ranks={self.ranks!r} is not allowed with {'/'.join(needs_r2)}=True: must "
+                              "include 2 (those arms are compared with R=2)")
+        check_int(o, "recall_rows", self.recall_rows, min_value=1, max_value=400_000)
+
+    def effective(self) -> TDQKRParams:
+        """Smoke: LabParams' shrink, and 64 recall rows."""
+        e = super().effective()
+        return e if not self.smoke else dataclasses.replace(e, recall_rows=min(self.recall_rows, 64))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,15 +326,23 @@ class VirtualMemoryParams(LabParams):
 
 @dataclass(frozen=True)
 class ArchitecturesParams(LabParams):
+    """04_architectures: dense, MoE, PKM (beside and replacing the FFN) and UltraMem at equal
+    activated FLOPs, the sparse arms at ``(1 + ratio)`` x the dense parameters, on the facts task.
+    Five arms x ``n_seeds``: the defaults train fewer facts for fewer steps than :class:`LabParams`'
+    (same exposures per fact scale) to fit the quick sweep."""
+
     out_dir: str = "runs/manual/04_architectures"  # run directory (the sweep runner sets it)
-    ratio: float = 12.0                                                     # sparse / dense parameters
+    steps: int = 300                   # optimiser steps per training run
+    batch_size: int = 128              # fact rows per step
+    n_facts: int = 1000                # facts (subject, relation) -> object; a multiple of 4 (4 relations)
+    ratio: float = 10.0                # sparse / dense parameters (total = (1 + ratio) x dense)
     batch_sizes: list[int] = field(default_factory=lambda: [1, 16, 256, 4096])  # decode batches timed
 
     def __post_init__(self) -> None:
         super().__post_init__()
         o = type(self).__name__
         check_float(o, "ratio", self.ratio, min_value=0.5, max_value=64.0)
-        check_int_list(o, "batch_sizes", self.batch_sizes, min_value=1)
+        check_int_list(o, "batch_sizes", self.batch_sizes, min_value=1, max_value=65536)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,22 +361,40 @@ ROWS = ("PKM", *PAPER_VAL_DELTAS)
 
 @dataclass(frozen=True)
 class PaperTableParams(LabParams):
+    """05_paper_table: Table 2 walked on the facts task, one cumulative switch per row.
+
+    The walk is the lab's most expensive notebook (eleven rows x seeds), so its defaults train fewer
+    facts for fewer steps than :class:`LabParams`' and pick the PKM row's memory (``n_keys`` per
+    side, ``heads`` x ``top_k``, ``k_dim`` key features per side) so that the first row sits off its
+    ceiling. ``top_k`` is even: the split row gives each of its two memories top_k / 2.
+    """
+
     out_dir: str = "runs/manual/05_paper_table"  # run directory (the sweep runner sets it)
-    n_keys: int = 16          # PKM row: physical keys per side n (N = n^2 values)
+    n_seeds: int = 3          # seeds per row (paired: same init seed and batch order)
+    steps: int = 150          # optimiser steps per training run
+    batch_size: int = 128     # fact rows per step
+    n_facts: int = 800        # facts (subject, relation) -> object; a multiple of 4 (4 relations)
+    n_keys: int = 29          # PKM row: physical keys per side n (N = n^2 values)
     heads: int = 2            # memory query heads H
-    top_k: int = 8            # values selected per head K
+    top_k: int = 16           # values selected per head K (even: the split row halves it)
+    k_dim: int = 16           # key features per side D_k
     rows: list[str] = field(default_factory=lambda: list(ROWS))  # which rows to walk (in table order)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         o = type(self).__name__
-        check_int(o, "n_keys", self.n_keys, min_value=4)
-        check_int(o, "heads", self.heads, min_value=1)
-        check_int(o, "top_k", self.top_k, min_value=1, max_value=self.n_keys)
+        check_int(o, "n_keys", self.n_keys, min_value=4, max_value=4096)
+        check_int(o, "heads", self.heads, min_value=1, max_value=16)
+        check_int(o, "top_k", self.top_k, min_value=2, max_value=self.n_keys)
+        if self.top_k % 2:
+            raise ConfigError(f"{o}.top_k={self.top_k!r} is not allowed: must be even (the split row gives each "
+                              "of its 2 memories top_k / 2 slots per head)")
+        check_int(o, "k_dim", self.k_dim, min_value=2, max_value=1024)
         if (not isinstance(self.rows, list | tuple) or not self.rows or self.rows[0] != "PKM"
-                or any(r not in ROWS for r in self.rows)):
-            raise ConfigError(f"{o}.rows={self.rows!r} is not allowed: must start with 'PKM' and use "
-                              f"rows of {list(ROWS)}")
+                or any(r not in ROWS for r in self.rows) or len(set(self.rows)) != len(self.rows)
+                or list(self.rows) != sorted(self.rows, key=ROWS.index)):
+            raise ConfigError(f"{o}.rows={self.rows!r} is not allowed: must start with 'PKM' and list distinct "
+                              f"rows of {list(ROWS)} in table order")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -469,8 +521,12 @@ CAPACITY_ARCHS = ("pkm", "ultramem", "ultramem_v2", "memory_plus", "peer")
 class MemoryFamilyParams(LabParams):
     """07_memory_family: the whole family at equal activated FLOPs on the facts task.
 
-    The task, trunk and training defaults are :class:`LabParams`' (the facts task); this notebook
-    runs fewer steps on fewer facts by default (the family is seven models).
+    The task, trunk, training and confound-free defaults are :class:`LabParams`' (facts task, D=32
+    L=2 trunk, value-LR multiplier in every memory, init calibrated to the FFN output std, no weight
+    decay); this notebook runs fewer steps on fewer facts by default, because it trains seven models
+    plus the capacity points per seed. ``ratio``: the family's sparse / dense parameters;
+    ``capacity_archs`` x ``capacity_ratios``: the memories and sizes of the capacity curve (all at
+    the dense model's activated FLOPs); ``batch_sizes``: the decode batches timed.
     """
 
     out_dir: str = "runs/manual/07_memory_family"  # run directory (the sweep runner sets it)
@@ -513,3 +569,65 @@ class MemoryFamilyParams(LabParams):
                                    batch_size=min(self.batch_size, 64), n_facts=min(self.n_facts, 200),
                                    d_model=32, n_layers=2, capacity_ratios=sorted(self.capacity_ratios)[:2],
                                    batch_sizes=sorted({min(b, 8) for b in self.batch_sizes}))
+
+
+# ----------------------------------------------------------------------------------------------
+# 08_facts_task
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FactsTaskParams(LabParams):
+    """08_facts_task: the facts task's own property, a dense trunk's stored knowledge vs the load.
+
+    Every trunk of ``d_models`` (D x ``n_layers``, D/16 heads, d_ff 4D; no memory) is trained on
+    each fact count of ``fact_counts`` with the same number of **exposures per fact**: steps =
+    round(``exposures`` x n_facts / ``batch_size``), so a larger load gets proportionally more steps
+    and every fact is seen about ``exposures`` times at every size. ``capacity_bits``: the bits per
+    parameter of the capacity line drawn beside the measurements (Allen-Zhu & Li, arXiv 2404.05405:
+    about 2 after ~1000 exposures, about 1 after ~100). ``eval_points``: evaluations during each
+    run (the learning curves; 0: only the final one).
+
+    Not used here: ``steps`` (derived per load, above), ``n_facts`` (``fact_counts``), ``d_model``
+    (``d_models``), ``value_lr_multiplier`` and ``calibrate_init`` (a dense trunk has no memory).
+    The defaults are the quick setting: one D = 16 trunk (12,416 parameters) on 400-3,200 facts,
+    measured at about two minutes of one CPU thread.
+    """
+
+    out_dir: str = "runs/manual/08_facts_task"  # run directory (the sweep runner sets it)
+    n_seeds: int = 3                 # seeds per (trunk, load): paired by init seed and batch order
+    lr: float = 1e-2                 # peak learning rate (a D = 16 trunk learns faster at 1e-2 than 3e-3)
+    d_model: int = 16                # not used here: d_models lists the trunks
+    fact_counts: list[int] = field(default_factory=lambda: [400, 800, 1600, 3200])  # loads, increasing
+    d_models: list[int] = field(default_factory=lambda: [16])  # trunk widths D (multiples of 16)
+    exposures: int = 160             # exposures per fact: steps = exposures * n_facts / batch_size
+    capacity_bits: float = 2.0       # bits per parameter of the capacity line (Allen-Zhu & Li)
+    eval_points: int = 4             # evaluations per run for the learning curves (0: final only)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        o = type(self).__name__
+        check_int_list(o, "fact_counts", self.fact_counts, min_value=8, max_value=400_000)
+        fc = list(self.fact_counts)
+        if len(fc) < 2 or any(b <= a for a, b in zip(fc, fc[1:])) or any(c % 4 for c in fc):
+            raise ConfigError(f"{o}.fact_counts={self.fact_counts!r} is not allowed: must list at least 2 "
+                              "strictly increasing multiples of 4 (4 relations per subject) in [8, 400000]")
+        check_int_list(o, "d_models", self.d_models, min_value=16, max_value=512)
+        if len(set(self.d_models)) != len(self.d_models) or any(d % 16 for d in self.d_models):
+            raise ConfigError(f"{o}.d_models={self.d_models!r} is not allowed: must list distinct multiples "
+                              "of 16 in [16, 512]")
+        check_int(o, "exposures", self.exposures, min_value=1, max_value=100_000)
+        check_float(o, "capacity_bits", self.capacity_bits, min_value=0.0, max_value=64.0, min_inclusive=False)
+        check_int(o, "eval_points", self.eval_points, min_value=0, max_value=20)
+
+    def effective(self) -> FactsTaskParams:
+        """Smoke: 2 seeds, loads of 40 and 80 facts, 16 exposures, 32 rows per step (trunks as given)."""
+        if not self.smoke:
+            return self
+        return dataclasses.replace(self, n_seeds=min(self.n_seeds, 2), fact_counts=[40, 80],
+                                   exposures=min(self.exposures, 16), batch_size=min(self.batch_size, 32),
+                                   eval_points=min(self.eval_points, 2))
+
+    def steps_for(self, n_facts: int) -> int:
+        """Optimiser steps that show each of ``n_facts`` facts ``exposures`` times (at least 1)."""
+        return max(1, round(self.exposures * n_facts / self.batch_size))

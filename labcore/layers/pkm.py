@@ -91,6 +91,7 @@ from torch import Tensor, nn
 
 from labcore.config import ConfigError, check_choice, check_float, check_int
 from labcore.layers.base import LayerAux, LayerCost, flatten_tokens, tag_param, zero_loss
+from labcore.layers.fast.bags import weighted_bag
 from labcore.layers.fast.search import (  # noqa: F401  (SEARCH_CHUNK_BYTES, search_chunk: public, kept here)
     SEARCH_CHUNK_BYTES,
     in_token_chunks,
@@ -362,7 +363,7 @@ class PKM(nn.Module):
     def read(self, slots: Tensor, weights: Tensor) -> Tensor:
         """Weighted sum of value rows (U2 eq. 5): slots, weights (N_tok, S) -> (N_tok, D_v)."""
         table = self.values.weight
-        return F.embedding_bag(slots, table, mode="sum", per_sample_weights=weights.to(table.dtype))
+        return weighted_bag(slots, table, weights.to(table.dtype))  # F.embedding_bag, single-pass backward
 
     def forward(self, x: Tensor) -> tuple[Tensor, LayerAux]:
         c = self.cfg

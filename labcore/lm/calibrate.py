@@ -19,7 +19,8 @@ The procedure (deterministic, no gradient)::
 
 std is taken over all elements of the output on the calibration batch (B*T*D values), with the
 model in eval mode (dropout off). Every registered memory's output is linear in its value table
-for a fixed input (PKM, UltraMem, Memory+, UltraMemV2 whose pre-values are left as they are), so one
+for a fixed input (PKM, UltraMem, Memory+, UltraMemV2 whose pre-values are left as they are; PEER
+in its up experts v_i, the table rescaled there), so one
 pass sets each memory exactly when its input does not move; the passes repeat because rescaling
 memory j changes the residual stream that later memories read. Memories sharing one table get one
 scale (their stds can then differ from the target; the report shows them).
@@ -112,12 +113,18 @@ def output_stds(model: LM, idx: Tensor) -> tuple[dict[str, float], dict[str, flo
     return ffn_std, mem_std
 
 
+# The table a memory's output is linear in, by attribute: ``values`` (PKM, UltraMem, UltraMemV2,
+# Memory+), else ``up`` (PEER: y = Σ_i w_i σ(u_iᵀx) v_i is linear in its up experts v_i).
+OUTPUT_TABLES = ("values", "up")
+
+
 def _value_table(name: str, layer: nn.Module) -> nn.Parameter:
-    values = getattr(layer, "values", None)
-    if not isinstance(values, nn.Embedding):
-        raise ConfigError(f"calibrate_memory_init: memory {name!r} ({type(layer).__name__}) is not allowed: "
-                          "must have a value table ``values`` (an nn.Embedding) to rescale")
-    return values.weight
+    for attr in OUTPUT_TABLES:
+        table = getattr(layer, attr, None)
+        if isinstance(table, nn.Embedding):
+            return table.weight
+    raise ConfigError(f"calibrate_memory_init: memory {name!r} ({type(layer).__name__}) is not allowed: "
+                      f"must have an output table (an nn.Embedding named one of {list(OUTPUT_TABLES)}) to rescale")
 
 
 def calibrate_memory_init(model: LM, idx: Tensor, target: float | None = None, *, tol: float = 1e-3,

@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from labcore.config import ConfigError
 from labcore.layers.moe import MoEConfig
+from labcore.layers.peer import PEERConfig
 from labcore.layers.pkm import PKMConfig
 from labcore.layers.ultramem import UltraMemConfig
 from labcore.layers.ultramem_v2 import UltraMemV2Config, ring_window
@@ -232,7 +233,8 @@ def test_ultramem_v2_share_ratio_validation():
 @pytest.mark.parametrize("memory", [dataclasses.replace(UM, n_keys=12), dataclasses.replace(UM, n_keys=12,
                                                                                           init="paper",
                                                                                           calib_samples=16),
-                                    dataclasses.replace(PKM, n_keys=12)])
+                                    dataclasses.replace(PKM, n_keys=12),
+                                    PEERConfig(d_model=D, n_keys=12, heads=2, top_k=4, k_dim=16)])
 def test_calibration_hits_the_target_on_the_batch_and_a_fresh_one(memory):
     cfg = cfg_with(SparsePlan(kind="memory", memory=memory, placements="0:1/1:2/2:3"), max_seq_len=64)
     lm = LM(cfg)
@@ -250,7 +252,8 @@ def test_calibration_hits_the_target_on_the_batch_and_a_fresh_one(memory):
     for r in result.rows:
         assert on_calib[r["memory"]] == pytest.approx(target, rel=2e-3)
         assert r["std_after"] == pytest.approx(on_calib[r["memory"]])
-        assert on_fresh[r["memory"]] == pytest.approx(target, rel=0.05)
+        # another batch: PEER's few, gated experts make its std a noisier estimate on 8 x 64 tokens
+        assert on_fresh[r["memory"]] == pytest.approx(target, rel=0.1 if isinstance(memory, PEERConfig) else 0.05)
     assert "std before" in result.table()
 
 

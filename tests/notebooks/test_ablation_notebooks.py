@@ -20,14 +20,13 @@ NB = Path(__file__).resolve().parents[2] / "notebooks"
 
 # notebook -> (schema, smoke parameters, expected variants)
 CASES = {
-    "01_tdqkr": (TDQKRParams, dict(ranks=[2], cores=[1], aux_loss=True, exact_search=False, two_sided=True,
-                                 recall_tokens=16),
-                 ["additive", "R=2", "R=2 +aux", "R=2 two-sided"]),
+    "01_tdqkr": (TDQKRParams, dict(ranks=[2], two_sided=True, multi_core=False, aux_loss=True, recall_rows=16),
+                 ["additive", "R=2", "R=2 two-sided", "R=2 +aux"]),
     "02_layer_splitting": (SplittingParams, dict(splits=[1, 4], spans=[0], batch_sizes=[1, 4]),
                            ["S=1", "S=4 same block", "S=4 depth span 0"]),
     "03_virtual_memory": (VirtualMemoryParams, dict(expansions=[1, 4]), ["E=1", "E=4", "E=1 d_v=D"]),
-    "04_architectures": (ArchitecturesParams, dict(ratio=4.0, batch_sizes=[1, 8]),
-                         ["dense", "moe", "pkm", "ultramem"]),
+    "04_architectures": (ArchitecturesParams, dict(batch_sizes=[1, 8]),
+                         ["dense", "moe", "pkm", "pkm_replaces_ffn", "ultramem"]),
     "05_paper_table": (PaperTableParams, dict(rows=["PKM", "+rm softmax", "+TDQKR"]),
                        ["PKM", "+rm softmax", "+TDQKR"]),
 }
@@ -54,7 +53,11 @@ def test_notebook_runs_in_smoke_mode(name, tmp_path):
     table = pd.read_parquet(out / "summary.parquet")
     assert list(dict.fromkeys(table["variant"])) == variants
     assert len(table) == 2 * len(variants)                 # every variant x 2 seeds
-    assert table["val_loss"].between(0.5, 8.0).all()       # byte-level CE: finite and below ln(259)=5.56+
+    # the facts task: metrics of the answer token (cross-entropy over the byte vocabulary, ln 259 = 5.56
+    # at chance; a dozen smoke steps stay near it)
+    assert table["answer_accuracy"].between(0.0, 1.0).all()
+    assert table["answer_loss"].between(0.01, 8.0).all()
+    assert table["stored_kbit"].ge(0.0).all()
     assert sorted(table["seed"].unique()) == [0, 1]
     figs = sorted(p.name for p in (out / "figures").glob("*.html"))
     assert figs, "no figures written"

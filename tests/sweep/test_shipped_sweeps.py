@@ -12,12 +12,12 @@ ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
 
 
-@pytest.mark.parametrize("name", ["quick", "smoke", "full"])
+@pytest.mark.parametrize("name", ["quick", "smoke", "standard", "full"])
 def test_shipped_sweep_validates(name):
     spec = load_sweep(ROOT / "sweeps" / f"{name}.yaml")
     assert spec.name == name
     names = {Path(r.notebook).name for r in spec.runs}
-    if name in ("quick", "smoke"):
+    if name in ("quick", "smoke", "standard"):
         assert names == set(NOTEBOOKS)          # the main job runs every notebook
     else:
         assert {"01_tdqkr.ipynb", "05_paper_table.ipynb"} <= names
@@ -28,7 +28,7 @@ def test_shipped_sweep_validates(name):
 SHIPPED_CHECK_NO_TORCH = """
 import sys
 from labcore.sweep.spec import load_sweep, notebook_schema
-n = sum(len(load_sweep(f"sweeps/{name}.yaml").runs) for name in ("quick", "smoke", "full"))
+n = sum(len(load_sweep(f"sweeps/{name}.yaml").runs) for name in ("quick", "smoke", "standard", "full"))
 schemas = {notebook_schema(p).__module__ for p in sorted(__import__("pathlib").Path("notebooks").glob("*.ipynb"))}
 assert "torch" not in sys.modules, "validating the shipped sweeps imported torch"
 print(n, sorted(schemas))

@@ -197,15 +197,15 @@ def test_bad_value_names_file_run_parameter_value_and_allowed(tmp_path):
 
 def test_value_errors_name_the_grid_point_and_count_the_other_runs(tmp_path):
     path = write_lab_sweep(tmp_path, [
-        {"notebook": "01_tdqkr.ipynb", "grid": {"top_k": [4, 32], "n_keys": [16, 64]}},
+        {"notebook": "01_tdqkr.ipynb", "grid": {"top_k": [4, 0]}},
         {"notebook": "00_tour.ipynb", "runs": [{"expansion": 4}, {"expansion": 8}]},
     ], seeds=[0, 1])
     with pytest.raises(SweepError) as e:
         load_sweep(path)
     lines = str(e.value).splitlines()
     assert lines == [
-        "sweep bad.yaml: notebooks[0] (01_tdqkr.ipynb) run [top_k=32, n_keys=16, seed=0]: TDQKRParams.top_k=32 "
-        "is not allowed: must be an integer in [1, 16] (and 1 more run(s) of this entry)",
+        "sweep bad.yaml: notebooks[0] (01_tdqkr.ipynb) run [top_k=0, seed=0]: TDQKRParams.top_k=0 "
+        "is not allowed: must be an integer in [1, 64] (and 1 more run(s) of this entry)",
         "sweep bad.yaml: notebooks[1] (00_tour.ipynb) run [runs[1], seed=0]: TourParams.expansion=8 is not "
         "allowed: must be a perfect square (1, 4, 9, 16): keys per side grow by sqrt(E) "
         "(and 1 more run(s) of this entry)",

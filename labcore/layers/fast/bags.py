@@ -5,12 +5,20 @@ The readable read (U2 eqs. 8-9) pools ``score^(c) * V[row, chunk c]`` into block
 over the (N*h, D_v/h) chunk view of the value table, with one bag per (token, core, block): the
 pooled buffer comes out in (core, block, d) order, and the projection weight's columns are
 permuted once to match (:func:`core_major_proj_weight`) instead of the activations every call.
+
+The backward of a weighted bag with one bag per row (2-D indices: PKM's read, UltraMem's at E = 1,
+PEER's up projection) is :func:`weighted_bag`'s: the table gradient and the weight gradient in one
+pass over the indices (:func:`labcore.layers.fast.compiled.bag_backward`), instead of PyTorch's
+CPU embedding-bag backward, which sorts the indices and materialises the (n, S, D) products.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from labcore.layers.fast import compiled
 
 
 def ive_key_table(perm: Tensor, n_cores: int) -> Tensor:
@@ -58,3 +66,30 @@ def core_major_proj_weight(weight: Tensor, expansion: int, n_cores: int) -> Tens
     d_model = weight.shape[0]
     Dc = weight.shape[1] // (expansion * n_cores)
     return weight.view(d_model, expansion, n_cores, Dc).transpose(1, 2).reshape(d_model, -1)
+
+
+class _WeightedBag(torch.autograd.Function):
+    """y[b] = Σ_s w[b, s] table[idx[b, s]]: forward is ``F.embedding_bag``; backward is
+    :func:`labcore.layers.fast.compiled.bag_backward` (compiled single pass, or PyTorch's autograd)."""
+
+    @staticmethod
+    def forward(ctx, idx: Tensor, table: Tensor, w: Tensor) -> Tensor:
+        ctx.save_for_backward(idx, table, w)
+        return F.embedding_bag(idx, table, mode="sum", per_sample_weights=w)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy: Tensor):
+        idx, table, w = ctx.saved_tensors
+        gt, gw = compiled.bag_backward(gy.contiguous(), idx, w, table, need_table=ctx.needs_input_grad[1],
+                                       need_w=ctx.needs_input_grad[2])
+        return None, gt, gw
+
+
+def weighted_bag(idx: Tensor, table: Tensor, w: Tensor) -> Tensor:
+    """``F.embedding_bag(idx, table, mode="sum", per_sample_weights=w)`` for 2-D ``idx`` (n, S) (one
+    bag of S rows per b) with the fast backward; the same values, gradients equal to float32
+    rounding. Falls back to the plain call when nothing needs a gradient or idx is not 2-D."""
+    if idx.dim() != 2 or not (torch.is_grad_enabled() and (table.requires_grad or w.requires_grad)):
+        return F.embedding_bag(idx, table, mode="sum", per_sample_weights=w)
+    return _WeightedBag.apply(idx.long(), table, w.to(table.dtype))

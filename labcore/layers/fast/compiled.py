@@ -20,8 +20,8 @@ Contract of ``topk_rows`` (the same with or without the extension)
 Build and fallback
 ------------------
 The extension is compiled with ``torch.utils.cpp_extension.load`` (g++ and ninja) into
-``$LABCORE_EXT_DIR`` (default ``~/.cache/labcore/torch_extensions/torch<version>-py<version>``) the first time
-it is needed, or ahead of time by ``python -m labcore.layers.fast.compiled --build`` (``make
+``$LABCORE_EXT_DIR`` (default ``~/.cache/labcore/torch_extensions/torch<version>-py<version>``), in
+one subdirectory per hash of the sources, the first time it is needed, or ahead of time by ``python -m labcore.layers.fast.compiled --build`` (``make
 setup`` runs it). If the compiler, ninja or the build is missing, one warning line says why and
 every call uses ``reference_topk_rows``, a few PyTorch lines with the same contract; nothing
 crashes. ``LABCORE_COMPILED=0`` disables the extension (for tests and A/B benchmarks).
@@ -37,6 +37,7 @@ on the PKM and UltraMem search shapes, and ``side_topk`` against ``torch.bmm`` +
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import shutil
@@ -54,7 +55,7 @@ from labcore.layers.fast.bits import ordered_int32
 
 EXT_NAME = "labcore_topk_rows"
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = (CSRC / "topk_rows.cpp",)
+SOURCES = (CSRC / "topk_rows.cpp", CSRC / "value_bags.cpp")
 ENV_DISABLE = "LABCORE_COMPILED"
 ENV_DIR = "LABCORE_EXT_DIR"
 ISAS = {"auto": -1, "portable": 0, "avx512": 1}
@@ -63,14 +64,24 @@ _lock = threading.Lock()
 _state: dict[str, object] = {"module": None, "tried": False, "reason": None}
 
 
+def sources_digest() -> str:
+    """A short hash of the C++ sources' contents: two checkouts with different sources (two
+    branches, an older install) never share, and never overwrite, one build."""
+    h = hashlib.sha256()
+    for src in SOURCES:
+        h.update(src.name.encode() + b"\0" + src.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def build_dir() -> Path:
-    """Where the extension is built and cached (one directory per torch and Python version)."""
+    """Where the extension is built and cached: one directory per torch version, Python version and
+    :func:`sources_digest` (under ``$LABCORE_EXT_DIR`` when set)."""
     root = os.environ.get(ENV_DIR)
     if root:
-        return Path(root)
+        return Path(root) / sources_digest()
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     tag = f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info.major}{sys.version_info.minor}"
-    return cache / "labcore" / "torch_extensions" / tag
+    return cache / "labcore" / "torch_extensions" / tag / sources_digest()
 
 
 def disabled() -> bool:
@@ -99,7 +110,7 @@ def _compile(verbose: bool = False) -> ModuleType:
     torch_log.setLevel(logging.ERROR)
     try:
         return cpp_extension.load(name=EXT_NAME, sources=[str(s) for s in SOURCES],
-                                  extra_cflags=["-O3"], build_directory=str(out), verbose=verbose)
+                                  extra_cflags=["-O3", "-fopenmp-simd"], build_directory=str(out), verbose=verbose)
     finally:
         os.environ["PATH"] = env_path
         torch_log.setLevel(level)
@@ -224,6 +235,37 @@ def side_topk(q: Tensor, keys: Tensor, k: int, sorted: bool = True, *, isa: str 
             2, idx.unsqueeze(-1).expand(-1, -1, -1, q.shape[2]))
         vals = (sel * q.unsqueeze(2)).sum(-1)                                       # (G, T, k)
     return vals, idx
+
+
+def reference_bag_backward(gy: Tensor, idx: Tensor, w: Tensor, table: Tensor) -> tuple[Tensor, Tensor]:
+    """The readable backward of ``y = F.embedding_bag(idx, table, mode="sum", per_sample_weights=w)``
+    (2-D idx): PyTorch's own autograd. Returns (grad_table, grad_w)."""
+    with torch.enable_grad():
+        t = table.detach().requires_grad_(True)
+        ww = w.detach().requires_grad_(True)
+        y = torch.nn.functional.embedding_bag(idx, t, mode="sum", per_sample_weights=ww)
+        gt, gw = torch.autograd.grad(y, (t, ww), gy)
+    return gt, gw
+
+
+def bag_backward(gy: Tensor, idx: Tensor, w: Tensor, table: Tensor, *, need_table: bool = True,
+                 need_w: bool = True) -> tuple[Tensor | None, Tensor | None]:
+    """Backward of the weighted value read ``y[b] = Σ_s w[b, s] table[idx[b, s]]`` (an embedding bag
+    with 2-D indices): ``grad_table[r] = Σ_{idx[b,s]=r} w[b, s] gy[b]`` and ``grad_w[b, s] =
+    table[idx[b, s]] · gy[b]``, for gy (n, D), idx (n, S) int64, w (n, S), table (N, D).
+
+    Compiled (CPU float32): one pass over idx (``csrc/value_bags.cpp``), deterministic whatever the
+    thread count; sums in (b, s) order, so it agrees with :func:`reference_bag_backward` to float32
+    rounding. Anything else (no extension, another dtype or device) runs the reference."""
+    mod = _load()
+    fast = (mod is not None and gy.device.type == idx.device.type == w.device.type == table.device.type == "cpu"
+            and gy.dtype == w.dtype == table.dtype == torch.float32 and idx.dtype == torch.int64
+            and idx.dim() == 2)
+    if not fast:
+        gt, gw = reference_bag_backward(gy, idx, w, table)
+        return (gt if need_table else None), (gw if need_w else None)
+    gt, gw = mod.bag_backward(gy.detach(), idx, w.detach(), table.detach(), need_table, need_w)
+    return (gt if need_table else None), (gw if need_w else None)
 
 
 def sorted_names() -> list[str]:

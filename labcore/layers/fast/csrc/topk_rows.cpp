@@ -384,12 +384,21 @@ std::vector<at::Tensor> side_topk(const at::Tensor& q, const at::Tensor& keys, i
 
 }  // namespace
 
+namespace labcore {
+std::vector<at::Tensor> bag_backward(const at::Tensor& gy, const at::Tensor& idx, const at::Tensor& w,
+                                     const at::Tensor& table, bool need_table, bool need_w);  // value_bags.cpp
+}  // namespace labcore
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("topk_rows", &topk_rows, "per-row exact top-k of a float32 (R, n) matrix",
         py::arg("x"), py::arg("k"), py::arg("sorted"), py::arg("isa"),
         py::call_guard<py::gil_scoped_release>());
   m.def("side_topk", &side_topk, "product-key side search: top-k of q @ keys^T without the score matrix",
         py::arg("q"), py::arg("keys"), py::arg("k"), py::arg("sorted"), py::arg("isa"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("bag_backward", &labcore::bag_backward,
+        "backward of a weighted embedding bag with 2-D indices: (grad_table, grad_w)",
+        py::arg("gy"), py::arg("idx"), py::arg("w"), py::arg("table"), py::arg("need_table"), py::arg("need_w"),
         py::call_guard<py::gil_scoped_release>());
   m.def("has_avx512", &cpu_has_avx512, "whether the CPU (and OS) support the AVX-512 path");
 }

@@ -1,0 +1,95 @@
+"""The value read's single-pass backward (labcore.layers.fast.compiled.bag_backward, fast.bags.weighted_bag)
+against PyTorch's own embedding-bag autograd."""
+
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from labcore.layers.fast import compiled
+from labcore.layers.fast.bags import weighted_bag
+
+HAS_EXT = not compiled.disabled() and shutil.which(os.environ.get("CXX", "c++")) is not None
+needs_ext = pytest.mark.skipif(not HAS_EXT, reason="no C++ compiler (or LABCORE_COMPILED=0)")
+
+
+def _case(n, S, D, N, seed=0, repeat=False):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, N, (n, S), generator=g)
+    if repeat and n * S:  # many hits on a few rows, duplicates inside one bag too
+        idx = idx % 3
+    return idx, torch.randn(n, S, generator=g), torch.randn(n, D, generator=g), torch.randn(N, D, generator=g)
+
+
+def _close(a, b):
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=max(2e-6 * scale, 1e-7))
+
+
+@needs_ext
+@pytest.mark.parametrize("n,S,D,N,repeat", [(1, 1, 1, 1, False), (1, 7, 5, 3, False), (37, 16, 33, 101, False),
+                                            (64, 128, 32, 12996, False), (50, 9, 8, 40, True), (0, 4, 8, 10, False)])
+def test_compiled_equals_pytorch_autograd(n, S, D, N, repeat):
+    assert compiled.available(), compiled.unavailable_reason()
+    idx, w, gy, table = _case(n, S, D, N, repeat=repeat)
+    rt, rw = compiled.reference_bag_backward(gy, idx, w, table)
+    gt, gw = compiled.bag_backward(gy, idx, w, table)
+    _close(gt, rt)
+    _close(gw, rw)
+
+
+@needs_ext
+def test_thread_count_does_not_change_a_bit():
+    idx, w, gy, table = _case(300, 64, 24, 5000)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = compiled.bag_backward(gy, idx, w, table)
+        torch.set_num_threads(max(2, old))
+        many = compiled.bag_backward(gy, idx, w, table)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+
+
+@needs_ext
+def test_only_the_requested_gradients_and_range_checks():
+    idx, w, gy, table = _case(5, 3, 4, 6)
+    gt, gw = compiled.bag_backward(gy, idx, w, table, need_table=False)
+    assert gt is None and gw.shape == (5, 3)
+    gt, gw = compiled.bag_backward(gy, idx, w, table, need_w=False)
+    assert gw is None and gt.shape == (6, 4)
+    bad = idx.clone()
+    bad[2, 1] = 6
+    with pytest.raises(RuntimeError, match="out of range"):
+        compiled.bag_backward(gy, bad, w, table)
+
+
+def test_float64_and_disabled_extension_use_the_reference(monkeypatch):
+    idx, w, gy, table = _case(9, 4, 6, 11)
+    rt, rw = compiled.reference_bag_backward(gy.double(), idx, w.double(), table.double())
+    gt, gw = compiled.bag_backward(gy.double(), idx, w.double(), table.double())
+    assert gt.dtype == torch.float64 and torch.equal(gt, rt) and torch.equal(gw, rw)
+    monkeypatch.setenv(compiled.ENV_DISABLE, "0")
+    gt, gw = compiled.bag_backward(gy, idx, w, table)
+    rt, rw = compiled.reference_bag_backward(gy, idx, w, table)
+    assert torch.equal(gt, rt) and torch.equal(gw, rw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_weighted_bag_is_embedding_bag_forward_and_backward(dtype):
+    idx, w, gy, table = _case(23, 11, 7, 31)
+    table, w, gy = table.to(dtype), w.to(dtype), gy.to(dtype)
+    t1, w1 = table.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    t2, w2 = table.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    y1 = weighted_bag(idx, t1, w1)
+    y2 = F.embedding_bag(idx, t2, mode="sum", per_sample_weights=w2)
+    assert torch.equal(y1, y2)
+    y1.backward(gy)
+    y2.backward(gy)
+    _close(t1.grad, t2.grad)
+    _close(w1.grad, w2.grad)
+    with torch.no_grad():  # no graph: the plain call
+        assert torch.equal(weighted_bag(idx, table, w), F.embedding_bag(idx, table, mode="sum", per_sample_weights=w))
