@@ -128,6 +128,12 @@ MECHANISMS: dict[str, Mechanism] = {
         "a model stores should grow with the number of values (PKM), past what a dense model of the same "
         "compute stores (about 2 bits per parameter, Allen-Zhu & Li).",
         "arXiv 1907.05242; arXiv 2404.05405", "§4", paper_metric="knowledge stored"),
+    "facts_task": Mechanism(
+        "The facts task itself: how much a dense trunk stores",
+        "A language model stores about 2 bits of knowledge per parameter once each fact has been seen "
+        "about 1,000 times (about 1 bit per parameter at 100 exposures); past that capacity more facts "
+        "add no stored bits (Allen-Zhu & Li, Physics of Language Models Part 3.3).",
+        "arXiv 2404.05405", "", paper_metric="stored bits"),
     "family": Mechanism(
         "The memory family: PKM, UltraMem, UltraMemV2, Memory+, PEER and MoE",
         "Each architecture's paper reports an advantage over a dense model or an MoE at matched compute "
@@ -415,8 +421,8 @@ def render_markdown(out_dir: str | Path) -> str:
         numbers = (f" The table's *paper \u0394* column holds its numbers, in {sec['paper_metric']}." if has_paper
                    else " The paper gives no number for the comparisons below." if df is not None else "")
         if sec.get("claim"):
-            lines += [f"**The paper** ({sec['sources']}; [docs/mechanisms.md](mechanisms.md) "
-                      f"{sec['mechanisms']}): {sec['claim']}{numbers}", ""]
+            ref = f"; [docs/mechanisms.md](mechanisms.md) {sec['mechanisms']}" if sec.get("mechanisms") else ""
+            lines += [f"**The paper** ({sec['sources']}{ref}): {sec['claim']}{numbers}", ""]
         else:
             lines += ["**The paper**: no claim is recorded for this notebook (labcore.viz.findings.MECHANISMS)."
                       + numbers, ""]
