@@ -302,7 +302,8 @@ def paired_deltas(df: pd.DataFrame, metric: str, baseline: str | None = None, *,
     ``p_value``, ``p_holm``, ``resolution`` (the smallest |delta| detected with 80% power at this n
     and sd), ``paper_delta`` and ``seeds_needed`` (to resolve the paper's delta; NaN without one)
     and ``verdict`` (:func:`labcore.experiments.stats.verdict`: "resolved: ...", "inside seed noise
-    (resolution ...)" or "not resolvable at this n: ...").
+    (resolution ...)" or "not resolvable at this n: ..."), and ``higher_is_better`` (the direction the
+    verdict reads, kept so that a later refresh of the paper columns reads it the same way).
     """
     out = stats.compare(df, metric, baseline=baseline, chain=chain, order=order,
                         higher_is_better=higher_is_better, delta_of_interest=None)
@@ -310,7 +311,8 @@ def paired_deltas(df: pd.DataFrame, metric: str, baseline: str | None = None, *,
     out = out.drop(columns=["delta_of_interest", "seeds_needed"])
     cols = ["variant", "reference", "metric", "n", "delta_mean", "delta_ci95", "ci_low", "ci_high", "sd",
             "p_value", "p_holm", "resolution", "verdict"]
-    return with_paper_deltas(out[cols], paper or {}, higher_is_better=higher_is_better)
+    out = out[cols].assign(higher_is_better=bool(higher_is_better))
+    return with_paper_deltas(out, paper or {}, higher_is_better=higher_is_better)
 
 
 def with_paper_deltas(deltas: pd.DataFrame, paper: Mapping[str, float], *,
@@ -325,9 +327,12 @@ def with_paper_deltas(deltas: pd.DataFrame, paper: Mapping[str, float], *,
 
 
 def _resolve_paper(deltas: pd.DataFrame, *, higher_is_better: bool = False) -> pd.DataFrame:
-    """Fill ``seeds_needed`` and ``verdict`` of a deltas table from its ``paper_delta`` column."""
+    """Fill ``seeds_needed`` and ``verdict`` of a deltas table from its ``paper_delta`` column. A
+    row's own ``higher_is_better`` (written by :func:`paired_deltas`) wins over the argument."""
     needed, verdicts = [], []
     for r in deltas.to_dict("records"):
+        hib = r.get("higher_is_better")
+        hib = bool(hib) if hib is not None and not pd.isna(hib) else higher_is_better
         target = r.get("paper_delta")
         target = float(target) if target is not None and np.isfinite(target) and target != 0 else None
         sd, n = float(r["sd"]), int(r["n"])
@@ -337,7 +342,7 @@ def _resolve_paper(deltas: pd.DataFrame, *, higher_is_better: bool = False) -> p
                                       float(r["p_value"]))
         ph = r.get("p_holm")
         verdicts.append(stats.verdict(diff, name=str(r["variant"]), reference=str(r["reference"]),
-                                      higher_is_better=higher_is_better,
+                                      higher_is_better=hib,
                                       p_adjusted=float(ph) if ph is not None and np.isfinite(ph) else None,
                                       delta_of_interest=target))
     deltas["seeds_needed"] = [float("nan") if x is None else float(x) for x in needed]

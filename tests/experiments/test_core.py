@@ -107,6 +107,19 @@ def test_chained_deltas_are_holm_adjusted_and_read_against_the_paper():
     assert refresh_paper_columns(other) is other                     # not a deltas table: untouched
 
 
+def test_a_higher_is_better_verdict_keeps_its_direction_through_the_refresh():
+    # accuracy: B is clearly higher than A in every seed, so "B better than A" - before and after the
+    # refresh that save_outputs applies to every key table
+    df = pd.DataFrame({"variant": ["A"] * 4 + ["B"] * 4, "seed": list(range(4)) * 2,
+                       "acc": [0.20, 0.25, 0.22, 0.30, 0.90, 0.93, 0.91, 0.95]})
+    d = paired_deltas(df, "acc", baseline="A", higher_is_better=True)
+    assert bool(d.iloc[0]["higher_is_better"]) and d.iloc[0]["verdict"].startswith("resolved: B better than A")
+    again = refresh_paper_columns(d)
+    assert again.iloc[0]["verdict"] == d.iloc[0]["verdict"]
+    loss = paired_deltas(df, "acc", baseline="A")                    # read as a loss: A is better
+    assert refresh_paper_columns(loss).iloc[0]["verdict"].startswith("resolved: A better than B")
+
+
 def test_summarize_groups_in_order_and_rejects_unknown_columns():
     df = _table()
     s = summarize(df, ["val_loss"])
