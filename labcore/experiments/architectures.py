@@ -28,7 +28,6 @@ already touches almost every expert, while a memory touches B·H·K value rows o
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +43,7 @@ from labcore.experiments.memory_family import layer_overrides
 from labcore.experiments.params import ArchitecturesParams
 from labcore.layers.moe import MoE, MoEConfig, route
 from labcore.layers.pkm import PKM, PKMConfig, reference_query
-from labcore.lm.budget import equal_budget_family, model_budget
+from labcore.lm.budget import equal_budget_family, last_at_most, model_budget
 from labcore.lm.model import ModelConfig, SparsePlan
 from labcore.viz.figures import deltas_figure, variants_figure
 from labcore.viz.plots import latency_vs_batch_figure
@@ -55,17 +54,6 @@ __all__ = ["ArchitecturesParams", "NOTEBOOK", "ARMS", "family", "pkm_replacing_f
 NOTEBOOK = "04_architectures"
 ARMS = ("dense", "moe", "pkm", "pkm_replaces_ffn", "ultramem")
 MEMORY_ARMS = ("pkm", "pkm_replaces_ffn", "ultramem")
-
-
-def _bisect_last(f: Callable[[int], float], target: float, lo: int, hi: int) -> int:
-    """The largest x in [lo, hi] with f(x) <= target for a non-decreasing f (lo if none)."""
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if f(mid) <= target:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 def pkm_replacing_ffn(base: ModelConfig, parallel: ModelConfig, *, context_len: int, tol: float = 0.02,
@@ -87,14 +75,14 @@ def pkm_replacing_ffn(base: ModelConfig, parallel: ModelConfig, *, context_len: 
         return dataclasses.replace(base, d_ff=d_ff, plan=plan)
 
     def d_ff_for(n: int) -> int:
-        j = _bisect_last(lambda j: model_budget(cfg_of(n, j * multiple_of), context_len=context_len).flops_per_token,
+        j = last_at_most(lambda j: model_budget(cfg_of(n, j * multiple_of), context_len=context_len).flops_per_token,
                          target_flops, 1, 8 * base.d_ff // multiple_of)
         return j * multiple_of
 
     def params_at(n: int) -> int:
         return model_budget(cfg_of(n, d_ff_for(n)), context_len=context_len).total_params
 
-    n = _bisect_last(params_at, target_params, mem.top_k, 4 * mem.n_keys)
+    n = last_at_most(params_at, target_params, mem.top_k, 4 * mem.n_keys)
     best, err = None, float("inf")
     for nn_ in (n, n + 1):
         d = d_ff_for(nn_)

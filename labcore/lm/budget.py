@@ -231,7 +231,7 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / b
 
 
-def _last_at_most(f: Callable[[int], float], target: float, lo: int, hi: int) -> int:
+def last_at_most(f: Callable[[int], float], target: float, lo: int, hi: int) -> int:
     """Largest x in [lo, hi] with f(x) <= target for nondecreasing f (lo if none)."""
     if f(lo) > target:
         return lo
@@ -315,7 +315,7 @@ def match_moe(base: ModelConfig, target_total_params: int, *, top_k: int = 2, n_
     def d_for(e: int) -> list[int]:
         if d_expert is not None:
             return [d_expert]
-        j = _last_at_most(lambda j: flops(e, j * multiple_of), target_flops, 1,
+        j = last_at_most(lambda j: flops(e, j * multiple_of), target_flops, 1,
                           max(1, 8 * base.d_ff // multiple_of))
         return [j * multiple_of, (j + 1) * multiple_of]
 
@@ -326,10 +326,10 @@ def match_moe(base: ModelConfig, target_total_params: int, *, top_k: int = 2, n_
         # With d_expert flop-matched, d(E) ~ (F - 2 D E) / (6 D K) shrinks as the router grows, so the
         # expert parameters E * d(E) rise up to about half of the largest feasible E, then fall:
         # search below that peak, where params grow with E.
-        e_feasible = _last_at_most(lambda e: flops(e, d_expert or multiple_of), target_flops, top_k,
+        e_feasible = last_at_most(lambda e: flops(e, d_expert or multiple_of), target_flops, top_k,
                                    max_experts)
         e_hi = max(top_k, e_feasible // 2) if d_expert is None else e_feasible
-        e0 = _last_at_most(lambda e: params(e, d_for(e)[0]), target_total_params, top_k, e_hi)
+        e0 = last_at_most(lambda e: params(e, d_for(e)[0]), target_total_params, top_k, e_hi)
         e_candidates = range(max(top_k, e0 - 1), min(max_experts, e0 + 2) + 1)
     for e in e_candidates:
         for d in d_for(e):
@@ -386,14 +386,14 @@ def match_memory(base: ModelConfig, target_total_params: int, memory: str, *,
         return dataclasses.replace(base, d_ff=d_ff, plan=plan)
 
     def d_ff_for(n: int) -> int:  # the largest d_ff (a multiple of step) within the FLOP target
-        j = _last_at_most(lambda j: model_budget(cfg_of(n, j * step), context_len=C).flops_per_token,
+        j = last_at_most(lambda j: model_budget(cfg_of(n, j * step), context_len=C).flops_per_token,
                           target_flops, 1, max(1, base.d_ff // step))
         return j * step
 
     def params_at(n: int) -> int:
         return model_budget(cfg_of(n, d_ff_for(n)), context_len=C).total_params
 
-    n0 = _last_at_most(params_at, target_total_params, min_size, max_size)
+    n0 = last_at_most(params_at, target_total_params, min_size, max_size)
     best = _Best()
     for n in (n0, n0 + 1):
         if n > max_size:
