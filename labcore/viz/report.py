@@ -244,7 +244,7 @@ def finding(deltas: pd.DataFrame) -> str:
     else:
         what = "each change vs the previous row" if chained else f"each variant vs {rows[0]['reference']}"
         if resolved:
-            shown = "; ".join(_effect(r) for r in resolved[:2]) + ("; ..." if len(resolved) > 2 else "")
+            shown = "; ".join(_effect(r) for r in resolved[:2]) + (f"; and {len(resolved) - 2} more" if len(resolved) > 2 else "")
             first = (f"{len(resolved)} of {len(rows)} differences in {metric} ({what}) are resolved at "
                      f"{n_txt}{res_txt}: {shown}.")
         else:
