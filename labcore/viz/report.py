@@ -236,13 +236,19 @@ def finding(deltas: pd.DataFrame) -> str:
         lo, hi = min(res), max(res)
         res_txt = (f"; resolution {_g(lo)}" if hi <= 1.1 * lo else f"; resolution {_g(lo)} to {_g(hi)}")
         res_txt += " (80% power)"
-    chained = len(rows) > 1 and all(r["reference"] == p["variant"] for p, r in zip(rows, rows[1:]))
+    # chained: each row compares with the row before it, or starts a new chain (e.g. one chain per trunk)
+    variants = {r["variant"] for r in rows}
+    links = [r["reference"] == p["variant"] for p, r in zip(rows, rows[1:])]
+    chained = (len(rows) > 1 and any(links) and all(ok or r["reference"] not in variants
+                                                      for ok, r in zip(links, rows[1:])))
+    one_reference = len({r["reference"] for r in rows}) == 1
     resolved = sorted((r for r in rows if _status(r) == "resolved"), key=lambda r: -abs(_num(r, "delta_mean")))
     if len(rows) == 1:
         r = rows[0]
         first = f"{_effect(r)}, {n_txt}{res_txt}: {_status(r)}."
     else:
-        what = "each change vs the previous row" if chained else f"each variant vs {rows[0]['reference']}"
+        what = ("each change vs the previous row" if chained else f"each variant vs {rows[0]['reference']}"
+                if one_reference else "each variant vs its reference")
         if resolved:
             shown = "; ".join(_effect(r) for r in resolved[:2]) + (f"; and {len(resolved) - 2} more" if len(resolved) > 2 else "")
             first = (f"{len(resolved)} of {len(rows)} differences in {metric} ({what}) are resolved at "

@@ -232,3 +232,18 @@ def test_uninformative_columns_are_dropped():
                        "val_loss": [3.0, 0.0], "r_mean": [0.0, 0.0], "r_n": [3, 3], "v_mean": [1.0, 2.0],
                        "v_n": [3, 3]})
     assert list(informative(df).columns) == ["seed", "variant", "val_loss", "v_mean", "v_n"]
+
+
+def test_finding_names_how_the_rows_compare():
+    def table(pairs):
+        return pd.DataFrame({"variant": [v for v, _ in pairs], "reference": [r for _, r in pairs],
+                             "metric": ["stored_kbit"] * len(pairs), "delta_mean": [1.0] * len(pairs),
+                             "delta_ci95": [5.0] * len(pairs), "n": [3] * len(pairs),
+                             "verdict": ["inside seed noise"] * len(pairs)})
+    # two chains (one per trunk): each row vs the row before it, or the start of its own chain
+    two = table([("s 2", "s 1"), ("s 4", "s 2"), ("b 2", "b 1"), ("b 4", "b 2")])
+    assert "(each change vs the previous row)" in finding(two)
+    assert "(each change vs the previous row)" in finding(table([("b", "a"), ("c", "b")]))
+    assert "(each variant vs dense)" in finding(table([("moe", "dense"), ("pkm", "dense")]))
+    mixed = table([("pkm", "dense"), ("ultramem", "moe")])
+    assert "(each variant vs its reference)" in finding(mixed)
