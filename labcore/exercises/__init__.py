@@ -22,6 +22,7 @@ the wrong kind (a string where a number is asked), naming what is allowed.
 from __future__ import annotations
 
 import importlib
+import math
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from typing import Any
 
 from labcore.config import ConfigError
 
-__all__ = ["Exercise", "Solution", "Verdict", "exercise", "check", "solution", "exercises_for", "get"]
+__all__ = ["Exercise", "Solution", "Verdict", "exercise", "as_number", "as_whole", "as_choice", "check", "solution", "exercises_for", "get"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,31 @@ class Verdict:
         return f"{mark} ({self.exercise}): {self.why}"
 
     __repr__ = __str__
+
+
+# Answer checks the checkers share: the right kind of answer, or a ConfigError naming what is allowed.
+
+
+def as_number(id: str, answer: Any, name: str = "answer") -> float:
+    """``answer`` as a float; ConfigError unless it is a finite int or float (not a bool)."""
+    if isinstance(answer, bool) or not isinstance(answer, int | float) or not math.isfinite(answer):
+        raise ConfigError(f"exercise {id}: {name}={answer!r} is not allowed: must be a finite number")
+    return float(answer)
+
+
+def as_whole(id: str, answer: Any, name: str = "answer") -> int:
+    """``answer`` as an int; ConfigError unless it is a finite int or float with no fractional part."""
+    if (isinstance(answer, bool) or not isinstance(answer, int | float) or not math.isfinite(answer)
+            or answer != int(answer)):
+        raise ConfigError(f"exercise {id}: {name}={answer!r} is not allowed: must be a whole number")
+    return int(answer)
+
+
+def as_choice(id: str, answer: Any, allowed: tuple[str, ...]) -> str:
+    """``answer`` stripped and lower-cased; ConfigError unless it is one of ``allowed``."""
+    if not isinstance(answer, str) or answer.strip().lower() not in allowed:
+        raise ConfigError(f"exercise {id}: answer={answer!r} is not allowed: must be one of {list(allowed)}")
+    return answer.strip().lower()
 
 
 _REGISTRY: dict[str, Exercise] = {}

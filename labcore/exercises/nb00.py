@@ -5,11 +5,9 @@ model (:mod:`labcore.profiling.cost_model`, docs/mechanisms.md §7.2)."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from labcore.config import ConfigError
-from labcore.exercises import exercise
+from labcore.exercises import as_number, exercise
 from labcore.experiments.params import TourParams
 from labcore.layers.moe import MoEConfig
 from labcore.layers.pkm import PKMConfig
@@ -21,12 +19,6 @@ MOE = MoEConfig(d_model=16, d_expert=64, n_experts=8, top_k=2)
 PKM = PKMConfig(d_model=16, n_keys=39, heads=1, k_dim=8, top_k=4)
 
 
-def _number(id: str, answer: Any) -> float:
-    if isinstance(answer, bool) or not isinstance(answer, int | float) or not math.isfinite(answer):
-        raise ConfigError(f"exercise {id}: answer={answer!r} is not allowed: must be a number")
-    return float(answer)
-
-
 @exercise("00.1", "The tour's MoE has E = n_experts experts and sends each token to K = moe_top_k of them "
           "(defaults 8 and 2). How many distinct experts does labcore's cost model expect a batch of B = 4 "
           "tokens to touch? Answer a number (2 decimals).",
@@ -35,7 +27,7 @@ def _number(id: str, answer: Any) -> float:
                    "count is 8 · (1 − 0.316) ≈ 5.47 of 8 experts — already two thirds of the MoE for 4 tokens "
                    "(`labcore.profiling.cost_model.expected_distinct(8, 2, 4)`).")
 def _distinct(answer: Any) -> tuple[bool, str]:
-    x = _number("00.1", answer)
+    x = as_number("00.1", answer)
     P = TourParams()
     right = expected_distinct(P.n_experts, P.moe_top_k, 4)
     ok = abs(x - right) <= 0.01
@@ -58,7 +50,7 @@ def saturation_batch(n_units: int, per_token: int, fraction: float = 0.9) -> int
                    "(0.75⁸ = 0.1001 is just short). From B ≈ 9 on, every decode step of this MoE reads almost "
                    "all its experts: its bytes per token fall only as 1/B, like a dense layer of its total size.")
 def _saturation(answer: Any) -> tuple[bool, str]:
-    x = _number("00.2", answer)
+    x = as_number("00.2", answer)
     P = TourParams()
     right = saturation_batch(P.n_experts, P.moe_top_k)
     ok = x == right
@@ -85,7 +77,7 @@ def bytes_per_token(batch: int) -> dict[str, float]:
                    "(query, keys, norm), ≈ 265 bytes per token: about 6x fewer. At B = 1 the gap is larger "
                    "(2 whole experts vs 4 rows); at B = 4096 both have read everything once and the gap closes.")
 def _bytes(answer: Any) -> tuple[bool, str]:
-    x = _number("00.3", answer)
+    x = as_number("00.3", answer)
     b = bytes_per_token(64)
     right = b["moe"] / b["pkm"]
     ok = abs(x - right) <= 0.1 * right

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from labcore.config import ConfigError
-from labcore.exercises import exercise
+from labcore.exercises import as_number, as_whole, exercise
 from labcore.layers.ultramem import UltraMemConfig
 from labcore.lm.model import split_memory_plan
 from labcore.profiling.cost_model import layer_step_cost
@@ -25,12 +25,6 @@ def _memory() -> UltraMemConfig:
                           d_value=D_MODEL, value_proj=False, expansion=1, rank=2, n_cores=2)
 
 
-def _int(ex: str, name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
-        raise ConfigError(f"exercise {ex}: {name}={value!r} is not allowed: must be a whole number")
-    return int(value)
-
-
 @exercise("02.1", f"One memory of N = {N_KEYS}^2 = {N_KEYS ** 2} values with H = {HEADS} heads x top-{TOP_K} is "
           f"split into S = {S} memories at equal total and activated values. Give (values per memory, "
           f"top-K per head of each memory) as a tuple.",
@@ -42,7 +36,7 @@ def _split_rule(answer: Any) -> tuple[bool, str]:
     if not isinstance(answer, tuple | list) or len(answer) != 2:
         raise ConfigError(f"exercise 02.1: answer={answer!r} is not allowed: must be a tuple "
                           "(values per memory, top-K per head)")
-    values, k = _int("02.1", "values per memory", answer[0]), _int("02.1", "top-K", answer[1])
+    values, k = as_whole("02.1", answer[0], "values per memory"), as_whole("02.1", answer[1], "top-K")
     small = split_memory_plan(_memory(), S, N_LAYERS, 0).memory
     want = (small.n_keys ** 2, small.top_k)
     if (values, k) == want:
@@ -63,12 +57,11 @@ def _split_rule(answer: Any) -> tuple[bool, str]:
           f"H x K = {HEADS * TOP_K} for one memory: a factor S = {S}. A quality gain of such a split could then "
           "come from reading more values, not from splitting: that is why the notebook divides top-K by S.")
 def _confound(answer: Any) -> tuple[bool, str]:
-    if isinstance(answer, bool) or not isinstance(answer, int | float):
-        raise ConfigError(f"exercise 02.2: answer={answer!r} is not allowed: must be a number (a factor)")
+    x = as_number("02.2", answer, "answer (a factor)")
     one = _memory().cost().units_per_token                      # H*K of the single memory
     full = S * _memory().cost().units_per_token                 # S memories, each with the full top-K
     want = full / one
-    if abs(float(answer) - want) < 1e-9:
+    if abs(x - want) < 1e-9:
         return True, f"{S} x {one} = {full} rows instead of {one}: the read grows S-fold"
     return False, f"each memory would read H*K = {one} rows, and there are {S} of them: {full} / {one}, not {answer}"
 

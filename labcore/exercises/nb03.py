@@ -10,7 +10,7 @@ import dataclasses
 from typing import Any
 
 from labcore.config import ConfigError
-from labcore.exercises import exercise
+from labcore.exercises import as_number, as_whole, exercise
 from labcore.layers.ultramem import UltraMemConfig
 
 # The notebook's default memory: n = 64 physical keys per side, 2 heads x top-16, D = 32, D_v = 16.
@@ -22,17 +22,11 @@ def _memory(expansion: int) -> UltraMemConfig:
                           value_proj=True, expansion=expansion, rank=2, n_cores=2)
 
 
-def _whole(ex: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
-        raise ConfigError(f"exercise {ex}: answer={value!r} is not allowed: must be a whole number")
-    return int(value)
-
-
 @exercise("03.1", "Set E so that the virtual table has 4x the physical rows.",
           solution="E is the expansion factor: the search grid has n_s^2 = (sqrt(E) n)^2 = E * N cells, each a "
           "virtual row, over N physical rows. 4x the physical rows: E = 4 (keys per side double).")
 def _four_x(answer: Any) -> tuple[bool, str]:
-    e = _whole("03.1", answer)
+    e = as_whole("03.1", answer)
     try:
         cfg = _memory(e)
     except ConfigError as err:
@@ -49,7 +43,7 @@ def _four_x(answer: Any) -> tuple[bool, str]:
           f"2 * {N_KEYS} = {2 * N_KEYS}. That is where IVE's extra FLOPs go (key scores grow sqrt(E)-fold), "
           "with the projection.")
 def _keys_per_side(answer: Any) -> tuple[bool, str]:
-    k = _whole("03.2", answer)
+    k = as_whole("03.2", answer)
     cfg = _memory(4)
     if k == cfg.n_side:
         return True, f"sqrt(4) * {N_KEYS} = {cfg.n_side}: a {cfg.n_side} x {cfg.n_side} grid = {cfg.n_virtual} slots"
@@ -88,10 +82,9 @@ def _what_grows(answer: Any) -> tuple[bool, str]:
           "(ratio 1), with a quarter of the values stored. This is the other way to use IVE: the same "
           "addressable table with fewer physical bytes.")
 def _same_virtual(answer: Any) -> tuple[bool, str]:
-    if isinstance(answer, bool) or not isinstance(answer, int | float):
-        raise ConfigError(f"exercise 03.4: answer={answer!r} is not allowed: must be a number (a ratio)")
+    x = as_number("03.4", answer, "answer (a ratio)")
     half = dataclasses.replace(_memory(4), n_keys=N_KEYS // 2)
     want = half.n_virtual / _memory(1).n_virtual
-    if abs(float(answer) - want) < 1e-9:
+    if abs(x - want) < 1e-9:
         return True, f"{half.n_virtual} virtual rows vs {_memory(1).n_virtual}: ratio {want:g}"
     return False, f"E * (n/2)^2 = 4 * {N_KEYS // 2}^2 = {half.n_virtual}, against {_memory(1).n_virtual}"

@@ -7,12 +7,10 @@ models and the decode-step cost model (docs/mechanisms.md §7.2, eqs. 7.2a-b).
 
 from __future__ import annotations
 
-import math
 from functools import cache
 from typing import Any
 
-from labcore.config import ConfigError
-from labcore.exercises import exercise
+from labcore.exercises import as_choice, as_number, exercise
 from labcore.lm.budget import model_budget
 from labcore.profiling.cost_model import expected_distinct, layer_step_cost
 
@@ -24,18 +22,6 @@ def _family() -> dict[str, Any]:
     from labcore.experiments.architectures import ArchitecturesParams, family
 
     return family(ArchitecturesParams())
-
-
-def _number(id_: str, answer: Any) -> float:
-    if isinstance(answer, bool) or not isinstance(answer, int | float) or not math.isfinite(answer):
-        raise ConfigError(f"exercise {id_}: answer={answer!r} is not allowed: must be a number")
-    return float(answer)
-
-
-def _choice(id_: str, answer: Any, allowed: tuple[str, ...]) -> str:
-    if not isinstance(answer, str) or answer.strip().lower() not in allowed:
-        raise ConfigError(f"exercise {id_}: answer={answer!r} is not allowed: must be one of {list(allowed)}")
-    return answer.strip().lower()
 
 
 @exercise("04.1", "The family's MoE routes each token to K of its E experts. In one decode step of B = 16 "
@@ -52,7 +38,7 @@ def _(answer: Any) -> tuple[bool, str]:
     moe = _family()["moe"].plan.moe
     E, K = moe.n_experts, moe.top_k
     right = expected_distinct(E, K, 16)
-    got = _number("04.1", answer)
+    got = as_number("04.1", answer)
     ok = abs(got - right) <= 0.05 * right
     return ok, (f"U(16) = E [1 - (1 - K/E)^16] = {right:.1f} of E = {E} experts (K = {K})" if ok else
                 f"{got:g} is off: with E = {E}, K = {K}, the chance an expert is missed by all 16 tokens is "
@@ -72,7 +58,7 @@ def _(answer: Any) -> tuple[bool, str]:
     moe = layer_step_cost(fam["moe"].plan.moe.cost(), 64).bytes_total
     um = layer_step_cost(fam["ultramem"].plan.memory.cost(), 64).bytes_total
     right = "moe" if moe < um else "ultramem"
-    got = _choice("04.2", answer, ("moe", "ultramem"))
+    got = as_choice("04.2", answer, ("moe", "ultramem"))
     why = f"at B = 64 one MoE layer reads {moe / 1e3:.0f} kB, the UltraMem layer {um / 1e3:.0f} kB (fp32)"
     return got == right, why if got == right else f"not {got}: {why}"
 
@@ -89,7 +75,7 @@ def _(answer: Any) -> tuple[bool, str]:
     P = ArchitecturesParams()
     dense = model_budget(_family()["dense"], context_len=P.context_len).total_params
     right = (1 + P.ratio) * dense
-    got = _number("04.3", answer)
+    got = as_number("04.3", answer)
     ok = abs(got - right) <= 0.02 * right
     return ok, (f"(1 + {P.ratio:g}) x {dense:,} = {right:,.0f}" if ok else
                 f"{got:,.0f} is off: the dense model has {dense:,} parameters; the sparse arms (1 + ratio) times that")

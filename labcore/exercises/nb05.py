@@ -7,12 +7,10 @@ calculation of :mod:`labcore.experiments.stats`.
 
 from __future__ import annotations
 
-import math
 from functools import cache
 from typing import Any
 
-from labcore.config import ConfigError
-from labcore.exercises import exercise
+from labcore.exercises import as_whole, exercise
 from labcore.experiments import stats
 
 __all__: list[str] = []
@@ -23,13 +21,6 @@ def _walk() -> dict[str, Any]:
     from labcore.experiments.paper_table import PaperTableParams, table2_variants
 
     return {v.name: v for v in table2_variants(PaperTableParams())}
-
-
-def _int(id_: str, answer: Any) -> int:
-    if isinstance(answer, bool) or not isinstance(answer, int | float) or not math.isfinite(answer) \
-            or answer != int(answer):
-        raise ConfigError(f"exercise {id_}: answer={answer!r} is not allowed: must be a whole number")
-    return int(answer)
 
 
 def _memory(row: str) -> tuple[Any, int]:
@@ -46,7 +37,7 @@ def _memory(row: str) -> tuple[Any, int]:
 def _(answer: Any) -> tuple[bool, str]:
     pkm, _ = _memory("PKM")
     half, _ = _memory("+half vdim + proj")
-    got = _int("05.1", answer)
+    got = as_whole("05.1", answer)
     why = f"round({pkm.n_keys} x √2) = {half.n_keys}: {half.n_keys ** 2:,} values vs 2 x {pkm.n_keys ** 2:,}"
     return got == half.n_keys, why if got == half.n_keys else f"{got} is off: {why}"
 
@@ -62,7 +53,7 @@ def _(answer: Any) -> tuple[bool, str]:
     mem, S = _memory("+split big mem & skip")
     before, _ = _memory("+share query")
     right = S * mem.heads * mem.top_k
-    got = _int("05.2", answer)
+    got = as_whole("05.2", answer)
     why = (f"{S} memories x {mem.heads} heads x top-{mem.top_k} = {right}, as before the split "
            f"({before.heads} x {before.top_k} = {before.heads * before.top_k})")
     return got == right, why if got == right else f"{got} is off: {why}"
@@ -76,7 +67,7 @@ def _(answer: Any) -> tuple[bool, str]:
 def _(answer: Any) -> tuple[bool, str]:
     mem, S = _memory("+IVE")
     right = S * mem.n_virtual
-    got = _int("05.3", answer)
+    got = as_whole("05.3", answer)
     why = f"{S} x E = {mem.expansion} x {mem.n_slots:,} physical rows = {right:,} virtual rows"
     return got == right, why if got == right else f"{got:,} is off: {why}"
 
@@ -89,7 +80,7 @@ def _(answer: Any) -> tuple[bool, str]:
                    "like 1/√n: halving the seed noise (longer runs, a fixed evaluation set) cuts the seeds four-fold.")
 def _(answer: Any) -> tuple[bool, str]:
     right = stats.seeds_needed(0.022, 0.05)
-    got = _int("05.4", answer)
+    got = as_whole("05.4", answer)
     ok = right is not None and abs(got - right) <= 1
     return ok, (f"about {right} seeds (d = 0.44)" if ok else
                 f"{got} is off: the paired test reaches 80% power at n = {right} for d = 0.022 / 0.05 = 0.44")

@@ -10,25 +10,12 @@ from typing import Any
 
 import numpy as np
 
-from labcore.config import ConfigError
-from labcore.exercises import exercise
+from labcore.exercises import as_choice, as_number, exercise
 from labcore.experiments.facts_pilot import memory_reads
 from labcore.experiments.knowledge_metrics import stored_bits
 from labcore.experiments.memory_family import family
 from labcore.experiments.params import MemoryFamilyParams
 from labcore.profiling.cost_model import layer_step_cost
-
-
-def _number(id: str, answer: Any) -> float:
-    if isinstance(answer, bool) or not isinstance(answer, int | float) or not math.isfinite(answer):
-        raise ConfigError(f"exercise {id}: answer={answer!r} is not allowed: must be a number")
-    return float(answer)
-
-
-def _choice(id: str, answer: Any, allowed: tuple[str, ...]) -> str:
-    if not isinstance(answer, str) or answer.strip().lower() not in allowed:
-        raise ConfigError(f"exercise {id}: answer={answer!r} is not allowed: must be one of {list(allowed)}")
-    return answer.strip().lower()
 
 
 @lru_cache(maxsize=1)
@@ -52,7 +39,7 @@ def reads_per_row() -> tuple[float, int, int]:
                    "150 · 128 · (4·32) / 12,996 ≈ 189. A row read ~190 times in training is written by a few "
                    "facts only; at ratio 40 (N four times larger) each row gets a quarter of that.")
 def _reads(answer: Any) -> tuple[bool, str]:
-    x = _number("07.1", answer)
+    x = as_number("07.1", answer)
     right, n_values, reads = reads_per_row()
     ok = abs(x - right) <= 0.05 * right
     why = (f"{right:.0f} reads per row: steps x batch x H*K / N with N = {n_values:,}, H*K = {reads}"
@@ -74,7 +61,7 @@ def _bytes_per_token(batch: int) -> dict[str, float]:
                    "E[1 - (1 - K/E)^B]), so the step reads the whole MoE; the PKM's 64 tokens read at most "
                    "64·H·K of its N value rows plus its keys and query network. Divide by B for bytes per token.")
 def _bytes(answer: Any) -> tuple[bool, str]:
-    a = _choice("07.2", answer, ("moe", "pkm"))
+    a = as_choice("07.2", answer, ("moe", "pkm"))
     b = _bytes_per_token(64)
     right = min(b, key=b.get)
     why = f"moe {b['moe']:,.0f} B/token, pkm {b['pkm']:,.0f} B/token at B = 64"
@@ -88,7 +75,7 @@ def _bytes(answer: Any) -> tuple[bool, str]:
                    "0, not a negative number. Total 3.3 kbit "
                    "(`labcore.experiments.knowledge_metrics.stored_bits`).")
 def _stored(answer: Any) -> tuple[bool, str]:
-    x = _number("07.3", answer)
+    x = as_number("07.3", answer)
     ce_nats = np.array([1.5] * 600 + [8.0] * 200) * math.log(2)
     right = stored_bits(ce_nats, 128).bits / 1e3
     ok = abs(x - right) <= 0.01

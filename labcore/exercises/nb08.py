@@ -7,19 +7,11 @@ stored.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from labcore.config import ConfigError
-from labcore.exercises import exercise
+from labcore.exercises import as_number, exercise
 from labcore.experiments.facts_task import capacity_facts, load_kbit, trunk_params
 from labcore.experiments.params import FactsTaskParams, LabParams
-
-
-def _number(id: str, answer: Any) -> float:
-    if isinstance(answer, bool) or not isinstance(answer, int | float) or not math.isfinite(answer):
-        raise ConfigError(f"exercise {id}: answer={answer!r} is not allowed: must be a finite number")
-    return float(answer)
 
 
 def _close(x: float, target: float, rel: float) -> bool:
@@ -32,7 +24,7 @@ def _close(x: float, target: float, rel: float) -> bool:
                    "2,000 x 7 = **14,000 bits** (14 kbit): `labcore.experiments.facts_task.load_kbit(2000, 128)` "
                    "or `FactsConfig(n_subjects=500, n_relations=4, n_objects=128).knowledge_bits`.")
 def _(answer: Any) -> tuple[bool, str]:
-    x = _number("08.1", answer)
+    x = as_number("08.1", answer)
     bits = load_kbit(2000, 128) * 1e3
     if _close(x, bits, 0.01):
         return True, f"{bits:,.0f} bits: 2,000 facts x log2 128 = 7 bits each"
@@ -52,7 +44,7 @@ def _(answer: Any) -> tuple[bool, str]:
                    "use 2,000 facts: far below this trunk's capacity, which is why the quick dense-vs-memory "
                    "comparison measures speed of storage, not capacity.")
 def _(answer: Any) -> tuple[bool, str]:
-    x = _number("08.2", answer)
+    x = as_number("08.2", answer)
     P = LabParams()
     n_params = trunk_params(FactsTaskParams(n_layers=P.n_layers), P.d_model)
     facts = capacity_facts(n_params, 2.0, P.n_objects)
@@ -72,7 +64,7 @@ def _(answer: Any) -> tuple[bool, str]:
                    "400-fact load gets 300 steps: a larger load is trained longer so that every fact is seen as often, and "
                    "a plateau in stored bits cannot be blamed on fewer exposures.")
 def _(answer: Any) -> tuple[bool, str]:
-    x = _number("08.3", answer)
+    x = as_number("08.3", answer)
     P = FactsTaskParams(exposures=192, batch_size=256)
     steps = P.steps_for(3200)
     if _close(x, steps, 0.005):

@@ -27,7 +27,7 @@ def test_00_1_expected_experts_touched():
     assert right == pytest.approx(5.46875)
     assert exercises.check("00.1", round(right, 2)).right
     assert not exercises.check("00.1", 2 * 4).right                    # B*K ignores the repeats
-    with pytest.raises(ConfigError, match="must be a number"):
+    with pytest.raises(ConfigError, match="must be a finite number"):
         exercises.check("00.1", "5.47")
 
 
