@@ -140,9 +140,12 @@ _PKM = (
 )
 _ULTRAMEM = (
     Probe("query", "self._queries"),
-    Probe("side scores", "self._side_scores_q"),
-    Probe("MCS scores", "self._search"),                                # per-core rescoring + slot ids
-    Probe("candidate grid", "labcore.layers.fast.search.tucker_search"),  # proxies, top-m gather, m x m grid
+    # inference with the compiled extension: the whole search is one pass (fast.search.fused_tucker_search)
+    Probe("fused search", "self._search_fused", required=False),
+    # otherwise the readable steps
+    Probe("side scores", "self._side_scores_q", required=False),
+    Probe("MCS scores", "self._search", required=False),                # per-core rescoring + slot ids
+    Probe("candidate grid", "labcore.layers.fast.search.tucker_search", required=False),  # proxies, top-m, m x m grid
     Probe("candidate grid", "labcore.layers.fast.search.two_sided_tucker_search", required=False),
     _TOPK,
     Probe("value bags", "labcore.layers.fast.bags.value_bags"),        # IVE: sort / searchsorted into bags

@@ -281,7 +281,7 @@ class TuckerRetrieval(nn.Module):
             return rearrange(keys, pattern)
 
         sources = (self.keys,) if self.key_gain is None else (self.keys, self.key_gain)
-        return self._reuse("keys", sources, compute)
+        return self._reuse(f"keys {pattern}", sources, compute)
 
     def _search_params(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Summed core C = sum_c C^(c) (H, R, R) and the proxy vectors (u, t) stacked: (2, H, R)."""

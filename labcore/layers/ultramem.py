@@ -153,6 +153,8 @@ from labcore.config import (
 from labcore.layers.base import LayerAux, LayerCost, flatten_tokens, tag_param, zero_loss
 from labcore.layers.fast import bags
 from labcore.layers.fast.search import (
+    fused_tucker_ok,
+    fused_tucker_search,
     in_token_chunks,
     topk_recall,
     tucker_exact_topk,
@@ -371,9 +373,12 @@ class UltraMem(TuckerRetrieval):
         c = self.cfg
         x2d, lead = flatten_tokens(x, c.d_model, "UltraMem")                # (N_tok, D)
         q = self._queries(x2d)                                              # (N_tok, Hq, 2, D_k)
-        # side scores (U2 eq. 6) and the search (eq. 7), in token chunks whose S stays in cache
-        slots, scores, core_scores = in_token_chunks(lambda qc: self._search(self._side_scores_q(qc)), q,
-                                                     2 * c.heads * c.key_rank * c.n_side)  # (N_tok, H, K[, h])
+        if c.scoring == "tucker" and fused_tucker_ok(q, self.keys, self.cores):  # inference: one compiled pass
+            slots, scores, core_scores = self._search_fused(q)              # the same search, S never formed
+        else:
+            # side scores (U2 eq. 6) and the search (eq. 7), in token chunks whose S stays in cache
+            slots, scores, core_scores = in_token_chunks(lambda qc: self._search(self._side_scores_q(qc)), q,
+                                                         2 * c.heads * c.key_rank * c.n_side)  # (N_tok, H, K[, h])
         if c.score_activation == "softmax":                                 # PKM (h == 1)
             work = torch.promote_types(scores.dtype, torch.float32)         # >= float32, keeps float64
             scores = F.softmax(scores.to(work), dim=-1).type_as(scores)
@@ -451,6 +456,19 @@ class UltraMem(TuckerRetrieval):
         if c.n_cores == 1:
             return slots, scores, scores.unsqueeze(-1)
         return slots, scores, self.per_core_scores(vecs)                    # MCS: (N_tok, H, K, h)
+
+    def _search_fused(self, q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`_search` from the queries (N_tok, Hq, 2, D_k) in one compiled pass
+        (``fast.search.fused_tucker_search``: proxies against u^T K, S only at the m selected
+        sub-keys), for inference; the same slots and scores up to float32 rounding."""
+        c = self.cfg
+        q = q.expand(-1, c.heads, -1, -1) if c.share_query else q           # (N_tok, H, 2, D_k)
+        keys = self._laid_out_keys("h s r n d -> h s r n d")                # normalised: (H, 2, R, n_s, D_k)
+        core_sum, uv = self._search_params(q.dtype)                         # C (H, R, R), (u, t) (2, H, R)
+        cells, scores, _, core_scores = fused_tucker_search(
+            q, keys, uv, core_sum, self.cores if c.n_cores > 1 else None, c.m, c.top_k, c.proxy_search)
+        slots = cells[0] * c.n_side + cells[1]                              # virtual slot v = i*n_s + j
+        return slots, scores, (scores.unsqueeze(-1) if core_scores is None else core_scores)
 
     def read(self, slots: Tensor, core_scores: Tensor) -> Tensor:
         """Pool the selected values per projector block and core chunk, then project (U2 eq. 9).

@@ -15,7 +15,7 @@ import labcore.bench.inference_cli as inference_cli
 import labcore.bench.stages as stages
 from labcore.config import ConfigError
 from labcore.layers.base import set_detailed_aux
-from labcore.layers.fast import search
+from labcore.layers.fast import compiled, search
 from labcore.layers.ffn import FFNConfig
 from labcore.layers.memory_plus import MemoryPlusConfig
 from labcore.layers.moe import MoEConfig
@@ -51,8 +51,10 @@ EXPECTED = {
     "dense": {"gate proj", "up proj", "SwiGLU", "down proj"},
     "moe": {"router", "top-k routing", "experts"},
     "pkm": {"query", "side search", "softmax + slot ids", "candidate grid", "top-k", "gather", "aux"},
-    "ultramem": {"query", "side scores", "MCS scores", "candidate grid", "top-k", "value bags", "gather",
-                 "projection", "aux"},
+    # inference with the compiled extension runs UltraMem's search as one pass (fast.search.fused_tucker_search)
+    "ultramem": ({"query", "fused search", "value bags", "gather", "projection", "aux"} if compiled.available() else
+                 {"query", "side scores", "MCS scores", "candidate grid", "top-k", "value bags", "gather",
+                  "projection", "aux"}),
     "ultramem_v2": {"query", "side scores", "MCS scores", "candidate grid", "top-k", "pre-values", "value bags",
                     "gather", "projection", "aux"},
     "memory_plus": {"query", "side search", "softmax + slot ids", "candidate grid", "top-k", "gather", "aux",

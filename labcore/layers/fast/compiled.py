@@ -55,7 +55,12 @@ from labcore.layers.fast.bits import ordered_int32
 
 EXT_NAME = "labcore_topk_rows"
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = (CSRC / "topk_rows.cpp", CSRC / "value_bags.cpp")
+SOURCES = (CSRC / "topk_rows.cpp", CSRC / "value_bags.cpp", CSRC / "tucker_search.cpp")
+HEADERS = (CSRC / "topk_core.h",)
+# -fopenmp: at::parallel_for is OpenMP code in ATen's headers; without the flag it runs every range on
+# the calling thread (the loader binds the extension to the libgomp torch already loaded).
+CFLAGS = ("-O3", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
 ENV_DISABLE = "LABCORE_COMPILED"
 ENV_DIR = "LABCORE_EXT_DIR"
 ISAS = {"auto": -1, "portable": 0, "avx512": 1}
@@ -65,10 +70,10 @@ _state: dict[str, object] = {"module": None, "tried": False, "reason": None}
 
 
 def sources_digest() -> str:
-    """A short hash of the C++ sources' contents: two checkouts with different sources (two
-    branches, an older install) never share, and never overwrite, one build."""
-    h = hashlib.sha256()
-    for src in SOURCES:
+    """A short hash of the C++ sources' contents and the build flags: two checkouts with different
+    sources (two branches, an older install) never share, and never overwrite, one build."""
+    h = hashlib.sha256(" ".join((*CFLAGS, *LDFLAGS)).encode())
+    for src in (*SOURCES, *HEADERS):
         h.update(src.name.encode() + b"\0" + src.read_bytes())
     return h.hexdigest()[:12]
 
@@ -110,7 +115,8 @@ def _compile(verbose: bool = False) -> ModuleType:
     torch_log.setLevel(logging.ERROR)
     try:
         return cpp_extension.load(name=EXT_NAME, sources=[str(s) for s in SOURCES],
-                                  extra_cflags=["-O3", "-fopenmp-simd"], build_directory=str(out), verbose=verbose)
+                                  extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
+                                  build_directory=str(out), verbose=verbose)
     finally:
         os.environ["PATH"] = env_path
         torch_log.setLevel(level)
@@ -235,6 +241,40 @@ def side_topk(q: Tensor, keys: Tensor, k: int, sorted: bool = True, *, isa: str 
             2, idx.unsqueeze(-1).expand(-1, -1, -1, q.shape[2]))
         vals = (sel * q.unsqueeze(2)).sum(-1)                                       # (G, T, k)
     return vals, idx
+
+
+def tucker_topk(q: Tensor, keys: Tensor, pkeys: Tensor, core: Tensor, cores: Tensor | None, m: int, k: int,
+                two_sided: bool = False, *, isa: str = "auto") -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """UltraMem's TDQKR search in one compiled pass (``csrc/tucker_search.cpp``), inference only.
+
+    q (H, 2, T, D) queries per head and side; keys (H, 2, R, n, D) normalised keys; pkeys (H, 2, n, D)
+    proxy keys (u^T K_row, t^T K_col); core (H, R, R) the summed core; cores (h, H, R, R) or None.
+    Returns cells (2, T, H, k) (rows, columns), scores (T, H, k) descending, vecs (2, T, H, R, k) (the
+    selected cells' side-score columns) and core_scores (T, H, k, h) (None without ``cores``): what
+    ``labcore.layers.fast.search.tucker_search`` returns on S = K q, to float32 rounding. No gradients.
+    Raises ``ConfigError`` on bad input and ``RuntimeError`` when the extension is not built (the caller,
+    ``fast.search.fused_tucker_search``, checks :func:`available` first)."""
+    tensors = {"q": q, "keys": keys, "pkeys": pkeys, "core": core} | ({} if cores is None else {"cores": cores})
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor) or t.dtype != torch.float32 or t.device.type != "cpu":
+            what = f"{t.dtype} {t.device.type} tensor" if isinstance(t, Tensor) else type(t).__name__
+            raise ConfigError(f"tucker_topk: {name}={what}; expected a float32 CPU tensor")
+    n = keys.shape[-2] if keys.dim() == 5 else 0
+    if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= n:
+        raise ConfigError(f"tucker_topk: m={m!r}; expected an int in [1, n={n}] (n = keys.shape[-2])")
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= m * m:
+        raise ConfigError(f"tucker_topk: k={k!r}; expected an int in [0, m*m={m * m}]")
+    if isa not in ISAS:
+        raise ConfigError(f"tucker_topk: isa={isa!r}; expected one of {sorted_names()}")
+    mod = _load()
+    if mod is None:
+        raise RuntimeError(f"tucker_topk: the compiled extension is not available ({unavailable_reason()})")
+    empty = q.new_empty(0)
+    cells, scores, vecs, cs = mod.tucker_topk(q.detach().contiguous(), keys.detach().contiguous(),
+                                              pkeys.detach().contiguous(), core.detach().contiguous(),
+                                              empty if cores is None else cores.detach().contiguous(),
+                                              m, k, bool(two_sided), ISAS[isa])
+    return cells, scores, vecs, (None if cores is None else cs)
 
 
 def reference_bag_backward(gy: Tensor, idx: Tensor, w: Tensor, table: Tensor) -> tuple[Tensor, Tensor]:

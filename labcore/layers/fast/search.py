@@ -158,6 +158,41 @@ def two_sided_tucker_search(s: Tensor, uv: Tensor, core: Tensor, m: int,
     return cells, scores, vecs
 
 
+def fused_tucker_ok(*tensors: Tensor) -> bool:
+    """True when :func:`fused_tucker_search` runs compiled for these tensors: no autograd graph to
+    record (inference), CPU float32, and the extension built."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and compiled.available())
+
+
+def proxy_keys(keys: Tensor, uv: Tensor) -> Tensor:
+    """The rank-1 proxy folded into the keys: u^T K_row and t^T K_col, one "proxy key" per sub-key,
+    so that u^T (K_row q) = (u^T K_row) q. keys (H, 2, R, n_s, D_k), uv (2, H, R) -> (H, 2, n_s, D_k)."""
+    return torch.einsum("shr,hsrnd->hsnd", uv, keys)
+
+
+def fused_tucker_search(q: Tensor, keys: Tensor, uv: Tensor, core: Tensor, cores: Tensor | None, m: int,
+                        k: int, proxy_search: str = "signed") -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """:func:`tucker_search` from the queries, in one compiled pass that never forms S (inference,
+    when :func:`fused_tucker_ok`).
+
+    q (N_tok, H, 2, D_k) queries ([:, h, 0] rows, [:, h, 1] columns); keys (H, 2, R, n_s, D_k)
+    normalised; uv (2, H, R); core (H, R, R) the summed core; cores (h, H, R, R) for the per-core
+    scores, or None. Each side's proxy is scored against :func:`proxy_keys` (linear in q, so the same
+    proxy up to rounding), S only at the m selected sub-keys, then the grid and its top-K as
+    :func:`tucker_search`. Returns its cells (2, N_tok, H, K), scores (N_tok, H, K) and vecs
+    (2, N_tok, H, R, K), plus the per-core scores (N_tok, H, K, h) (None without ``cores``).
+    A near-tie (within float32 rounding) at the m-th proxy or the K-th cell may resolve differently.
+    """
+    if proxy_search not in PROXY_SEARCHES:
+        raise ValueError(f"fused_tucker_search: proxy_search={proxy_search!r}; must be one of {PROXY_SEARCHES}")
+    qh = q.permute(1, 2, 0, 3).contiguous()                                 # (H, 2, N_tok, D_k)
+    return compiled.tucker_topk(qh, keys, proxy_keys(keys, uv), core, cores, m, k,
+                                two_sided=proxy_search == "two_sided")
+
+
 def tucker_exact_topk(s: Tensor, core: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Brute-force TDQKR: the top-K of S_row^T C S_col over ALL n_s^2 cells.
 
