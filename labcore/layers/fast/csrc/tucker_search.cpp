@@ -33,6 +33,148 @@ inline float dot(const float* a, const float* b, int64_t D) {
   return acc;
 }
 
+#ifdef LABCORE_X86
+LABCORE_AVX512 inline float dot512(const float* a, const float* b, int64_t D) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
+  if (d < D) {
+    const __mmask16 m = __mmask16((1u << (D - d)) - 1);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + d), _mm512_maskz_loadu_ps(m, b + d), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+#endif
+
+// Sizes, inputs and outputs of one call.
+struct Tucker {
+  int64_t H, T, D, R, n, np, h, m, k, M, cells_n;
+  bool two_sided;
+  const float *q, *keys, *pkT, *core, *cores;                 // q (H, 2, T, D), keys (H, 2, R, n, D), ...
+  int64_t* cells;                                              // (2, T, H, k)
+  float *scores, *vecs, *core_scores;                          // (T, H, k), (2, T, H, R, k), (T, H, k, h)
+};
+
+// Per-thread buffers.
+struct TuckerBuffers {
+  std::vector<float> qbuf, pbuf, neg, grid, left, sel, topv, best_v;
+  std::vector<int64_t> top, best_i;
+  Scratch s;
+  explicit TuckerBuffers(const Tucker& a)
+      : qbuf(kTile * a.D), pbuf(2 * kTile * a.np), neg(a.np), grid(a.cells_n), left(a.M * a.R),
+        sel(2 * a.R * a.M), topv(std::max(a.M, a.k)), best_v(a.k), top(2 * a.M), best_i(a.k),
+        s(std::max(a.np, a.cells_n)) {}
+};
+
+// Steps 1-5 of the header comment for head hh and tokens t0 .. t0 + rows - 1. Inlined into one
+// wrapper per instruction set, so that the plain loops are vectorised for that set.
+template <bool V512>
+__attribute__((always_inline)) inline void tucker_tile(const Tucker& a, int64_t hh, int64_t t0, int64_t rows,
+                                                       TuckerBuffers& b) {
+  const int64_t D = a.D, R = a.R, n = a.n, np = a.np, m = a.m, M = a.M, k = a.k, T = a.T, H = a.H;
+  for (int side = 0; side < 2; ++side) {                                  // 1. proxy scores of the tile
+    std::fill(b.qbuf.begin(), b.qbuf.end(), 0.0f);
+    const float* qs = a.q + ((hh * 2 + side) * T + t0) * D;
+    std::copy(qs, qs + rows * D, b.qbuf.begin());
+    const float* pk = a.pkT + (hh * 2 + side) * D * np;
+    float* out = b.pbuf.data() + side * kTile * np;
+#ifdef LABCORE_X86
+    if constexpr (V512) scores_tile_avx512(b.qbuf.data(), pk, D, np, out);
+    else
+#endif
+      scores_tile_portable(b.qbuf.data(), pk, D, np, out);
+  }
+  const float* C = a.core + hh * R * R;
+  for (int64_t t = 0; t < rows; ++t) {
+    const int64_t tok = t0 + t;
+    for (int side = 0; side < 2; ++side) {
+      const float* prow = b.pbuf.data() + (side * kTile + t) * np;
+      int64_t* ts = b.top.data() + side * M;
+      row_topk(prow, n, m, false, b.topv.data(), ts, b.s, V512);          // 2. I+ (J+)
+      if (a.two_sided) {                                                  //    I- (J-): top-m of -p
+        for (int64_t j = 0; j < n; ++j) b.neg[j] = -prow[j];
+        row_topk(b.neg.data(), n, m, false, b.topv.data(), ts + m, b.s, V512);
+      }
+      const float* qv = a.q + ((hh * 2 + side) * T + tok) * D;            // 3. S[:, I] at the M selected
+      const float* kb = a.keys + (hh * 2 + side) * R * n * D;
+      float* ss = b.sel.data() + side * R * M;
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t i = 0; i < M; ++i) {
+          const float* key = kb + (r * n + ts[i]) * D;
+#ifdef LABCORE_X86
+          if constexpr (V512) {
+            ss[r * M + i] = dot512(key, qv, D);
+            continue;
+          }
+#endif
+          ss[r * M + i] = dot(key, qv, D);
+        }
+    }
+    const float* srow = b.sel.data();                                     // (R, M)
+    const float* scol = b.sel.data() + R * M;                             // (R, M)
+    float* left = b.left.data();                                          // (M, R)
+    float* grid = b.grid.data();                                          // (quads, m, m)
+    for (int64_t i = 0; i < M; ++i)                                       // 4. left = S_row[:, I]^T C
+      for (int64_t c2 = 0; c2 < R; ++c2) {
+        float acc = 0.0f;
+        for (int64_t r = 0; r < R; ++r) acc += srow[r * M + i] * C[r * R + c2];
+        left[i * R + c2] = acc;
+      }
+    const int64_t quads = a.two_sided ? 2 : 1;
+    for (int64_t qd = 0; qd < quads; ++qd)                                //    grid[i][j] = sum_c left[i][c] S_col[c][j]
+      for (int64_t i = 0; i < m; ++i) {
+        float* g = grid + (qd * m + i) * m;
+        const float* li = left + (qd * m + i) * R;
+        const float* sc0 = scol + qd * m;
+        for (int64_t j = 0; j < m; ++j) g[j] = li[0] * sc0[j];
+        for (int64_t c2 = 1; c2 < R; ++c2)
+          for (int64_t j = 0; j < m; ++j) g[j] += li[c2] * sc0[c2 * M + j];
+      }
+    if (a.two_sided) {                                                    //    cells of I- x J- also in I+ x J+
+      const int64_t* tr = b.top.data();
+      const int64_t* tc = b.top.data() + M;
+      for (int64_t i = 0; i < m; ++i) {
+        if (std::find(tr, tr + m, tr[m + i]) == tr + m) continue;
+        for (int64_t j = 0; j < m; ++j)
+          if (std::find(tc, tc + m, tc[m + j]) != tc + m) grid[(m + i) * m + j] = -INFINITY;
+      }
+    }
+    row_topk(grid, a.cells_n, k, true, b.best_v.data(), b.best_i.data(), b.s, V512);  // top-K, descending
+    for (int64_t kk = 0; kk < k; ++kk) {                                  // 5. outputs (+ MCS)
+      const int64_t f = b.best_i[kk], qd = f / (m * m), cell = f % (m * m);
+      const int64_t pi = qd * m + cell / m, pj = qd * m + cell % m;
+      const int64_t o = (tok * H + hh) * k + kk;
+      a.cells[o] = b.top[pi];
+      a.cells[T * H * k + o] = b.top[M + pj];
+      a.scores[o] = b.best_v[kk];
+      for (int64_t r = 0; r < R; ++r) {
+        a.vecs[((tok * H + hh) * R + r) * k + kk] = srow[r * M + pi];
+        a.vecs[((T + tok) * H + hh) * R * k + r * k + kk] = scol[r * M + pj];
+      }
+      for (int64_t c = 0; c < a.h; ++c) {                                 //    s^(c) = S_row[:, i]^T C^(c) S_col[:, j]
+        const float* Cc = a.cores + (c * H + hh) * R * R;
+        float acc = 0.0f;
+        for (int64_t c2 = 0; c2 < R; ++c2) {
+          float lb = 0.0f;
+          for (int64_t r = 0; r < R; ++r) lb += srow[r * M + pi] * Cc[r * R + c2];
+          acc += lb * scol[c2 * M + pj];
+        }
+        a.core_scores[o * a.h + c] = acc;
+      }
+    }
+  }
+}
+
+void tucker_tile_portable(const Tucker& a, int64_t hh, int64_t t0, int64_t rows, TuckerBuffers& b) {
+  tucker_tile<false>(a, hh, t0, rows, b);
+}
+
+#ifdef LABCORE_X86
+LABCORE_AVX512 void tucker_tile_avx512(const Tucker& a, int64_t hh, int64_t t0, int64_t rows, TuckerBuffers& b) {
+  tucker_tile<true>(a, hh, t0, rows, b);
+}
+#endif
+
 }  // namespace
 
 namespace labcore {
@@ -59,7 +201,6 @@ std::vector<at::Tensor> tucker_topk(const at::Tensor& q, const at::Tensor& keys,
   const int64_t h = cores.numel() == 0 ? 0 : cores.size(0);
   TORCH_CHECK(h == 0 || (cores.dim() == 4 && cores.size(1) == H && cores.size(2) == R && cores.size(3) == R),
               "tucker_topk: cores ", cores.sizes(), " must be (h, H, R, R)");
-  const int64_t M = two_sided ? 2 * m : m, cells_n = (two_sided ? 2 : 1) * m * m;
   TORCH_CHECK(1 <= m && m <= n, "tucker_topk: m=", m, " must be in [1, n=", n, "]");
   TORCH_CHECK(0 <= k && k <= m * m, "tucker_topk: k=", k, " must be in [0, m*m=", m * m, "]");
   TORCH_CHECK(isa >= -1 && isa <= 1, "tucker_topk: isa=", isa, " must be -1 (auto), 0 or 1");
@@ -77,103 +218,22 @@ std::vector<at::Tensor> tucker_topk(const at::Tensor& q, const at::Tensor& keys,
   const int64_t np = (n + 31) / 32 * 32;
   at::Tensor pkT = at::zeros({H, 2, D, np}, opts);                            // proxy keys, (D, n_pad) per (h, side)
   pkT.narrow(3, 0, n).copy_(pkeys.transpose(2, 3));
-  const float* qp = q.data_ptr<float>();
-  const float* kp = keys.data_ptr<float>();
-  const float* pp = pkT.data_ptr<float>();
-  const float* cp = core.data_ptr<float>();
-  const float* csp = h ? cores.data_ptr<float>() : nullptr;
-  int64_t* cellp = cells.data_ptr<int64_t>();
-  float* scp = scores.data_ptr<float>();
-  float* vp = vecs.data_ptr<float>();
-  float* csout = core_scores.data_ptr<float>();
+  Tucker a{H, T, D, R, n, np, h, m, k, two_sided ? 2 * m : m, (two_sided ? 2 : 1) * m * m, two_sided,
+           q.data_ptr<float>(), keys.data_ptr<float>(), pkT.data_ptr<float>(), core.data_ptr<float>(),
+           h ? cores.data_ptr<float>() : nullptr, cells.data_ptr<int64_t>(), scores.data_ptr<float>(),
+           vecs.data_ptr<float>(), core_scores.data_ptr<float>()};
   const int64_t tiles = (T + kTile - 1) / kTile;
-
   at::parallel_for(0, H * tiles, 1, [&](int64_t begin, int64_t end) {
-    Scratch s(std::max(np, cells_n));
-    std::vector<float> qbuf(kTile * D), pbuf(2 * kTile * np), neg(np), grid(cells_n), left(M * R);
-    std::vector<float> sel(2 * R * M), topv(std::max(M, k)), best_v(k);
-    std::vector<int64_t> top(2 * M), best_i(k);
+    TuckerBuffers b(a);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t hh = w / tiles, t0 = (w % tiles) * kTile, rows = std::min<int64_t>(kTile, T - t0);
-      for (int side = 0; side < 2; ++side) {                                // 1. proxy scores of the tile
-        std::fill(qbuf.begin(), qbuf.end(), 0.0f);
-        const float* qs = qp + ((hh * 2 + side) * T + t0) * D;
-        std::copy(qs, qs + rows * D, qbuf.begin());
-        const float* pk = pp + (hh * 2 + side) * D * np;
 #ifdef LABCORE_X86
-        if (use512) scores_tile_avx512(qbuf.data(), pk, D, np, pbuf.data() + side * kTile * np);
-        else
+      if (use512) {
+        tucker_tile_avx512(a, hh, t0, rows, b);
+        continue;
+      }
 #endif
-          scores_tile_portable(qbuf.data(), pk, D, np, pbuf.data() + side * kTile * np);
-      }
-      const float* C = cp + hh * R * R;
-      for (int64_t t = 0; t < rows; ++t) {
-        const int64_t tok = t0 + t;
-        for (int side = 0; side < 2; ++side) {
-          const float* prow = pbuf.data() + (side * kTile + t) * np;
-          int64_t* ts = top.data() + side * M;
-          row_topk(prow, n, m, false, topv.data(), ts, s, use512);          // 2. I+ (J+)
-          if (two_sided) {                                                  //    I- (J-): top-m of -p
-            for (int64_t j = 0; j < n; ++j) neg[j] = -prow[j];
-            row_topk(neg.data(), n, m, false, topv.data(), ts + m, s, use512);
-          }
-          const float* qv = qp + ((hh * 2 + side) * T + tok) * D;           // 3. S[:, I] at the M selected
-          const float* kb = kp + (hh * 2 + side) * R * n * D;
-          float* ss = sel.data() + side * R * M;
-          for (int64_t r = 0; r < R; ++r)
-            for (int64_t i = 0; i < M; ++i) ss[r * M + i] = dot(kb + (r * n + ts[i]) * D, qv, D);
-        }
-        const float* srow = sel.data();                                     // (R, M)
-        const float* scol = sel.data() + R * M;                             // (R, M)
-        for (int64_t i = 0; i < M; ++i)                                     // 4. left = S_row[:, I]^T C
-          for (int64_t b = 0; b < R; ++b) {
-            float acc = 0.0f;
-            for (int64_t a = 0; a < R; ++a) acc += srow[a * M + i] * C[a * R + b];
-            left[i * R + b] = acc;
-          }
-        const int64_t quads = two_sided ? 2 : 1;
-        for (int64_t qd = 0; qd < quads; ++qd)                              //    grid (quad, m, m)
-          for (int64_t i = 0; i < m; ++i)
-            for (int64_t j = 0; j < m; ++j) {
-              const int64_t pi = qd * m + i, pj = qd * m + j;
-              float acc = 0.0f;
-              for (int64_t b = 0; b < R; ++b) acc += left[pi * R + b] * scol[b * M + pj];
-              grid[(qd * m + i) * m + j] = acc;
-            }
-        if (two_sided) {                                                    //    cells of I- x J- also in I+ x J+
-          const int64_t* tr = top.data();
-          const int64_t* tc = top.data() + M;
-          for (int64_t i = 0; i < m; ++i) {
-            const bool row_dup = std::find(tr, tr + m, tr[m + i]) != tr + m;
-            if (!row_dup) continue;
-            for (int64_t j = 0; j < m; ++j)
-              if (std::find(tc, tc + m, tc[m + j]) != tc + m) grid[(m + i) * m + j] = -INFINITY;
-          }
-        }
-        row_topk(grid.data(), cells_n, k, true, best_v.data(), best_i.data(), s, use512);  // top-K, descending
-        for (int64_t kk = 0; kk < k; ++kk) {                                // 5. outputs (+ MCS)
-          const int64_t f = best_i[kk], qd = f / (m * m), cell = f % (m * m);
-          const int64_t pi = qd * m + cell / m, pj = qd * m + cell % m;
-          const int64_t o = (tok * H + hh) * k + kk;
-          cellp[o] = top[pi];
-          cellp[T * H * k + o] = top[M + pj];
-          scp[o] = best_v[kk];
-          for (int64_t r = 0; r < R; ++r) {
-            vp[((tok * H + hh) * R + r) * k + kk] = srow[r * M + pi];
-            vp[((T + tok) * H + hh) * R * k + r * k + kk] = scol[r * M + pj];
-          }
-          for (int64_t c = 0; c < h; ++c) {
-            const float* Cc = csp + (c * H + hh) * R * R;
-            float acc = 0.0f;
-            for (int64_t b = 0; b < R; ++b) {
-              float lb = 0.0f;
-              for (int64_t a = 0; a < R; ++a) lb += srow[a * M + pi] * Cc[a * R + b];
-              acc += lb * scol[b * M + pj];
-            }
-            csout[o * h + c] = acc;
-          }
-        }
-      }
+      tucker_tile_portable(a, hh, t0, rows, b);
     }
   });
   (void)use512;
