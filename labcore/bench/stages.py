@@ -130,9 +130,12 @@ _TOPK = Probe("top-k", "labcore.layers.fast.topk.exact_topk", required=False)
 _GATHER = Probe("gather", "torch.nn.functional.embedding_bag")
 _PKM = (
     Probe("query", "self.make_query"),                                  # projection + query norm
-    Probe("side search", "labcore.layers.fast.search.side_search"),    # sub-key scores (+ their top-k, fused)
-    Probe("softmax + slot ids", "self.retrieve"),                       # what retrieve does around the two
-    Probe("candidate grid", "labcore.layers.fast.search.pruned_pair_topk"),
+    # inference with the compiled extension: the whole search is one pass (fast.search.fused_pkm_search)
+    Probe("fused search", "labcore.layers.fast.search.fused_pkm_search", required=False),
+    # otherwise the readable steps
+    Probe("side search", "labcore.layers.fast.search.side_search", required=False),  # sub-key scores (+ top-k)
+    Probe("softmax + slot ids", "self.retrieve"),                       # what retrieve does around the search
+    Probe("candidate grid", "labcore.layers.fast.search.pruned_pair_topk", required=False),
     _TOPK,
     _GATHER,
     Probe("projection", "self.value_proj", optional_attr=True),

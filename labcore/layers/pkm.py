@@ -94,6 +94,8 @@ from labcore.layers.base import LayerAux, LayerCost, flatten_tokens, tag_param, 
 from labcore.layers.fast.bags import weighted_bag
 from labcore.layers.fast.search import (  # noqa: F401  (SEARCH_CHUNK_BYTES, search_chunk: public, kept here)
     SEARCH_CHUNK_BYTES,
+    fused_pkm_search,
+    fused_search_ok,
     in_token_chunks,
     pruned_candidates,
     pruned_pair_topk,
@@ -347,6 +349,9 @@ class PKM(nn.Module):
         Each head's K entries come in no particular order (the final top-K is unsorted).
         """
         n, K = self.cfg.n_keys, self.cfg.top_k
+        if fused_search_ok(q, self.keys):                                   # inference: the same search, one compiled pass
+            scores, slots = fused_pkm_search(q, self.keys, K)               # (N_tok, H, K), descending
+            return slots, scores, F.softmax(scores, dim=-1)
         # sub-key scores, one matmul per (head, half): (H*2, N_tok, D_k/2) @ (H*2, D_k/2, n)
         qs = rearrange(q, "t h s d -> (h s) t d")                           # (H*2, N_tok, D_k/2)
         keys = rearrange(self.keys, "h s n d -> (h s) d n")                 # (H*2, D_k/2, n)

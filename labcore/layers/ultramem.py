@@ -153,7 +153,7 @@ from labcore.config import (
 from labcore.layers.base import LayerAux, LayerCost, flatten_tokens, tag_param, zero_loss
 from labcore.layers.fast import bags
 from labcore.layers.fast.search import (
-    fused_tucker_ok,
+    fused_search_ok,
     fused_tucker_search,
     in_token_chunks,
     topk_recall,
@@ -373,7 +373,7 @@ class UltraMem(TuckerRetrieval):
         c = self.cfg
         x2d, lead = flatten_tokens(x, c.d_model, "UltraMem")                # (N_tok, D)
         q = self._queries(x2d)                                              # (N_tok, Hq, 2, D_k)
-        if c.scoring == "tucker" and fused_tucker_ok(q, self.keys, self.cores):  # inference: one compiled pass
+        if c.scoring == "tucker" and fused_search_ok(q, self.keys, self.cores):  # inference: one compiled pass
             slots, scores, core_scores = self._search_fused(q)              # the same search, S never formed
         else:
             # side scores (U2 eq. 6) and the search (eq. 7), in token chunks whose S stays in cache

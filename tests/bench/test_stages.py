@@ -50,15 +50,17 @@ TINY_LAYERS = {
 EXPECTED = {
     "dense": {"gate proj", "up proj", "SwiGLU", "down proj"},
     "moe": {"router", "top-k routing", "experts"},
-    "pkm": {"query", "side search", "softmax + slot ids", "candidate grid", "top-k", "gather", "aux"},
+    "pkm": ({"query", "fused search", "softmax + slot ids", "gather", "aux"} if compiled.available() else
+            {"query", "side search", "softmax + slot ids", "candidate grid", "top-k", "gather", "aux"}),
     # inference with the compiled extension runs UltraMem's search as one pass (fast.search.fused_tucker_search)
     "ultramem": ({"query", "fused search", "value bags", "gather", "projection", "aux"} if compiled.available() else
                  {"query", "side scores", "MCS scores", "candidate grid", "top-k", "value bags", "gather",
                   "projection", "aux"}),
     "ultramem_v2": {"query", "side scores", "MCS scores", "candidate grid", "top-k", "pre-values", "value bags",
                     "gather", "projection", "aux"},
-    "memory_plus": {"query", "side search", "softmax + slot ids", "candidate grid", "top-k", "gather", "aux",
-                    "gate"},
+    "memory_plus": ({"query", "fused search", "softmax + slot ids", "gather", "aux", "gate"} if compiled.available()
+                    else {"query", "side search", "softmax + slot ids", "candidate grid", "top-k", "gather", "aux",
+                          "gate"}),
     "peer": {"query", "side scores", "candidate grid", "top-k", "expert down", "expert up", "aux"},
 }
 
@@ -102,13 +104,14 @@ def test_plan_runs_on_the_real_layer_and_leaves_it_as_it_was(name):
 
 
 def test_functions_are_timed_wherever_they_were_imported():
-    # PKM reaches exact_topk only through labcore.layers.fast.search (pruned_pair_topk): the wrapper
-    # must be installed there, not only in labcore.layers.fast.topk.
+    # PKM's readable search (with a graph to record: no fused search) reaches exact_topk only through
+    # labcore.layers.fast.search (side_search, pruned_pair_topk): the wrapper must be installed there,
+    # not only in labcore.layers.fast.topk.
     layer = _layer("pkm")
     probe = stages.Probe("top-k", "labcore.layers.fast.topk.exact_topk")
     rec = stages.StageRecorder([probe], torch.device("cpu"))
     original = search.exact_topk
-    with torch.inference_mode(), stages.instrument(layer, rec):
+    with stages.instrument(layer, rec):
         assert search.exact_topk is not original
         layer(torch.randn(3, D))
     assert search.exact_topk is original

@@ -55,7 +55,7 @@ from labcore.layers.fast.bits import ordered_int32
 
 EXT_NAME = "labcore_topk_rows"
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = (CSRC / "topk_rows.cpp", CSRC / "value_bags.cpp", CSRC / "tucker_search.cpp")
+SOURCES = (CSRC / "topk_rows.cpp", CSRC / "value_bags.cpp", CSRC / "tucker_search.cpp", CSRC / "pkm_search.cpp")
 HEADERS = (CSRC / "topk_core.h",)
 # -fopenmp: at::parallel_for is OpenMP code in ATen's headers; without the flag it runs every range on
 # the calling thread (the loader binds the extension to the libgomp torch already loaded).
@@ -241,6 +241,29 @@ def side_topk(q: Tensor, keys: Tensor, k: int, sorted: bool = True, *, isa: str 
             2, idx.unsqueeze(-1).expand(-1, -1, -1, q.shape[2]))
         vals = (sel * q.unsqueeze(2)).sum(-1)                                       # (G, T, k)
     return vals, idx
+
+
+def pkm_topk(q: Tensor, keys: Tensor, k: int, *, isa: str = "auto") -> tuple[Tensor, Tensor]:
+    """PKM's product-key search in one compiled pass (``csrc/pkm_search.cpp``), inference only.
+
+    q (H, 2, T, D) queries per head and half; keys (H, 2, n, D) sub-keys. Returns the top-k scores
+    (T, H, k), descending, and slot ids (T, H, k) (row sub-key * n + column sub-key): the sums
+    ``side_topk`` + ``fast.search.pruned_pair_topk`` compute, bitwise. No gradients. Raises
+    ``ConfigError`` on bad input and ``RuntimeError`` when the extension is not built."""
+    for name, t in (("q", q), ("keys", keys)):
+        if not isinstance(t, Tensor) or t.dtype != torch.float32 or t.device.type != "cpu" or t.dim() != 4:
+            what = f"{t.dtype} {t.device.type} tensor of {t.dim()} dims" if isinstance(t, Tensor) else type(t).__name__
+            raise ConfigError(f"pkm_topk: {name}={what}; expected a float32 CPU tensor (H, 2, ., D)")
+    n = keys.shape[2]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        raise ConfigError(f"pkm_topk: k={k!r}; expected an int in [1, n={n}] (n = keys.shape[2])")
+    if isa not in ISAS:
+        raise ConfigError(f"pkm_topk: isa={isa!r}; expected one of {sorted_names()}")
+    mod = _load()
+    if mod is None:
+        raise RuntimeError(f"pkm_topk: the compiled extension is not available ({unavailable_reason()})")
+    scores, slots = mod.pkm_topk(q.detach().contiguous(), keys.detach().contiguous(), k, ISAS[isa])
+    return scores, slots
 
 
 def tucker_topk(q: Tensor, keys: Tensor, pkeys: Tensor, core: Tensor, cores: Tensor | None, m: int, k: int,

@@ -7,6 +7,11 @@
   intermediate fits in cache (the search is per token, so the result is the same).
 * :func:`pruned_pair_topk` is PKM's candidate step on the pruned grid: only rank pairs (i, j) with
   (i+1)(j+1) <= K can hold a top-K sum (:func:`pruned_candidates`).
+* :func:`fused_pkm_search` is PKM's whole search (both halves, pruned grid, top-K) in one compiled
+  pass, for inference.
+* :func:`fused_tucker_search` is UltraMem's TDQKR search in one compiled pass for inference: each
+  side's rank-1 proxy scored against the "proxy keys" u^T K (:func:`proxy_keys`), S only at the m
+  selected sub-keys (:func:`fused_search_ok` says when it runs).
 * :func:`tucker_search` is UltraMem's TDQKR search with rows and columns stacked in one tensor, so
   both sides go through one proxy product, one top-m and one gather; ``proxy_search="two_sided"``
   runs :func:`two_sided_tucker_search` (the m largest AND the m most negative proxies per side).
@@ -87,6 +92,18 @@ def pruned_pair_topk(s_row: Tensor, s_col: Tensor, i_row: Tensor, i_col: Tensor,
     return scores, i_row.gather(-1, cand_row.gather(-1, best)), i_col.gather(-1, cand_col.gather(-1, best))
 
 
+def fused_pkm_search(q: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """PKM's whole product-key search, :func:`side_search` on both halves and :func:`pruned_pair_topk`,
+    in one compiled pass (inference, when :func:`fused_search_ok` holds for q and keys).
+
+    q (N_tok, H, 2, D_k/2) queries ([:, h, 0] rows, [:, h, 1] columns); keys (H, 2, n, D_k/2)
+    sub-keys. Returns scores (N_tok, H, K), descending, and slots (N_tok, H, K) = i_row * n + i_col.
+    The sub-key scores are the fused side search's (``compiled.side_topk``), the sums the same, so the
+    result equals the unfused compiled path up to the order of the K results."""
+    scores, slots = compiled.pkm_topk(q.permute(1, 2, 0, 3).contiguous(), keys, k)  # (N_tok, H, K) each
+    return scores, slots
+
+
 PROXY_SEARCHES = ("signed", "two_sided")
 """Candidate sets of the TDQKR search (docs/mechanisms.md §1.3): "signed" (the release) keeps the m
 largest proxies per side, I+ x J+; "two_sided" adds the m most negative, (I+ x J+) U (I- x J-)."""
@@ -158,9 +175,9 @@ def two_sided_tucker_search(s: Tensor, uv: Tensor, core: Tensor, m: int,
     return cells, scores, vecs
 
 
-def fused_tucker_ok(*tensors: Tensor) -> bool:
-    """True when :func:`fused_tucker_search` runs compiled for these tensors: no autograd graph to
-    record (inference), CPU float32, and the extension built."""
+def fused_search_ok(*tensors: Tensor) -> bool:
+    """True when the fused searches (:func:`fused_pkm_search`, :func:`fused_tucker_search`) can run
+    for these tensors: no autograd graph to record (inference), CPU float32, and the extension built."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
@@ -176,7 +193,7 @@ def proxy_keys(keys: Tensor, uv: Tensor) -> Tensor:
 def fused_tucker_search(q: Tensor, keys: Tensor, uv: Tensor, core: Tensor, cores: Tensor | None, m: int,
                         k: int, proxy_search: str = "signed") -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """:func:`tucker_search` from the queries, in one compiled pass that never forms S (inference,
-    when :func:`fused_tucker_ok`).
+    when :func:`fused_search_ok`).
 
     q (N_tok, H, 2, D_k) queries ([:, h, 0] rows, [:, h, 1] columns); keys (H, 2, R, n_s, D_k)
     normalised; uv (2, H, R); core (H, R, R) the summed core; cores (h, H, R, R) for the per-core

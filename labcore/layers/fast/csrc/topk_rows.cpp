@@ -1,7 +1,7 @@
 // Exact per-row top-k of a float32 matrix (topk_rows) and PKM's fused side search (side_topk); the
 // per-row algorithm and its proof of exactness are described in topk_core.h. The Python module's
 // functions are registered at the end of this file (bag_backward: value_bags.cpp; tucker_topk:
-// tucker_search.cpp).
+// tucker_search.cpp; pkm_topk: pkm_search.cpp).
 #include "topk_core.h"
 
 namespace {
@@ -106,9 +106,12 @@ std::vector<at::Tensor> bag_backward(const at::Tensor& gy, const at::Tensor& idx
 std::vector<at::Tensor> tucker_topk(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& pkeys,
                                     const at::Tensor& core, const at::Tensor& cores, int64_t m, int64_t k,
                                     bool two_sided, int64_t isa);  // tucker_search.cpp
+std::vector<at::Tensor> pkm_topk(const at::Tensor& q, const at::Tensor& keys, int64_t k, int64_t isa);  // pkm_search.cpp
 }  // namespace labcore
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("pkm_topk", &labcore::pkm_topk, "PKM's product-key search fused (both halves, pruned grid, top-k)",
+        py::arg("q"), py::arg("keys"), py::arg("k"), py::arg("isa"), py::call_guard<py::gil_scoped_release>());
   m.def("tucker_topk", &labcore::tucker_topk, "UltraMem's TDQKR search fused (proxy keys, selected side scores, grid top-k, MCS)",
         py::arg("q"), py::arg("keys"), py::arg("pkeys"), py::arg("core"), py::arg("cores"), py::arg("m"),
         py::arg("k"), py::arg("two_sided"), py::arg("isa"), py::call_guard<py::gil_scoped_release>());

@@ -1,4 +1,10 @@
-"""UltraMem's fused TDQKR search (``fast.search.fused_tucker_search``, ``csrc/tucker_search.cpp``)
+"""The fused searches of the compiled extension against the readable ones.
+
+PKM (``fast.search.fused_pkm_search``, ``csrc/pkm_search.cpp``) against ``side_search`` +
+``pruned_pair_topk`` (compiled: the same scores bitwise) and against torch's brute-force top-K of
+the full n x n grid of sums.
+
+UltraMem's fused TDQKR search (``fast.search.fused_tucker_search``, ``csrc/tucker_search.cpp``)
 against the readable search on the full side scores (``fast.search.tucker_search`` on S = K q):
 the same cells per token and head, scores, selected side-score columns and per-core scores to float32
 rounding, for signed and two-sided proxies, odd sizes, one token and many (several tiles, a tail),
@@ -170,8 +176,57 @@ def test_layer_uses_the_fused_search_only_without_a_graph(monkeypatch):
 
 def test_fused_ok_needs_no_graph_cpu_and_float32():
     t = torch.zeros(3, requires_grad=True)
-    assert search.fused_tucker_ok(torch.zeros(3)) is True
-    assert search.fused_tucker_ok(t) is False
+    assert search.fused_search_ok(torch.zeros(3)) is True
+    assert search.fused_search_ok(t) is False
     with torch.no_grad():
-        assert search.fused_tucker_ok(t) is True
-        assert search.fused_tucker_ok(torch.zeros(3, dtype=torch.float64)) is False
+        assert search.fused_search_ok(t) is True
+        assert search.fused_search_ok(torch.zeros(3, dtype=torch.float64)) is False
+
+
+# ---------------------------------------------------------------------------------------------
+# PKM
+# ---------------------------------------------------------------------------------------------
+PKM_CASES = {
+    # T, H, n, D (= D_k / 2), K
+    "inference_bench": (1000, 4, 451, 32, 32),
+    "layer_bench": (300, 4, 128, 64, 32),
+    "odd": (21, 3, 37, 5, 5),
+    "k_equals_n": (9, 2, 6, 4, 6),
+    "one_token": (1, 2, 40, 8, 4),
+}
+
+
+@pytest.mark.parametrize("name", list(PKM_CASES))
+def test_fused_pkm_search_equals_the_unfused_path(name):
+    T, H, n, D, K = PKM_CASES[name]
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(T, H, 2, D, generator=gen)                              # (N_tok, H, 2, D_k/2)
+    keys = torch.randn(H, 2, n, D, generator=gen)                           # (H, 2, n, D_k/2)
+    with torch.no_grad():
+        scores, slots = search.fused_pkm_search(q, keys, K)                 # (N_tok, H, K)
+        s_half, i_half = search.side_search(rearrange(q, "t h s d -> (h s) t d"),
+                                            rearrange(keys, "h s n d -> (h s) d n"), K)
+        s_half = rearrange(s_half, "(h s) t k -> s h t k", s=2)
+        i_half = rearrange(i_half, "(h s) t k -> s h t k", s=2)
+        ref_s, i_row, i_col = search.pruned_pair_topk(s_half[0], s_half[1], i_half[0], i_half[1],
+                                                      *search.pruned_candidates(K), K)
+    ref_slots = (i_row * n + i_col).transpose(0, 1)                         # (N_tok, H, K)
+    ref_s = ref_s.transpose(0, 1)
+    o_got, o_ref = slots.argsort(-1), ref_slots.argsort(-1)
+    assert torch.equal(slots.gather(-1, o_got), ref_slots.gather(-1, o_ref))  # the same slots ...
+    assert torch.equal(scores.gather(-1, o_got), ref_s.gather(-1, o_ref))     # ... and scores, bitwise
+    assert torch.all(scores[..., :-1] >= scores[..., 1:])                   # descending
+    # against the brute-force top-K of all n^2 sums (torch.bmm + torch.topk)
+    sub = torch.einsum("thsd,hsnd->sthn", q, keys)                          # (2, N_tok, H, n)
+    full = (sub[0].unsqueeze(-1) + sub[1].unsqueeze(-2)).flatten(-2)        # (N_tok, H, n*n)
+    best = full.topk(K, dim=-1)
+    assert torch.equal(slots.sort(-1).values, best.indices.sort(-1).values)
+    _close(scores, best.values)
+
+
+def test_fused_pkm_bad_input_is_named():
+    q, keys = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 5, 4)
+    with pytest.raises(ConfigError, match="k=6"):
+        compiled.pkm_topk(q, keys, 6)
+    with pytest.raises(ConfigError, match="keys=torch.float64"):
+        compiled.pkm_topk(q, keys.double(), 2)
