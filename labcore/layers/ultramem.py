@@ -480,10 +480,8 @@ class UltraMem(TuckerRetrieval):
         c = self.cfg
         n_tok = slots.shape[0]
         idx, offsets, w = self.value_bags(slots, core_scores)
-        if offsets is None:  # E = 1: one bag per (token, core); single-pass backward (fast.bags)
-            pooled = bags.weighted_bag(idx, self.value_chunks(), w)
-        else:
-            pooled = F.embedding_bag(idx, self.value_chunks(), offsets, mode="sum", per_sample_weights=w)
+        # one bag per (token, core[, block]); single-pass backward (fast.bags.weighted_bag)
+        pooled = bags.weighted_bag(idx, self.value_chunks(), w, offsets)
         pooled = pooled.view(n_tok, c.expansion * c.d_v)                    # (N_tok, E*D_v): (c, p, d)
         return F.linear(pooled, self._proj_weight()) if self.value_proj is not None else pooled
 

@@ -93,3 +93,64 @@ def test_weighted_bag_is_embedding_bag_forward_and_backward(dtype):
     _close(w1.grad, w2.grad)
     with torch.no_grad():  # no graph: the plain call
         assert torch.equal(weighted_bag(idx, table, w), F.embedding_bag(idx, table, mode="sum", per_sample_weights=w))
+
+
+def _offsets_case(lengths, D, N, seed=0):
+    """Bags of the given lengths (empty ones too) over 1-D indices, as UltraMem's IVE read makes them."""
+    g = torch.Generator().manual_seed(seed)
+    L = sum(lengths)
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0)[:-1].tolist()]) if lengths else torch.zeros(0)
+    idx = torch.randint(0, N, (L,), generator=g)
+    return (idx, offsets.long(), torch.randn(L, generator=g), torch.randn(len(lengths), D, generator=g),
+            torch.randn(N, D, generator=g))
+
+
+@needs_ext
+@pytest.mark.parametrize("lengths,D,N", [([3], 5, 4), ([2, 0, 5, 1, 0], 7, 6), ([0, 0, 4], 3, 2),
+                                         ([4] * 300 + [0, 9] * 40, 16, 517)])
+def test_offsets_compiled_equals_pytorch_autograd(lengths, D, N):
+    idx, offsets, w, gy, table = _offsets_case(lengths, D, N)
+    rt, rw = compiled.reference_bag_backward(gy, idx, w, table, offsets)
+    gt, gw = compiled.bag_backward(gy, idx, w, table, offsets=offsets)
+    _close(gt, rt)
+    _close(gw, rw)
+
+
+@needs_ext
+def test_offsets_thread_count_is_bitwise_irrelevant():
+    idx, offsets, w, gy, table = _offsets_case([5, 0, 7] * 200, 24, 300, seed=2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = compiled.bag_backward(gy, idx, w, table, offsets=offsets)
+        torch.set_num_threads(2)
+        many = compiled.bag_backward(gy, idx, w, table, offsets=offsets)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+
+
+@needs_ext
+def test_offsets_must_start_at_zero_and_not_decrease():
+    idx, offsets, w, gy, table = _offsets_case([2, 3], 4, 5)
+    with pytest.raises(RuntimeError, match="offsets\\[0\\] must be 0"):
+        compiled.bag_backward(gy, idx, w, table, offsets=offsets + 1)
+    with pytest.raises(RuntimeError, match="non-decreasing"):
+        compiled.bag_backward(gy, idx, w, table, offsets=torch.tensor([0, 9]))
+
+
+def test_weighted_bag_with_offsets_matches_plain_embedding_bag(monkeypatch):
+    """Forward bitwise, gradients to rounding; the same with the extension disabled."""
+    idx, offsets, w, gy, table = _offsets_case([3, 0, 6, 2], 8, 11, seed=4)
+    for disable in (False, True):
+        if disable:
+            monkeypatch.setenv(compiled.ENV_DISABLE, "0")
+        t1, w1 = table.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        t2, w2 = table.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        y1 = weighted_bag(idx, t1, w1, offsets)
+        y2 = F.embedding_bag(idx, t2, offsets, mode="sum", per_sample_weights=w2)
+        assert torch.equal(y1, y2)
+        (y1 * gy).sum().backward()
+        (y2 * gy).sum().backward()
+        _close(t1.grad, t2.grad)
+        _close(w1.grad, w2.grad)

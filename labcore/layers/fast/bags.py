@@ -6,8 +6,8 @@ over the (N*h, D_v/h) chunk view of the value table, with one bag per (token, co
 pooled buffer comes out in (core, block, d) order, and the projection weight's columns are
 permuted once to match (:func:`core_major_proj_weight`) instead of the activations every call.
 
-The backward of a weighted bag with one bag per row (2-D indices: PKM's read, UltraMem's at E = 1,
-PEER's up projection) is :func:`weighted_bag`'s: the table gradient and the weight gradient in one
+The backward of a weighted bag (2-D indices: PKM's read, UltraMem's at E = 1; 1-D indices with
+offsets: UltraMem's IVE read) is :func:`weighted_bag`'s: the table gradient and the weight gradient in one
 pass over the indices (:func:`labcore.layers.fast.compiled.bag_backward`), instead of PyTorch's
 CPU embedding-bag backward, which sorts the indices and materialises the (n, S, D) products.
 """
@@ -69,27 +69,30 @@ def core_major_proj_weight(weight: Tensor, expansion: int, n_cores: int) -> Tens
 
 
 class _WeightedBag(torch.autograd.Function):
-    """y[b] = Σ_s w[b, s] table[idx[b, s]]: forward is ``F.embedding_bag``; backward is
+    """y[b] = Σ_{j in bag b} w[j] table[idx[j]]: forward is ``F.embedding_bag``; backward is
     :func:`labcore.layers.fast.compiled.bag_backward` (compiled single pass, or PyTorch's autograd)."""
 
     @staticmethod
-    def forward(ctx, idx: Tensor, table: Tensor, w: Tensor) -> Tensor:
-        ctx.save_for_backward(idx, table, w)
-        return F.embedding_bag(idx, table, mode="sum", per_sample_weights=w)
+    def forward(ctx, idx: Tensor, table: Tensor, w: Tensor, offsets: Tensor | None) -> Tensor:
+        ctx.save_for_backward(idx, table, w, offsets)
+        return F.embedding_bag(idx, table, offsets, mode="sum", per_sample_weights=w)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy: Tensor):
-        idx, table, w = ctx.saved_tensors
-        gt, gw = compiled.bag_backward(gy.contiguous(), idx, w, table, need_table=ctx.needs_input_grad[1],
-                                       need_w=ctx.needs_input_grad[2])
-        return None, gt, gw
+        idx, table, w, offsets = ctx.saved_tensors
+        gt, gw = compiled.bag_backward(gy.contiguous(), idx, w, table, offsets=offsets,
+                                       need_table=ctx.needs_input_grad[1], need_w=ctx.needs_input_grad[2])
+        return None, gt, gw, None
 
 
-def weighted_bag(idx: Tensor, table: Tensor, w: Tensor) -> Tensor:
-    """``F.embedding_bag(idx, table, mode="sum", per_sample_weights=w)`` for 2-D ``idx`` (n, S) (one
-    bag of S rows per b) with the fast backward; the same values, gradients equal to float32
-    rounding. Falls back to the plain call when nothing needs a gradient or idx is not 2-D."""
-    if idx.dim() != 2 or not (torch.is_grad_enabled() and (table.requires_grad or w.requires_grad)):
-        return F.embedding_bag(idx, table, mode="sum", per_sample_weights=w)
-    return _WeightedBag.apply(idx.long(), table, w.to(table.dtype))
+def weighted_bag(idx: Tensor, table: Tensor, w: Tensor, offsets: Tensor | None = None) -> Tensor:
+    """``F.embedding_bag(idx, table, offsets, mode="sum", per_sample_weights=w)`` with the fast
+    backward, for 2-D ``idx`` (n, S) (one bag of S rows per b) or 1-D ``idx`` with ``offsets`` (the
+    IVE read's bags); the same values, gradients equal to float32 rounding. Falls back to the plain
+    call when nothing needs a gradient."""
+    if not (torch.is_grad_enabled() and (table.requires_grad or w.requires_grad)):
+        return F.embedding_bag(idx, table, offsets, mode="sum", per_sample_weights=w)
+    if (idx.dim() == 2) != (offsets is None):
+        return F.embedding_bag(idx, table, offsets, mode="sum", per_sample_weights=w)   # let torch report it
+    return _WeightedBag.apply(idx.long(), table, w.to(table.dtype), None if offsets is None else offsets.long())

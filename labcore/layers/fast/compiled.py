@@ -300,34 +300,42 @@ def tucker_topk(q: Tensor, keys: Tensor, pkeys: Tensor, core: Tensor, cores: Ten
     return cells, scores, vecs, (None if cores is None else cs)
 
 
-def reference_bag_backward(gy: Tensor, idx: Tensor, w: Tensor, table: Tensor) -> tuple[Tensor, Tensor]:
-    """The readable backward of ``y = F.embedding_bag(idx, table, mode="sum", per_sample_weights=w)``
-    (2-D idx): PyTorch's own autograd. Returns (grad_table, grad_w)."""
+def reference_bag_backward(gy: Tensor, idx: Tensor, w: Tensor, table: Tensor,
+                           offsets: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The readable backward of ``y = F.embedding_bag(idx, table, offsets, mode="sum",
+    per_sample_weights=w)``: PyTorch's own autograd. Returns (grad_table, grad_w)."""
     with torch.enable_grad():
         t = table.detach().requires_grad_(True)
         ww = w.detach().requires_grad_(True)
-        y = torch.nn.functional.embedding_bag(idx, t, mode="sum", per_sample_weights=ww)
+        y = torch.nn.functional.embedding_bag(idx, t, offsets, mode="sum", per_sample_weights=ww)
         gt, gw = torch.autograd.grad(y, (t, ww), gy)
     return gt, gw
 
 
-def bag_backward(gy: Tensor, idx: Tensor, w: Tensor, table: Tensor, *, need_table: bool = True,
-                 need_w: bool = True) -> tuple[Tensor | None, Tensor | None]:
-    """Backward of the weighted value read ``y[b] = Σ_s w[b, s] table[idx[b, s]]`` (an embedding bag
-    with 2-D indices): ``grad_table[r] = Σ_{idx[b,s]=r} w[b, s] gy[b]`` and ``grad_w[b, s] =
-    table[idx[b, s]] · gy[b]``, for gy (n, D), idx (n, S) int64, w (n, S), table (N, D).
+def bag_backward(gy: Tensor, idx: Tensor, w: Tensor, table: Tensor, *, offsets: Tensor | None = None,
+                 need_table: bool = True, need_w: bool = True) -> tuple[Tensor | None, Tensor | None]:
+    """Backward of the weighted value read ``y[b] = Σ_{j in bag b} w[j] table[idx[j]]`` (an embedding
+    bag): ``grad_table[r] = Σ_{idx[j]=r} w[j] gy[bag(j)]`` and ``grad_w[j] = table[idx[j]] · gy[bag(j)]``.
+
+    Bags: 2-D idx (n, S) with w (n, S), one bag of S rows per b (``offsets`` None); or 1-D idx (L,)
+    with w (L,) and ``offsets`` (B,) (bag b starts at offsets[b], as ``F.embedding_bag``'s offsets);
+    gy (bags, D), table (N, D).
 
     Compiled (CPU float32): one pass over idx (``csrc/value_bags.cpp``), deterministic whatever the
-    thread count; sums in (b, s) order, so it agrees with :func:`reference_bag_backward` to float32
+    thread count; sums in index order, so it agrees with :func:`reference_bag_backward` to float32
     rounding. Anything else (no extension, another dtype or device) runs the reference."""
     mod = _load()
+    dims_ok = idx.dim() == 2 if offsets is None else (idx.dim() == 1 and offsets.dim() == 1)
     fast = (mod is not None and gy.device.type == idx.device.type == w.device.type == table.device.type == "cpu"
-            and gy.dtype == w.dtype == table.dtype == torch.float32 and idx.dtype == torch.int64
-            and idx.dim() == 2)
+            and gy.dtype == w.dtype == table.dtype == torch.float32 and idx.dtype == torch.int64 and dims_ok)
     if not fast:
-        gt, gw = reference_bag_backward(gy, idx, w, table)
+        gt, gw = reference_bag_backward(gy, idx, w, table, offsets)
         return (gt if need_table else None), (gw if need_w else None)
-    gt, gw = mod.bag_backward(gy.detach(), idx, w.detach(), table.detach(), need_table, need_w)
+    if offsets is None:
+        gt, gw = mod.bag_backward(gy.detach(), idx, w.detach(), table.detach(), need_table, need_w)
+    else:
+        gt, gw = mod.bag_backward_offsets(gy.detach(), idx, offsets.long(), w.detach(), table.detach(),
+                                          need_table, need_w)
     return (gt if need_table else None), (gw if need_w else None)
 
 

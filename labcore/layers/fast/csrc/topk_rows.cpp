@@ -106,10 +106,17 @@ std::vector<at::Tensor> bag_backward(const at::Tensor& gy, const at::Tensor& idx
 std::vector<at::Tensor> tucker_topk(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& pkeys,
                                     const at::Tensor& core, const at::Tensor& cores, int64_t m, int64_t k,
                                     bool two_sided, int64_t isa);  // tucker_search.cpp
+std::vector<at::Tensor> bag_backward_offsets(const at::Tensor& gy, const at::Tensor& idx, const at::Tensor& offsets,
+                                             const at::Tensor& w, const at::Tensor& table, bool need_table,
+                                             bool need_w);  // value_bags.cpp
 std::vector<at::Tensor> pkm_topk(const at::Tensor& q, const at::Tensor& keys, int64_t k, int64_t isa);  // pkm_search.cpp
 }  // namespace labcore
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("bag_backward_offsets", &labcore::bag_backward_offsets,
+        "backward of a weighted embedding bag with 1-D indices and bag offsets", py::arg("gy"), py::arg("idx"),
+        py::arg("offsets"), py::arg("w"), py::arg("table"), py::arg("need_table"), py::arg("need_w"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("pkm_topk", &labcore::pkm_topk, "PKM's product-key search fused (both halves, pruned grid, top-k)",
         py::arg("q"), py::arg("keys"), py::arg("k"), py::arg("isa"), py::call_guard<py::gil_scoped_release>());
   m.def("tucker_topk", &labcore::tucker_topk, "UltraMem's TDQKR search fused (proxy keys, selected side scores, grid top-k, MCS)",

@@ -1,14 +1,17 @@
-// Backward of the memory layers' value read, y[b] = sum_s w[b, s] * V[idx[b, s]]
-// (F.embedding_bag, mode "sum", 2-D indices: one bag of S rows per b, per-sample weights w):
+// Backward of the memory layers' value read, y[b] = sum over the indices j of bag b of w[j] * V[idx[j]]
+// (F.embedding_bag, mode "sum", per-sample weights w):
 //
-//     grad_V[r]    = sum over (b, s) with idx[b, s] = r of  w[b, s] * gy[b]      (a weighted scatter)
-//     grad_w[b, s] = V[idx[b, s]] . gy[b]                                        (a gather-dot)
+//     grad_V[r] = sum over j with idx[j] = r of  w[j] * gy[bag(j)]      (a weighted scatter)
+//     grad_w[j] = V[idx[j]] . gy[bag(j)]                                (a gather-dot)
 //
-// PyTorch's CPU embedding_bag backward sorts the indices and materialises the (n, S, D) products;
-// both sums here are a single pass over idx with D-wide fused multiply-adds. The scatter is
-// parallel over ranges of table rows (every thread scans idx and updates only its own rows), so each
-// row accumulates its contributions in the same (b, s) order whatever the thread count: the result
-// is deterministic and equals a serial loop bitwise. The gather-dot is parallel over b.
+// Two layouts of the bags: 2-D indices (n, S), one bag of S rows per b (PKM's read, UltraMem's at
+// E = 1: bag_backward), and 1-D indices with bag offsets (UltraMem's IVE read, one bag per (token,
+// core, block): bag_backward_offsets). PyTorch's CPU embedding_bag backward sorts the indices and
+// materialises the (L, D) products; both sums here are one pass over the indices with D-wide fused
+// multiply-adds. The scatter is parallel over ranges of table rows (every thread scans the indices
+// and updates only its own rows), so each row accumulates its contributions in index order whatever
+// the thread count: the result is deterministic and equals a serial loop bitwise. The gather-dot is
+// parallel over the indices.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -16,63 +19,101 @@
 #include <cstdint>
 #include <vector>
 
-namespace labcore {
+namespace {
 
-std::vector<at::Tensor> bag_backward(const at::Tensor& gy, const at::Tensor& idx, const at::Tensor& w,
-                                     const at::Tensor& table, bool need_table, bool need_w) {
-  TORCH_CHECK(gy.device().is_cpu() && idx.device().is_cpu() && w.device().is_cpu() && table.device().is_cpu(),
-              "bag_backward: CPU tensors only");
-  TORCH_CHECK(gy.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && table.scalar_type() == at::kFloat,
-              "bag_backward: gy, w and table must be float32");
-  TORCH_CHECK(idx.scalar_type() == at::kLong, "bag_backward: idx must be int64");
-  TORCH_CHECK(gy.dim() == 2 && idx.dim() == 2 && w.dim() == 2 && table.dim() == 2,
-              "bag_backward: gy (n, D), idx (n, S), w (n, S), table (N, D)");
-  const int64_t n = idx.size(0), S = idx.size(1), N = table.size(0), D = table.size(1);
-  TORCH_CHECK(gy.size(0) == n && gy.size(1) == D && w.size(0) == n && w.size(1) == S,
-              "bag_backward: shapes disagree: gy (n, D), idx (n, S), w (n, S), table (N, D)");
+// The two sums for L indices, bag[j] the row of gy that index j belongs to.
+std::vector<at::Tensor> backward_core(const at::Tensor& gy, const at::Tensor& idx, const int64_t* bag,
+                                      const at::Tensor& w, const at::Tensor& table, bool need_table, bool need_w) {
+  const int64_t L = idx.numel(), N = table.size(0), D = table.size(1);
   const at::Tensor g = gy.contiguous(), ix = idx.contiguous(), wc = w.contiguous(), V = table.contiguous();
   const float* gp = g.data_ptr<float>();
   const int64_t* ip = ix.data_ptr<int64_t>();
   const float* wp = wc.data_ptr<float>();
   const float* vp = V.data_ptr<float>();
-  for (int64_t j = 0; j < n * S; ++j) {
+  for (int64_t j = 0; j < L; ++j) {
     TORCH_CHECK(ip[j] >= 0 && ip[j] < N, "bag_backward: index ", ip[j], " out of range [0, ", N, ")");
   }
   at::Tensor grad_table = need_table ? at::zeros({N, D}, table.options()) : at::Tensor();
-  at::Tensor grad_w = need_w ? at::empty({n, S}, w.options()) : at::Tensor();
-  if (need_table && n * S > 0) {
+  at::Tensor grad_w = need_w ? at::empty(w.sizes(), w.options()) : at::Tensor();
+  if (need_table && L > 0) {
     float* tp = grad_table.data_ptr<float>();
     at::parallel_for(0, N, 1024, [&](int64_t lo, int64_t hi) {
       const bool all = lo == 0 && hi == N;
-      for (int64_t b = 0; b < n; ++b) {
-        const float* gb = gp + b * D;
-        for (int64_t s = 0; s < S; ++s) {
-          const int64_t r = ip[b * S + s];
-          if (!all && (r < lo || r >= hi)) continue;
-          const float ws = wp[b * S + s];
-          float* row = tp + r * D;
+      for (int64_t j = 0; j < L; ++j) {
+        const int64_t r = ip[j];
+        if (!all && (r < lo || r >= hi)) continue;
+        const float ws = wp[j];
+        const float* gb = gp + bag[j] * D;
+        float* row = tp + r * D;
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) row[d] += ws * gb[d];
-        }
+        for (int64_t d = 0; d < D; ++d) row[d] += ws * gb[d];
       }
     });
   }
-  if (need_w && n * S > 0) {
+  if (need_w && L > 0) {
     float* op = grad_w.data_ptr<float>();
-    at::parallel_for(0, n, 64, [&](int64_t lo, int64_t hi) {
-      for (int64_t b = lo; b < hi; ++b) {
-        const float* gb = gp + b * D;
-        for (int64_t s = 0; s < S; ++s) {
-          const float* row = vp + ip[b * S + s] * D;
-          float acc = 0.0f;
+    at::parallel_for(0, L, 1024, [&](int64_t lo, int64_t hi) {
+      for (int64_t j = lo; j < hi; ++j) {
+        const float* gb = gp + bag[j] * D;
+        const float* row = vp + ip[j] * D;
+        float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-          for (int64_t d = 0; d < D; ++d) acc += row[d] * gb[d];
-          op[b * S + s] = acc;
-        }
+        for (int64_t d = 0; d < D; ++d) acc += row[d] * gb[d];
+        op[j] = acc;
       }
     });
   }
   return {grad_table, grad_w};
+}
+
+void check_common(const at::Tensor& gy, const at::Tensor& idx, const at::Tensor& w, const at::Tensor& table) {
+  TORCH_CHECK(gy.device().is_cpu() && idx.device().is_cpu() && w.device().is_cpu() && table.device().is_cpu(),
+              "bag_backward: CPU tensors only");
+  TORCH_CHECK(gy.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && table.scalar_type() == at::kFloat,
+              "bag_backward: gy, w and table must be float32");
+  TORCH_CHECK(idx.scalar_type() == at::kLong, "bag_backward: idx must be int64");
+  TORCH_CHECK(gy.dim() == 2 && table.dim() == 2 && gy.size(1) == table.size(1),
+              "bag_backward: gy (bags, D) and table (N, D) expected");
+}
+
+}  // namespace
+
+namespace labcore {
+
+// gy (n, D), idx (n, S), w (n, S), table (N, D): one bag of S rows per b.
+std::vector<at::Tensor> bag_backward(const at::Tensor& gy, const at::Tensor& idx, const at::Tensor& w,
+                                     const at::Tensor& table, bool need_table, bool need_w) {
+  check_common(gy, idx, w, table);
+  TORCH_CHECK(idx.dim() == 2 && w.dim() == 2, "bag_backward: gy (n, D), idx (n, S), w (n, S), table (N, D)");
+  const int64_t n = idx.size(0), S = idx.size(1);
+  TORCH_CHECK(gy.size(0) == n && w.size(0) == n && w.size(1) == S,
+              "bag_backward: shapes disagree: gy (n, D), idx (n, S), w (n, S), table (N, D)");
+  std::vector<int64_t> bag(n * S);
+  for (int64_t j = 0; j < n * S; ++j) bag[j] = j / S;
+  return backward_core(gy, idx, bag.data(), w, table, need_table, need_w);
+}
+
+// gy (B, D), idx (L,), offsets (B,) non-decreasing, offsets[0] = 0 (bag b = idx[offsets[b] ..
+// offsets[b+1]), the last bag ends at L), w (L,), table (N, D).
+std::vector<at::Tensor> bag_backward_offsets(const at::Tensor& gy, const at::Tensor& idx, const at::Tensor& offsets,
+                                             const at::Tensor& w, const at::Tensor& table, bool need_table,
+                                             bool need_w) {
+  check_common(gy, idx, w, table);
+  TORCH_CHECK(idx.dim() == 1 && w.dim() == 1 && offsets.dim() == 1 && w.size(0) == idx.size(0),
+              "bag_backward_offsets: idx (L,), offsets (B,), w (L,) expected");
+  TORCH_CHECK(offsets.device().is_cpu() && offsets.scalar_type() == at::kLong, "bag_backward_offsets: offsets int64");
+  const int64_t L = idx.size(0), B = offsets.size(0);
+  TORCH_CHECK(gy.size(0) == B, "bag_backward_offsets: gy has ", gy.size(0), " rows for ", B, " bags");
+  const at::Tensor oc = offsets.contiguous();
+  const int64_t* op = oc.data_ptr<int64_t>();
+  TORCH_CHECK(B == 0 || op[0] == 0, "bag_backward_offsets: offsets[0] must be 0");
+  std::vector<int64_t> bag(L);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t lo = op[b], hi = b + 1 < B ? op[b + 1] : L;
+    TORCH_CHECK(lo <= hi && hi <= L, "bag_backward_offsets: offsets must be non-decreasing and <= L");
+    for (int64_t j = lo; j < hi; ++j) bag[j] = b;
+  }
+  return backward_core(gy, idx, bag.data(), w, table, need_table, need_w);
 }
 
 }  // namespace labcore
