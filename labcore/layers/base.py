@@ -128,6 +128,25 @@ class LayerCost:
 # ----------------------------------------------------------------------------------------------
 
 
+def set_sparse_value_grads(module: nn.Module, flag: bool) -> int:
+    """Set ``sparse_value_grad`` on every submodule of ``module`` (itself included) that has it.
+
+    PKM and UltraMem read their value table with ``labcore.layers.fast.bags.weighted_bag``; with the
+    flag on, the table's gradient is a sparse COO tensor over the rows the step read (the PKM
+    authors' ``--mem_sparse``, arXiv 1907.05242 code), which ``labcore.lm.sparse_optim.LazyAdamW``
+    updates without scanning a dense (N, F) gradient; ``torch.optim.AdamW`` refuses sparse
+    gradients, so ``labcore.lm.train.build_optimizer`` turns it on only with ``optimizer="lazy_adamw"``.
+    Returns the number of layers set."""
+    if not isinstance(flag, bool):
+        raise TypeError(f"set_sparse_value_grads: flag={flag!r} is not allowed: must be True or False")
+    n = 0
+    for m in module.modules():
+        if hasattr(m, "sparse_value_grad"):
+            m.sparse_value_grad = flag
+            n += 1
+    return n
+
+
 def set_detailed_aux(module: nn.Module, flag: bool) -> int:
     """Set ``detailed_aux`` on every submodule of ``module`` (itself included) that has it.
 

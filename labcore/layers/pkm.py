@@ -325,6 +325,7 @@ class PKM(nn.Module):
         self.register_buffer("cand_row", cand_row, persistent=False)       # (C,)
         self.register_buffer("cand_col", cand_col, persistent=False)       # (C,)
         self.detailed_aux = True      # per-call O(N) diagnostics (aux.counts, coverage, KL); see _aux
+        self.sparse_value_grad = False  # sparse COO value gradient (base.set_sparse_value_grads)
 
     def cost(self) -> LayerCost:
         return self.cfg.cost()
@@ -368,7 +369,8 @@ class PKM(nn.Module):
     def read(self, slots: Tensor, weights: Tensor) -> Tensor:
         """Weighted sum of value rows (U2 eq. 5): slots, weights (N_tok, S) -> (N_tok, D_v)."""
         table = self.values.weight
-        return weighted_bag(slots, table, weights.to(table.dtype))  # F.embedding_bag, single-pass backward
+        return weighted_bag(slots, table, weights.to(table.dtype),  # F.embedding_bag, single-pass backward
+                            sparse=self.sparse_value_grad)
 
     def forward(self, x: Tensor) -> tuple[Tensor, LayerAux]:
         c = self.cfg

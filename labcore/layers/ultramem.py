@@ -364,6 +364,7 @@ class UltraMem(TuckerRetrieval):
         self.value_proj = nn.Linear(c.expansion * c.d_v, c.d_model, bias=False) if c.value_proj else None
         self._init_shuffle()                                                # IVE shuffle P (U2 eq. 8)
         self.detailed_aux = True      # per-call O(N_slots) diagnostics (aux.counts, coverage); see _aux
+        self.sparse_value_grad = False  # sparse COO value gradient (base.set_sparse_value_grads)
         self.reset_parameters(init_values=own_values)
 
     # ----------------------------------------------------------------------------------------
@@ -480,8 +481,10 @@ class UltraMem(TuckerRetrieval):
         c = self.cfg
         n_tok = slots.shape[0]
         idx, offsets, w = self.value_bags(slots, core_scores)
-        # one bag per (token, core[, block]); single-pass backward (fast.bags.weighted_bag)
-        pooled = bags.weighted_bag(idx, self.value_chunks(), w, offsets)
+        # one bag per (token, core[, block]) over the (N*h, D_v/h) chunk view (value_chunks);
+        # single-pass backward (fast.bags.weighted_bag), a sparse gradient with sparse_value_grad
+        pooled = bags.weighted_bag(idx, self.values.weight, w, offsets, n_chunks=c.n_cores,
+                                   sparse=self.sparse_value_grad)
         pooled = pooled.view(n_tok, c.expansion * c.d_v)                    # (N_tok, E*D_v): (c, p, d)
         return F.linear(pooled, self._proj_weight()) if self.value_proj is not None else pooled
 

@@ -8,8 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from labcore.layers.base import set_sparse_value_grads
 from labcore.layers.fast import compiled
 from labcore.layers.fast.bags import weighted_bag
+from labcore.layers.pkm import PKM, PKMConfig
+from labcore.layers.ultramem import UltraMem, UltraMemConfig
 
 HAS_EXT = not compiled.disabled() and shutil.which(os.environ.get("CXX", "c++")) is not None
 needs_ext = pytest.mark.skipif(not HAS_EXT, reason="no C++ compiler (or LABCORE_COMPILED=0)")
@@ -154,3 +157,71 @@ def test_weighted_bag_with_offsets_matches_plain_embedding_bag(monkeypatch):
         (y2 * gy).sum().backward()
         _close(t1.grad, t2.grad)
         _close(w1.grad, w2.grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse table gradients (sparse_bag_backward; weighted_bag(..., sparse=True); the layers' switch)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("disable", [False, True], ids=["compiled", "reference"])
+@pytest.mark.parametrize("layout,n_chunks", [("2d", 1), ("2d", 2), ("offsets", 1), ("offsets", 3)])
+def test_sparse_gradient_equals_the_dense_one_on_the_rows_read(layout, n_chunks, disable, monkeypatch):
+    if disable:
+        monkeypatch.setenv(compiled.ENV_DISABLE, "0")
+    elif not HAS_EXT:
+        pytest.skip("no C++ compiler (or LABCORE_COMPILED=0)")
+    N, F = 40, 6 * n_chunks
+    if layout == "2d":
+        idx, w, gy, _ = _case(23, 7, F // n_chunks, N * n_chunks, seed=6)
+        offsets = None
+    else:
+        idx, offsets, w, gy, _ = _offsets_case([3, 0, 5, 2, 7] * 6, F // n_chunks, N * n_chunks, seed=6)
+    table = torch.randn(N, F, generator=torch.Generator().manual_seed(7))
+    view = table.view(N * n_chunks, F // n_chunks)
+    gs, gws = compiled.sparse_bag_backward(gy, idx, w, view, offsets=offsets, n_chunks=n_chunks)
+    gd, gwd = compiled.bag_backward(gy, idx, w, view, offsets=offsets)
+    assert gs.is_sparse and gs.is_coalesced() and tuple(gs.shape) == (N, F)
+    rows = gs.indices()[0]
+    assert torch.equal(rows, torch.unique(idx.reshape(-1) // n_chunks))   # every row read, sorted, once
+    _close(gs.to_dense(), gd.reshape(N, F))
+    _close(gws, gwd)
+
+
+@needs_ext
+def test_sparse_gradient_is_bitwise_the_same_for_any_thread_count():
+    idx, offsets, w, gy, _ = _offsets_case([5, 0, 7] * 300, 8, 2 * 500, seed=8)
+    table = torch.randn(1000, 8)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = compiled.sparse_bag_backward(gy, idx, w, table, offsets=offsets, n_chunks=2)
+        torch.set_num_threads(2)
+        many = compiled.sparse_bag_backward(gy, idx, w, table, offsets=offsets, n_chunks=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0].to_dense(), many[0].to_dense()) and torch.equal(one[1], many[1])
+
+
+def _layer_grads(build, sparse):
+    torch.manual_seed(0)
+    layer = build()
+    set_sparse_value_grads(layer, sparse)
+    x = torch.randn(13, layer.cfg.d_model, generator=torch.Generator().manual_seed(1))
+    y, _ = layer(x)
+    (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(2))).sum().backward()
+    return {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("build", [
+    lambda: PKM(PKMConfig(d_model=16, n_keys=9, heads=2, k_dim=8, top_k=4)),
+    lambda: UltraMem(UltraMemConfig(d_model=16, n_keys=9, heads=2, k_dim=8, top_k=4, d_value=12, n_cores=2,
+                                    expansion=4)),
+    lambda: UltraMem(UltraMemConfig(d_model=16, n_keys=9, heads=2, k_dim=8, top_k=4, d_value=12, n_cores=3,
+                                    expansion=1)),
+], ids=["pkm", "ultramem_ive", "ultramem_e1"])
+def test_layers_sparse_value_gradient_equals_the_dense_one(build):
+    dense, sparse = _layer_grads(build, False), _layer_grads(build, True)
+    assert set(dense) == set(sparse)
+    assert sparse["values.weight"].is_sparse and not dense["values.weight"].is_sparse
+    for name in dense:
+        got = sparse[name].to_dense() if sparse[name].is_sparse else sparse[name]
+        _close(got, dense[name])

@@ -69,30 +69,48 @@ def core_major_proj_weight(weight: Tensor, expansion: int, n_cores: int) -> Tens
 
 
 class _WeightedBag(torch.autograd.Function):
-    """y[b] = Σ_{j in bag b} w[j] table[idx[j]]: forward is ``F.embedding_bag``; backward is
-    :func:`labcore.layers.fast.compiled.bag_backward` (compiled single pass, or PyTorch's autograd)."""
+    """y[b] = Σ_{j in bag b} w[j] V[idx[j]] over the (N*h, F/h) chunk view V of ``table`` (N, F):
+    forward is ``F.embedding_bag``; backward :func:`labcore.layers.fast.compiled.bag_backward` (a
+    dense (N, F) gradient) or, ``sparse``, :func:`~labcore.layers.fast.compiled.sparse_bag_backward`
+    (a sparse COO one over the rows read)."""
 
     @staticmethod
-    def forward(ctx, idx: Tensor, table: Tensor, w: Tensor, offsets: Tensor | None) -> Tensor:
-        ctx.save_for_backward(idx, table, w, offsets)
-        return F.embedding_bag(idx, table, offsets, mode="sum", per_sample_weights=w)
+    def forward(ctx, idx: Tensor, table: Tensor, w: Tensor, offsets: Tensor | None, n_chunks: int,
+                sparse: bool) -> Tensor:
+        view = table.view(table.shape[0] * n_chunks, table.shape[1] // n_chunks)
+        ctx.save_for_backward(idx, view, w, offsets)
+        ctx.n_chunks, ctx.sparse, ctx.table_shape = n_chunks, sparse, table.shape
+        return F.embedding_bag(idx, view, offsets, mode="sum", per_sample_weights=w)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy: Tensor):
-        idx, table, w, offsets = ctx.saved_tensors
-        gt, gw = compiled.bag_backward(gy.contiguous(), idx, w, table, offsets=offsets,
-                                       need_table=ctx.needs_input_grad[1], need_w=ctx.needs_input_grad[2])
-        return None, gt, gw, None
+        idx, view, w, offsets = ctx.saved_tensors
+        need_table, need_w = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        if ctx.sparse and need_table:
+            gt, gw = compiled.sparse_bag_backward(gy.contiguous(), idx, w, view, offsets=offsets,
+                                                  n_chunks=ctx.n_chunks, need_w=need_w)
+        else:
+            gt, gw = compiled.bag_backward(gy.contiguous(), idx, w, view, offsets=offsets, need_table=need_table,
+                                           need_w=need_w)
+            gt = None if gt is None else gt.view(ctx.table_shape)
+        return None, gt, gw, None, None, None
 
 
-def weighted_bag(idx: Tensor, table: Tensor, w: Tensor, offsets: Tensor | None = None) -> Tensor:
-    """``F.embedding_bag(idx, table, offsets, mode="sum", per_sample_weights=w)`` with the fast
-    backward, for 2-D ``idx`` (n, S) (one bag of S rows per b) or 1-D ``idx`` with ``offsets`` (the
-    IVE read's bags); the same values, gradients equal to float32 rounding. Falls back to the plain
-    call when nothing needs a gradient."""
-    if not (torch.is_grad_enabled() and (table.requires_grad or w.requires_grad)):
-        return F.embedding_bag(idx, table, offsets, mode="sum", per_sample_weights=w)
-    if (idx.dim() == 2) != (offsets is None):
-        return F.embedding_bag(idx, table, offsets, mode="sum", per_sample_weights=w)   # let torch report it
-    return _WeightedBag.apply(idx.long(), table, w.to(table.dtype), None if offsets is None else offsets.long())
+def weighted_bag(idx: Tensor, table: Tensor, w: Tensor, offsets: Tensor | None = None, *, n_chunks: int = 1,
+                 sparse: bool = False) -> Tensor:
+    """``F.embedding_bag(idx, V, offsets, mode="sum", per_sample_weights=w)`` over the (N*h, F/h)
+    chunk view V of ``table`` (N, F) (h = ``n_chunks``; 1: the table itself), with the fast
+    backward; for 2-D ``idx`` (n, S) (one bag of S rows per b) or 1-D ``idx`` with ``offsets`` (the
+    IVE read's bags). The same values; gradients equal to float32 rounding. ``sparse``: the
+    table's gradient is a sparse COO tensor over the rows read (for
+    :class:`labcore.lm.sparse_optim.LazyAdamW`). Falls back to the plain call when nothing needs a
+    gradient."""
+    if table.shape[1] % n_chunks:
+        raise ValueError(f"weighted_bag: n_chunks={n_chunks} does not divide the table's {table.shape[1]} columns")
+    if (not (torch.is_grad_enabled() and (table.requires_grad or w.requires_grad))
+            or (idx.dim() == 2) != (offsets is None)):                      # nothing to record, or let torch report it
+        view = table.view(table.shape[0] * n_chunks, table.shape[1] // n_chunks)
+        return F.embedding_bag(idx, view, offsets, mode="sum", per_sample_weights=w)
+    return _WeightedBag.apply(idx.long(), table, w.to(table.dtype), None if offsets is None else offsets.long(),
+                              n_chunks, sparse)

@@ -339,6 +339,45 @@ def bag_backward(gy: Tensor, idx: Tensor, w: Tensor, table: Tensor, *, offsets: 
     return (gt if need_table else None), (gw if need_w else None)
 
 
+def reference_sparse_bag_backward(gy: Tensor, idx: Tensor, w: Tensor, table: Tensor, offsets: Tensor | None = None,
+                                  n_chunks: int = 1) -> tuple[Tensor, Tensor]:
+    """The readable sparse-gradient backward: PyTorch's autograd on the (N*h, F/h) chunk view
+    ``table``, the (N, F) gradient kept on the rows the indices touch (every row read, even one whose
+    gradient is exactly zero), as a coalesced sparse COO tensor. Returns (grad_table, grad_w)."""
+    gt, gw = reference_bag_backward(gy, idx, w, table, offsets)
+    n, f = table.shape[0] // n_chunks, table.shape[1] * n_chunks
+    rows = torch.unique(idx.reshape(-1) // n_chunks)                                # sorted, unique
+    vals = gt.reshape(n, f).index_select(0, rows)
+    return torch.sparse_coo_tensor(rows[None], vals, (n, f), is_coalesced=True, check_invariants=False), gw
+
+
+def sparse_bag_backward(gy: Tensor, idx: Tensor, w: Tensor, table: Tensor, *, offsets: Tensor | None = None,
+                        n_chunks: int = 1, need_w: bool = True) -> tuple[Tensor, Tensor | None]:
+    """:func:`bag_backward` with the table gradient as a sparse COO tensor over the rows the step
+    read (the PKM authors' ``--mem_sparse``; :class:`labcore.lm.sparse_optim.LazyAdamW` updates just
+    those rows, without scanning a dense (N, F) gradient for non-zeros).
+
+    ``table`` is the (N*h, F/h) chunk view of an (N, F) table (``n_chunks`` = h; 1: the table
+    itself), idx addresses its rows (2-D, or 1-D with ``offsets``). Returns the (N, F) gradient,
+    coalesced (sorted unique rows), and grad_w (None unless ``need_w``). Compiled on CPU float32
+    (``csrc/value_bags.cpp``, deterministic for any thread count); otherwise
+    :func:`reference_sparse_bag_backward`. Both count a row as touched when it is read, even if its
+    gradient is exactly zero."""
+    mod = _load()
+    dims_ok = idx.dim() == 2 if offsets is None else (idx.dim() == 1 and offsets.dim() == 1)
+    fast = (mod is not None and gy.device.type == idx.device.type == w.device.type == table.device.type == "cpu"
+            and gy.dtype == w.dtype == table.dtype == torch.float32 and idx.dtype == torch.int64 and dims_ok)
+    if not fast:
+        gt, gw = reference_sparse_bag_backward(gy, idx, w, table, offsets, n_chunks)
+        return gt, (gw if need_w else None)
+    empty = idx.new_empty(0)
+    rows, vals, gw = mod.bag_backward_sparse(gy.detach(), idx, empty if offsets is None else offsets.long(),
+                                             w.detach(), table.detach(), n_chunks, need_w)
+    n, f = table.shape[0] // n_chunks, table.shape[1] * n_chunks
+    gt = torch.sparse_coo_tensor(rows[None], vals, (n, f), is_coalesced=True, check_invariants=False)
+    return gt, (gw if need_w else None)
+
+
 def sorted_names() -> list[str]:
     return list(ISAS)
 

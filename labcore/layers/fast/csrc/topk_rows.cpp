@@ -109,6 +109,9 @@ std::vector<at::Tensor> tucker_topk(const at::Tensor& q, const at::Tensor& keys,
 std::vector<at::Tensor> bag_backward_offsets(const at::Tensor& gy, const at::Tensor& idx, const at::Tensor& offsets,
                                              const at::Tensor& w, const at::Tensor& table, bool need_table,
                                              bool need_w);  // value_bags.cpp
+std::vector<at::Tensor> bag_backward_sparse(const at::Tensor& gy, const at::Tensor& idx, const at::Tensor& offsets,
+                                            const at::Tensor& w, const at::Tensor& table, int64_t n_chunks,
+                                            bool need_w);  // value_bags.cpp
 std::vector<at::Tensor> pkm_topk(const at::Tensor& q, const at::Tensor& keys, int64_t k, int64_t isa);  // pkm_search.cpp
 }  // namespace labcore
 
@@ -117,6 +120,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "backward of a weighted embedding bag with 1-D indices and bag offsets", py::arg("gy"), py::arg("idx"),
         py::arg("offsets"), py::arg("w"), py::arg("table"), py::arg("need_table"), py::arg("need_w"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("bag_backward_sparse", &labcore::bag_backward_sparse,
+        "backward of a weighted embedding bag with a sparse table gradient (touched rows, their rows)",
+        py::arg("gy"), py::arg("idx"), py::arg("offsets"), py::arg("w"), py::arg("table"), py::arg("n_chunks"),
+        py::arg("need_w"), py::call_guard<py::gil_scoped_release>());
   m.def("pkm_topk", &labcore::pkm_topk, "PKM's product-key search fused (both halves, pruned grid, top-k)",
         py::arg("q"), py::arg("keys"), py::arg("k"), py::arg("isa"), py::call_guard<py::gil_scoped_release>());
   m.def("tucker_topk", &labcore::tucker_topk, "UltraMem's TDQKR search fused (proxy keys, selected side scores, grid top-k, MCS)",

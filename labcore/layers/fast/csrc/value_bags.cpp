@@ -6,7 +6,8 @@
 //
 // Two layouts of the bags: 2-D indices (n, S), one bag of S rows per b (PKM's read, UltraMem's at
 // E = 1: bag_backward), and 1-D indices with bag offsets (UltraMem's IVE read, one bag per (token,
-// core, block): bag_backward_offsets). PyTorch's CPU embedding_bag backward sorts the indices and
+// core, block): bag_backward_offsets). bag_backward_sparse gives the table gradient as the touched
+// rows and their gradient rows (for a sparse COO gradient: lazy value updates, XLM's --mem_sparse). PyTorch's CPU embedding_bag backward sorts the indices and
 // materialises the (L, D) products; both sums here are one pass over the indices with D-wide fused
 // multiply-adds. The scatter is parallel over ranges of table rows (every thread scans the indices
 // and updates only its own rows), so each row accumulates its contributions in index order whatever
@@ -66,6 +67,62 @@ std::vector<at::Tensor> backward_core(const at::Tensor& gy, const at::Tensor& id
   return {grad_table, grad_w};
 }
 
+// The same sums with a sparse table gradient: the rows of the full (N, F) table the indices touch
+// (sorted, unique), and their gradient rows. The indices address an (N * h, F / h) chunk view of
+// the table (h = n_chunks; h = 1: the table itself): chunk row r*h + c is row r, columns
+// [c F/h, (c+1) F/h). The scatter is parallel over ranges of touched rows, each accumulating in
+// index order (deterministic, as the dense one).
+std::vector<at::Tensor> sparse_core(const at::Tensor& gy, const at::Tensor& idx, const int64_t* bag,
+                                    const at::Tensor& w, const at::Tensor& table, int64_t h, bool need_w) {
+  const int64_t L = idx.numel(), Nv = table.size(0), Dc = table.size(1), N = Nv / h, F = Dc * h;
+  const at::Tensor g = gy.contiguous(), ix = idx.contiguous(), wc = w.contiguous(), V = table.contiguous();
+  const float* gp = g.data_ptr<float>();
+  const int64_t* ip = ix.data_ptr<int64_t>();
+  const float* wp = wc.data_ptr<float>();
+  const float* vp = V.data_ptr<float>();
+  std::vector<int64_t> slot(N, -1);
+  for (int64_t j = 0; j < L; ++j) {
+    TORCH_CHECK(ip[j] >= 0 && ip[j] < Nv, "bag_backward: index ", ip[j], " out of range [0, ", Nv, ")");
+    slot[ip[j] / h] = 0;
+  }
+  int64_t U = 0;
+  for (int64_t r = 0; r < N; ++r)
+    if (slot[r] == 0) slot[r] = U++;
+  at::Tensor rows = at::empty({U}, idx.options());
+  int64_t* rp = rows.data_ptr<int64_t>();
+  for (int64_t r = 0; r < N; ++r)
+    if (slot[r] >= 0) rp[slot[r]] = r;
+  at::Tensor vals = at::zeros({U, F}, table.options());
+  float* op = vals.data_ptr<float>();
+  at::parallel_for(0, U, 256, [&](int64_t lo, int64_t hi) {
+    const bool all = lo == 0 && hi == U;
+    for (int64_t j = 0; j < L; ++j) {
+      const int64_t r = ip[j], u = slot[r / h];
+      if (!all && (u < lo || u >= hi)) continue;
+      const float ws = wp[j];
+      const float* gb = gp + bag[j] * Dc;
+      float* dst = op + u * F + (r % h) * Dc;
+#pragma omp simd
+      for (int64_t d = 0; d < Dc; ++d) dst[d] += ws * gb[d];
+    }
+  });
+  at::Tensor grad_w = need_w ? at::empty(w.sizes(), w.options()) : at::Tensor();
+  if (need_w && L > 0) {
+    float* gw = grad_w.data_ptr<float>();
+    at::parallel_for(0, L, 1024, [&](int64_t lo, int64_t hi) {
+      for (int64_t j = lo; j < hi; ++j) {
+        const float* gb = gp + bag[j] * Dc;
+        const float* row = vp + ip[j] * Dc;
+        float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t d = 0; d < Dc; ++d) acc += row[d] * gb[d];
+        gw[j] = acc;
+      }
+    });
+  }
+  return {rows, vals, grad_w};
+}
+
 void check_common(const at::Tensor& gy, const at::Tensor& idx, const at::Tensor& w, const at::Tensor& table) {
   TORCH_CHECK(gy.device().is_cpu() && idx.device().is_cpu() && w.device().is_cpu() && table.device().is_cpu(),
               "bag_backward: CPU tensors only");
@@ -80,25 +137,20 @@ void check_common(const at::Tensor& gy, const at::Tensor& idx, const at::Tensor&
 
 namespace labcore {
 
-// gy (n, D), idx (n, S), w (n, S), table (N, D): one bag of S rows per b.
-std::vector<at::Tensor> bag_backward(const at::Tensor& gy, const at::Tensor& idx, const at::Tensor& w,
-                                     const at::Tensor& table, bool need_table, bool need_w) {
-  check_common(gy, idx, w, table);
+namespace {
+
+std::vector<int64_t> bags_2d(const at::Tensor& gy, const at::Tensor& idx, const at::Tensor& w) {
   TORCH_CHECK(idx.dim() == 2 && w.dim() == 2, "bag_backward: gy (n, D), idx (n, S), w (n, S), table (N, D)");
   const int64_t n = idx.size(0), S = idx.size(1);
   TORCH_CHECK(gy.size(0) == n && w.size(0) == n && w.size(1) == S,
               "bag_backward: shapes disagree: gy (n, D), idx (n, S), w (n, S), table (N, D)");
   std::vector<int64_t> bag(n * S);
   for (int64_t j = 0; j < n * S; ++j) bag[j] = j / S;
-  return backward_core(gy, idx, bag.data(), w, table, need_table, need_w);
+  return bag;
 }
 
-// gy (B, D), idx (L,), offsets (B,) non-decreasing, offsets[0] = 0 (bag b = idx[offsets[b] ..
-// offsets[b+1]), the last bag ends at L), w (L,), table (N, D).
-std::vector<at::Tensor> bag_backward_offsets(const at::Tensor& gy, const at::Tensor& idx, const at::Tensor& offsets,
-                                             const at::Tensor& w, const at::Tensor& table, bool need_table,
-                                             bool need_w) {
-  check_common(gy, idx, w, table);
+std::vector<int64_t> bags_offsets(const at::Tensor& gy, const at::Tensor& idx, const at::Tensor& offsets,
+                                  const at::Tensor& w) {
   TORCH_CHECK(idx.dim() == 1 && w.dim() == 1 && offsets.dim() == 1 && w.size(0) == idx.size(0),
               "bag_backward_offsets: idx (L,), offsets (B,), w (L,) expected");
   TORCH_CHECK(offsets.device().is_cpu() && offsets.scalar_type() == at::kLong, "bag_backward_offsets: offsets int64");
@@ -113,7 +165,40 @@ std::vector<at::Tensor> bag_backward_offsets(const at::Tensor& gy, const at::Ten
     TORCH_CHECK(lo <= hi && hi <= L, "bag_backward_offsets: offsets must be non-decreasing and <= L");
     for (int64_t j = lo; j < hi; ++j) bag[j] = b;
   }
+  return bag;
+}
+
+}  // namespace
+
+// gy (n, D), idx (n, S), w (n, S), table (N, D): one bag of S rows per b.
+std::vector<at::Tensor> bag_backward(const at::Tensor& gy, const at::Tensor& idx, const at::Tensor& w,
+                                     const at::Tensor& table, bool need_table, bool need_w) {
+  check_common(gy, idx, w, table);
+  const std::vector<int64_t> bag = bags_2d(gy, idx, w);
   return backward_core(gy, idx, bag.data(), w, table, need_table, need_w);
+}
+
+// gy (B, D), idx (L,), offsets (B,) non-decreasing, offsets[0] = 0 (bag b = idx[offsets[b] ..
+// offsets[b+1]), the last bag ends at L), w (L,), table (N, D).
+std::vector<at::Tensor> bag_backward_offsets(const at::Tensor& gy, const at::Tensor& idx, const at::Tensor& offsets,
+                                             const at::Tensor& w, const at::Tensor& table, bool need_table,
+                                             bool need_w) {
+  check_common(gy, idx, w, table);
+  const std::vector<int64_t> bag = bags_offsets(gy, idx, offsets, w);
+  return backward_core(gy, idx, bag.data(), w, table, need_table, need_w);
+}
+
+// Sparse table gradient: the indices address the (N * h, F / h) chunk view ``table`` of an (N, F)
+// table; offsets empty for 2-D idx. Returns the touched rows of the (N, F) table (sorted, unique),
+// their gradient rows (U, F) and grad_w (or an undefined tensor).
+std::vector<at::Tensor> bag_backward_sparse(const at::Tensor& gy, const at::Tensor& idx, const at::Tensor& offsets,
+                                            const at::Tensor& w, const at::Tensor& table, int64_t n_chunks,
+                                            bool need_w) {
+  check_common(gy, idx, w, table);
+  TORCH_CHECK(n_chunks >= 1 && table.size(0) % n_chunks == 0, "bag_backward_sparse: n_chunks=", n_chunks,
+              " must divide the rows of the chunk view (", table.size(0), ")");
+  const std::vector<int64_t> bag = idx.dim() == 2 ? bags_2d(gy, idx, w) : bags_offsets(gy, idx, offsets, w);
+  return sparse_core(gy, idx, bag.data(), w, table, n_chunks, need_w);
 }
 
 }  // namespace labcore
