@@ -7,8 +7,8 @@
 ``labcore.bench.training``), built twice (or three times) from one seed and trained in lockstep
 on the same batches: one step of each optimiser in turn, so a noisy neighbour slows them alike.
 The step is ``labcore.lm.train.train``'s (lr schedule with the value-LR multiplier, refresh_all,
-clip 1.0); the layers give dense gradients, so the lazy optimiser finds the touched rows by their
-non-zero gradient. Prints per optimiser: median step time, tokens/s, optimiser share of the step,
+clip 1.0); the lazy arms get sparse value gradients from the layers (``set_sparse_value_grads``, as
+``build_optimizer`` does for ``optimizer="lazy_adamw"``), the AdamW arm dense ones. Prints per optimiser: median step time, tokens/s, optimiser share of the step,
 touched value rows, final train loss (mean of the last 10 steps) and validation loss.
 
 ``micro``: one PKM value table of the family's size read by ``F.embedding_bag`` as PKM does, with
@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 
 from labcore.data import KnowledgeConfig, load_dataset
-from labcore.layers.base import param_role
+from labcore.layers.base import param_role, set_sparse_value_grads
 from labcore.lm.budget import equal_budget_family, small_base_config
 from labcore.lm.model import LM
 from labcore.lm.optim import VALUE_ROLE, refresh_all
-from labcore.lm.sparse_optim import LazyAdamW, build_lazy_adamw
+from labcore.lm.sparse_optim import LazyAdamW, build_lazy_adamw, clip_grad_norm_
 from labcore.lm.train import TrainConfig, build_optimizer, set_step_lr, value_lr_schedule
 
 D, L, HEADS, D_FF, T, B, RATIO = 128, 8, 4, 512, 128, 8, 12.0
@@ -57,6 +57,7 @@ class Arm:
         else:
             self.opt = build_lazy_adamw(self.model, tcfg.lr, tcfg.weight_decay, betas=tcfg.betas,
                                         bias_correction=bias_correction)
+            set_sparse_value_grads(self.model, True)
         self.vsched = value_lr_schedule(tcfg)
         self.sampler = data.sampler("train", tcfg.batch_size, tcfg.seq_len, tcfg.seed)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -72,7 +73,7 @@ class Arm:
         (x, y), = self.sampler.next()
         out = self.model(x, y)
         (out.loss + out.aux_loss).backward()
-        torch.nn.utils.clip_grad_norm_(self.params, self.tcfg.grad_clip)
+        clip_grad_norm_(self.params, self.tcfg.grad_clip)                  # takes sparse value grads too
         t1 = time.perf_counter()
         self.opt.step()
         t2 = time.perf_counter()
@@ -80,8 +81,7 @@ class Arm:
         self.step_s.append(t2 - t0)
         self.opt_s.append(t2 - t1)
         self.losses.append(float(out.loss.detach()))
-        self.touched.append(sum(int(p.grad.ne(0).any(1).sum()) for p in self.values) /
-                            sum(p.shape[0] for p in self.values))
+        self.touched.append(sum(_touched(p.grad) for p in self.values) / sum(p.shape[0] for p in self.values))
 
     @torch.no_grad()
     def val_loss(self, data, batches: int = 8) -> float:
@@ -90,6 +90,11 @@ class Arm:
         losses = [float(self.model(*sampler.micro_batches(i)[0]).loss) for i in range(batches)]
         self.model.train()
         return sum(losses) / len(losses)
+
+
+def _touched(grad) -> int:
+    """Rows of a value table's gradient: the rows of a sparse one, the non-zero rows of a dense one."""
+    return int(grad.coalesce().indices().shape[1]) if grad.is_sparse else int(grad.ne(0).any(1).sum())
 
 
 def ab(args) -> None:

@@ -45,6 +45,7 @@ from labcore.experiments.knowledge_metrics import answer_scores, bits_per_param,
 from labcore.lm.budget import match_pkm, match_ultramem, model_budget
 from labcore.lm.model import LM, ModelConfig
 from labcore.lm.optim import refresh_all
+from labcore.lm.sparse_optim import clip_grad_norm_
 from labcore.lm.train import TrainConfig, build_optimizer, resolve_device, set_step_lr, value_lr_schedule
 
 
@@ -129,7 +130,7 @@ def train_facts(model_cfg: ModelConfig | nn.Module, facts_cfg: FactsConfig, trai
             raise FloatingPointError(f"train_facts: loss is {float(loss)} at step {s + 1}")
         loss.backward()
         if train_cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip)
+            clip_grad_norm_(params, train_cfg.grad_clip)                    # takes sparse value grads too
         optimizer.step()
         step = s + 1
         if log_every and (step % log_every == 0 or step == train_cfg.steps):

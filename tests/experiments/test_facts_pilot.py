@@ -96,3 +96,20 @@ def test_cli_cells_print_one_row_per_cell(capsys):
     assert [(r["n_facts"], r["seed"], r["arch"], r["steps"]) for r in rows] == [
         (16, 0, "dense", 2), (16, 1, "dense", 2), (32, 0, "dense", 2), (32, 1, "dense", 2)]
     assert main(["--archs", "moe", "--facts", "16", "--steps", "1"]) == 2
+
+
+@pytest.mark.parametrize("arch", ["pkm", "ultramem"])
+def test_train_facts_with_lazy_values_trains_on_sparse_value_gradients(arch):
+    """optimizer="lazy_adamw": the memory hands the optimiser a sparse value gradient (the clip and
+    the lazy update take it) and the run learns the facts as AdamW's does."""
+    seen = []
+
+    def runs(optimizer):
+        run = train_facts(facts_model(arch, dense_model()), FACTS, _tcfg(optimizer=optimizer, grad_clip=1.0))
+        table = next(m for _, m in run.model.memory_layers()).values.weight
+        seen.append(table.grad.is_sparse)
+        return run.final["answer_accuracy"]
+
+    lazy, dense = runs("lazy_adamw"), runs("adamw")
+    assert seen == [True, False]
+    assert lazy >= 0.9 and dense >= 0.9
