@@ -2,14 +2,22 @@
 
     PYTHONPATH=. python scripts/bench_lazy_adamw.py micro --threads 1 [--rows 2000]
     PYTHONPATH=. python scripts/bench_lazy_adamw.py ab --arch pkm --steps 200 --threads 1
+    PYTHONPATH=. python scripts/bench_lazy_adamw.py facts --seeds 6 --threads 1
+
+``facts``: the lab's facts task (``labcore.experiments.architectures.family`` at the facts notebooks'
+size: 2,000 facts, 400 steps of 256 rows) for PKM and UltraMem, trained with AdamW and with
+``optimizer="lazy_adamw"`` (sparse value gradients) on the same seeds; prints the paired differences
+(answer loss, answer accuracy, tokens/s) with 95% intervals and resolution
+(``labcore.experiments.core.paired_deltas``).
 
 ``ab``: the equal-budget family's model (``labcore.lm.budget.equal_budget_family`` at the sizes of
 ``labcore.bench.training``), built twice (or three times) from one seed and trained in lockstep
 on the same batches: one step of each optimiser in turn, so a noisy neighbour slows them alike.
 The step is ``labcore.lm.train.train``'s (lr schedule with the value-LR multiplier, refresh_all,
 clip 1.0); the lazy arms get sparse value gradients from the layers (``set_sparse_value_grads``, as
-``build_optimizer`` does for ``optimizer="lazy_adamw"``), the AdamW arm dense ones. Prints per optimiser: median step time, tokens/s, optimiser share of the step,
-touched value rows, final train loss (mean of the last 10 steps) and validation loss.
+``build_optimizer`` does for ``optimizer="lazy_adamw"``), the AdamW arm dense ones. Prints per
+optimiser: median step time, tokens/s, optimiser share of the step, touched value rows, final train
+loss (mean of the last 10 steps) and validation loss.
 
 ``micro``: one PKM value table of the family's size read by ``F.embedding_bag`` as PKM does, with
 ``sparse=False`` / ``sparse=True`` (slots uniform over the table, or over ``--rows`` random rows):
@@ -187,6 +195,32 @@ def micro(args) -> None:
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}))
 
 
+def facts(args) -> None:
+    """AdamW vs lazy_adamw (sparse value gradients) on the lab's facts task, paired by seed."""
+    import pandas as pd
+
+    from labcore.experiments.architectures import ArchitecturesParams, family
+    from labcore.experiments.core import Variant, paired_deltas, run_variants
+
+    torch.set_num_threads(args.threads)
+    E = ArchitecturesParams(steps=args.steps, batch_size=args.batch_size, n_facts=args.n_facts).effective()
+    fam = family(E)
+    variants = [Variant(f"{a} {o}", fam[a], train_overrides={"optimizer": o}, tags={"arch": a, "optimizer": o})
+                for a in args.archs for o in ("adamw", "lazy_adamw")]
+    table = run_variants(variants, list(range(args.seeds)), E.data_config(), E.train_config(), args.workdir,
+                         calibrate=E.calibrate_init)
+    rows = []
+    for a in args.archs:
+        sub = table[table["arch"] == a]
+        for metric, hib in (("answer_loss", False), ("answer_accuracy", True), ("tokens_per_s", True)):
+            rows.append(paired_deltas(sub, metric, baseline=f"{a} adamw", higher_is_better=hib))
+    out = pd.concat(rows, ignore_index=True)
+    cols = ["variant", "reference", "metric", "n", "delta_mean", "ci_low", "ci_high", "resolution", "p_holm"]
+    print(out[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    means = table.groupby("variant")[["answer_loss", "answer_accuracy", "tokens_per_s"]].mean()
+    print(means.to_string(float_format=lambda v: f"{v:.4g}"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -196,12 +230,20 @@ def main() -> None:
     a.add_argument("--threads", type=int, default=1)
     a.add_argument("--seed", type=int, default=0, help="model init and batch order")
     a.add_argument("--global-bc", action="store_true", help="add a LazyAdamW arm with bias_correction='global'")
+    f = sub.add_parser("facts")
+    f.add_argument("--archs", nargs="+", choices=("pkm", "ultramem"), default=["pkm", "ultramem"])
+    f.add_argument("--seeds", type=int, default=6)
+    f.add_argument("--steps", type=int, default=400)
+    f.add_argument("--batch-size", type=int, default=256)
+    f.add_argument("--n-facts", type=int, default=2000)
+    f.add_argument("--threads", type=int, default=1)
+    f.add_argument("--workdir", default="runs/lazy_vs_adamw_facts")
     m = sub.add_parser("micro")
     m.add_argument("--threads", type=int, default=1)
     m.add_argument("--reps", type=int, default=7)
     m.add_argument("--rows", type=int, default=None, help="slots drawn from this many rows (default: all)")
     args = ap.parse_args()
-    ab(args) if args.cmd == "ab" else micro(args)
+    {"ab": ab, "facts": facts, "micro": micro}[args.cmd](args)
 
 
 if __name__ == "__main__":
