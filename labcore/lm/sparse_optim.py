@@ -23,9 +23,11 @@ Rows not touched keep their value, moments and count: their moments are *not* de
 weights are *not* shrunk by weight decay until they are touched again ("lazy moments", "lazy decay",
 as in ``torch.optim.SparseAdam``). A row touched on every step follows torch AdamW exactly.
 
-Touched rows: for a sparse COO gradient (``F.embedding_bag(..., sparse=True)``) the rows of its
-coalesced indices; for a dense gradient the rows with at least one non-zero entry (a row whose
-gradient is exactly zero counts as untouched, so it also skips weight decay).
+Touched rows: for a sparse COO gradient the rows of its coalesced indices (the PKM and UltraMem
+layers give one over the rows a step read when ``labcore.layers.base.set_sparse_value_grads`` is on,
+which ``labcore.lm.train.build_optimizer`` does for ``optimizer="lazy_adamw"``); for a dense gradient
+the rows with at least one non-zero entry (a row whose gradient is exactly zero counts as untouched,
+so it also skips weight decay).
 
 Bias correction, ``bias_correction=``:
 

@@ -313,7 +313,20 @@ def test_real_build_without_a_compiler_prints_one_line(tmp_path):
                PYTHONPATH=str(REPO), LABCORE_COMPILED="1", OMP_NUM_THREADS="1")
     code = ("import torch; from labcore.layers.fast import compiled as c; "
             "x = torch.randn(4, 451); v, i = c.topk_rows(x, 8); "
-            "assert torch.equal(v, x.topk(8).values); print('isa', c.isa())")
+            "assert torch.equal(v, x.topk(8).values); print('isa', c.isa())\n"
+            # the layers' fused inference searches and sparse value gradients fall back too
+            "from labcore.layers.base import set_sparse_value_grads\n"
+            "from labcore.layers.pkm import PKM, PKMConfig\n"
+            "from labcore.layers.ultramem import UltraMem, UltraMemConfig\n"
+            "for layer in (PKM(PKMConfig(d_model=16, n_keys=9, heads=2, k_dim=8, top_k=4)),\n"
+            "              UltraMem(UltraMemConfig(d_model=16, n_keys=9, heads=2, k_dim=8, top_k=4, d_value=8))):\n"
+            "    x = torch.randn(5, 16)\n"
+            "    with torch.no_grad():\n"
+            "        y0 = layer.eval()(x)[0]\n"
+            "    set_sparse_value_grads(layer, True)\n"
+            "    y1 = layer(x)[0]\n"
+            "    y1.sum().backward()\n"
+            "    assert torch.allclose(y0, y1) and layer.values.weight.grad.is_sparse\n")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "isa pytorch"

@@ -2,8 +2,8 @@
 
 ``topk_rows(x, k)`` is an exact per-row top-k of a float32 matrix, the step that dominates PKM's and
 UltraMem's search on CPU (per-side top-k over n sub-keys, then the top-K of the candidate grid;
-docs/mechanisms.md §1.1 and §4). The C++ source is ``csrc/topk_rows.cpp``; its header comment
-describes the algorithm (per-lane maxima give a threshold, the survivors are compacted and ranked).
+docs/mechanisms.md §1.1 and §4). The C++ source is ``csrc/topk_rows.cpp`` with ``csrc/topk_core.h``,
+whose header comment describes the algorithm (per-lane maxima give a threshold, the survivors are compacted and ranked).
 
 Contract of ``topk_rows`` (the same with or without the extension)
 -----------------------------------------------------------------
@@ -28,6 +28,13 @@ crashes. ``LABCORE_COMPILED=0`` disables the extension (for tests and A/B benchm
 
 ``side_topk(q, keys, k)`` is the product-key side search fused: the top-k of q @ keys^T per query,
 with the scores computed in cache-resident tiles and never written as a (G, T, n) matrix.
+``pkm_topk`` (``csrc/pkm_search.cpp``) and ``tucker_topk`` (``csrc/tucker_search.cpp``) are PKM's and
+UltraMem's whole searches in one pass per (head, 8 tokens), for inference; the layers reach them
+through ``labcore.layers.fast.search.fused_pkm_search`` / ``fused_tucker_search``.
+``bag_backward`` / ``sparse_bag_backward`` (``csrc/value_bags.cpp``) are the value read's backward in
+one pass (a dense or a sparse COO table gradient). The per-row top-k primitives every kernel shares
+are in ``csrc/topk_core.h``. Built with ``-fopenmp``: ``at::parallel_for`` is OpenMP code in ATen's
+headers and runs on one thread without it.
 
 ``labcore.layers.fast.topk.exact_topk`` (every layer's top-k) dispatches CPU float32 rows here.
 ``python -m labcore.bench kernels`` times ``topk_rows`` against the PyTorch path and ``torch.topk``
