@@ -174,8 +174,9 @@ _ULTRAMEM_V2 = (
 )
 _PEER = (
     Probe("query", "self.make_query"),
+    Probe("fused search", "labcore.layers.fast.search.fused_pkm_search", required=False),  # inference, compiled
     Probe("side scores", "self.retrieve"),                               # the sub-key einsum and glue
-    Probe("candidate grid", "labcore.layers.fast.search.pruned_pair_topk"),
+    Probe("candidate grid", "labcore.layers.fast.search.pruned_pair_topk", required=False),
     _TOPK,
     Probe("expert down", "labcore.layers.peer.expert_down"),            # gather u_i, u_i^T x
     Probe("expert up", "labcore.layers.peer.expert_up"),                # gather v_i, sum w_i v_i

@@ -92,7 +92,13 @@ from torch import Tensor, nn
 
 from labcore.config import ConfigError, check_bool, check_choice, check_float
 from labcore.layers.base import LayerAux, LayerCost, flatten_tokens, tag_param
-from labcore.layers.fast.search import in_token_chunks, pruned_candidates, pruned_pair_topk
+from labcore.layers.fast.search import (
+    fused_pkm_search,
+    fused_search_ok,
+    in_token_chunks,
+    pruned_candidates,
+    pruned_pair_topk,
+)
 from labcore.layers.fast.topk import exact_topk
 from labcore.layers.pkm import ProductKeys, check_product_keys, query_network, reference_query, selection_aux
 from labcore.layers.registry import LayerSpec, register
@@ -335,6 +341,9 @@ class PEER(nn.Module):
         c = self.cfg
         H, n, K = c.heads, c.n_keys, c.top_k
         keys = self.keys.expand(H, 2, n, c.half)                                # shared: a view
+        if fused_search_ok(q, self.keys):                                       # inference: one compiled pass
+            scores, experts = fused_pkm_search(q, keys, K)                      # (N_tok, H, K), descending
+            return experts, scores
         sub = torch.einsum("thsd,hsnd->thsn", q, keys)                          # (N_tok, H, 2, n) K_row q_row, K_col q_col
         s_half, i_half = exact_topk(sub, K, sorted=True)                        # (N_tok, H, 2, K), descending
         # I_h = TopK over the pairs (i, j) of s_row[i] + s_col[j] (only rank pairs (i+1)(j+1) <= K can win)

@@ -61,7 +61,8 @@ EXPECTED = {
     "memory_plus": ({"query", "fused search", "softmax + slot ids", "gather", "aux", "gate"} if compiled.available()
                     else {"query", "side search", "softmax + slot ids", "candidate grid", "top-k", "gather", "aux",
                           "gate"}),
-    "peer": {"query", "side scores", "candidate grid", "top-k", "expert down", "expert up", "aux"},
+    "peer": ({"query", "fused search", "side scores", "expert down", "expert up", "aux"} if compiled.available() else
+             {"query", "side scores", "candidate grid", "top-k", "expert down", "expert up", "aux"}),
 }
 
 
