@@ -137,12 +137,17 @@ def set_sparse_value_grads(module: nn.Module, flag: bool) -> int:
     updates without scanning a dense (N, F) gradient; ``torch.optim.AdamW`` refuses sparse
     gradients, so ``labcore.lm.train.build_optimizer`` turns it on only with ``optimizer="lazy_adamw"``.
     Returns the number of layers set."""
+    return _set_layer_flag(module, "sparse_value_grad", flag, "set_sparse_value_grads")
+
+
+def _set_layer_flag(module: nn.Module, attr: str, flag: bool, caller: str) -> int:
+    """Set ``attr`` to ``flag`` on every submodule (itself included) that has it; the count set."""
     if not isinstance(flag, bool):
-        raise TypeError(f"set_sparse_value_grads: flag={flag!r} is not allowed: must be True or False")
+        raise TypeError(f"{caller}: flag={flag!r} is not allowed: must be True or False")
     n = 0
     for m in module.modules():
-        if hasattr(m, "sparse_value_grad"):
-            m.sparse_value_grad = flag
+        if hasattr(m, attr):
+            setattr(m, attr, flag)
             n += 1
     return n
 
@@ -156,11 +161,4 @@ def set_detailed_aux(module: nn.Module, flag: bool) -> int:
     ``aux.counts=None`` and only the O(N_tok) stats (decode-step benchmarks switch it off). Returns
     the number of layers set.
     """
-    if not isinstance(flag, bool):
-        raise TypeError(f"set_detailed_aux: flag={flag!r} is not allowed: must be True or False")
-    n = 0
-    for m in module.modules():
-        if hasattr(m, "detailed_aux"):
-            m.detailed_aux = flag
-            n += 1
-    return n
+    return _set_layer_flag(module, "detailed_aux", flag, "set_detailed_aux")

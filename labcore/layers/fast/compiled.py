@@ -175,6 +175,26 @@ def isa() -> str:
     return "avx512" if mod.has_avx512() else "portable"
 
 
+def _check_count(fn: str, name: str, value: object, lo: int, hi: int, hi_text: str) -> None:
+    """ConfigError unless ``value`` is an int in [lo, hi] (``hi_text`` says what hi is)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ConfigError(f"{fn}: {name}={value!r}; expected an int in [{lo}, {hi_text}]")
+
+
+def _check_isa(fn: str, isa: str) -> None:
+    if isa not in ISAS:
+        raise ConfigError(f"{fn}: isa={isa!r}; expected one of {sorted_names()}")
+
+
+def _required_module(fn: str) -> ModuleType:
+    """The extension for a kernel that has no PyTorch fallback of its own (the caller checks
+    :func:`available` and runs the readable path otherwise)."""
+    mod = _load()
+    if mod is None:
+        raise RuntimeError(f"{fn}: the compiled extension is not available ({unavailable_reason()})")
+    return mod
+
+
 def reference_topk_rows(x: Tensor, k: int, sorted: bool = True) -> tuple[Tensor, Tensor]:
     """The readable PyTorch path with ``topk_rows``'s contract: rank the order-preserving int32 keys
     of the float bits with ``torch.topk``, then gather the values from x."""
@@ -187,8 +207,7 @@ def _check(x: Tensor, k: int) -> None:
         what = f"{x.dtype} {x.device.type} tensor of {x.dim()} dims" if isinstance(x, Tensor) else type(x).__name__
         raise ConfigError(f"topk_rows: x={what}; expected a float32 CPU tensor (..., n)")
     n = x.shape[-1]
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
-        raise ConfigError(f"topk_rows: k={k!r}; expected an int in [0, n={n}] (n = x.shape[-1])")
+    _check_count("topk_rows", "k", k, 0, n, f"n={n}] (n = x.shape[-1]")
 
 
 def topk_rows(x: Tensor, k: int, sorted: bool = True, *, isa: str = "auto") -> tuple[Tensor, Tensor]:
@@ -198,8 +217,7 @@ def topk_rows(x: Tensor, k: int, sorted: bool = True, *, isa: str = "auto") -> t
     compiled path (tests use it to check both); without the extension it is ignored.
     """
     _check(x, k)
-    if isa not in ISAS:
-        raise ConfigError(f"topk_rows: isa={isa!r}; expected one of {sorted_names()}")
+    _check_isa("topk_rows", isa)
     mod = _load()
     if mod is None:
         return reference_topk_rows(x, k, sorted)
@@ -235,10 +253,8 @@ def side_topk(q: Tensor, keys: Tensor, k: int, sorted: bool = True, *, isa: str 
         raise ConfigError(f"side_topk: q={desc(q)}, keys={desc(keys)}; expected float32 CPU tensors "
                           f"q (G, T, D) and keys (G, n, D)")
     n = keys.shape[1]
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
-        raise ConfigError(f"side_topk: k={k!r}; expected an int in [0, n={n}] (n = keys.shape[1])")
-    if isa not in ISAS:
-        raise ConfigError(f"side_topk: isa={isa!r}; expected one of {sorted_names()}")
+    _check_count("side_topk", "k", k, 0, n, f"n={n}] (n = keys.shape[1]")
+    _check_isa("side_topk", isa)
     mod = _load()
     if mod is None:
         return reference_side_topk(q, keys, k, sorted)
@@ -262,14 +278,9 @@ def pkm_topk(q: Tensor, keys: Tensor, k: int, *, isa: str = "auto") -> tuple[Ten
             what = f"{t.dtype} {t.device.type} tensor of {t.dim()} dims" if isinstance(t, Tensor) else type(t).__name__
             raise ConfigError(f"pkm_topk: {name}={what}; expected a float32 CPU tensor (H, 2, ., D)")
     n = keys.shape[2]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
-        raise ConfigError(f"pkm_topk: k={k!r}; expected an int in [1, n={n}] (n = keys.shape[2])")
-    if isa not in ISAS:
-        raise ConfigError(f"pkm_topk: isa={isa!r}; expected one of {sorted_names()}")
-    mod = _load()
-    if mod is None:
-        raise RuntimeError(f"pkm_topk: the compiled extension is not available ({unavailable_reason()})")
-    scores, slots = mod.pkm_topk(q.detach().contiguous(), keys.detach().contiguous(), k, ISAS[isa])
+    _check_count("pkm_topk", "k", k, 1, n, f"n={n}] (n = keys.shape[2]")
+    _check_isa("pkm_topk", isa)
+    scores, slots = _required_module("pkm_topk").pkm_topk(q.detach().contiguous(), keys.detach().contiguous(), k, ISAS[isa])
     return scores, slots
 
 
@@ -290,21 +301,26 @@ def tucker_topk(q: Tensor, keys: Tensor, pkeys: Tensor, core: Tensor, cores: Ten
             what = f"{t.dtype} {t.device.type} tensor" if isinstance(t, Tensor) else type(t).__name__
             raise ConfigError(f"tucker_topk: {name}={what}; expected a float32 CPU tensor")
     n = keys.shape[-2] if keys.dim() == 5 else 0
-    if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= n:
-        raise ConfigError(f"tucker_topk: m={m!r}; expected an int in [1, n={n}] (n = keys.shape[-2])")
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= m * m:
-        raise ConfigError(f"tucker_topk: k={k!r}; expected an int in [0, m*m={m * m}]")
-    if isa not in ISAS:
-        raise ConfigError(f"tucker_topk: isa={isa!r}; expected one of {sorted_names()}")
-    mod = _load()
-    if mod is None:
-        raise RuntimeError(f"tucker_topk: the compiled extension is not available ({unavailable_reason()})")
+    _check_count("tucker_topk", "m", m, 1, n, f"n={n}] (n = keys.shape[-2]")
+    _check_count("tucker_topk", "k", k, 0, m * m, f"m*m={m * m}]")
+    _check_isa("tucker_topk", isa)
+    mod = _required_module("tucker_topk")
     empty = q.new_empty(0)
     cells, scores, vecs, cs = mod.tucker_topk(q.detach().contiguous(), keys.detach().contiguous(),
                                               pkeys.detach().contiguous(), core.detach().contiguous(),
                                               empty if cores is None else cores.detach().contiguous(),
                                               m, k, bool(two_sided), ISAS[isa])
     return cells, scores, vecs, (None if cores is None else cs)
+
+
+def _bag_module(gy: Tensor, idx: Tensor, w: Tensor, table: Tensor, offsets: Tensor | None) -> ModuleType | None:
+    """The extension when the value-read backward can run compiled for these tensors (CPU float32,
+    int64 indices, 2-D or 1-D with offsets), else None (the reference runs)."""
+    mod = _load()
+    dims_ok = idx.dim() == 2 if offsets is None else (idx.dim() == 1 and offsets.dim() == 1)
+    fast = (mod is not None and gy.device.type == idx.device.type == w.device.type == table.device.type == "cpu"
+            and gy.dtype == w.dtype == table.dtype == torch.float32 and idx.dtype == torch.int64 and dims_ok)
+    return mod if fast else None
 
 
 def reference_bag_backward(gy: Tensor, idx: Tensor, w: Tensor, table: Tensor,
@@ -331,11 +347,8 @@ def bag_backward(gy: Tensor, idx: Tensor, w: Tensor, table: Tensor, *, offsets: 
     Compiled (CPU float32): one pass over idx (``csrc/value_bags.cpp``), deterministic whatever the
     thread count; sums in index order, so it agrees with :func:`reference_bag_backward` to float32
     rounding. Anything else (no extension, another dtype or device) runs the reference."""
-    mod = _load()
-    dims_ok = idx.dim() == 2 if offsets is None else (idx.dim() == 1 and offsets.dim() == 1)
-    fast = (mod is not None and gy.device.type == idx.device.type == w.device.type == table.device.type == "cpu"
-            and gy.dtype == w.dtype == table.dtype == torch.float32 and idx.dtype == torch.int64 and dims_ok)
-    if not fast:
+    mod = _bag_module(gy, idx, w, table, offsets)
+    if mod is None:
         gt, gw = reference_bag_backward(gy, idx, w, table, offsets)
         return (gt if need_table else None), (gw if need_w else None)
     if offsets is None:
@@ -370,11 +383,8 @@ def sparse_bag_backward(gy: Tensor, idx: Tensor, w: Tensor, table: Tensor, *, of
     (``csrc/value_bags.cpp``, deterministic for any thread count); otherwise
     :func:`reference_sparse_bag_backward`. Both count a row as touched when it is read, even if its
     gradient is exactly zero."""
-    mod = _load()
-    dims_ok = idx.dim() == 2 if offsets is None else (idx.dim() == 1 and offsets.dim() == 1)
-    fast = (mod is not None and gy.device.type == idx.device.type == w.device.type == table.device.type == "cpu"
-            and gy.dtype == w.dtype == table.dtype == torch.float32 and idx.dtype == torch.int64 and dims_ok)
-    if not fast:
+    mod = _bag_module(gy, idx, w, table, offsets)
+    if mod is None:
         gt, gw = reference_sparse_bag_backward(gy, idx, w, table, offsets, n_chunks)
         return gt, (gw if need_w else None)
     empty = idx.new_empty(0)

@@ -41,10 +41,7 @@ std::vector<at::Tensor> pkm_topk(const at::Tensor& q, const at::Tensor& keys, in
   TORCH_CHECK(keys.size(0) == H && keys.size(3) == D, "pkm_topk: keys ", keys.sizes(), " do not match q ",
               q.sizes());
   TORCH_CHECK(1 <= k && k <= n, "pkm_topk: k=", k, " must be in [1, n=", n, "]");
-  TORCH_CHECK(isa >= -1 && isa <= 1, "pkm_topk: isa=", isa, " must be -1 (auto), 0 or 1");
-  const bool has512 = cpu_has_avx512();
-  TORCH_CHECK(isa != 1 || has512, "pkm_topk: isa=1 (AVX-512) requested but the CPU lacks it");
-  const bool use512 = isa == 1 || (isa == -1 && has512);
+  const bool use512 = use_avx512("pkm_topk", isa);
 
   at::Tensor scores = at::empty({T, H, k}, q.options());
   at::Tensor slots = at::empty({T, H, k}, q.options().dtype(at::kLong));

@@ -309,6 +309,15 @@ bool cpu_has_avx512() {
 #endif
 }
 
+// isa: -1 = best available, 0 = portable, 1 = AVX-512 (an error when the CPU lacks it). Whether a
+// kernel ``fn`` runs its AVX-512 code.
+inline bool use_avx512(const char* fn, int64_t isa) {
+  TORCH_CHECK(isa >= -1 && isa <= 1, fn, ": isa=", isa, " must be -1 (auto), 0 or 1");
+  const bool has512 = cpu_has_avx512();
+  TORCH_CHECK(isa != 1 || has512, fn, ": isa=1 (AVX-512) requested but the CPU lacks it");
+  return isa == 1 || (isa == -1 && has512);
+}
+
 // One row's top-k with the chosen implementation (use512 only when cpu_has_avx512()).
 inline void row_topk(const float* row, int64_t n, int64_t k, bool sorted, float* out_v, int64_t* out_i,
                      Scratch& s, bool use512) {

@@ -15,10 +15,7 @@ std::vector<at::Tensor> topk_rows(const at::Tensor& x, int64_t k, bool sorted, i
   const int64_t R = x.size(0), n = x.size(1);
   TORCH_CHECK(0 <= k && k <= n, "topk_rows: k=", k, " must be in [0, n=", n, "]");
   TORCH_CHECK(n < INT32_MAX, "topk_rows: rows longer than 2^31 - 1 are not supported, n=", n);
-  TORCH_CHECK(isa >= -1 && isa <= 1, "topk_rows: isa=", isa, " must be -1 (auto), 0 or 1");
-  const bool has512 = cpu_has_avx512();
-  TORCH_CHECK(isa != 1 || has512, "topk_rows: isa=1 (AVX-512) requested but the CPU lacks it");
-  const bool use512 = isa == 1 || (isa == -1 && has512);
+  const bool use512 = use_avx512("topk_rows", isa);
   at::Tensor values = at::empty({R, k}, x.options());
   at::Tensor indices = at::empty({R, k}, x.options().dtype(at::kLong));
   if (R == 0 || k == 0) return {values, indices};
@@ -53,10 +50,7 @@ std::vector<at::Tensor> side_topk(const at::Tensor& q, const at::Tensor& keys, i
   TORCH_CHECK(keys.size(0) == G && keys.size(2) == D, "side_topk: keys ", keys.sizes(), " do not match q ",
               q.sizes());
   TORCH_CHECK(0 <= k && k <= n, "side_topk: k=", k, " must be in [0, n=", n, "]");
-  TORCH_CHECK(isa >= -1 && isa <= 1, "side_topk: isa=", isa, " must be -1 (auto), 0 or 1");
-  const bool has512 = cpu_has_avx512();
-  TORCH_CHECK(isa != 1 || has512, "side_topk: isa=1 (AVX-512) requested but the CPU lacks it");
-  const bool use512 = isa == 1 || (isa == -1 && has512);
+  const bool use512 = use_avx512("side_topk", isa);
   at::Tensor values = at::empty({G, T, k}, q.options());
   at::Tensor indices = at::empty({G, T, k}, q.options().dtype(at::kLong));
   if (G == 0 || T == 0 || k == 0) return {values, indices};

@@ -203,10 +203,7 @@ std::vector<at::Tensor> tucker_topk(const at::Tensor& q, const at::Tensor& keys,
               "tucker_topk: cores ", cores.sizes(), " must be (h, H, R, R)");
   TORCH_CHECK(1 <= m && m <= n, "tucker_topk: m=", m, " must be in [1, n=", n, "]");
   TORCH_CHECK(0 <= k && k <= m * m, "tucker_topk: k=", k, " must be in [0, m*m=", m * m, "]");
-  TORCH_CHECK(isa >= -1 && isa <= 1, "tucker_topk: isa=", isa, " must be -1 (auto), 0 or 1");
-  const bool has512 = cpu_has_avx512();
-  TORCH_CHECK(isa != 1 || has512, "tucker_topk: isa=1 (AVX-512) requested but the CPU lacks it");
-  const bool use512 = isa == 1 || (isa == -1 && has512);
+  const bool use512 = use_avx512("tucker_topk", isa);
 
   auto opts = q.options();
   at::Tensor cells = at::empty({2, T, H, k}, opts.dtype(at::kLong));

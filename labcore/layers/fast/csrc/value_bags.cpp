@@ -22,69 +22,82 @@
 
 namespace {
 
-// The two sums for L indices, bag[j] the row of gy that index j belongs to.
+// Pointers to one backward's inputs: L indices into a (rows, Dc) table, bag[j] = the row of gy that
+// index j belongs to.
+struct Bags {
+  int64_t L, Dc;
+  const float* gy;      // (bags, Dc)
+  const int64_t* idx;   // (L,)
+  const int64_t* bag;   // (L,)
+  const float* w;       // (L,)
+  const float* table;   // (rows, Dc)
+};
+
+void check_range(const Bags& a, int64_t rows) {
+  for (int64_t j = 0; j < a.L; ++j) {
+    TORCH_CHECK(a.idx[j] >= 0 && a.idx[j] < rows, "bag_backward: index ", a.idx[j], " out of range [0, ", rows, ")");
+  }
+}
+
+// out block (idx[j] % h) of row u = slot[idx[j] / h] (u = idx[j] when slot is null and h = 1)
+// += w[j] * gy[bag[j]], for every j. out has U rows of h * Dc; parallel over ranges of its rows, each
+// row accumulating in index order (deterministic for any thread count).
+void weighted_scatter(const Bags& a, const int64_t* slot, int64_t U, int64_t h, float* out) {
+  at::parallel_for(0, U, 256, [&](int64_t lo, int64_t hi) {
+    const bool all = lo == 0 && hi == U;
+    for (int64_t j = 0; j < a.L; ++j) {
+      const int64_t r = a.idx[j], u = slot ? slot[r / h] : r;
+      if (!all && (u < lo || u >= hi)) continue;
+      const float ws = a.w[j];
+      const float* gb = a.gy + a.bag[j] * a.Dc;
+      float* dst = out + (u * h + r % h) * a.Dc;
+#pragma omp simd
+      for (int64_t d = 0; d < a.Dc; ++d) dst[d] += ws * gb[d];
+    }
+  });
+}
+
+// grad_w[j] = table[idx[j]] . gy[bag[j]] (a gather-dot), parallel over j.
+void gather_dot(const Bags& a, float* out) {
+  at::parallel_for(0, a.L, 1024, [&](int64_t lo, int64_t hi) {
+    for (int64_t j = lo; j < hi; ++j) {
+      const float* gb = a.gy + a.bag[j] * a.Dc;
+      const float* row = a.table + a.idx[j] * a.Dc;
+      float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t d = 0; d < a.Dc; ++d) acc += row[d] * gb[d];
+      out[j] = acc;
+    }
+  });
+}
+
+// The two sums with a dense table gradient (the table's shape).
 std::vector<at::Tensor> backward_core(const at::Tensor& gy, const at::Tensor& idx, const int64_t* bag,
                                       const at::Tensor& w, const at::Tensor& table, bool need_table, bool need_w) {
-  const int64_t L = idx.numel(), N = table.size(0), D = table.size(1);
   const at::Tensor g = gy.contiguous(), ix = idx.contiguous(), wc = w.contiguous(), V = table.contiguous();
-  const float* gp = g.data_ptr<float>();
-  const int64_t* ip = ix.data_ptr<int64_t>();
-  const float* wp = wc.data_ptr<float>();
-  const float* vp = V.data_ptr<float>();
-  for (int64_t j = 0; j < L; ++j) {
-    TORCH_CHECK(ip[j] >= 0 && ip[j] < N, "bag_backward: index ", ip[j], " out of range [0, ", N, ")");
-  }
-  at::Tensor grad_table = need_table ? at::zeros({N, D}, table.options()) : at::Tensor();
+  const Bags a{ix.numel(), V.size(1), g.data_ptr<float>(), ix.data_ptr<int64_t>(), bag, wc.data_ptr<float>(),
+               V.data_ptr<float>()};
+  check_range(a, V.size(0));
+  at::Tensor grad_table = need_table ? at::zeros(V.sizes(), V.options()) : at::Tensor();
   at::Tensor grad_w = need_w ? at::empty(w.sizes(), w.options()) : at::Tensor();
-  if (need_table && L > 0) {
-    float* tp = grad_table.data_ptr<float>();
-    at::parallel_for(0, N, 1024, [&](int64_t lo, int64_t hi) {
-      const bool all = lo == 0 && hi == N;
-      for (int64_t j = 0; j < L; ++j) {
-        const int64_t r = ip[j];
-        if (!all && (r < lo || r >= hi)) continue;
-        const float ws = wp[j];
-        const float* gb = gp + bag[j] * D;
-        float* row = tp + r * D;
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) row[d] += ws * gb[d];
-      }
-    });
-  }
-  if (need_w && L > 0) {
-    float* op = grad_w.data_ptr<float>();
-    at::parallel_for(0, L, 1024, [&](int64_t lo, int64_t hi) {
-      for (int64_t j = lo; j < hi; ++j) {
-        const float* gb = gp + bag[j] * D;
-        const float* row = vp + ip[j] * D;
-        float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t d = 0; d < D; ++d) acc += row[d] * gb[d];
-        op[j] = acc;
-      }
-    });
-  }
+  if (need_table && a.L > 0) weighted_scatter(a, nullptr, V.size(0), 1, grad_table.data_ptr<float>());
+  if (need_w && a.L > 0) gather_dot(a, grad_w.data_ptr<float>());
   return {grad_table, grad_w};
 }
 
 // The same sums with a sparse table gradient: the rows of the full (N, F) table the indices touch
 // (sorted, unique), and their gradient rows. The indices address an (N * h, F / h) chunk view of
 // the table (h = n_chunks; h = 1: the table itself): chunk row r*h + c is row r, columns
-// [c F/h, (c+1) F/h). The scatter is parallel over ranges of touched rows, each accumulating in
-// index order (deterministic, as the dense one).
+// [c F/h, (c+1) F/h). The rows read are numbered in order (slot), then scattered as the dense sums.
 std::vector<at::Tensor> sparse_core(const at::Tensor& gy, const at::Tensor& idx, const int64_t* bag,
                                     const at::Tensor& w, const at::Tensor& table, int64_t h, bool need_w) {
-  const int64_t L = idx.numel(), Nv = table.size(0), Dc = table.size(1), N = Nv / h, F = Dc * h;
   const at::Tensor g = gy.contiguous(), ix = idx.contiguous(), wc = w.contiguous(), V = table.contiguous();
-  const float* gp = g.data_ptr<float>();
-  const int64_t* ip = ix.data_ptr<int64_t>();
-  const float* wp = wc.data_ptr<float>();
-  const float* vp = V.data_ptr<float>();
+  const Bags a{ix.numel(), V.size(1), g.data_ptr<float>(), ix.data_ptr<int64_t>(), bag, wc.data_ptr<float>(),
+               V.data_ptr<float>()};
+  check_range(a, V.size(0));
+  const int64_t N = V.size(0) / h;
   std::vector<int64_t> slot(N, -1);
-  for (int64_t j = 0; j < L; ++j) {
-    TORCH_CHECK(ip[j] >= 0 && ip[j] < Nv, "bag_backward: index ", ip[j], " out of range [0, ", Nv, ")");
-    slot[ip[j] / h] = 0;
-  }
+  for (int64_t j = 0; j < a.L; ++j) slot[a.idx[j] / h] = 0;
   int64_t U = 0;
   for (int64_t r = 0; r < N; ++r)
     if (slot[r] == 0) slot[r] = U++;
@@ -92,34 +105,10 @@ std::vector<at::Tensor> sparse_core(const at::Tensor& gy, const at::Tensor& idx,
   int64_t* rp = rows.data_ptr<int64_t>();
   for (int64_t r = 0; r < N; ++r)
     if (slot[r] >= 0) rp[slot[r]] = r;
-  at::Tensor vals = at::zeros({U, F}, table.options());
-  float* op = vals.data_ptr<float>();
-  at::parallel_for(0, U, 256, [&](int64_t lo, int64_t hi) {
-    const bool all = lo == 0 && hi == U;
-    for (int64_t j = 0; j < L; ++j) {
-      const int64_t r = ip[j], u = slot[r / h];
-      if (!all && (u < lo || u >= hi)) continue;
-      const float ws = wp[j];
-      const float* gb = gp + bag[j] * Dc;
-      float* dst = op + u * F + (r % h) * Dc;
-#pragma omp simd
-      for (int64_t d = 0; d < Dc; ++d) dst[d] += ws * gb[d];
-    }
-  });
+  at::Tensor vals = at::zeros({U, h * a.Dc}, V.options());
   at::Tensor grad_w = need_w ? at::empty(w.sizes(), w.options()) : at::Tensor();
-  if (need_w && L > 0) {
-    float* gw = grad_w.data_ptr<float>();
-    at::parallel_for(0, L, 1024, [&](int64_t lo, int64_t hi) {
-      for (int64_t j = lo; j < hi; ++j) {
-        const float* gb = gp + bag[j] * Dc;
-        const float* row = vp + ip[j] * Dc;
-        float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t d = 0; d < Dc; ++d) acc += row[d] * gb[d];
-        gw[j] = acc;
-      }
-    });
-  }
+  if (a.L > 0) weighted_scatter(a, slot.data(), U, h, vals.data_ptr<float>());
+  if (need_w && a.L > 0) gather_dot(a, grad_w.data_ptr<float>());
   return {rows, vals, grad_w};
 }
 
