@@ -22,22 +22,27 @@
 
 namespace {
 
-// Pointers to one backward's inputs: L indices into a (rows, Dc) table, bag[j] = the row of gy that
-// index j belongs to.
+// One backward's inputs, contiguous, with raw pointers: L indices into a (rows, Dc) table, bag[j] =
+// the row of gy that index j belongs to. Checks every index against the table's rows.
 struct Bags {
+  at::Tensor g_, ix_, w_, v_;   // owners of the pointers below
   int64_t L, Dc;
-  const float* gy;      // (bags, Dc)
-  const int64_t* idx;   // (L,)
-  const int64_t* bag;   // (L,)
-  const float* w;       // (L,)
-  const float* table;   // (rows, Dc)
-};
-
-void check_range(const Bags& a, int64_t rows) {
-  for (int64_t j = 0; j < a.L; ++j) {
-    TORCH_CHECK(a.idx[j] >= 0 && a.idx[j] < rows, "bag_backward: index ", a.idx[j], " out of range [0, ", rows, ")");
+  const float* gy;              // (bags, Dc)
+  const int64_t* idx;           // (L,)
+  const int64_t* bag;           // (L,)
+  const float* w;               // (L,)
+  const float* table;           // (rows, Dc)
+  Bags(const at::Tensor& gy_, const at::Tensor& idx_, const int64_t* bag_, const at::Tensor& w__,
+       const at::Tensor& table_)
+      : g_(gy_.contiguous()), ix_(idx_.contiguous()), w_(w__.contiguous()), v_(table_.contiguous()),
+        L(ix_.numel()), Dc(v_.size(1)), gy(g_.data_ptr<float>()), idx(ix_.data_ptr<int64_t>()), bag(bag_),
+        w(w_.data_ptr<float>()), table(v_.data_ptr<float>()) {
+    const int64_t rows = v_.size(0);
+    for (int64_t j = 0; j < L; ++j) {
+      TORCH_CHECK(idx[j] >= 0 && idx[j] < rows, "bag_backward: index ", idx[j], " out of range [0, ", rows, ")");
+    }
   }
-}
+};
 
 // out block (idx[j] % h) of row u = slot[idx[j] / h] (u = idx[j] when slot is null and h = 1)
 // += w[j] * gy[bag[j]], for every j. out has U rows of h * Dc; parallel over ranges of its rows, each
@@ -74,13 +79,10 @@ void gather_dot(const Bags& a, float* out) {
 // The two sums with a dense table gradient (the table's shape).
 std::vector<at::Tensor> backward_core(const at::Tensor& gy, const at::Tensor& idx, const int64_t* bag,
                                       const at::Tensor& w, const at::Tensor& table, bool need_table, bool need_w) {
-  const at::Tensor g = gy.contiguous(), ix = idx.contiguous(), wc = w.contiguous(), V = table.contiguous();
-  const Bags a{ix.numel(), V.size(1), g.data_ptr<float>(), ix.data_ptr<int64_t>(), bag, wc.data_ptr<float>(),
-               V.data_ptr<float>()};
-  check_range(a, V.size(0));
-  at::Tensor grad_table = need_table ? at::zeros(V.sizes(), V.options()) : at::Tensor();
+  const Bags a(gy, idx, bag, w, table);
+  at::Tensor grad_table = need_table ? at::zeros(table.sizes(), table.options()) : at::Tensor();
   at::Tensor grad_w = need_w ? at::empty(w.sizes(), w.options()) : at::Tensor();
-  if (need_table && a.L > 0) weighted_scatter(a, nullptr, V.size(0), 1, grad_table.data_ptr<float>());
+  if (need_table && a.L > 0) weighted_scatter(a, nullptr, table.size(0), 1, grad_table.data_ptr<float>());
   if (need_w && a.L > 0) gather_dot(a, grad_w.data_ptr<float>());
   return {grad_table, grad_w};
 }
@@ -91,11 +93,8 @@ std::vector<at::Tensor> backward_core(const at::Tensor& gy, const at::Tensor& id
 // [c F/h, (c+1) F/h). The rows read are numbered in order (slot), then scattered as the dense sums.
 std::vector<at::Tensor> sparse_core(const at::Tensor& gy, const at::Tensor& idx, const int64_t* bag,
                                     const at::Tensor& w, const at::Tensor& table, int64_t h, bool need_w) {
-  const at::Tensor g = gy.contiguous(), ix = idx.contiguous(), wc = w.contiguous(), V = table.contiguous();
-  const Bags a{ix.numel(), V.size(1), g.data_ptr<float>(), ix.data_ptr<int64_t>(), bag, wc.data_ptr<float>(),
-               V.data_ptr<float>()};
-  check_range(a, V.size(0));
-  const int64_t N = V.size(0) / h;
+  const Bags a(gy, idx, bag, w, table);
+  const int64_t N = table.size(0) / h;
   std::vector<int64_t> slot(N, -1);
   for (int64_t j = 0; j < a.L; ++j) slot[a.idx[j] / h] = 0;
   int64_t U = 0;
@@ -105,7 +104,7 @@ std::vector<at::Tensor> sparse_core(const at::Tensor& gy, const at::Tensor& idx,
   int64_t* rp = rows.data_ptr<int64_t>();
   for (int64_t r = 0; r < N; ++r)
     if (slot[r] >= 0) rp[slot[r]] = r;
-  at::Tensor vals = at::zeros({U, h * a.Dc}, V.options());
+  at::Tensor vals = at::zeros({U, h * a.Dc}, table.options());
   at::Tensor grad_w = need_w ? at::empty(w.sizes(), w.options()) : at::Tensor();
   if (a.L > 0) weighted_scatter(a, slot.data(), U, h, vals.data_ptr<float>());
   if (need_w && a.L > 0) gather_dot(a, grad_w.data_ptr<float>());
