@@ -7,6 +7,7 @@ import types
 import numpy as np
 import pandas as pd
 import pytest
+from experimenthelpers import synthetic_facts_table
 
 from labcore import exercises
 from labcore.config import ConfigError
@@ -72,16 +73,8 @@ def test_tiny_forward_matches_the_layer():
 
 
 def _synthetic(effects: dict[str, float], sd: float, n: int = 4, base: float = 0.5) -> pd.DataFrame:
-    rng = np.random.default_rng(1)
-    rows = []
-    for s in range(n):
-        b = base + rng.normal(0, 0.05)
-        for v, e in effects.items():
-            acc = float(np.clip(b + e + rng.normal(0, sd), 0, 1))
-            rows.append({"variant": v, "seed": s, "answer_accuracy": acc, "answer_loss": 4.0 * (1 - acc),
-                         "stored_kbit": 7 * acc, "coverage": 0.4, "flops_per_token": 1e5 * (1.1 if v == "E=4" else 1),
-                         "init_std_before": 0.3, "init_std": 0.0015, "init_target": 0.0015})
-    return pd.DataFrame(rows)
+    return synthetic_facts_table(effects, sd, n=n, base=base, rng_seed=1, coverage=0.4,
+                                 extra=lambda v: {"flops_per_token": 1e5 * (1.1 if v == "E=4" else 1)})
 
 
 def test_interpret_reads_the_numbers():
