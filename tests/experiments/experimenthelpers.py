@@ -23,3 +23,13 @@ def synthetic_facts_table(effects: Mapping[str, float], sd: float, *, n: int = 4
                          "stored_kbit": 7 * acc, "coverage": coverage, **extra(v), "init_std_before": 0.3,
                          "init_std": 0.0015, "init_target": 0.0015})
     return pd.DataFrame(rows)
+
+
+def assert_exercise_checks(ex: str, right: Any, wrong: Any) -> None:
+    """Exercise ``ex`` accepts ``right``, rejects ``wrong`` with a reason, and has a solution."""
+    from labcore import exercises
+
+    assert exercises.check(ex, right).right
+    v = exercises.check(ex, wrong)
+    assert not v.right and v.why
+    assert exercises.solution(ex)
